@@ -1,0 +1,440 @@
+//! Authentication: passwords (argon2id), JWT access tokens, single-use
+//! refresh tokens, browser sessions, personal API tokens, the first-start
+//! bootstrap token. Every secret handed out is random and stored only as a
+//! SHA-256 hash.
+
+use super::{Actor, App, Ctx};
+use crate::error::{AppError, AppResult};
+use argon2::Argon2;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use base64::Engine;
+use byteport_store::{api_token, session, user};
+use byteport_types::api::{ApiToken, ApiTokenCreated, LoginResponse, TokenCreate, User};
+use byteport_types::{Name, NodeId, TokenId, UserId};
+use chrono::{Duration as ChronoDuration, Utc};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Prefixes tell what a secret is at a glance (and to secret scanners).
+pub const API_TOKEN_PREFIX: &str = "bpt_";
+pub const REFRESH_PREFIX: &str = "bpr_";
+pub const SESSION_PREFIX: &str = "bps_";
+pub const NODE_PREFIX: &str = "bpn_";
+pub const JOIN_PREFIX: &str = "bpj_";
+pub const BOOTSTRAP_PREFIX: &str = "bpb_";
+/// The name of the browser session cookie.
+pub const SESSION_COOKIE: &str = "byteport_session";
+
+const BOOTSTRAP_KEY: &str = "bootstrap_token_hash";
+const MIN_PASSWORD: usize = 8;
+/// How long a verified API token is trusted without a database read.
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
+
+pub(crate) struct Keys {
+    enc: EncodingKey,
+    dec: DecodingKey,
+}
+
+impl Keys {
+    /// Loads the signing key, creating it on first start. Every replica on
+    /// one database shares it.
+    pub(crate) async fn load(store: &byteport_store::DataStore) -> AppResult<Self> {
+        let secret = store
+            .setting_get_or_insert("jwt_secret", &random_secret(""))
+            .await?;
+        Ok(Keys {
+            enc: EncodingKey::from_secret(secret.as_bytes()),
+            dec: DecodingKey::from_secret(secret.as_bytes()),
+        })
+    }
+}
+
+/// Verified API tokens, briefly, so a busy client does not cost a database
+/// read per request. Revocation clears the entry on this replica at once;
+/// other replicas forget it within `TOKEN_CACHE_TTL`.
+#[derive(Default)]
+pub(crate) struct TokenCache {
+    map: Mutex<HashMap<String, (Actor, Instant)>>,
+}
+
+impl TokenCache {
+    fn get(&self, hash: &str) -> Option<Actor> {
+        let map = self.map.lock().ok()?;
+        map.get(hash)
+            .filter(|(_, t)| t.elapsed() < TOKEN_CACHE_TTL)
+            .map(|(a, _)| a.clone())
+    }
+
+    fn put(&self, hash: String, actor: Actor) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() > 10_000 {
+                map.retain(|_, (_, t)| t.elapsed() < TOKEN_CACHE_TTL);
+            }
+            map.insert(hash, (actor, Instant::now()));
+        }
+    }
+
+    pub(crate) fn clear_all(&self) {
+        if let Ok(mut map) = self.map.lock() {
+            map.clear();
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: Uuid,
+    name: String,
+    adm: bool,
+    iat: i64,
+    exp: i64,
+}
+
+/// A random secret: `prefix` + 32 random bytes in URL-safe base64.
+pub fn random_secret(prefix: &str) -> String {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    )
+}
+
+/// The stored form of a secret.
+pub fn hash_secret(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Hashes a password with argon2id, off the async threads.
+pub async fn hash_password(password: String) -> AppResult<String> {
+    check_password(&password)?;
+    tokio::task::spawn_blocking(move || {
+        let mut salt = [0u8; 16];
+        rand::rng().fill_bytes(&mut salt);
+        Argon2::default()
+            .hash_password_with_salt(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(AppError::internal)
+    })
+    .await
+    .map_err(AppError::internal)?
+}
+
+async fn verify_password(password: String, hash: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash)
+            .map(|h| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+pub fn check_password(p: &str) -> AppResult<()> {
+    if p.chars().count() < MIN_PASSWORD {
+        return Err(AppError::bad(
+            "invalid_password",
+            format!("the password must have at least {MIN_PASSWORD} characters"),
+        ));
+    }
+    if p.len() > 1024 {
+        return Err(AppError::bad(
+            "invalid_password",
+            "the password is longer than 1024 bytes",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn user_view(u: &user::Model) -> AppResult<User> {
+    Ok(User {
+        id: UserId(u.id),
+        name: Name::parse(&u.name).map_err(AppError::internal)?,
+        admin: u.admin,
+        created_at: u.created_at,
+    })
+}
+
+fn token_view(t: &api_token::Model) -> AppResult<ApiToken> {
+    Ok(ApiToken {
+        id: TokenId(t.id),
+        name: Name::parse(&t.name).map_err(AppError::internal)?,
+        prefix: t.prefix.clone(),
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        last_used_at: t.last_used_at,
+    })
+}
+
+/// The tokens of a successful login, and the cookie session's secret.
+pub struct Issued {
+    pub response: LoginResponse,
+    pub session: String,
+}
+
+impl App {
+    /// Resolves a bearer secret (JWT, API token or node credential) or a
+    /// session cookie to the actor it names.
+    pub async fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        cookie: Option<&str>,
+    ) -> AppResult<Actor> {
+        let bad = || AppError::Unauthorized("the credentials are invalid or expired".into());
+        if let Some(secret) = bearer {
+            if secret.starts_with(API_TOKEN_PREFIX) {
+                let hash = hash_secret(secret);
+                if let Some(a) = self.token_cache.get(&hash) {
+                    return Ok(a);
+                }
+                let t = self.store.token_fetch(&hash).await?.ok_or_else(bad)?;
+                let u = self.store.user_fetch(t.user_id).await.map_err(|_| bad())?;
+                let now = Utc::now();
+                if t.last_used_at
+                    .is_none_or(|at| now - at > ChronoDuration::minutes(1))
+                {
+                    self.store.token_touch(t.id, now).await?;
+                }
+                let actor = Actor::User {
+                    id: UserId(u.id),
+                    name: u.name,
+                    admin: u.admin,
+                };
+                self.token_cache.put(hash, actor.clone());
+                return Ok(actor);
+            }
+            if secret.starts_with(NODE_PREFIX) {
+                let n = self
+                    .store
+                    .node_by_credential(&hash_secret(secret))
+                    .await?
+                    .ok_or_else(bad)?;
+                return Ok(Actor::Node {
+                    id: NodeId(n.id),
+                    name: n.name,
+                });
+            }
+            let mut v = Validation::new(Algorithm::HS256);
+            v.leeway = 5;
+            let data =
+                jsonwebtoken::decode::<Claims>(secret, &self.keys.dec, &v).map_err(|_| bad())?;
+            return Ok(Actor::User {
+                id: UserId(data.claims.sub),
+                name: data.claims.name,
+                admin: data.claims.adm,
+            });
+        }
+        if let Some(c) = cookie {
+            let s = self
+                .store
+                .session_fetch(&hash_secret(c), "cookie")
+                .await?
+                .ok_or_else(bad)?;
+            let u = self.store.user_fetch(s.user_id).await.map_err(|_| bad())?;
+            return Ok(Actor::User {
+                id: UserId(u.id),
+                name: u.name,
+                admin: u.admin,
+            });
+        }
+        Ok(Actor::Anonymous)
+    }
+
+    async fn issue(&self, u: &user::Model) -> AppResult<Issued> {
+        let now = Utc::now();
+        let claims = Claims {
+            sub: u.id,
+            name: u.name.clone(),
+            adm: u.admin,
+            iat: now.timestamp(),
+            exp: now.timestamp() + self.settings.access_ttl.as_secs() as i64,
+        };
+        let access = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.keys.enc)
+            .map_err(AppError::internal)?;
+        let refresh = random_secret(REFRESH_PREFIX);
+        let cookie = random_secret(SESSION_PREFIX);
+        for (secret, kind, ttl) in [
+            (&refresh, "refresh", self.settings.refresh_ttl),
+            (&cookie, "cookie", self.settings.session_ttl),
+        ] {
+            self.store
+                .session_insert(session::Model {
+                    id: Uuid::now_v7(),
+                    user_id: u.id,
+                    token_hash: hash_secret(secret),
+                    kind: kind.into(),
+                    expires_at: now + ChronoDuration::from_std(ttl).map_err(AppError::internal)?,
+                    revoked: false,
+                    created_at: now,
+                })
+                .await?;
+        }
+        Ok(Issued {
+            response: LoginResponse {
+                access_token: access,
+                token_type: "Bearer".into(),
+                expires_in: self.settings.access_ttl.as_secs(),
+                refresh_token: refresh,
+                user: user_view(u)?,
+            },
+            session: cookie,
+        })
+    }
+
+    /// Checks a name and password; issues tokens and a cookie session.
+    pub async fn login(&self, ctx: &Ctx, name: &str, password: String) -> AppResult<Issued> {
+        let bad = || AppError::Unauthorized("wrong user name or password".into());
+        let Some(u) = self.store.user_fetch_by_name(name).await? else {
+            // Spend the same time as a real check so timing does not tell
+            // which names exist.
+            let _ = hash_password("x".repeat(MIN_PASSWORD)).await;
+            return Err(bad());
+        };
+        if !verify_password(password, u.password_hash.clone()).await {
+            return Err(bad());
+        }
+        ctx.target("user", u.id, None);
+        self.issue(&u).await
+    }
+
+    /// Spends a refresh token for a new set.
+    pub async fn refresh(&self, ctx: &Ctx, token: &str) -> AppResult<Issued> {
+        let bad = || {
+            AppError::Unauthorized("the refresh token is invalid, expired or already used".into())
+        };
+        let hash = hash_secret(token);
+        let s = self
+            .store
+            .session_fetch(&hash, "refresh")
+            .await?
+            .ok_or_else(bad)?;
+        if !self.store.session_revoke(&hash).await? {
+            return Err(bad());
+        }
+        let u = self.store.user_fetch(s.user_id).await.map_err(|_| bad())?;
+        ctx.target("user", u.id, None);
+        self.issue(&u).await
+    }
+
+    /// Ends a browser session and/or spends a refresh token.
+    pub async fn logout(&self, cookie: Option<&str>, refresh: Option<&str>) -> AppResult<()> {
+        for secret in [cookie, refresh].into_iter().flatten() {
+            self.store.session_revoke(&hash_secret(secret)).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes a fresh bootstrap token if no user exists yet; returns it so
+    /// the server can print it. Each start replaces the previous one.
+    pub async fn bootstrap_token(&self) -> AppResult<Option<String>> {
+        if self.store.user_count().await? > 0 {
+            return Ok(None);
+        }
+        let token = random_secret(BOOTSTRAP_PREFIX);
+        self.store
+            .setting_set(BOOTSTRAP_KEY, &hash_secret(&token))
+            .await?;
+        Ok(Some(token))
+    }
+
+    /// Creates the first admin with the one-time bootstrap token.
+    pub async fn bootstrap(
+        &self,
+        ctx: &Ctx,
+        token: &str,
+        name: Name,
+        password: String,
+    ) -> AppResult<User> {
+        let bad =
+            || AppError::Unauthorized("the bootstrap token is invalid or already used".into());
+        let hash = hash_password(password).await?;
+        if self.store.user_count().await? > 0
+            || !self
+                .store
+                .setting_take(BOOTSTRAP_KEY, &hash_secret(token))
+                .await?
+        {
+            return Err(bad());
+        }
+        let u = self
+            .store
+            .user_insert(user::Model {
+                id: Uuid::now_v7(),
+                name: name.to_string(),
+                password_hash: hash,
+                admin: true,
+                created_at: Utc::now(),
+            })
+            .await?;
+        self.projects_adopt_default(u.id).await?;
+        ctx.target("user", u.id, None);
+        user_view(&u)
+    }
+
+    pub async fn token_create(&self, ctx: &Ctx, req: TokenCreate) -> AppResult<ApiTokenCreated> {
+        let (user, _) = ctx.user()?;
+        let expires_at = match req.expires_in_days {
+            None => None,
+            Some(d @ 1..=3650) => Some(Utc::now() + ChronoDuration::days(i64::from(d))),
+            Some(d) => {
+                return Err(AppError::bad(
+                    "invalid_expiry",
+                    format!("expires_in_days is {d}; it must be between 1 and 3650"),
+                ));
+            }
+        };
+        let secret = random_secret(API_TOKEN_PREFIX);
+        let t = self
+            .store
+            .token_insert(api_token::Model {
+                id: Uuid::now_v7(),
+                user_id: user.0,
+                name: req.name.to_string(),
+                prefix: secret[..API_TOKEN_PREFIX.len() + 6].to_owned(),
+                token_hash: hash_secret(&secret),
+                created_at: Utc::now(),
+                expires_at,
+                last_used_at: None,
+                revoked: false,
+            })
+            .await?;
+        ctx.target("token", t.id, None);
+        Ok(ApiTokenCreated {
+            token: token_view(&t)?,
+            secret,
+        })
+    }
+
+    pub async fn token_list(&self, ctx: &Ctx) -> AppResult<Vec<ApiToken>> {
+        let (user, _) = ctx.user()?;
+        self.store
+            .token_list(user.0)
+            .await?
+            .iter()
+            .map(token_view)
+            .collect()
+    }
+
+    pub async fn token_revoke(&self, ctx: &Ctx, id: &str) -> AppResult<()> {
+        let (user, _) = ctx.user()?;
+        let tid: Uuid = id.parse().map_err(|_| AppError::not_found("token", id))?;
+        ctx.target("token", tid, None);
+        self.store
+            .token_revoke(user.0, tid)
+            .await
+            .map_err(|_| AppError::not_found("token", id))?;
+        self.token_cache.clear_all();
+        Ok(())
+    }
+}

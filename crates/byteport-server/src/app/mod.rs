@@ -1,0 +1,207 @@
+//! The control plane's logic. Every operation takes a [`Ctx`] (who asks, and
+//! where to note what was touched for the audit log), checks authorization,
+//! and calls the store. Nothing here knows about HTTP.
+
+pub mod audit;
+pub mod auth;
+pub mod catalog;
+pub mod nodes;
+pub mod projects;
+pub mod users;
+pub mod vms;
+
+use crate::error::{AppError, AppResult};
+use byteport_store::DataStore;
+use byteport_types::api::Role;
+use byteport_types::{NodeId, ProjectId, UserId};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+/// Tunables of the control plane.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Lifetime of a JWT access token.
+    pub access_ttl: Duration,
+    /// Lifetime of a refresh token.
+    pub refresh_ttl: Duration,
+    /// Lifetime of a browser session cookie.
+    pub session_ttl: Duration,
+    /// Whether cookies carry `Secure` (when serving HTTPS).
+    pub secure_cookies: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            session_ttl: Duration::from_secs(12 * 3600),
+            secure_cookies: false,
+        }
+    }
+}
+
+/// The control plane: the store, secrets, and in-process notifications.
+#[derive(Clone)]
+pub struct App {
+    pub store: DataStore,
+    pub settings: Settings,
+    pub(crate) keys: Arc<auth::Keys>,
+    /// Ids of VMs whose record changed, for `wait` and event streams.
+    pub(crate) vm_changes: broadcast::Sender<Uuid>,
+    pub(crate) token_cache: Arc<auth::TokenCache>,
+}
+
+/// Who is asking.
+#[derive(Clone, Debug)]
+pub enum Actor {
+    Anonymous,
+    User {
+        id: UserId,
+        name: String,
+        admin: bool,
+    },
+    Node {
+        id: NodeId,
+        name: String,
+    },
+}
+
+impl Actor {
+    /// The label the audit log and idempotency keys use.
+    pub fn label(&self) -> String {
+        match self {
+            Actor::Anonymous => "anonymous".into(),
+            Actor::User { name, .. } => name.clone(),
+            Actor::Node { name, .. } => format!("node:{name}"),
+        }
+    }
+
+    /// A stable key for the idempotency table.
+    pub fn key(&self) -> String {
+        match self {
+            Actor::Anonymous => "anonymous".into(),
+            Actor::User { id, .. } => format!("user:{id}"),
+            Actor::Node { id, .. } => format!("node:{id}"),
+        }
+    }
+}
+
+/// What a request touched, filled in by the operation for the audit log.
+#[derive(Clone, Debug, Default)]
+pub struct AuditNote {
+    pub target_kind: Option<&'static str>,
+    pub target_id: Option<String>,
+    pub project_id: Option<ProjectId>,
+}
+
+/// The context of one request.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub actor: Actor,
+    pub note: Arc<Mutex<AuditNote>>,
+}
+
+impl Ctx {
+    pub fn new(actor: Actor) -> Self {
+        Ctx {
+            actor,
+            note: Arc::default(),
+        }
+    }
+
+    /// Records the target of this request for the audit log.
+    pub fn target(&self, kind: &'static str, id: impl ToString, project: Option<ProjectId>) {
+        if let Ok(mut n) = self.note.lock() {
+            n.target_kind = Some(kind);
+            n.target_id = Some(id.to_string());
+            if project.is_some() {
+                n.project_id = project;
+            }
+        }
+    }
+
+    /// The calling user, or 401.
+    pub fn user(&self) -> AppResult<(UserId, bool)> {
+        match &self.actor {
+            Actor::User { id, admin, .. } => Ok((*id, *admin)),
+            _ => Err(AppError::Unauthorized(
+                "log in first: this needs a user".into(),
+            )),
+        }
+    }
+
+    /// The calling user if an admin; 403 for other users, 401 for nobody.
+    pub fn admin(&self) -> AppResult<UserId> {
+        match self.user()? {
+            (id, true) => Ok(id),
+            _ => Err(AppError::Forbidden("this needs an admin".into())),
+        }
+    }
+}
+
+impl App {
+    /// Builds the control plane on an open store: loads or creates the
+    /// signing key and seeds the flavors and the default project.
+    pub async fn new(store: DataStore, settings: Settings) -> AppResult<Self> {
+        let keys = auth::Keys::load(&store).await?;
+        let (vm_changes, _) = broadcast::channel(1024);
+        let app = App {
+            store,
+            settings,
+            keys: Arc::new(keys),
+            vm_changes,
+            token_cache: Arc::default(),
+        };
+        catalog::seed_flavors(&app).await?;
+        projects::seed_default(&app).await?;
+        Ok(app)
+    }
+
+    /// The caller's role in a project: admins act as owners; a user with no
+    /// role gets the same 404 as for a project that does not exist.
+    pub(crate) async fn role(
+        &self,
+        ctx: &Ctx,
+        project: ProjectId,
+        kind: &'static str,
+        id: &str,
+    ) -> AppResult<Role> {
+        let (user, admin) = ctx.user()?;
+        if admin {
+            return Ok(Role::Owner);
+        }
+        match self.store.member_role(project.0, user.0).await? {
+            Some(r) => r.parse().map_err(AppError::internal),
+            None => Err(AppError::not_found(kind, id)),
+        }
+    }
+
+    /// Like [`App::role`], and 403 unless the role is at least `need`.
+    pub(crate) async fn require(
+        &self,
+        ctx: &Ctx,
+        project: ProjectId,
+        need: Role,
+        kind: &'static str,
+        id: &str,
+    ) -> AppResult<Role> {
+        let role = self.role(ctx, project, kind, id).await?;
+        if role < need {
+            return Err(AppError::Forbidden(format!(
+                "your role in this project is {role}; this needs {need}"
+            )));
+        }
+        Ok(role)
+    }
+}
+
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(crate) fn to_u32(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}

@@ -1,0 +1,233 @@
+//! The node registry: join tokens, registration, heartbeats that carry
+//! capacity and the observed state of the node's VMs, and the desired VMs
+//! that each heartbeat answers with. Nodes always dial in; the control plane
+//! never needs to reach a node.
+
+use super::auth::{JOIN_PREFIX, NODE_PREFIX, hash_secret, random_secret};
+use super::{Actor, App, Ctx, to_u32, to_u64};
+use crate::error::{AppError, AppResult};
+use byteport_store::{join_token, node};
+use byteport_types::api::{
+    Capacity, DesiredVm, Heartbeat, HeartbeatResponse, JoinToken, JoinTokenCreate, Node,
+    NodeRegister, NodeRegistered,
+};
+use byteport_types::vm_state::{self, DesiredState, ObservedState, VmState};
+use byteport_types::{Name, NodeId, VmId};
+use chrono::{Duration as ChronoDuration, Utc};
+use uuid::Uuid;
+
+fn check_capacity(c: &Capacity) -> AppResult<()> {
+    if c.vcpus > 65_536 || c.memory_mib > 1 << 40 || c.disk_gib > 1 << 40 {
+        return Err(AppError::bad(
+            "invalid_capacity",
+            "the capacity is out of range",
+        ));
+    }
+    Ok(())
+}
+
+fn node_view(n: &node::Model) -> AppResult<Node> {
+    Ok(Node {
+        id: NodeId(n.id),
+        name: Name::parse(&n.name).map_err(AppError::internal)?,
+        region: n.region.clone(),
+        arch: n.arch.clone(),
+        engines: serde_json::from_str(&n.engines).map_err(AppError::internal)?,
+        kvm: n.kvm,
+        status: n.status.clone(),
+        capacity: Capacity {
+            vcpus: to_u32(n.cap_vcpus),
+            memory_mib: to_u64(n.cap_memory_mib),
+            disk_gib: to_u64(n.cap_disk_gib),
+        },
+        usage: Capacity {
+            vcpus: to_u32(n.used_vcpus),
+            memory_mib: to_u64(n.used_memory_mib),
+            disk_gib: to_u64(n.used_disk_gib),
+        },
+        reserved: Capacity {
+            vcpus: to_u32(n.reserved_vcpus),
+            memory_mib: to_u64(n.reserved_memory_mib),
+            disk_gib: to_u64(n.reserved_disk_gib),
+        },
+        last_heartbeat_at: n.last_heartbeat_at,
+        created_at: n.created_at,
+    })
+}
+
+impl App {
+    pub async fn join_token_create(&self, ctx: &Ctx, req: JoinTokenCreate) -> AppResult<JoinToken> {
+        ctx.admin()?;
+        let minutes = req.expires_in_minutes.unwrap_or(60);
+        if !(1..=10_080).contains(&minutes) {
+            return Err(AppError::bad(
+                "invalid_expiry",
+                format!("expires_in_minutes is {minutes}; it must be between 1 and 10080"),
+            ));
+        }
+        let token = random_secret(JOIN_PREFIX);
+        let now = Utc::now();
+        let expires_at = now + ChronoDuration::minutes(i64::from(minutes));
+        self.store
+            .join_token_insert(join_token::Model {
+                token_hash: hash_secret(&token),
+                expires_at,
+                used: false,
+                created_at: now,
+            })
+            .await?;
+        Ok(JoinToken { token, expires_at })
+    }
+
+    /// Registers a node with a single-use join token; returns the node's own
+    /// credential for heartbeats.
+    pub async fn node_register(&self, ctx: &Ctx, req: NodeRegister) -> AppResult<NodeRegistered> {
+        check_capacity(&req.capacity)?;
+        let credential = random_secret(NODE_PREFIX);
+        let now = Utc::now();
+        let n = self
+            .store
+            .node_register(
+                &hash_secret(&req.join_token),
+                node::Model {
+                    id: Uuid::now_v7(),
+                    name: req.name.to_string(),
+                    region: req.region,
+                    arch: req.arch,
+                    engines: serde_json::to_string(&req.engines).map_err(AppError::internal)?,
+                    kvm: req.kvm,
+                    status: "online".into(),
+                    credential_hash: hash_secret(&credential),
+                    cap_vcpus: i64::from(req.capacity.vcpus),
+                    cap_memory_mib: req.capacity.memory_mib as i64,
+                    cap_disk_gib: req.capacity.disk_gib as i64,
+                    used_vcpus: 0,
+                    used_memory_mib: 0,
+                    used_disk_gib: 0,
+                    reserved_vcpus: 0,
+                    reserved_memory_mib: 0,
+                    reserved_disk_gib: 0,
+                    last_heartbeat_at: Some(now),
+                    created_at: now,
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                byteport_store::StoreError::NotFound => AppError::Unauthorized(
+                    "the join token is invalid, expired or already used".into(),
+                ),
+                e => e.into(),
+            })?;
+        ctx.target("node", n.id, None);
+        Ok(NodeRegistered {
+            node: node_view(&n)?,
+            credential,
+        })
+    }
+
+    /// Takes a node's heartbeat: capacity, usage and what it observed of its
+    /// VMs; answers with the VMs it should hold.
+    pub async fn node_heartbeat(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        hb: Heartbeat,
+    ) -> AppResult<HeartbeatResponse> {
+        let node_id = match &ctx.actor {
+            Actor::Node { id: nid, .. } if nid.to_string() == id => *nid,
+            Actor::Node { .. } => return Err(AppError::not_found("node", id)),
+            _ => {
+                return Err(AppError::Unauthorized(
+                    "heartbeats need the node's credential".into(),
+                ));
+            }
+        };
+        check_capacity(&hb.capacity)?;
+        check_capacity(&hb.usage)?;
+        self.store
+            .node_heartbeat(
+                node_id.0,
+                [
+                    i64::from(hb.capacity.vcpus),
+                    hb.capacity.memory_mib as i64,
+                    hb.capacity.disk_gib as i64,
+                ],
+                [
+                    i64::from(hb.usage.vcpus),
+                    hb.usage.memory_mib as i64,
+                    hb.usage.disk_gib as i64,
+                ],
+            )
+            .await?;
+        for r in hb.vms {
+            let Ok(v) = self.store.vm_fetch(r.id.0).await else {
+                continue;
+            };
+            if v.node_id != Some(node_id.0) {
+                continue;
+            }
+            let current: VmState = v.state.parse().map_err(AppError::internal)?;
+            let desired: DesiredState = v.desired_state.parse().map_err(AppError::internal)?;
+            let caught_up = r.desired_generation as i64 >= v.desired_generation;
+            let state = vm_state::derive(current, desired, r.state, caught_up);
+            let reason = match r.state {
+                ObservedState::Error => r
+                    .reason
+                    .or_else(|| Some("the node reported a failure".into())),
+                _ => r.reason,
+            };
+            let applied = self
+                .store
+                .vm_update_observed(
+                    v.id,
+                    node_id.0,
+                    &r.state.to_string(),
+                    r.generation as i64,
+                    &state.to_string(),
+                    reason,
+                    &serde_json::to_string(&r.ports).map_err(AppError::internal)?,
+                    state == VmState::Deleted,
+                )
+                .await?;
+            if applied {
+                let _ = self.vm_changes.send(v.id);
+            }
+        }
+        let mut vms = Vec::new();
+        for v in self.store.vm_list_for_node(node_id.0).await? {
+            let sha = match self.store.image_fetch_by_name(&v.image_name).await? {
+                Some(i) => i.sha256,
+                None => String::new(),
+            };
+            vms.push(DesiredVm {
+                id: VmId(v.id),
+                name: Name::parse(&v.name).map_err(AppError::internal)?,
+                desired_state: v.desired_state.parse().map_err(AppError::internal)?,
+                desired_generation: to_u64(v.desired_generation),
+                vcpus: to_u32(v.vcpus),
+                memory_mib: to_u64(v.memory_mib),
+                disk_gib: to_u64(v.disk_gib),
+                image: Name::parse(&v.image_name).map_err(AppError::internal)?,
+                image_sha256: sha,
+            });
+        }
+        Ok(HeartbeatResponse { vms })
+    }
+
+    pub async fn node_list(&self, ctx: &Ctx) -> AppResult<Vec<Node>> {
+        ctx.admin()?;
+        self.store
+            .node_list()
+            .await?
+            .iter()
+            .map(node_view)
+            .collect()
+    }
+
+    pub async fn node_show(&self, ctx: &Ctx, id: &str) -> AppResult<Node> {
+        ctx.admin()?;
+        let nf = || AppError::not_found("node", id);
+        let nid: NodeId = id.parse().map_err(|_| nf())?;
+        node_view(&self.store.node_fetch(nid.0).await.map_err(|_| nf())?)
+    }
+}

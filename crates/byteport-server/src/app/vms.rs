@@ -1,0 +1,418 @@
+//! VMs: create within quota, list, show, lifecycle actions through the
+//! state machine, and waiting for a state.
+
+use super::catalog::check_size;
+use super::projects::DEFAULT_PROJECT;
+use super::{App, Ctx, to_u32, to_u64};
+use crate::error::{AppError, AppResult};
+use byteport_store::{VmFilter, vm};
+use byteport_types::api::{Page, PortForward, Role, Vm, VmCreate, VmListQuery};
+use byteport_types::vm_state::{self, DesiredState, ObservedState, VmAction, VmState};
+use byteport_types::{Name, NodeId, ProjectId, VmId};
+use chrono::Utc;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// At most this much user-data (cloud-init's own limit is similar).
+pub const MAX_USER_DATA: usize = 64 * 1024;
+const MAX_SSH_KEYS: usize = 32;
+const MAX_LABELS: usize = 32;
+const MAX_PAGE: u32 = 500;
+const MAX_WAIT: u64 = 600;
+
+fn check_user_data(d: &str) -> AppResult<()> {
+    if d.len() > MAX_USER_DATA {
+        return Err(AppError::bad(
+            "invalid_user_data",
+            format!(
+                "user_data is {} bytes; at most {MAX_USER_DATA} are allowed",
+                d.len()
+            ),
+        ));
+    }
+    if let Some(c) = d
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(AppError::bad(
+            "invalid_user_data",
+            format!(
+                "user_data must be text (cloud-config, a script or multipart); it contains the control character U+{:04X}",
+                c as u32
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_ssh_keys(keys: &[String]) -> AppResult<()> {
+    if keys.len() > MAX_SSH_KEYS {
+        return Err(AppError::bad(
+            "invalid_ssh_key",
+            format!(
+                "{} SSH keys given; at most {MAX_SSH_KEYS} are allowed",
+                keys.len()
+            ),
+        ));
+    }
+    for (i, k) in keys.iter().enumerate() {
+        let kind = k.split_whitespace().next().unwrap_or_default();
+        let known =
+            kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+        if !known || k.len() > 8192 || k.chars().any(|c| c.is_control()) {
+            return Err(AppError::bad(
+                "invalid_ssh_key",
+                format!(
+                    "ssh_keys[{i}] is not one OpenSSH public key line (\"ssh-ed25519 AAAA... comment\")"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> AppResult<()> {
+    if labels.len() > MAX_LABELS {
+        return Err(AppError::bad(
+            "invalid_label",
+            format!(
+                "{} labels given; at most {MAX_LABELS} are allowed",
+                labels.len()
+            ),
+        ));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'));
+        if !key_ok {
+            return Err(AppError::bad(
+                "invalid_label",
+                format!(
+                    "label key {k:?} must be 1-63 characters of letters, digits, '.', '-', '_' and '/'"
+                ),
+            ));
+        }
+        if v.len() > 255 || v.chars().any(|c| c.is_control()) {
+            return Err(AppError::bad(
+                "invalid_label",
+                format!("label {k:?} has a value longer than 255 bytes or with control characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse<T: std::str::FromStr>(s: &str) -> AppResult<T> {
+    s.parse()
+        .map_err(|_| AppError::internal(format!("bad stored value {s:?}")))
+}
+
+impl App {
+    pub(crate) async fn vm_view(&self, v: &vm::Model) -> AppResult<Vm> {
+        let project = self.store.project_fetch(v.project_id).await?;
+        vm_view(v, &project.name)
+    }
+
+    /// A VM by id, if the caller has at least `need` in its project; 404
+    /// for a VM the caller may not see, exactly as for one that never was.
+    pub(crate) async fn vm_resolve(&self, ctx: &Ctx, id: &str, need: Role) -> AppResult<vm::Model> {
+        let nf = || AppError::not_found("VM", id);
+        let vid: VmId = id.parse().map_err(|_| nf())?;
+        let v = self.store.vm_fetch(vid.0).await.map_err(|_| nf())?;
+        self.require(ctx, ProjectId(v.project_id), need, "VM", id)
+            .await?;
+        ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
+        Ok(v)
+    }
+
+    pub async fn vm_create(&self, ctx: &Ctx, req: VmCreate) -> AppResult<Vm> {
+        let project_key = req.project.as_deref().unwrap_or(DEFAULT_PROJECT);
+        let project = self.project_resolve(ctx, project_key, Role::Viewer).await?;
+        self.require(
+            ctx,
+            ProjectId(project.id),
+            Role::Member,
+            "project",
+            project_key,
+        )
+        .await?;
+
+        let image = self
+            .store
+            .image_fetch_by_name(req.image.as_str())
+            .await?
+            .ok_or_else(|| {
+                AppError::bad(
+                    "unknown_image",
+                    format!("there is no image named {}", req.image),
+                )
+            })?;
+        let flavor = match &req.flavor {
+            Some(f) => Some(
+                self.store
+                    .flavor_fetch_by_name(f.as_str())
+                    .await?
+                    .ok_or_else(|| {
+                        AppError::bad("unknown_flavor", format!("there is no flavor named {f}"))
+                    })?,
+            ),
+            None => None,
+        };
+        let size = match (&flavor, req.vcpus, req.memory_mib, req.disk_gib) {
+            (Some(f), c, m, d) => (
+                c.unwrap_or(to_u32(f.vcpus)),
+                m.unwrap_or(to_u64(f.memory_mib)),
+                d.unwrap_or(to_u64(f.disk_gib)),
+            ),
+            (None, Some(c), Some(m), Some(d)) => (c, m, d),
+            _ => {
+                return Err(AppError::bad(
+                    "missing_size",
+                    "give a flavor, or all of vcpus, memory_mib and disk_gib",
+                ));
+            }
+        };
+        check_size(size.0, size.1, size.2)?;
+        if let Some(d) = &req.user_data {
+            check_user_data(d)?;
+        }
+        check_ssh_keys(&req.ssh_keys)?;
+        check_labels(&req.labels)?;
+
+        let now = Utc::now();
+        let model = vm::Model {
+            id: Uuid::now_v7(),
+            project_id: project.id,
+            name: req.name.to_string(),
+            image_id: image.id,
+            image_name: image.name.clone(),
+            flavor_name: flavor.map(|f| f.name),
+            vcpus: i64::from(size.0),
+            memory_mib: size.1 as i64,
+            disk_gib: size.2 as i64,
+            hostname: req.hostname.as_ref().unwrap_or(&req.name).to_string(),
+            labels: serde_json::to_string(&req.labels).map_err(AppError::internal)?,
+            ssh_keys: serde_json::to_string(&req.ssh_keys).map_err(AppError::internal)?,
+            user_data: req.user_data,
+            state: VmState::Pending.to_string(),
+            state_reason: Some("waiting for a node to place it on".into()),
+            desired_state: DesiredState::Running.to_string(),
+            desired_generation: 1,
+            observed_state: None,
+            observed_generation: 0,
+            node_id: None,
+            ports: "[]".into(),
+            created_at: now,
+            updated_at: now,
+            deleted_at: None,
+        };
+        let labels: Vec<_> = req.labels.into_iter().collect();
+        let v = self.store.vm_insert(model, &labels).await?;
+        ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
+        let _ = self.vm_changes.send(v.id);
+        vm_view(&v, &project.name)
+    }
+
+    pub async fn vm_list(&self, ctx: &Ctx, q: VmListQuery) -> AppResult<Page<Vm>> {
+        let (me, admin) = ctx.user()?;
+        let limit = q.limit.unwrap_or(100);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(AppError::bad(
+                "invalid_limit",
+                format!("limit is {limit}; it must be between 1 and {MAX_PAGE}"),
+            ));
+        }
+        let after = match &q.cursor {
+            Some(c) => Some(c.parse::<Uuid>().map_err(|_| {
+                AppError::bad("invalid_cursor", "the cursor is not one this API returned")
+            })?),
+            None => None,
+        };
+        let label = match &q.label {
+            Some(l) => match l.split_once('=') {
+                Some((k, v)) => Some((k.to_owned(), v.to_owned())),
+                None => {
+                    return Err(AppError::bad(
+                        "invalid_label",
+                        "the label filter is key=value",
+                    ));
+                }
+            },
+            None => None,
+        };
+        // Names of every project in the result, to fill in each VM.
+        let mut names: BTreeMap<Uuid, String> = BTreeMap::new();
+        let projects = match &q.project {
+            Some(key) => {
+                let p = self.project_resolve(ctx, key, Role::Viewer).await?;
+                names.insert(p.id, p.name);
+                Some(names.keys().copied().collect())
+            }
+            None if admin => {
+                names.extend(
+                    self.store
+                        .project_list(None)
+                        .await?
+                        .into_iter()
+                        .map(|p| (p.id, p.name)),
+                );
+                None
+            }
+            None => {
+                names.extend(
+                    self.store
+                        .memberships(me.0)
+                        .await?
+                        .into_iter()
+                        .map(|(p, _)| (p.id, p.name)),
+                );
+                Some(names.keys().copied().collect())
+            }
+        };
+        let rows = self
+            .store
+            .vm_list(&VmFilter {
+                projects,
+                state: q.state.map(|s| s.to_string()),
+                label,
+                name: q.name.clone(),
+                after,
+                limit: u64::from(limit) + 1,
+            })
+            .await?;
+        let more = rows.len() > limit as usize;
+        let items = rows
+            .iter()
+            .take(limit as usize)
+            .map(|v| vm_view(v, names.get(&v.project_id).map_or("", String::as_str)))
+            .collect::<AppResult<Vec<_>>>()?;
+        let next_cursor = if more {
+            items.last().map(|v| v.id.to_string())
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    pub async fn vm_show(&self, ctx: &Ctx, id: &str) -> AppResult<Vm> {
+        let v = self.vm_resolve(ctx, id, Role::Viewer).await?;
+        self.vm_view(&v).await
+    }
+
+    /// Applies a lifecycle action. A forbidden one is a 409 naming the state
+    /// and the action, and changes nothing.
+    pub async fn vm_act(&self, ctx: &Ctx, id: &str, action: VmAction) -> AppResult<Vm> {
+        let v = self.vm_resolve(ctx, id, Role::Member).await?;
+        let state: VmState = parse(&v.state)?;
+        let desired: DesiredState = parse(&v.desired_state)?;
+        let plan = vm_state::plan(state, desired, v.node_id.is_some(), action)?;
+        let v = self
+            .store
+            .vm_update_desired(
+                v.id,
+                v.desired_generation,
+                &plan.desired.to_string(),
+                &plan.state.to_string(),
+                plan.state == VmState::Deleted,
+            )
+            .await?;
+        let _ = self.vm_changes.send(v.id);
+        self.vm_view(&v).await
+    }
+
+    /// Blocks until the VM is in `target` or `timeout` passes. Reaching a
+    /// state from which `target` cannot follow (`deleted`, or `error` when
+    /// waiting for something else) ends the wait with a 409.
+    pub async fn vm_wait(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        target: VmState,
+        timeout: Option<u64>,
+    ) -> AppResult<Vm> {
+        let secs = timeout.unwrap_or(60);
+        if secs > MAX_WAIT {
+            return Err(AppError::bad(
+                "invalid_timeout",
+                format!("timeout_secs is {secs}; at most {MAX_WAIT} is allowed"),
+            ));
+        }
+        let v = self.vm_resolve(ctx, id, Role::Viewer).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let mut changes = self.vm_changes.subscribe();
+        let mut current = v;
+        loop {
+            let state: VmState = parse(&current.state)?;
+            if state == target {
+                return self.vm_view(&current).await;
+            }
+            if state == VmState::Deleted || (state == VmState::Error && target != VmState::Error) {
+                return Err(AppError::Conflict(format!(
+                    "the VM is {state}{}; it will not become {target}",
+                    current
+                        .state_reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                )));
+            }
+            // Wake on a change made by this replica, or poll for changes
+            // made by another one.
+            let tick = tokio::time::sleep(Duration::from_millis(500));
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(AppError::Timeout(format!(
+                        "the VM is still {state} after {secs} s of waiting for {target}"
+                    )));
+                }
+                _ = changes.recv() => {}
+                _ = tick => {}
+            }
+            current = self.store.vm_fetch(current.id).await?;
+        }
+    }
+}
+
+pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
+    let labels: BTreeMap<String, String> =
+        serde_json::from_str(&v.labels).map_err(AppError::internal)?;
+    let ssh_keys: Vec<String> = serde_json::from_str(&v.ssh_keys).map_err(AppError::internal)?;
+    let ports: Vec<PortForward> = serde_json::from_str(&v.ports).map_err(AppError::internal)?;
+    Ok(Vm {
+        id: VmId(v.id),
+        name: Name::parse(&v.name).map_err(AppError::internal)?,
+        project: Name::parse(project).map_err(AppError::internal)?,
+        project_id: ProjectId(v.project_id),
+        image: Name::parse(&v.image_name).map_err(AppError::internal)?,
+        flavor: v
+            .flavor_name
+            .as_deref()
+            .map(Name::parse)
+            .transpose()
+            .map_err(AppError::internal)?,
+        vcpus: to_u32(v.vcpus),
+        memory_mib: to_u64(v.memory_mib),
+        disk_gib: to_u64(v.disk_gib),
+        hostname: v.hostname.clone(),
+        labels,
+        ssh_keys,
+        has_user_data: v.user_data.is_some(),
+        state: parse(&v.state)?,
+        state_reason: v.state_reason.clone(),
+        desired_state: parse(&v.desired_state)?,
+        desired_generation: to_u64(v.desired_generation),
+        observed_state: v
+            .observed_state
+            .as_deref()
+            .map(parse::<ObservedState>)
+            .transpose()?,
+        observed_generation: to_u64(v.observed_generation),
+        node_id: v.node_id.map(NodeId),
+        ports,
+        created_at: v.created_at,
+        updated_at: v.updated_at,
+    })
+}

@@ -1,0 +1,189 @@
+//! The HTTP surface: `/v1` (JSON API), `/v1/openapi.json`, `/docs`,
+//! `/healthz` and `/metrics`. The OpenAPI document is generated from the
+//! handlers' annotations.
+
+pub mod extract;
+pub mod handlers;
+pub mod middleware;
+
+use crate::app::App;
+use crate::metrics::Metrics;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use handlers as h;
+use std::collections::HashMap;
+use std::sync::Arc;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "BytePort API", description = "A private cloud: projects, VMs, images, nodes."),
+    modifiers(&Security),
+    security(("bearer" = []), ("cookie" = [])),
+    tags(
+        (name = "auth", description = "Logging in, tokens and sessions"),
+        (name = "users"), (name = "tokens"), (name = "projects"),
+        (name = "catalog", description = "Flavors and images"),
+        (name = "vms", description = "Virtual machines and their lifecycle"),
+        (name = "nodes", description = "Hosts that run VMs"),
+        (name = "audit"),
+    )
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let c = api.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A JWT from /v1/auth/login, or a personal API token (bpt_...)",
+                    ))
+                    .build(),
+            ),
+        );
+        c.add_security_scheme(
+            "cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(
+                crate::app::auth::SESSION_COOKIE,
+            ))),
+        );
+    }
+}
+
+fn api_router() -> OpenApiRouter<App> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(h::auth_login))
+        .routes(routes!(h::auth_refresh))
+        .routes(routes!(h::auth_logout))
+        .routes(routes!(h::auth_whoami))
+        .routes(routes!(h::bootstrap))
+        .routes(routes!(h::user_create, h::user_list))
+        .routes(routes!(h::user_show, h::user_delete))
+        .routes(routes!(h::token_create, h::token_list))
+        .routes(routes!(h::token_revoke))
+        .routes(routes!(h::project_create, h::project_list))
+        .routes(routes!(h::project_show, h::project_delete))
+        .routes(routes!(h::project_set_quota))
+        .routes(routes!(h::member_list))
+        .routes(routes!(h::member_set, h::member_remove))
+        .routes(routes!(h::flavor_list, h::flavor_create))
+        .routes(routes!(h::flavor_delete))
+        .routes(routes!(h::image_list, h::image_create))
+        .routes(routes!(h::image_show, h::image_delete))
+        .routes(routes!(h::vm_create, h::vm_list))
+        .routes(routes!(h::vm_show, h::vm_delete))
+        .routes(routes!(h::vm_start))
+        .routes(routes!(h::vm_stop))
+        .routes(routes!(h::vm_restart))
+        .routes(routes!(h::vm_pause))
+        .routes(routes!(h::vm_resume))
+        .routes(routes!(h::vm_wait))
+        .routes(routes!(h::join_token_create))
+        .routes(routes!(h::node_register))
+        .routes(routes!(h::node_heartbeat))
+        .routes(routes!(h::node_list))
+        .routes(routes!(h::node_show))
+        .routes(routes!(h::audit_list))
+}
+
+/// The OpenAPI document, as committed at `openapi/byteport.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().into_openapi()
+}
+
+/// Operation ids by `"METHOD /path"`, for the audit log.
+fn operations(doc: &utoipa::openapi::OpenApi) -> HashMap<String, String> {
+    let mut ops = HashMap::new();
+    let v = serde_json::to_value(doc).unwrap_or_default();
+    if let Some(paths) = v.get("paths").and_then(|p| p.as_object()) {
+        for (path, item) in paths {
+            for (method, op) in item.as_object().into_iter().flatten() {
+                if let Some(id) = op.get("operationId").and_then(|i| i.as_str()) {
+                    ops.insert(format!("{} {path}", method.to_uppercase()), id.to_owned());
+                }
+            }
+        }
+    }
+    ops
+}
+
+/// The whole HTTP application.
+pub fn router(app: App) -> Router {
+    let (api, doc) = api_router().split_for_parts();
+    let metrics = Arc::new(Metrics::default());
+    let audit_state = middleware::AuditState {
+        app: app.clone(),
+        ops: Arc::new(operations(&doc)),
+    };
+    let doc_json = Arc::new(serde_json::to_string(&doc).unwrap_or_default());
+    // `route_layer`s run after routing (so they see the matched route), the
+    // last added outermost: metrics, then auth, audit, idempotency.
+    let api = api
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::idempotency,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            audit_state,
+            middleware::audit,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::authenticate,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            metrics.clone(),
+            middleware::track,
+        ))
+        .with_state(app.clone());
+    Router::new()
+        .merge(api)
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let d = doc_json.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], (*d).clone()) }
+            }),
+        )
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/v1/openapi-swagger.json", doc))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text).with_state((app, metrics)))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(middleware::BODY_LIMIT))
+}
+
+async fn healthz() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        "{\"status\":\"ok\"}",
+    )
+}
+
+async fn not_found() -> crate::error::AppError {
+    crate::error::AppError::not_found("route", "for this path")
+}
+
+async fn metrics_text(State((app, m)): State<(App, Arc<Metrics>)>) -> impl IntoResponse {
+    let mut extra = String::from("# HELP byteport_vms VMs by state.\n# TYPE byteport_vms gauge\n");
+    if let Ok(rows) = app.store.vm_count_by_state().await {
+        for (state, n) in rows {
+            extra.push_str(&format!("byteport_vms{{state=\"{state}\"}} {n}\n"));
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(&extra),
+    )
+}

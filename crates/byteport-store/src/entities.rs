@@ -1,0 +1,291 @@
+//! SeaORM entities: one module per table. Sizes are signed because
+//! PostgreSQL has no unsigned integers; the store converts at its boundary.
+
+macro_rules! no_relations {
+    () => {
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+        impl ActiveModelBehavior for ActiveModel {}
+    };
+}
+
+pub mod setting {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "settings")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub value: String,
+    }
+    no_relations!();
+}
+
+pub mod user {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "users")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        #[sea_orm(unique)]
+        pub name: String,
+        pub password_hash: String,
+        pub admin: bool,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod session {
+    use sea_orm::entity::prelude::*;
+    /// A refresh token or a browser session, stored as a SHA-256 hash.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sessions")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub user_id: Uuid,
+        #[sea_orm(unique)]
+        pub token_hash: String,
+        /// `refresh` or `cookie`.
+        pub kind: String,
+        pub expires_at: DateTimeUtc,
+        pub revoked: bool,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod api_token {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "api_tokens")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub user_id: Uuid,
+        pub name: String,
+        pub prefix: String,
+        #[sea_orm(unique)]
+        pub token_hash: String,
+        pub created_at: DateTimeUtc,
+        pub expires_at: Option<DateTimeUtc>,
+        pub last_used_at: Option<DateTimeUtc>,
+        pub revoked: bool,
+    }
+    no_relations!();
+}
+
+pub mod project {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "projects")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        #[sea_orm(unique)]
+        pub name: String,
+        pub description: String,
+        pub max_vms: i64,
+        pub max_vcpus: i64,
+        pub max_memory_mib: i64,
+        pub max_disk_gib: i64,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod member {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "project_members")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub project_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub user_id: Uuid,
+        /// `viewer`, `member` or `owner`.
+        pub role: String,
+    }
+    no_relations!();
+}
+
+pub mod flavor {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "flavors")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        #[sea_orm(unique)]
+        pub name: String,
+        pub vcpus: i64,
+        pub memory_mib: i64,
+        pub disk_gib: i64,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod image {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "images")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        #[sea_orm(unique)]
+        pub name: String,
+        pub os_family: String,
+        pub os_version: String,
+        pub arch: String,
+        pub format: String,
+        pub size_bytes: i64,
+        pub sha256: String,
+        pub boot: String,
+        pub kernel_sha256: Option<String>,
+        pub initrd_sha256: Option<String>,
+        pub cmdline: Option<String>,
+        pub has_agent: bool,
+        pub status: String,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod vm {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "vms")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub project_id: Uuid,
+        pub name: String,
+        pub image_id: Uuid,
+        pub image_name: String,
+        pub flavor_name: Option<String>,
+        pub vcpus: i64,
+        pub memory_mib: i64,
+        pub disk_gib: i64,
+        pub hostname: String,
+        /// JSON object.
+        pub labels: String,
+        /// JSON array.
+        pub ssh_keys: String,
+        pub user_data: Option<String>,
+        pub state: String,
+        pub state_reason: Option<String>,
+        pub desired_state: String,
+        pub desired_generation: i64,
+        pub observed_state: Option<String>,
+        pub observed_generation: i64,
+        pub node_id: Option<Uuid>,
+        /// JSON array of port forwards.
+        pub ports: String,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+        pub deleted_at: Option<DateTimeUtc>,
+    }
+    no_relations!();
+}
+
+pub mod vm_label {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "vm_labels")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub vm_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub value: String,
+    }
+    no_relations!();
+}
+
+pub mod node {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "nodes")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        #[sea_orm(unique)]
+        pub name: String,
+        pub region: String,
+        pub arch: String,
+        /// JSON array.
+        pub engines: String,
+        pub kvm: bool,
+        pub status: String,
+        pub credential_hash: String,
+        pub cap_vcpus: i64,
+        pub cap_memory_mib: i64,
+        pub cap_disk_gib: i64,
+        pub used_vcpus: i64,
+        pub used_memory_mib: i64,
+        pub used_disk_gib: i64,
+        pub reserved_vcpus: i64,
+        pub reserved_memory_mib: i64,
+        pub reserved_disk_gib: i64,
+        pub last_heartbeat_at: Option<DateTimeUtc>,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod join_token {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "join_tokens")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub token_hash: String,
+        pub expires_at: DateTimeUtc,
+        pub used: bool,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod idempotency {
+    use sea_orm::entity::prelude::*;
+    /// A stored response to a POST with an `Idempotency-Key`. `status` is 0
+    /// while the first request is still being served.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "idempotency_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub actor: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub request_hash: String,
+        pub status: i32,
+        pub content_type: String,
+        pub body: Vec<u8>,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod audit {
+    use sea_orm::entity::prelude::*;
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "audit_events")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub at: DateTimeUtc,
+        pub actor: String,
+        pub actor_id: Option<Uuid>,
+        pub action: String,
+        pub target_kind: Option<String>,
+        pub target_id: Option<String>,
+        pub project_id: Option<Uuid>,
+        pub status: i32,
+        pub result: String,
+    }
+    no_relations!();
+}

@@ -1,0 +1,1036 @@
+//! The database. One [`DataStore`] serves SQLite (the embedded default) and
+//! PostgreSQL (fleets, several control-plane replicas) from the same code,
+//! through SeaORM. It owns schema, transactions and the few invariants that
+//! must hold under concurrency (quotas, unique names, generations); it knows
+//! nothing of HTTP or of who may do what.
+
+pub mod entities;
+mod migration;
+
+use chrono::{DateTime, Utc};
+pub use entities::*;
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DbErr, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// What the store can fail with. Callers turn these into API errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("quota {quota} exceeded: {requested} requested, {used} in use of {limit}")]
+    QuotaExceeded {
+        quota: &'static str,
+        limit: u64,
+        used: u64,
+        requested: u64,
+    },
+    #[error("database error")]
+    Db(#[from] DbErr),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which database a store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgresql",
+        })
+    }
+}
+
+/// The database handle. Cheap to clone.
+#[derive(Clone)]
+pub struct DataStore {
+    db: DatabaseConnection,
+    backend: Backend,
+    /// SQLite has one writer; serializing our own check-then-write
+    /// transactions here makes them atomic without `BEGIN IMMEDIATE`.
+    /// PostgreSQL uses row locks instead.
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A filter for [`DataStore::vm_list`].
+#[derive(Clone, Debug, Default)]
+pub struct VmFilter {
+    /// Only these projects; `None` means every project.
+    pub projects: Option<Vec<Uuid>>,
+    pub state: Option<String>,
+    pub label: Option<(String, String)>,
+    pub name: Option<String>,
+    pub after: Option<Uuid>,
+    pub limit: u64,
+}
+
+/// What a project's live VMs hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageRow {
+    pub vms: i64,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+}
+
+/// The outcome of claiming an idempotency key.
+#[derive(Debug)]
+pub enum IdemClaim {
+    /// First use: serve the request, then [`DataStore::idem_finish`].
+    New,
+    /// Served before with the same body: replay this.
+    Replay {
+        status: u16,
+        content_type: String,
+        body: Vec<u8>,
+    },
+    /// Served before with a different body.
+    Mismatch,
+    /// The first request with this key is still being served.
+    InFlight,
+}
+
+impl DataStore {
+    /// Connects and runs pending migrations. `url` is `sqlite://PATH?mode=rwc`
+    /// or `postgres://...`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.sqlx_logging(false);
+        match backend {
+            Backend::Sqlite => {
+                opts.max_connections(8).min_connections(1);
+                opts.map_sqlx_sqlite_opts(|o| {
+                    o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                        .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                        .busy_timeout(std::time::Duration::from_secs(10))
+                        .foreign_keys(false)
+                });
+            }
+            Backend::Postgres => {
+                opts.max_connections(16).min_connections(1);
+            }
+        }
+        let db = Database::connect(opts).await?;
+        migration::Migrator::up(&db, None).await?;
+        Ok(Self {
+            db,
+            backend,
+            write_lock: Arc::default(),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The SeaORM connection, for tests that inspect rows directly.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Takes the SQLite writer lock; a no-op guard on PostgreSQL.
+    async fn serialize(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.backend {
+            Backend::Sqlite => Some(self.write_lock.lock().await),
+            Backend::Postgres => None,
+        }
+    }
+
+    // ---------- settings ----------
+
+    pub async fn setting_get(&self, key: &str) -> Result<Option<String>> {
+        Ok(setting::Entity::find_by_id(key.to_owned())
+            .one(&self.db)
+            .await?
+            .map(|s| s.value))
+    }
+
+    /// Stores `value` unless the key exists; returns the value that won, so
+    /// replicas starting together agree on one secret.
+    pub async fn setting_get_or_insert(&self, key: &str, value: &str) -> Result<String> {
+        let row = setting::ActiveModel {
+            key: Set(key.to_owned()),
+            value: Set(value.to_owned()),
+        };
+        setting::Entity::insert(row)
+            .on_conflict_do_nothing_on([setting::Column::Key])
+            .exec(&self.db)
+            .await?;
+        self.setting_get(key).await?.ok_or(StoreError::NotFound)
+    }
+
+    pub async fn setting_set(&self, key: &str, value: &str) -> Result<()> {
+        let row = setting::ActiveModel {
+            key: Set(key.to_owned()),
+            value: Set(value.to_owned()),
+        };
+        setting::Entity::insert(row)
+            .on_conflict(
+                OnConflict::column(setting::Column::Key)
+                    .update_column(setting::Column::Value)
+                    .to_owned(),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a setting; true when this call removed it (one winner).
+    pub async fn setting_take(&self, key: &str, value: &str) -> Result<bool> {
+        let res = setting::Entity::delete_many()
+            .filter(setting::Column::Key.eq(key))
+            .filter(setting::Column::Value.eq(value))
+            .exec(&self.db)
+            .await?;
+        Ok(res.rows_affected == 1)
+    }
+
+    // ---------- users, sessions, tokens ----------
+
+    pub async fn user_count(&self) -> Result<u64> {
+        Ok(user::Entity::find().count(&self.db).await?)
+    }
+
+    pub async fn user_insert(&self, u: user::Model) -> Result<user::Model> {
+        if self.user_fetch_by_name(&u.name).await?.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "user {} already exists",
+                u.name
+            )));
+        }
+        Ok(u.into_active_model()
+            .insert(&self.db)
+            .await
+            .map_err(unique_conflict("user"))?)
+    }
+
+    pub async fn user_fetch(&self, id: Uuid) -> Result<user::Model> {
+        user::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    pub async fn user_fetch_by_name(&self, name: &str) -> Result<Option<user::Model>> {
+        Ok(user::Entity::find()
+            .filter(user::Column::Name.eq(name))
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn user_list(&self) -> Result<Vec<user::Model>> {
+        Ok(user::Entity::find()
+            .order_by_asc(user::Column::Name)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Deletes a user with its memberships, sessions and tokens.
+    pub async fn user_delete(&self, id: Uuid) -> Result<()> {
+        let tx = self.db.begin().await?;
+        member::Entity::delete_many()
+            .filter(member::Column::UserId.eq(id))
+            .exec(&tx)
+            .await?;
+        session::Entity::delete_many()
+            .filter(session::Column::UserId.eq(id))
+            .exec(&tx)
+            .await?;
+        api_token::Entity::delete_many()
+            .filter(api_token::Column::UserId.eq(id))
+            .exec(&tx)
+            .await?;
+        let res = user::Entity::delete_by_id(id).exec(&tx).await?;
+        if res.rows_affected == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn session_insert(&self, s: session::Model) -> Result<()> {
+        s.into_active_model().insert(&self.db).await?;
+        Ok(())
+    }
+
+    /// A live (unrevoked, unexpired) session by token hash.
+    pub async fn session_fetch(
+        &self,
+        token_hash: &str,
+        kind: &str,
+    ) -> Result<Option<session::Model>> {
+        Ok(session::Entity::find()
+            .filter(session::Column::TokenHash.eq(token_hash))
+            .filter(session::Column::Kind.eq(kind))
+            .filter(session::Column::Revoked.eq(false))
+            .filter(session::Column::ExpiresAt.gt(Utc::now()))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Revokes a live session; true when this call revoked it, so a refresh
+    /// token can be spent once even by two racing requests.
+    pub async fn session_revoke(&self, token_hash: &str) -> Result<bool> {
+        let res = session::Entity::update_many()
+            .col_expr(session::Column::Revoked, Expr::value(true))
+            .filter(session::Column::TokenHash.eq(token_hash))
+            .filter(session::Column::Revoked.eq(false))
+            .exec(&self.db)
+            .await?;
+        Ok(res.rows_affected == 1)
+    }
+
+    pub async fn token_insert(&self, t: api_token::Model) -> Result<api_token::Model> {
+        Ok(t.into_active_model().insert(&self.db).await?)
+    }
+
+    pub async fn token_list(&self, user_id: Uuid) -> Result<Vec<api_token::Model>> {
+        Ok(api_token::Entity::find()
+            .filter(api_token::Column::UserId.eq(user_id))
+            .filter(api_token::Column::Revoked.eq(false))
+            .order_by_asc(api_token::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// A live token by its hash.
+    pub async fn token_fetch(&self, token_hash: &str) -> Result<Option<api_token::Model>> {
+        let t = api_token::Entity::find()
+            .filter(api_token::Column::TokenHash.eq(token_hash))
+            .filter(api_token::Column::Revoked.eq(false))
+            .one(&self.db)
+            .await?;
+        Ok(t.filter(|t| t.expires_at.is_none_or(|e| e > Utc::now())))
+    }
+
+    pub async fn token_touch(&self, id: Uuid, at: DateTime<Utc>) -> Result<()> {
+        api_token::Entity::update_many()
+            .col_expr(api_token::Column::LastUsedAt, Expr::value(at))
+            .filter(api_token::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn token_revoke(&self, user_id: Uuid, id: Uuid) -> Result<()> {
+        let res = api_token::Entity::update_many()
+            .col_expr(api_token::Column::Revoked, Expr::value(true))
+            .filter(api_token::Column::Id.eq(id))
+            .filter(api_token::Column::UserId.eq(user_id))
+            .filter(api_token::Column::Revoked.eq(false))
+            .exec(&self.db)
+            .await?;
+        if res.rows_affected == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    // ---------- projects and members ----------
+
+    /// Inserts a project and its first owner in one transaction.
+    pub async fn project_insert(
+        &self,
+        p: project::Model,
+        owner: Option<Uuid>,
+    ) -> Result<project::Model> {
+        if self.project_fetch_by_name(&p.name).await?.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "project {} already exists",
+                p.name
+            )));
+        }
+        let tx = self.db.begin().await?;
+        let p = p
+            .into_active_model()
+            .insert(&tx)
+            .await
+            .map_err(unique_conflict("project"))?;
+        if let Some(owner) = owner {
+            member::Model {
+                project_id: p.id,
+                user_id: owner,
+                role: "owner".into(),
+            }
+            .into_active_model()
+            .insert(&tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(p)
+    }
+
+    pub async fn project_fetch(&self, id: Uuid) -> Result<project::Model> {
+        project::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    pub async fn project_fetch_by_name(&self, name: &str) -> Result<Option<project::Model>> {
+        Ok(project::Entity::find()
+            .filter(project::Column::Name.eq(name))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Projects, all of them or those of `ids`.
+    pub async fn project_list(&self, ids: Option<&[Uuid]>) -> Result<Vec<project::Model>> {
+        let mut q = project::Entity::find().order_by_asc(project::Column::Name);
+        if let Some(ids) = ids {
+            q = q.filter(project::Column::Id.is_in(ids.iter().copied()));
+        }
+        Ok(q.all(&self.db).await?)
+    }
+
+    pub async fn project_update_quota(&self, id: Uuid, q: [i64; 4]) -> Result<project::Model> {
+        let mut p = self.project_fetch(id).await?.into_active_model();
+        p.max_vms = Set(q[0]);
+        p.max_vcpus = Set(q[1]);
+        p.max_memory_mib = Set(q[2]);
+        p.max_disk_gib = Set(q[3]);
+        Ok(p.update(&self.db).await?)
+    }
+
+    /// Deletes an empty project; a project with live VMs is a conflict.
+    pub async fn project_delete(&self, id: Uuid) -> Result<()> {
+        let _w = self.serialize().await;
+        let tx = self.db.begin().await?;
+        let live = vm::Entity::find()
+            .filter(vm::Column::ProjectId.eq(id))
+            .filter(vm::Column::DeletedAt.is_null())
+            .count(&tx)
+            .await?;
+        if live > 0 {
+            return Err(StoreError::Conflict(format!(
+                "the project still has {live} VM(s); delete them first"
+            )));
+        }
+        member::Entity::delete_many()
+            .filter(member::Column::ProjectId.eq(id))
+            .exec(&tx)
+            .await?;
+        let res = project::Entity::delete_by_id(id).exec(&tx).await?;
+        if res.rows_affected == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// What the project's live VMs hold.
+    pub async fn project_usage<C: ConnectionTrait>(&self, c: &C, id: Uuid) -> Result<UsageRow> {
+        let row: Option<(i64, Option<i64>, Option<i64>, Option<i64>)> = vm::Entity::find()
+            .select_only()
+            .column_as(vm::Column::Id.count(), "n")
+            .column_as(vm::Column::Vcpus.sum(), "c")
+            .column_as(vm::Column::MemoryMib.sum(), "m")
+            .column_as(vm::Column::DiskGib.sum(), "d")
+            .filter(vm::Column::ProjectId.eq(id))
+            .filter(vm::Column::DeletedAt.is_null())
+            .into_tuple()
+            .one(c)
+            .await?;
+        let (n, c, m, d) = row.unwrap_or_default();
+        Ok(UsageRow {
+            vms: n,
+            vcpus: c.unwrap_or(0),
+            memory_mib: m.unwrap_or(0),
+            disk_gib: d.unwrap_or(0),
+        })
+    }
+
+    pub async fn usage(&self, id: Uuid) -> Result<UsageRow> {
+        self.project_usage(&self.db, id).await
+    }
+
+    pub async fn member_role(&self, project_id: Uuid, user_id: Uuid) -> Result<Option<String>> {
+        Ok(member::Entity::find_by_id((project_id, user_id))
+            .one(&self.db)
+            .await?
+            .map(|m| m.role))
+    }
+
+    pub async fn member_list(&self, project_id: Uuid) -> Result<Vec<(member::Model, user::Model)>> {
+        let members = member::Entity::find()
+            .filter(member::Column::ProjectId.eq(project_id))
+            .all(&self.db)
+            .await?;
+        let ids: Vec<Uuid> = members.iter().map(|m| m.user_id).collect();
+        let users = user::Entity::find()
+            .filter(user::Column::Id.is_in(ids))
+            .all(&self.db)
+            .await?;
+        let mut out: Vec<_> = members
+            .into_iter()
+            .filter_map(|m| {
+                users
+                    .iter()
+                    .find(|u| u.id == m.user_id)
+                    .cloned()
+                    .map(|u| (m, u))
+            })
+            .collect();
+        out.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        Ok(out)
+    }
+
+    pub async fn member_set(&self, project_id: Uuid, user_id: Uuid, role: &str) -> Result<()> {
+        let row = member::ActiveModel {
+            project_id: Set(project_id),
+            user_id: Set(user_id),
+            role: Set(role.to_owned()),
+        };
+        member::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([member::Column::ProjectId, member::Column::UserId])
+                    .update_column(member::Column::Role)
+                    .to_owned(),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn member_delete(&self, project_id: Uuid, user_id: Uuid) -> Result<()> {
+        let res = member::Entity::delete_by_id((project_id, user_id))
+            .exec(&self.db)
+            .await?;
+        if res.rows_affected == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Every project the user belongs to, with the role.
+    pub async fn memberships(&self, user_id: Uuid) -> Result<Vec<(project::Model, String)>> {
+        let ms = member::Entity::find()
+            .filter(member::Column::UserId.eq(user_id))
+            .all(&self.db)
+            .await?;
+        let ids: Vec<Uuid> = ms.iter().map(|m| m.project_id).collect();
+        let ps = self.project_list(Some(&ids)).await?;
+        Ok(ps
+            .into_iter()
+            .filter_map(|p| {
+                let role = ms.iter().find(|m| m.project_id == p.id)?.role.clone();
+                Some((p, role))
+            })
+            .collect())
+    }
+
+    // ---------- flavors and images ----------
+
+    pub async fn flavor_insert(&self, f: flavor::Model) -> Result<flavor::Model> {
+        if self.flavor_fetch_by_name(&f.name).await?.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "flavor {} already exists",
+                f.name
+            )));
+        }
+        Ok(f.into_active_model()
+            .insert(&self.db)
+            .await
+            .map_err(unique_conflict("flavor"))?)
+    }
+
+    /// Inserts a flavor unless one of that name exists (seeding).
+    pub async fn flavor_seed(&self, f: flavor::Model) -> Result<()> {
+        flavor::Entity::insert(f.into_active_model())
+            .on_conflict_do_nothing_on([flavor::Column::Name])
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn flavor_list(&self) -> Result<Vec<flavor::Model>> {
+        Ok(flavor::Entity::find()
+            .order_by_asc(flavor::Column::Vcpus)
+            .order_by_asc(flavor::Column::MemoryMib)
+            .order_by_asc(flavor::Column::Name)
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn flavor_fetch_by_name(&self, name: &str) -> Result<Option<flavor::Model>> {
+        Ok(flavor::Entity::find()
+            .filter(flavor::Column::Name.eq(name))
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn flavor_delete(&self, name: &str) -> Result<()> {
+        let res = flavor::Entity::delete_many()
+            .filter(flavor::Column::Name.eq(name))
+            .exec(&self.db)
+            .await?;
+        if res.rows_affected == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    pub async fn image_insert(&self, i: image::Model) -> Result<image::Model> {
+        if self.image_fetch_by_name(&i.name).await?.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "image {} already exists",
+                i.name
+            )));
+        }
+        Ok(i.into_active_model()
+            .insert(&self.db)
+            .await
+            .map_err(unique_conflict("image"))?)
+    }
+
+    pub async fn image_list(&self) -> Result<Vec<image::Model>> {
+        Ok(image::Entity::find()
+            .order_by_asc(image::Column::Name)
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn image_fetch_by_name(&self, name: &str) -> Result<Option<image::Model>> {
+        Ok(image::Entity::find()
+            .filter(image::Column::Name.eq(name))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Deletes an image that no live VM uses.
+    pub async fn image_delete(&self, id: Uuid) -> Result<()> {
+        let users = vm::Entity::find()
+            .filter(vm::Column::ImageId.eq(id))
+            .filter(vm::Column::DeletedAt.is_null())
+            .count(&self.db)
+            .await?;
+        if users > 0 {
+            return Err(StoreError::Conflict(format!(
+                "{users} VM(s) still use this image"
+            )));
+        }
+        let res = image::Entity::delete_by_id(id).exec(&self.db).await?;
+        if res.rows_affected == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    // ---------- VMs ----------
+
+    /// Inserts a VM if the project's quota allows it, atomically: the usage
+    /// is read and the row written in one transaction, with the project row
+    /// locked on PostgreSQL and the writer lock held on SQLite.
+    pub async fn vm_insert(&self, v: vm::Model, labels: &[(String, String)]) -> Result<vm::Model> {
+        let _w = self.serialize().await;
+        let tx = self.db.begin().await?;
+        let mut pq = project::Entity::find_by_id(v.project_id);
+        if self.backend == Backend::Postgres {
+            pq = pq.lock_exclusive();
+        }
+        let p = pq.one(&tx).await?.ok_or(StoreError::NotFound)?;
+        let used = self.project_usage(&tx, p.id).await?;
+        let checks: [(&'static str, i64, i64, i64); 4] = [
+            ("max_vms", p.max_vms, used.vms, 1),
+            ("max_vcpus", p.max_vcpus, used.vcpus, v.vcpus),
+            (
+                "max_memory_mib",
+                p.max_memory_mib,
+                used.memory_mib,
+                v.memory_mib,
+            ),
+            ("max_disk_gib", p.max_disk_gib, used.disk_gib, v.disk_gib),
+        ];
+        for (quota, limit, used, requested) in checks {
+            if used + requested > limit {
+                return Err(StoreError::QuotaExceeded {
+                    quota,
+                    limit: limit as u64,
+                    used: used as u64,
+                    requested: requested as u64,
+                });
+            }
+        }
+        let taken = vm::Entity::find()
+            .filter(vm::Column::ProjectId.eq(v.project_id))
+            .filter(vm::Column::Name.eq(v.name.clone()))
+            .filter(vm::Column::DeletedAt.is_null())
+            .count(&tx)
+            .await?;
+        if taken > 0 {
+            return Err(StoreError::Conflict(format!(
+                "a VM named {} already exists in project {}",
+                v.name, p.name
+            )));
+        }
+        let v = v
+            .into_active_model()
+            .insert(&tx)
+            .await
+            .map_err(unique_conflict("VM"))?;
+        for (k, val) in labels {
+            vm_label::Model {
+                vm_id: v.id,
+                key: k.clone(),
+                value: val.clone(),
+            }
+            .into_active_model()
+            .insert(&tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(v)
+    }
+
+    pub async fn vm_fetch(&self, id: Uuid) -> Result<vm::Model> {
+        vm::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// VMs in id order (ids are time-ordered), after the cursor, at most
+    /// `limit`. Deleted VMs appear only when the state filter asks for them.
+    pub async fn vm_list(&self, f: &VmFilter) -> Result<Vec<vm::Model>> {
+        let mut q = vm::Entity::find()
+            .order_by_asc(vm::Column::Id)
+            .limit(f.limit);
+        if let Some(ps) = &f.projects {
+            q = q.filter(vm::Column::ProjectId.is_in(ps.iter().copied()));
+        }
+        match &f.state {
+            Some(s) => q = q.filter(vm::Column::State.eq(s.clone())),
+            None => q = q.filter(vm::Column::DeletedAt.is_null()),
+        }
+        if let Some(n) = &f.name {
+            q = q.filter(vm::Column::Name.eq(n.clone()));
+        }
+        if let Some(after) = f.after {
+            q = q.filter(vm::Column::Id.gt(after));
+        }
+        if let Some((k, v)) = &f.label {
+            let sub = sea_orm::sea_query::Query::select()
+                .column(vm_label::Column::VmId)
+                .from(vm_label::Entity)
+                .and_where(vm_label::Column::Key.eq(k.clone()))
+                .and_where(vm_label::Column::Value.eq(v.clone()))
+                .to_owned();
+            q = q.filter(vm::Column::Id.in_subquery(sub));
+        }
+        Ok(q.all(&self.db).await?)
+    }
+
+    /// Applies an action's plan if nobody changed the VM's desired state
+    /// since `seen_generation` was read (optimistic concurrency); the loser
+    /// of a race gets a conflict and changes nothing.
+    pub async fn vm_update_desired(
+        &self,
+        id: Uuid,
+        seen_generation: i64,
+        desired: &str,
+        state: &str,
+        deleted: bool,
+    ) -> Result<vm::Model> {
+        let now = Utc::now();
+        let mut u = vm::Entity::update_many()
+            .col_expr(vm::Column::DesiredState, Expr::value(desired))
+            .col_expr(vm::Column::State, Expr::value(state))
+            .col_expr(vm::Column::StateReason, Expr::value(Option::<String>::None))
+            .col_expr(
+                vm::Column::DesiredGeneration,
+                Expr::value(seen_generation + 1),
+            )
+            .col_expr(vm::Column::UpdatedAt, Expr::value(now));
+        if deleted {
+            u = u.col_expr(vm::Column::DeletedAt, Expr::value(now));
+        }
+        let res = u
+            .filter(vm::Column::Id.eq(id))
+            .filter(vm::Column::DesiredGeneration.eq(seen_generation))
+            .exec(&self.db)
+            .await?;
+        if res.rows_affected == 0 {
+            return Err(StoreError::Conflict(
+                "the VM changed while this request was served; retry".into(),
+            ));
+        }
+        if deleted {
+            vm_label::Entity::delete_many()
+                .filter(vm_label::Column::VmId.eq(id))
+                .exec(&self.db)
+                .await?;
+        }
+        self.vm_fetch(id).await
+    }
+
+    /// Records a node's observation if it is newer than the stored one
+    /// (`WHERE observed_generation < new`); returns whether it applied.
+    pub async fn vm_update_observed(
+        &self,
+        id: Uuid,
+        node_id: Uuid,
+        observed: &str,
+        generation: i64,
+        state: &str,
+        reason: Option<String>,
+        ports: &str,
+        deleted: bool,
+    ) -> Result<bool> {
+        let now = Utc::now();
+        let mut u = vm::Entity::update_many()
+            .col_expr(vm::Column::ObservedState, Expr::value(observed))
+            .col_expr(vm::Column::ObservedGeneration, Expr::value(generation))
+            .col_expr(vm::Column::State, Expr::value(state))
+            .col_expr(vm::Column::StateReason, Expr::value(reason))
+            .col_expr(vm::Column::Ports, Expr::value(ports))
+            .col_expr(vm::Column::UpdatedAt, Expr::value(now));
+        if deleted {
+            u = u.col_expr(vm::Column::DeletedAt, Expr::value(now));
+        }
+        let res = u
+            .filter(vm::Column::Id.eq(id))
+            .filter(vm::Column::NodeId.eq(node_id))
+            .filter(vm::Column::ObservedGeneration.lt(generation))
+            .exec(&self.db)
+            .await?;
+        Ok(res.rows_affected == 1)
+    }
+
+    /// The VMs a node should hold: placed there and not yet gone.
+    pub async fn vm_list_for_node(&self, node_id: Uuid) -> Result<Vec<vm::Model>> {
+        Ok(vm::Entity::find()
+            .filter(vm::Column::NodeId.eq(node_id))
+            .filter(vm::Column::State.ne("deleted"))
+            .order_by_asc(vm::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    // ---------- nodes ----------
+
+    pub async fn join_token_insert(&self, t: join_token::Model) -> Result<()> {
+        t.into_active_model().insert(&self.db).await?;
+        Ok(())
+    }
+
+    /// Spends a join token and inserts the node, in one transaction.
+    pub async fn node_register(&self, token_hash: &str, n: node::Model) -> Result<node::Model> {
+        let _w = self.serialize().await;
+        let tx = self.db.begin().await?;
+        let spent = join_token::Entity::update_many()
+            .col_expr(join_token::Column::Used, Expr::value(true))
+            .filter(join_token::Column::TokenHash.eq(token_hash))
+            .filter(join_token::Column::Used.eq(false))
+            .filter(join_token::Column::ExpiresAt.gt(Utc::now()))
+            .exec(&tx)
+            .await?;
+        if spent.rows_affected != 1 {
+            return Err(StoreError::NotFound);
+        }
+        if node::Entity::find()
+            .filter(node::Column::Name.eq(n.name.clone()))
+            .one(&tx)
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::Conflict(format!(
+                "a node named {} is already registered",
+                n.name
+            )));
+        }
+        let n = n
+            .into_active_model()
+            .insert(&tx)
+            .await
+            .map_err(unique_conflict("node"))?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub async fn node_fetch(&self, id: Uuid) -> Result<node::Model> {
+        node::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    pub async fn node_list(&self) -> Result<Vec<node::Model>> {
+        Ok(node::Entity::find()
+            .order_by_asc(node::Column::Name)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Records a heartbeat: capacity, usage, time, and `online` unless the
+    /// node is cordoned.
+    pub async fn node_heartbeat(
+        &self,
+        id: Uuid,
+        cap: [i64; 3],
+        used: [i64; 3],
+    ) -> Result<node::Model> {
+        let mut n = self.node_fetch(id).await?;
+        let status = if n.status == "cordoned" {
+            "cordoned"
+        } else {
+            "online"
+        };
+        n.status = status.into();
+        let mut a = n.into_active_model();
+        a.status = Set(status.into());
+        a.cap_vcpus = Set(cap[0]);
+        a.cap_memory_mib = Set(cap[1]);
+        a.cap_disk_gib = Set(cap[2]);
+        a.used_vcpus = Set(used[0]);
+        a.used_memory_mib = Set(used[1]);
+        a.used_disk_gib = Set(used[2]);
+        a.last_heartbeat_at = Set(Some(Utc::now()));
+        Ok(a.update(&self.db).await?)
+    }
+
+    // ---------- idempotency ----------
+
+    /// Claims `(actor, key)` for a request whose body hashes to `hash`.
+    pub async fn idem_claim(&self, actor: &str, key: &str, hash: &str) -> Result<IdemClaim> {
+        let row = idempotency::ActiveModel {
+            actor: Set(actor.to_owned()),
+            key: Set(key.to_owned()),
+            request_hash: Set(hash.to_owned()),
+            status: Set(0),
+            content_type: Set(String::new()),
+            body: Set(Vec::new()),
+            created_at: Set(Utc::now()),
+        };
+        let inserted = idempotency::Entity::insert(row)
+            .on_conflict_do_nothing_on([idempotency::Column::Actor, idempotency::Column::Key])
+            .exec(&self.db)
+            .await?;
+        if matches!(inserted, sea_orm::TryInsertResult::Inserted(_)) {
+            return Ok(IdemClaim::New);
+        }
+        let prev = idempotency::Entity::find_by_id((actor.to_owned(), key.to_owned()))
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(if prev.request_hash != hash {
+            IdemClaim::Mismatch
+        } else if prev.status == 0 {
+            IdemClaim::InFlight
+        } else {
+            IdemClaim::Replay {
+                status: prev.status as u16,
+                content_type: prev.content_type,
+                body: prev.body,
+            }
+        })
+    }
+
+    pub async fn idem_finish(
+        &self,
+        actor: &str,
+        key: &str,
+        status: u16,
+        ct: &str,
+        body: &[u8],
+    ) -> Result<()> {
+        idempotency::Entity::update_many()
+            .col_expr(idempotency::Column::Status, Expr::value(status as i32))
+            .col_expr(idempotency::Column::ContentType, Expr::value(ct))
+            .col_expr(idempotency::Column::Body, Expr::value(body.to_vec()))
+            .filter(idempotency::Column::Actor.eq(actor))
+            .filter(idempotency::Column::Key.eq(key))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a claim whose request failed on the server's side, so a
+    /// retry runs again.
+    pub async fn idem_release(&self, actor: &str, key: &str) -> Result<()> {
+        idempotency::Entity::delete_by_id((actor.to_owned(), key.to_owned()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    // ---------- audit ----------
+
+    pub async fn audit_insert(&self, e: audit::Model) -> Result<()> {
+        e.into_active_model().insert(&self.db).await?;
+        Ok(())
+    }
+
+    /// Newest first; `before` is a cursor.
+    pub async fn audit_list(
+        &self,
+        project: Option<Uuid>,
+        before: Option<Uuid>,
+        limit: u64,
+    ) -> Result<Vec<audit::Model>> {
+        let mut q = audit::Entity::find()
+            .order_by_desc(audit::Column::Id)
+            .limit(limit);
+        if let Some(p) = project {
+            q = q.filter(audit::Column::ProjectId.eq(p));
+        }
+        if let Some(b) = before {
+            q = q.filter(audit::Column::Id.lt(b));
+        }
+        Ok(q.all(&self.db).await?)
+    }
+}
+
+/// Maps a unique-constraint violation (a race the pre-check lost) to a
+/// conflict naming the kind of resource.
+fn unique_conflict(kind: &'static str) -> impl Fn(DbErr) -> StoreError {
+    move |e| match e.sql_err() {
+        Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => {
+            StoreError::Conflict(format!("a {kind} with that name already exists"))
+        }
+        _ => StoreError::Db(e),
+    }
+}
+
+impl DataStore {
+    /// A node by the hash of its credential.
+    pub async fn node_by_credential(&self, credential_hash: &str) -> Result<Option<node::Model>> {
+        Ok(node::Entity::find()
+            .filter(node::Column::CredentialHash.eq(credential_hash))
+            .one(&self.db)
+            .await?)
+    }
+}
+
+impl DataStore {
+    /// How many VMs are in each state (deleted ones excluded).
+    pub async fn vm_count_by_state(&self) -> Result<Vec<(String, i64)>> {
+        Ok(vm::Entity::find()
+            .select_only()
+            .column(vm::Column::State)
+            .column_as(vm::Column::Id.count(), "n")
+            .filter(vm::Column::DeletedAt.is_null())
+            .group_by(vm::Column::State)
+            .into_tuple()
+            .all(&self.db)
+            .await?)
+    }
+}

@@ -1,0 +1,277 @@
+//! Schema migrations, run at every start. Each migration is frozen once
+//! released: a change to the schema is a new migration, never an edit.
+
+use crate::entities::*;
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::schema::*;
+
+pub struct Migrator;
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(M0001Initial)]
+    }
+}
+
+struct M0001Initial;
+
+impl MigrationName for M0001Initial {
+    fn name(&self) -> &str {
+        "m0001_initial"
+    }
+}
+
+fn ts<T: IntoIden>(c: T) -> ColumnDef {
+    timestamp_with_time_zone(c)
+}
+
+fn ts_null<T: IntoIden>(c: T) -> ColumnDef {
+    timestamp_with_time_zone_null(c)
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0001Initial {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        let create = |t: &mut TableCreateStatement| t.if_not_exists().to_owned();
+
+        m.create_table(create(
+            Table::create()
+                .table(setting::Entity.table_ref())
+                .col(string(setting::Column::Key).primary_key())
+                .col(text(setting::Column::Value)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(user::Entity.table_ref())
+                .col(uuid(user::Column::Id).primary_key())
+                .col(string_uniq(user::Column::Name))
+                .col(string(user::Column::PasswordHash))
+                .col(boolean(user::Column::Admin))
+                .col(ts(user::Column::CreatedAt)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(session::Entity.table_ref())
+                .col(uuid(session::Column::Id).primary_key())
+                .col(uuid(session::Column::UserId))
+                .col(string_uniq(session::Column::TokenHash))
+                .col(string(session::Column::Kind))
+                .col(ts(session::Column::ExpiresAt))
+                .col(boolean(session::Column::Revoked))
+                .col(ts(session::Column::CreatedAt)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(api_token::Entity.table_ref())
+                .col(uuid(api_token::Column::Id).primary_key())
+                .col(uuid(api_token::Column::UserId))
+                .col(string(api_token::Column::Name))
+                .col(string(api_token::Column::Prefix))
+                .col(string_uniq(api_token::Column::TokenHash))
+                .col(ts(api_token::Column::CreatedAt))
+                .col(ts_null(api_token::Column::ExpiresAt))
+                .col(ts_null(api_token::Column::LastUsedAt))
+                .col(boolean(api_token::Column::Revoked)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(project::Entity.table_ref())
+                .col(uuid(project::Column::Id).primary_key())
+                .col(string_uniq(project::Column::Name))
+                .col(text(project::Column::Description))
+                .col(big_integer(project::Column::MaxVms))
+                .col(big_integer(project::Column::MaxVcpus))
+                .col(big_integer(project::Column::MaxMemoryMib))
+                .col(big_integer(project::Column::MaxDiskGib))
+                .col(ts(project::Column::CreatedAt)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(member::Entity.table_ref())
+                .col(uuid(member::Column::ProjectId))
+                .col(uuid(member::Column::UserId))
+                .col(string(member::Column::Role))
+                .primary_key(
+                    Index::create()
+                        .col(member::Column::ProjectId)
+                        .col(member::Column::UserId),
+                ),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(flavor::Entity.table_ref())
+                .col(uuid(flavor::Column::Id).primary_key())
+                .col(string_uniq(flavor::Column::Name))
+                .col(big_integer(flavor::Column::Vcpus))
+                .col(big_integer(flavor::Column::MemoryMib))
+                .col(big_integer(flavor::Column::DiskGib))
+                .col(ts(flavor::Column::CreatedAt)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(image::Entity.table_ref())
+                .col(uuid(image::Column::Id).primary_key())
+                .col(string_uniq(image::Column::Name))
+                .col(string(image::Column::OsFamily))
+                .col(string(image::Column::OsVersion))
+                .col(string(image::Column::Arch))
+                .col(string(image::Column::Format))
+                .col(big_integer(image::Column::SizeBytes))
+                .col(string(image::Column::Sha256))
+                .col(string(image::Column::Boot))
+                .col(string_null(image::Column::KernelSha256))
+                .col(string_null(image::Column::InitrdSha256))
+                .col(text_null(image::Column::Cmdline))
+                .col(boolean(image::Column::HasAgent))
+                .col(string(image::Column::Status))
+                .col(ts(image::Column::CreatedAt)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(vm::Entity.table_ref())
+                .col(uuid(vm::Column::Id).primary_key())
+                .col(uuid(vm::Column::ProjectId))
+                .col(string(vm::Column::Name))
+                .col(uuid(vm::Column::ImageId))
+                .col(string(vm::Column::ImageName))
+                .col(string_null(vm::Column::FlavorName))
+                .col(big_integer(vm::Column::Vcpus))
+                .col(big_integer(vm::Column::MemoryMib))
+                .col(big_integer(vm::Column::DiskGib))
+                .col(string(vm::Column::Hostname))
+                .col(text(vm::Column::Labels))
+                .col(text(vm::Column::SshKeys))
+                .col(text_null(vm::Column::UserData))
+                .col(string(vm::Column::State))
+                .col(text_null(vm::Column::StateReason))
+                .col(string(vm::Column::DesiredState))
+                .col(big_integer(vm::Column::DesiredGeneration))
+                .col(string_null(vm::Column::ObservedState))
+                .col(big_integer(vm::Column::ObservedGeneration))
+                .col(uuid_null(vm::Column::NodeId))
+                .col(text(vm::Column::Ports))
+                .col(ts(vm::Column::CreatedAt))
+                .col(ts(vm::Column::UpdatedAt))
+                .col(ts_null(vm::Column::DeletedAt)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(vm_label::Entity.table_ref())
+                .col(uuid(vm_label::Column::VmId))
+                .col(string(vm_label::Column::Key))
+                .col(string(vm_label::Column::Value))
+                .primary_key(
+                    Index::create()
+                        .col(vm_label::Column::VmId)
+                        .col(vm_label::Column::Key),
+                ),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(node::Entity.table_ref())
+                .col(uuid(node::Column::Id).primary_key())
+                .col(string_uniq(node::Column::Name))
+                .col(string(node::Column::Region))
+                .col(string(node::Column::Arch))
+                .col(text(node::Column::Engines))
+                .col(boolean(node::Column::Kvm))
+                .col(string(node::Column::Status))
+                .col(string(node::Column::CredentialHash))
+                .col(big_integer(node::Column::CapVcpus))
+                .col(big_integer(node::Column::CapMemoryMib))
+                .col(big_integer(node::Column::CapDiskGib))
+                .col(big_integer(node::Column::UsedVcpus))
+                .col(big_integer(node::Column::UsedMemoryMib))
+                .col(big_integer(node::Column::UsedDiskGib))
+                .col(big_integer(node::Column::ReservedVcpus))
+                .col(big_integer(node::Column::ReservedMemoryMib))
+                .col(big_integer(node::Column::ReservedDiskGib))
+                .col(ts_null(node::Column::LastHeartbeatAt))
+                .col(ts(node::Column::CreatedAt)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(join_token::Entity.table_ref())
+                .col(string(join_token::Column::TokenHash).primary_key())
+                .col(ts(join_token::Column::ExpiresAt))
+                .col(boolean(join_token::Column::Used))
+                .col(ts(join_token::Column::CreatedAt)),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(idempotency::Entity.table_ref())
+                .col(string(idempotency::Column::Actor))
+                .col(string(idempotency::Column::Key))
+                .col(string(idempotency::Column::RequestHash))
+                .col(integer(idempotency::Column::Status))
+                .col(string(idempotency::Column::ContentType))
+                .col(blob(idempotency::Column::Body))
+                .col(ts(idempotency::Column::CreatedAt))
+                .primary_key(
+                    Index::create()
+                        .col(idempotency::Column::Actor)
+                        .col(idempotency::Column::Key),
+                ),
+        ))
+        .await?;
+
+        m.create_table(create(
+            Table::create()
+                .table(audit::Entity.table_ref())
+                .col(uuid(audit::Column::Id).primary_key())
+                .col(ts(audit::Column::At))
+                .col(string(audit::Column::Actor))
+                .col(uuid_null(audit::Column::ActorId))
+                .col(string(audit::Column::Action))
+                .col(string_null(audit::Column::TargetKind))
+                .col(string_null(audit::Column::TargetId))
+                .col(uuid_null(audit::Column::ProjectId))
+                .col(integer(audit::Column::Status))
+                .col(string(audit::Column::Result)),
+        ))
+        .await?;
+
+        // Plain SQL that both SQLite and PostgreSQL accept: a VM name is
+        // unique in its project among VMs that are not deleted.
+        let db = m.get_connection();
+        for sql in [
+            "CREATE UNIQUE INDEX IF NOT EXISTS vms_project_name ON vms (project_id, name) WHERE deleted_at IS NULL",
+            "CREATE INDEX IF NOT EXISTS vms_project_id ON vms (project_id, id)",
+            "CREATE INDEX IF NOT EXISTS vms_node ON vms (node_id)",
+            "CREATE INDEX IF NOT EXISTS vms_state ON vms (state)",
+            "CREATE INDEX IF NOT EXISTS vm_labels_kv ON vm_labels (key, value)",
+            "CREATE INDEX IF NOT EXISTS members_user ON project_members (user_id)",
+            "CREATE INDEX IF NOT EXISTS audit_project ON audit_events (project_id, id)",
+            "CREATE INDEX IF NOT EXISTS api_tokens_user ON api_tokens (user_id)",
+        ] {
+            db.execute_unprepared(sql).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,535 @@
+//! Request and response bodies of the public API (`/v1`) and of the node
+//! protocol. Inputs deny unknown fields so a typo is an error, not a no-op.
+
+use crate::ids::*;
+use crate::name::Name;
+use crate::vm_state::{DesiredState, ObservedState, VmState};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::{IntoParams, ToSchema};
+
+/// The error body every failing request returns.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code such as `not_found` or `quota_exceeded`.
+    pub code: String,
+    /// A sentence for humans.
+    pub message: String,
+}
+
+/// A page of results; pass `next_cursor` back as `cursor` for the next one.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+// ---------- auth ----------
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub name: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+/// Tokens issued at login or refresh. The same login also sets the
+/// HTTP-only session cookie that the web console uses.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LoginResponse {
+    /// A JWT for `Authorization: Bearer`.
+    pub access_token: String,
+    pub token_type: String,
+    /// Seconds until `access_token` expires.
+    pub expires_in: u64,
+    /// Exchange at `/v1/auth/refresh` for a new pair; single use.
+    pub refresh_token: String,
+    pub user: User,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapRequest {
+    /// The one-time token that `byteportd server` printed at first start.
+    pub token: String,
+    pub name: Name,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Whoami {
+    pub user: User,
+    pub memberships: Vec<Membership>,
+}
+
+// ---------- users and tokens ----------
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct User {
+    pub id: UserId,
+    pub name: Name,
+    pub admin: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserCreate {
+    pub name: Name,
+    /// At least 8 characters.
+    pub password: String,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    pub name: Name,
+    /// Lifetime in days (1-3650); no expiry when absent.
+    pub expires_in_days: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiToken {
+    pub id: TokenId,
+    pub name: Name,
+    /// The first characters of the secret, to recognise it.
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// A new token: `secret` is shown this once and stored only as a hash.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiTokenCreated {
+    pub token: ApiToken,
+    pub secret: String,
+}
+
+// ---------- projects ----------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Viewer,
+    Member,
+    Owner,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Viewer => "viewer",
+            Role::Member => "member",
+            Role::Owner => "owner",
+        })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "member" => Ok(Role::Member),
+            "owner" => Ok(Role::Owner),
+            _ => Err(format!("unknown role {s:?}; use viewer, member or owner")),
+        }
+    }
+}
+
+/// Limits of a project. Creating or resizing beyond one is a 403.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub max_vms: u32,
+    pub max_vcpus: u32,
+    pub max_memory_mib: u64,
+    pub max_disk_gib: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota {
+            max_vms: 20,
+            max_vcpus: 40,
+            max_memory_mib: 64 * 1024,
+            max_disk_gib: 1024,
+        }
+    }
+}
+
+/// What a project's VMs (all but deleted ones) hold against its quota.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub vms: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Project {
+    pub id: ProjectId,
+    pub name: Name,
+    pub description: String,
+    pub quota: Quota,
+    pub usage: Usage,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectCreate {
+    pub name: Name,
+    #[serde(default)]
+    pub description: String,
+    pub quota: Option<Quota>,
+    /// The first owner; the caller when absent.
+    pub owner: Option<Name>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Membership {
+    pub project: Name,
+    pub project_id: ProjectId,
+    pub role: Role,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    pub user: Name,
+    pub user_id: UserId,
+    pub role: Role,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSet {
+    pub role: Role,
+}
+
+// ---------- flavors and images ----------
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Flavor {
+    pub id: FlavorId,
+    pub name: Name,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlavorCreate {
+    pub name: Name,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+/// How an image boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BootMode {
+    /// The disk carries its own bootloader.
+    Disk,
+    /// The node passes `kernel` and `initrd` to the hypervisor directly.
+    Kernel,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    pub id: ImageId,
+    pub name: Name,
+    pub os_family: String,
+    pub os_version: String,
+    pub arch: String,
+    /// `qcow2` or `raw` (the disk) or `initramfs` (kernel-booted, no disk).
+    pub format: String,
+    pub size_bytes: u64,
+    /// Of the disk (or initramfs) file; nodes verify it after download.
+    pub sha256: String,
+    pub boot: BootMode,
+    pub kernel_sha256: Option<String>,
+    pub initrd_sha256: Option<String>,
+    pub cmdline: Option<String>,
+    /// Whether the guest agent is installed in the image.
+    pub has_agent: bool,
+    /// `registered` until its files are uploaded, then `available`.
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageCreate {
+    pub name: Name,
+    pub os_family: String,
+    pub os_version: String,
+    #[serde(default = "default_arch")]
+    pub arch: String,
+    pub format: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    #[serde(default = "default_boot")]
+    pub boot: BootMode,
+    pub kernel_sha256: Option<String>,
+    pub initrd_sha256: Option<String>,
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub has_agent: bool,
+}
+
+fn default_arch() -> String {
+    "x86_64".into()
+}
+
+fn default_boot() -> BootMode {
+    BootMode::Disk
+}
+
+// ---------- VMs ----------
+
+/// Where a guest port is reachable on the node's host.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct PortForward {
+    pub guest_port: u16,
+    pub host_port: u16,
+    pub host: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub id: VmId,
+    pub name: Name,
+    pub project: Name,
+    pub project_id: ProjectId,
+    pub image: Name,
+    pub flavor: Option<Name>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub hostname: String,
+    pub labels: BTreeMap<String, String>,
+    pub ssh_keys: Vec<String>,
+    pub has_user_data: bool,
+    /// The public state, derived from `desired_state` and the node's reports.
+    pub state: VmState,
+    /// Why the VM is in `error` or still `pending`.
+    pub state_reason: Option<String>,
+    pub desired_state: DesiredState,
+    pub desired_generation: u64,
+    pub observed_state: Option<ObservedState>,
+    pub observed_generation: u64,
+    pub node_id: Option<NodeId>,
+    pub ports: Vec<PortForward>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    pub name: Name,
+    /// The project's name or id; `default` when absent.
+    pub project: Option<String>,
+    /// The image's name.
+    pub image: Name,
+    /// A flavor name; or give `vcpus`, `memory_mib` and `disk_gib`. Given
+    /// sizes override the flavor's.
+    pub flavor: Option<Name>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_gib: Option<u64>,
+    /// cloud-init user-data, at most 64 KiB of text.
+    pub user_data: Option<String>,
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The guest's hostname; the VM's name when absent.
+    pub hostname: Option<Name>,
+}
+
+#[derive(Debug, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VmListQuery {
+    /// Only this project (name or id); all the caller's projects when absent.
+    pub project: Option<String>,
+    /// Only VMs in this state. Deleted VMs are listed only when asked for.
+    pub state: Option<VmState>,
+    /// `key=value`: only VMs with this label.
+    pub label: Option<String>,
+    /// Only the VM with this exact name.
+    pub name: Option<String>,
+    /// 1-500; 100 when absent.
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VmWaitQuery {
+    /// The state to wait for.
+    pub state: VmState,
+    /// At most 600; 60 when absent.
+    pub timeout_secs: Option<u64>,
+}
+
+// ---------- nodes ----------
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    pub id: NodeId,
+    pub name: Name,
+    pub region: String,
+    pub arch: String,
+    pub engines: Vec<String>,
+    pub kvm: bool,
+    /// `online`, `offline` or `cordoned`.
+    pub status: String,
+    pub capacity: Capacity,
+    /// What the node reported in use.
+    pub usage: Capacity,
+    /// What placements hold on it.
+    pub reserved: Capacity,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenCreate {
+    /// Lifetime in minutes (1-10080); 60 when absent.
+    pub expires_in_minutes: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JoinToken {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRegister {
+    pub join_token: String,
+    pub name: Name,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default = "default_arch")]
+    pub arch: String,
+    #[serde(default)]
+    pub engines: Vec<String>,
+    #[serde(default)]
+    pub kvm: bool,
+    pub capacity: Capacity,
+}
+
+fn default_region() -> String {
+    "default".into()
+}
+
+/// The node's own credential, shown once; it authenticates heartbeats.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeRegistered {
+    pub node: Node,
+    pub credential: String,
+}
+
+/// What a node saw of one VM.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmReport {
+    pub id: VmId,
+    pub state: ObservedState,
+    /// The node's own counter for this VM; older reports are ignored.
+    pub generation: u64,
+    /// The desired generation the node had applied when it observed.
+    pub desired_generation: u64,
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub usage: Capacity,
+    #[serde(default)]
+    pub vms: Vec<VmReport>,
+}
+
+/// What the control plane wants a node to run.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DesiredVm {
+    pub id: VmId,
+    pub name: Name,
+    pub desired_state: DesiredState,
+    pub desired_generation: u64,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub image: Name,
+    pub image_sha256: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatResponse {
+    pub vms: Vec<DesiredVm>,
+}
+
+// ---------- audit ----------
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditEvent {
+    pub id: EventId,
+    pub at: DateTime<Utc>,
+    /// The user's name, `node:NAME`, or `anonymous`.
+    pub actor: String,
+    /// The operation, such as `vm_create` or `vm_stop`.
+    pub action: String,
+    pub target_kind: Option<String>,
+    pub target_id: Option<String>,
+    pub project_id: Option<ProjectId>,
+    /// The HTTP status of the request.
+    pub status: u16,
+    /// `ok`, or the error code.
+    pub result: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Only events of this project (name or id). Required unless admin.
+    pub project: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
