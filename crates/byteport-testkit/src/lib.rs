@@ -1,1 +1,261 @@
+//! Test harness: a real control plane on a temporary SQLite file or on a
+//! fresh database in a real PostgreSQL, reachable in-process (tower
+//! `oneshot`) and over TCP.
+//!
+//! PostgreSQL runs when `BYTEPORT_TEST_PG_URL` names a server
+//! (`cargo xtask test` starts one); without it the PostgreSQL half says it
+//! skips and why, unless `BYTEPORT_REQUIRE_PG=1`, which makes that a failure.
 
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use byteport_server::{App, Settings};
+use byteport_store::{Backend, DataStore};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// The databases this run tests on: SQLite always, PostgreSQL when
+/// configured. Prints which, so the output says what ran.
+pub fn backends() -> Vec<Backend> {
+    let mut v = vec![Backend::Sqlite];
+    if std::env::var("BYTEPORT_TEST_PG_URL").is_ok() {
+        v.push(Backend::Postgres);
+    } else if std::env::var("BYTEPORT_REQUIRE_PG").as_deref() == Ok("1") {
+        panic!("BYTEPORT_REQUIRE_PG=1 but BYTEPORT_TEST_PG_URL is not set");
+    } else {
+        eprintln!(
+            "SKIP postgresql: BYTEPORT_TEST_PG_URL is not set (`cargo xtask test` starts a PostgreSQL and sets it)"
+        );
+    }
+    v
+}
+
+/// A running control plane for one test.
+pub struct TestServer {
+    pub app: App,
+    pub router: axum::Router,
+    /// `http://127.0.0.1:PORT`, served by the same router.
+    pub url: String,
+    pub backend: Backend,
+    /// The bootstrapped admin's access token.
+    pub admin: String,
+    _dir: tempdir::TempDir,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct TempDir(pub std::path::PathBuf);
+    impl TempDir {
+        pub fn new() -> Self {
+            let p = std::env::temp_dir().join(format!("byteport-test-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&p).expect("creating a temp dir");
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A fresh database URL on `backend`.
+pub async fn fresh_database(backend: Backend, dir: &std::path::Path) -> String {
+    match backend {
+        Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.join("byteport.db").display()),
+        Backend::Postgres => {
+            let base = std::env::var("BYTEPORT_TEST_PG_URL").expect("BYTEPORT_TEST_PG_URL");
+            let name = format!("bp_{}", uuid::Uuid::new_v4().simple());
+            let admin = Database::connect(&base)
+                .await
+                .expect("connecting to PostgreSQL");
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("creating a test database");
+            let (root, _) = base.rsplit_once('/').expect("a URL with a database name");
+            format!("{root}/{name}")
+        }
+    }
+}
+
+impl TestServer {
+    /// Starts a server with an admin named `admin` (password `admin-password`).
+    pub async fn start(backend: Backend) -> TestServer {
+        eprintln!("database: {backend}");
+        let dir = tempdir::TempDir::new();
+        let url = fresh_database(backend, &dir.0).await;
+        let store = DataStore::connect(&url)
+            .await
+            .expect("connecting the store");
+        let app = App::new(store, Settings::default())
+            .await
+            .expect("starting the app");
+        let router = byteport_server::router(app.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding");
+        let addr = listener.local_addr().expect("local addr");
+        let r = router.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, r).await;
+        });
+        let token = app
+            .bootstrap_token()
+            .await
+            .expect("bootstrap")
+            .expect("no users yet");
+        let mut s = TestServer {
+            app,
+            router,
+            url: format!("http://{addr}"),
+            backend,
+            admin: String::new(),
+            _dir: dir,
+        };
+        let (st, _) = s
+            .call(
+                Method::POST,
+                "/v1/bootstrap",
+                None,
+                Some(serde_json::json!({"token": token, "name": "admin", "password": "admin-password"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "bootstrap");
+        s.admin = s.login("admin", "admin-password").await;
+        s
+    }
+
+    /// Sends one request through the router; returns status and JSON body
+    /// (`Value::Null` when the body is empty or not JSON).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let (st, _, v) = self.call_with(method, path, token, body, &[]).await;
+        (st, v)
+    }
+
+    /// Like [`TestServer::call`], with extra headers; also returns headers.
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = match body {
+            Some(v) => b
+                .header("content-type", "application/json")
+                .body(Body::from(v.to_string()))
+                .expect("request"),
+            None => b.body(Body::empty()).expect("request"),
+        };
+        self.raw(req).await
+    }
+
+    /// Sends a prepared request.
+    pub async fn raw(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, v)
+    }
+
+    /// Logs in; returns the access token.
+    pub async fn login(&self, name: &str, password: &str) -> String {
+        let (st, v) = self
+            .call(
+                Method::POST,
+                "/v1/auth/login",
+                None,
+                Some(serde_json::json!({"name": name, "password": password})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "login {name}: {v}");
+        v["access_token"].as_str().expect("access_token").to_owned()
+    }
+
+    /// Creates a user and logs them in; returns their access token.
+    pub async fn user(&self, name: &str) -> String {
+        let (st, v) = self
+            .call(
+                Method::POST,
+                "/v1/users",
+                Some(&self.admin),
+                Some(serde_json::json!({"name": name, "password": "user-password"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "create user {name}: {v}");
+        self.login(name, "user-password").await
+    }
+
+    /// Registers an image named `name` (catalog record only).
+    pub async fn image(&self, name: &str) {
+        let (st, v) = self
+            .call(
+                Method::POST,
+                "/v1/images",
+                Some(&self.admin),
+                Some(serde_json::json!({
+                    "name": name, "os_family": "linux", "os_version": "1", "format": "qcow2",
+                    "size_bytes": 1048576, "sha256": "ab".repeat(32)
+                })),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "create image {name}: {v}");
+    }
+
+    /// Creates a project owned by the admin and gives `members` their roles.
+    pub async fn project(&self, name: &str, members: &[(&str, &str)]) {
+        let (st, v) = self
+            .call(
+                Method::POST,
+                "/v1/projects",
+                Some(&self.admin),
+                Some(serde_json::json!({"name": name})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "create project {name}: {v}");
+        for (user, role) in members {
+            let (st, v) = self
+                .call(
+                    Method::PUT,
+                    &format!("/v1/projects/{name}/members/{user}"),
+                    Some(&self.admin),
+                    Some(serde_json::json!({"role": role})),
+                )
+                .await;
+            assert_eq!(st, StatusCode::OK, "add {user} to {name}: {v}");
+        }
+    }
+
+    /// Counts rows of a table, to prove a rejected request changed nothing.
+    pub async fn count(&self, table: &str) -> i64 {
+        let db = self.app.store.connection();
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                format!("SELECT COUNT(*) AS n FROM {table}"),
+            ))
+            .await
+            .expect("count")
+            .expect("a row");
+        row.try_get::<i64>("", "n").expect("n")
+    }
+}
