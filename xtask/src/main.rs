@@ -1,1 +1,90 @@
-fn main() {}
+//! Repository tasks: `cargo xtask test` (the whole suite on SQLite and on a
+//! real PostgreSQL that it starts), `cargo xtask openapi` (rewrite the
+//! committed API document), `cargo xtask bench NAME`.
+
+mod bench_api;
+mod pg;
+
+use anyhow::{Context, bail};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn usage() -> anyhow::Result<()> {
+    eprintln!("usage: cargo xtask test | openapi | bench api");
+    bail!("unknown task")
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["test", rest @ ..] => test(rest),
+        ["openapi"] => run(Command::new("cargo").current_dir(root()).args([
+            "run",
+            "--quiet",
+            "-p",
+            "byteportd",
+            "--",
+            "openapi",
+            "--write",
+            "openapi/byteport.json",
+        ])),
+        ["bench", "api", rest @ ..] => bench_api::run(&root(), rest),
+        _ => usage(),
+    }
+}
+
+/// The README's test command: formatting, lints, then every test on SQLite
+/// and on a PostgreSQL started here for the run.
+fn test(extra: &[&str]) -> anyhow::Result<()> {
+    let root = root();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let pg = pg::Postgres::start().context("starting PostgreSQL for the tests")?;
+    eprintln!("PostgreSQL for the tests: {}", pg.url);
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root)
+        .args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--no-fail-fast",
+            "--success-output",
+            "never",
+        ])
+        .args(extra)
+        .env("BYTEPORT_TEST_PG_URL", &pg.url)
+        .env("BYTEPORT_REQUIRE_PG", "1");
+    let res = run(&mut cmd);
+    drop(pg);
+    res
+}

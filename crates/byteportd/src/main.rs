@@ -26,6 +26,12 @@ struct Cli {
 enum Command {
     /// Run the control plane (API on /v1).
     Server(ServerArgs),
+    /// Print the OpenAPI document (or write it to a file).
+    Openapi {
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Local administration, straight on the database.
     Admin {
         #[command(subcommand)]
@@ -213,6 +219,18 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Server(args) => serve(args).await,
+        Command::Openapi { write } => {
+            let doc = byteport_server::openapi_json();
+            match write {
+                Some(p) => {
+                    std::fs::write(&p, doc).with_context(|| format!("writing {}", p.display()))
+                }
+                None => {
+                    println!("{doc}");
+                    Ok(())
+                }
+            }
+        }
         Command::Admin {
             command:
                 AdminCommand::CreateUser {

@@ -1,0 +1,906 @@
+//! API tests against the real server on SQLite and on a real PostgreSQL:
+//! each test runs once per database that `byteport_testkit::backends()`
+//! reports.
+
+use axum::http::{Method, StatusCode};
+use byteport_testkit::{TestServer, backends};
+use serde_json::{Value, json};
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+const PUT: Method = Method::PUT;
+const DELETE: Method = Method::DELETE;
+
+async fn create_vm(s: &TestServer, token: &str, project: &str, name: &str) -> (StatusCode, Value) {
+    s.call(
+        POST,
+        "/v1/vms",
+        Some(token),
+        Some(json!({"name": name, "project": project, "image": "tiny", "flavor": "m1.tiny"})),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_refresh_cookie_and_api_tokens() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/auth/login",
+                None,
+                Some(json!({"name": "admin", "password": "wrong-password"})),
+            )
+            .await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+        );
+
+        let (st, headers, v) = s
+            .call_with(
+                POST,
+                "/v1/auth/login",
+                None,
+                Some(json!({"name": "admin", "password": "admin-password"})),
+                &[],
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let cookie = headers["set-cookie"].to_str().unwrap().to_owned();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        let session = cookie.split(';').next().unwrap().to_owned();
+
+        // The cookie alone authenticates the browser.
+        let (st, _, who) = s
+            .call_with(GET, "/v1/auth/whoami", None, None, &[("cookie", &session)])
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(who["user"]["name"], "admin");
+        // A cross-site mutation with the cookie is refused.
+        let (st, _, _) = s
+            .call_with(
+                POST,
+                "/v1/tokens",
+                None,
+                Some(json!({"name": "x"})),
+                &[
+                    ("cookie", &session),
+                    ("origin", "https://evil.example"),
+                    ("host", "cloud.example"),
+                ],
+            )
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+
+        // A refresh token works once.
+        let refresh = v["refresh_token"].as_str().unwrap();
+        let (st, _) = s
+            .call(
+                POST,
+                "/v1/auth/refresh",
+                None,
+                Some(json!({"refresh_token": refresh})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, _) = s
+            .call(
+                POST,
+                "/v1/auth/refresh",
+                None,
+                Some(json!({"refresh_token": refresh})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+
+        // Logout ends the cookie session.
+        let (st, _, _) = s
+            .call_with(POST, "/v1/auth/logout", None, None, &[("cookie", &session)])
+            .await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        let (st, _, _) = s
+            .call_with(GET, "/v1/auth/whoami", None, None, &[("cookie", &session)])
+            .await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+
+        // API tokens: shown once, stored hashed, listed without the secret, revocable.
+        let (st, t) = s
+            .call(
+                POST,
+                "/v1/tokens",
+                Some(&s.admin),
+                Some(json!({"name": "ci"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED);
+        let secret = t["secret"].as_str().unwrap().to_owned();
+        assert!(secret.starts_with("bpt_"));
+        let (st, _) = s.call(GET, "/v1/auth/whoami", Some(&secret), None).await;
+        assert_eq!(st, StatusCode::OK);
+        let (_, list) = s.call(GET, "/v1/tokens", Some(&s.admin), None).await;
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        assert!(
+            !list.to_string().contains(&secret),
+            "the secret is never listed"
+        );
+        let id = t["token"]["id"].as_str().unwrap();
+        let (st, _) = s
+            .call(DELETE, &format!("/v1/tokens/{id}"), Some(&s.admin), None)
+            .await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        let (st, _) = s.call(GET, "/v1/auth/whoami", Some(&secret), None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        // Another user cannot revoke (or learn of) someone's token.
+        let (_, t2) = s
+            .call(
+                POST,
+                "/v1/tokens",
+                Some(&s.admin),
+                Some(json!({"name": "ci2"})),
+            )
+            .await;
+        let bob = s.user("bob").await;
+        let id2 = t2["token"]["id"].as_str().unwrap();
+        let (st, _) = s
+            .call(DELETE, &format!("/v1/tokens/{id2}"), Some(&bob), None)
+            .await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        // The bootstrap token is spent.
+        let (st, _) = s
+            .call(
+                POST,
+                "/v1/bootstrap",
+                None,
+                Some(json!({"token": "bpb_x", "name": "eve", "password": "12345678"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+    }
+}
+
+/// Every actor against every route family; each cell is the exact status.
+#[tokio::test(flavor = "multi_thread")]
+async fn authorization_matrix() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let viewer = s.user("viewer").await;
+        let member = s.user("member").await;
+        let owner = s.user("owner").await;
+        let stranger = s.user("stranger").await;
+        s.project(
+            "alpha",
+            &[
+                ("viewer", "viewer"),
+                ("member", "member"),
+                ("owner", "owner"),
+            ],
+        )
+        .await;
+        s.project("beta", &[("stranger", "owner")]).await;
+        let (st, vm) = create_vm(&s, &s.admin, "alpha", "target").await;
+        assert_eq!(st, StatusCode::ACCEPTED);
+        let vm_id = vm["id"].as_str().unwrap().to_owned();
+
+        let actors: [(&str, Option<&str>); 6] = [
+            ("anonymous", None),
+            ("viewer", Some(&viewer)),
+            ("member", Some(&member)),
+            ("owner", Some(&owner)),
+            ("other-owner", Some(&stranger)),
+            ("admin", Some(&s.admin)),
+        ];
+        type Body = fn(&str) -> Option<Value>;
+        let none: Body = |_| None;
+        #[rustfmt::skip]
+        let cells: Vec<(&str, Method, String, Body, [u16; 6])> = vec![
+            //                                                                                       anon viewer member owner other admin
+            ("vm list",       GET,    "/v1/vms?project=alpha".into(),             none,                [401, 200, 200, 200, 404, 200]),
+            ("vm show",       GET,    format!("/v1/vms/{vm_id}"),                 none,                [401, 200, 200, 200, 404, 200]),
+            ("vm create",     POST,   "/v1/vms".into(), |a| Some(json!({"name": format!("by-{a}"), "project": "alpha", "image": "tiny", "flavor": "m1.tiny"})),
+                                                                                                       [401, 403, 202, 202, 404, 202]),
+            ("vm pause",      POST,   format!("/v1/vms/{vm_id}/pause"),           none,                [401, 403, 409, 409, 404, 409]),
+            ("project show",  GET,    "/v1/projects/alpha".into(),                none,                [401, 200, 200, 200, 404, 200]),
+            ("members",       GET,    "/v1/projects/alpha/members".into(),        none,                [401, 200, 200, 200, 404, 200]),
+            ("member set",    PUT,    "/v1/projects/alpha/members/viewer".into(), |_| Some(json!({"role": "viewer"})),
+                                                                                                       [401, 403, 403, 200, 404, 200]),
+            ("quota set",     PUT,    "/v1/projects/alpha/quota".into(), |_| Some(json!({"max_vms": 50, "max_vcpus": 50, "max_memory_mib": 65536, "max_disk_gib": 500})),
+                                                                                                       [401, 403, 403, 200, 404, 200]),
+            ("audit",         GET,    "/v1/audit?project=alpha".into(),           none,                [401, 403, 403, 200, 404, 200]),
+            ("project create", POST,  "/v1/projects".into(), |a| Some(json!({"name": format!("p-{a}")})),
+                                                                                                       [401, 403, 403, 403, 403, 201]),
+            ("user list",     GET,    "/v1/users".into(),                         none,                [401, 403, 403, 403, 403, 200]),
+            ("flavor list",   GET,    "/v1/flavors".into(),                       none,                [401, 200, 200, 200, 200, 200]),
+            ("flavor create", POST,   "/v1/flavors".into(), |a| Some(json!({"name": format!("f-{a}"), "vcpus": 1, "memory_mib": 256, "disk_gib": 1})),
+                                                                                                       [401, 403, 403, 403, 403, 201]),
+            ("image list",    GET,    "/v1/images".into(),                        none,                [401, 200, 200, 200, 200, 200]),
+            ("image create",  POST,   "/v1/images".into(), |a| Some(json!({"name": format!("i-{a}"), "os_family": "linux", "os_version": "1", "format": "qcow2", "size_bytes": 1, "sha256": "ab".repeat(32)})),
+                                                                                                       [401, 403, 403, 403, 403, 201]),
+            ("node list",     GET,    "/v1/nodes".into(),                         none,                [401, 403, 403, 403, 403, 200]),
+            ("join token",    POST,   "/v1/node-join-tokens".into(), |_| Some(json!({})),              [401, 403, 403, 403, 403, 201]),
+        ];
+        // Delete changes what later actors see, so it runs separately below.
+        let mut failures = Vec::new();
+        for (family, method, path, body, expect) in &cells {
+            for ((actor, token), want) in actors.iter().zip(expect) {
+                let (st, v) = s.call(method.clone(), path, *token, body(actor)).await;
+                if st.as_u16() != *want {
+                    failures.push(format!("{family} as {actor}: want {want}, got {st} {v}"));
+                }
+            }
+        }
+        // Delete: viewer 403, stranger 404, then the member deletes it.
+        let del = format!("/v1/vms/{vm_id}");
+        for (token, want) in [
+            (None, 401),
+            (Some(&viewer), 403),
+            (Some(&stranger), 404),
+            (Some(&member), 202),
+        ] {
+            let (st, v) = s.call(DELETE, &del, token.map(String::as_str), None).await;
+            if st.as_u16() != want {
+                failures.push(format!("vm delete: want {want}, got {st} {v}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+        // A hidden VM looks exactly like one that never existed.
+        let (_, hidden) = s
+            .call(GET, &format!("/v1/vms/{vm_id}"), Some(&stranger), None)
+            .await;
+        let ghost = "01a20000-0000-7000-8000-000000000000";
+        let (_, missing) = s
+            .call(GET, &format!("/v1/vms/{ghost}"), Some(&stranger), None)
+            .await;
+        assert_eq!(
+            hidden["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace(&vm_id, "ID"),
+            missing["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace(ghost, "ID")
+        );
+        // Listing without a project shows only the caller's projects.
+        let (_, mine) = s.call(GET, "/v1/vms", Some(&stranger), None).await;
+        assert_eq!(mine["items"].as_array().unwrap().len(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lifecycle_through_the_api_follows_the_state_machine() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let t = s.admin.clone();
+        let (st, vm) = create_vm(&s, &t, "default", "web-1").await;
+        assert_eq!(st, StatusCode::ACCEPTED);
+        assert_eq!(vm["state"], "pending");
+        assert_eq!(vm["desired_state"], "running");
+        let id = vm["id"].as_str().unwrap().to_owned();
+        let act = |a: &'static str| format!("/v1/vms/{id}/{a}");
+
+        for (action, want, state_after) in [
+            ("start", 409, "pending"),
+            ("pause", 409, "pending"),
+            ("resume", 409, "pending"),
+            ("restart", 409, "pending"),
+            ("stop", 202, "stopped"),
+            ("stop", 409, "stopped"),
+            ("pause", 409, "stopped"),
+            ("start", 202, "pending"),
+        ] {
+            let before = s.app.store.vm_fetch(id.parse().unwrap()).await.unwrap();
+            let (st, v) = s.call(POST, &act(action), Some(&t), None).await;
+            assert_eq!(st.as_u16(), want, "{action}: {v}");
+            if want == 409 {
+                assert_eq!(v["error"]["code"], "invalid_transition");
+                let msg = v["error"]["message"].as_str().unwrap();
+                assert!(msg.contains(action) && msg.contains(&before.state), "{msg}");
+                let after = s.app.store.vm_fetch(id.parse().unwrap()).await.unwrap();
+                assert_eq!(before, after, "a refused {action} changed nothing");
+            }
+            let (_, shown) = s.call(GET, &format!("/v1/vms/{id}"), Some(&t), None).await;
+            assert_eq!(shown["state"], state_after, "after {action}");
+        }
+
+        // wait: reached at once, or a timeout that names the state.
+        let (st, v) = s
+            .call(
+                GET,
+                &format!("/v1/vms/{id}/wait?state=running&timeout_secs=1"),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::REQUEST_TIMEOUT, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("still pending")
+        );
+        let (st, _) = s
+            .call(
+                GET,
+                &format!("/v1/vms/{id}/wait?state=pending&timeout_secs=1"),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+
+        let (st, v) = s
+            .call(DELETE, &format!("/v1/vms/{id}"), Some(&t), None)
+            .await;
+        assert_eq!(
+            (st, v["state"].as_str()),
+            (StatusCode::ACCEPTED, Some("deleted"))
+        );
+        for action in ["start", "stop", "restart", "pause", "resume"] {
+            let (st, v) = s.call(POST, &act(action), Some(&t), None).await;
+            assert_eq!(st, StatusCode::CONFLICT, "{action} on a deleted VM");
+            assert!(v["error"]["message"].as_str().unwrap().contains("deleted"));
+        }
+        let (st, _) = s
+            .call(DELETE, &format!("/v1/vms/{id}"), Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::CONFLICT);
+        // Its name is free again; deleted VMs are listed only when asked for.
+        let (st, _) = create_vm(&s, &t, "default", "web-1").await;
+        assert_eq!(st, StatusCode::ACCEPTED);
+        let (_, live) = s.call(GET, "/v1/vms?name=web-1", Some(&t), None).await;
+        assert_eq!(live["items"].as_array().unwrap().len(), 1);
+        let (_, gone) = s.call(GET, "/v1/vms?state=deleted", Some(&t), None).await;
+        assert_eq!(gone["items"].as_array().unwrap().len(), 1);
+        // The same name twice in one project is a conflict.
+        let (st, v) = create_vm(&s, &t, "default", "web-1").await;
+        assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_a_clear_4xx_and_changes_nothing() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let t = s.admin.clone();
+        let vms_before = s.count("vms").await;
+        let ok = json!({"name": "ok", "image": "tiny", "flavor": "m1.tiny"});
+        let with = |k: &str, v: Value| {
+            let mut o = ok.clone();
+            o[k] = v;
+            o
+        };
+        let cases: Vec<(&str, Value, u16, &str, &str)> = vec![
+            (
+                "unknown field",
+                with("colour", json!("red")),
+                422,
+                "invalid_body",
+                "unknown field `colour`",
+            ),
+            (
+                "shell name",
+                with("name", json!("a;rm -rf /")),
+                422,
+                "invalid_body",
+                "only a-z, 0-9",
+            ),
+            (
+                "path name",
+                with("name", json!("../etc")),
+                422,
+                "invalid_body",
+                "name",
+            ),
+            (
+                "upper-case name",
+                with("name", json!("Web")),
+                422,
+                "invalid_body",
+                "'W'",
+            ),
+            (
+                "long name",
+                with("name", json!("x".repeat(64))),
+                422,
+                "invalid_body",
+                "at most 63",
+            ),
+            (
+                "negative size",
+                with("vcpus", json!(-1)),
+                422,
+                "invalid_body",
+                "vcpus",
+            ),
+            (
+                "absurd vcpus",
+                with("vcpus", json!(100000)),
+                400,
+                "invalid_size",
+                "vcpus is 100000",
+            ),
+            (
+                "absurd memory",
+                with("memory_mib", json!(1u64 << 40)),
+                400,
+                "invalid_size",
+                "memory_mib",
+            ),
+            (
+                "zero disk",
+                with("disk_gib", json!(0)),
+                400,
+                "invalid_size",
+                "disk_gib is 0",
+            ),
+            (
+                "no size",
+                json!({"name": "ok", "image": "tiny"}),
+                400,
+                "missing_size",
+                "give a flavor",
+            ),
+            (
+                "unknown image",
+                with("image", json!("nope")),
+                400,
+                "unknown_image",
+                "no image named nope",
+            ),
+            (
+                "unknown flavor",
+                with("flavor", json!("m9.huge")),
+                400,
+                "unknown_flavor",
+                "m9.huge",
+            ),
+            (
+                "binary user-data",
+                with("user_data", json!("#cloud-config\u{0}\u{1}")),
+                400,
+                "invalid_user_data",
+                "control character",
+            ),
+            (
+                "huge user-data",
+                with("user_data", json!("a".repeat(70_000))),
+                400,
+                "invalid_user_data",
+                "at most 65536",
+            ),
+            (
+                "bad ssh key",
+                with("ssh_keys", json!(["not a key"])),
+                400,
+                "invalid_ssh_key",
+                "ssh_keys[0]",
+            ),
+            (
+                "bad label",
+                with("labels", json!({"a b": "c"})),
+                400,
+                "invalid_label",
+                "label key",
+            ),
+        ];
+        for (what, body, status, code, needle) in cases {
+            let (st, v) = s.call(POST, "/v1/vms", Some(&t), Some(body)).await;
+            assert_eq!(st.as_u16(), status, "{what}: {v}");
+            assert_eq!(v["error"]["code"], code, "{what}: {v}");
+            let msg = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(msg.contains(needle), "{what}: {msg:?} lacks {needle:?}");
+        }
+        // Malformed JSON, the wrong content type, a body over the limit.
+        let raw = |body: String, ct: &'static str| {
+            axum::http::Request::builder()
+                .method(POST)
+                .uri("/v1/vms")
+                .header("authorization", format!("Bearer {t}"))
+                .header("content-type", ct)
+                .body(axum::body::Body::from(body))
+                .unwrap()
+        };
+        let (st, _, v) = s.raw(raw("{\"name\": ".into(), "application/json")).await;
+        assert_eq!(
+            (st.as_u16(), v["error"]["code"].as_str()),
+            (400, Some("invalid_json"))
+        );
+        let (st, _, v) = s.raw(raw(ok.to_string(), "text/plain")).await;
+        assert_eq!(
+            (st.as_u16(), v["error"]["code"].as_str()),
+            (415, Some("unsupported_media_type"))
+        );
+        let big = format!(
+            "{{\"name\":\"ok\",\"image\":\"tiny\",\"flavor\":\"m1.tiny\",\"user_data\":\"{}\"}}",
+            "a".repeat(2 << 20)
+        );
+        let (st, _, v) = s.raw(raw(big, "application/json")).await;
+        assert_eq!(
+            (st.as_u16(), v["error"]["code"].as_str()),
+            (413, Some("body_too_large"))
+        );
+        // Bad query strings.
+        for q in [
+            "limit=0",
+            "limit=501",
+            "cursor=zzz",
+            "state=sleeping",
+            "label=novalue",
+        ] {
+            let (st, v) = s.call(GET, &format!("/v1/vms?{q}"), Some(&t), None).await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {v}");
+        }
+        assert_eq!(
+            s.count("vms").await,
+            vms_before,
+            "no rejected request created a VM"
+        );
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/users",
+                Some(&t),
+                Some(json!({"name": "short", "password": "123"})),
+            )
+            .await;
+        assert_eq!(
+            (st.as_u16(), v["error"]["code"].as_str()),
+            (400, Some("invalid_password"))
+        );
+        assert_eq!(s.count("users").await, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_key_replays_and_rejects_a_different_body() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let t = s.admin.clone();
+        let body = json!({"name": "once", "image": "tiny", "flavor": "m1.tiny"});
+        let key = [("idempotency-key", "key-1")];
+        let (st1, _, v1) = s
+            .call_with(POST, "/v1/vms", Some(&t), Some(body.clone()), &key)
+            .await;
+        let (st2, h2, v2) = s
+            .call_with(POST, "/v1/vms", Some(&t), Some(body.clone()), &key)
+            .await;
+        assert_eq!((st1, st2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+        assert_eq!(v1, v2, "the retry returns the first response");
+        assert_eq!(h2["idempotent-replayed"], "true");
+        assert_eq!(s.count("vms").await, 1, "created once");
+        let other = json!({"name": "twice", "image": "tiny", "flavor": "m1.tiny"});
+        let (st, _, v) = s
+            .call_with(POST, "/v1/vms", Some(&t), Some(other), &key)
+            .await;
+        assert_eq!(
+            (st.as_u16(), v["error"]["code"].as_str()),
+            (422, Some("idempotency_mismatch"))
+        );
+        assert_eq!(s.count("vms").await, 1);
+        // Keys belong to their user: another user's same key is a new request.
+        let bob = s.user("bob").await;
+        s.project("bobs", &[("bob", "member")]).await;
+        let bobs = json!({"name": "once", "project": "bobs", "image": "tiny", "flavor": "m1.tiny"});
+        let (st, _, v) = s
+            .call_with(POST, "/v1/vms", Some(&bob), Some(bobs), &key)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        assert_ne!(v["id"], v1["id"]);
+        // An action retried with its key is not applied twice.
+        let id = v1["id"].as_str().unwrap();
+        let k2 = [("idempotency-key", "stop-1")];
+        let (a, _, _) = s
+            .call_with(POST, &format!("/v1/vms/{id}/stop"), Some(&t), None, &k2)
+            .await;
+        let (b2, _, _) = s
+            .call_with(POST, &format!("/v1/vms/{id}/stop"), Some(&t), None, &k2)
+            .await;
+        assert_eq!((a, b2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+        let (c, _, _) = s
+            .call_with(POST, &format!("/v1/vms/{id}/stop"), Some(&t), None, &[])
+            .await;
+        assert_eq!(
+            c,
+            StatusCode::CONFLICT,
+            "without the key, a second stop is refused"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pagination_walks_every_vm_once() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let t = s.admin.clone();
+        let (st, _) = s
+            .call(
+                PUT,
+                "/v1/projects/default/quota",
+                Some(&t),
+                Some(json!({"max_vms": 1000, "max_vcpus": 1000, "max_memory_mib": 1048576, "max_disk_gib": 100000})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let n = 250;
+        for i in 0..n {
+            let label = if i % 5 == 0 { "blue" } else { "green" };
+            let (st, v) = s
+                .call(
+                    POST,
+                    "/v1/vms",
+                    Some(&t),
+                    Some(json!({"name": format!("vm-{i}"), "image": "tiny", "flavor": "m1.tiny", "labels": {"colour": label}})),
+                )
+                .await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/vms?limit=100&cursor={c}"),
+                None => "/v1/vms?limit=100".into(),
+            };
+            let (st, v) = s.call(GET, &path, Some(&t), None).await;
+            assert_eq!(st, StatusCode::OK);
+            pages += 1;
+            for vm in v["items"].as_array().unwrap() {
+                assert!(
+                    seen.insert(vm["name"].as_str().unwrap().to_owned()),
+                    "no VM twice"
+                );
+            }
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!((seen.len(), pages), (n, 3));
+        let (_, blue) = s
+            .call(GET, "/v1/vms?label=colour=blue&limit=500", Some(&t), None)
+            .await;
+        assert_eq!(blue["items"].as_array().unwrap().len(), n / 5);
+        let (_, one) = s.call(GET, "/v1/vms?name=vm-7", Some(&t), None).await;
+        assert_eq!(one["items"][0]["name"], "vm-7");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_is_enforced_with_the_numbers() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let t = s.admin.clone();
+        let (st, _) = s
+            .call(
+                PUT,
+                "/v1/projects/default/quota",
+                Some(&t),
+                Some(json!({"max_vms": 2, "max_vcpus": 3, "max_memory_mib": 8192, "max_disk_gib": 100})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(json!({"name": "big", "image": "tiny", "flavor": "m1.large"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        assert_eq!(v["error"]["code"], "quota_exceeded");
+        assert_eq!(
+            v["error"]["message"],
+            "quota max_vcpus exceeded: this needs 4, the project uses 0 of 3"
+        );
+        for name in ["a", "b"] {
+            assert_eq!(
+                create_vm(&s, &t, "default", name).await.0,
+                StatusCode::ACCEPTED
+            );
+        }
+        let (st, v) = create_vm(&s, &t, "default", "c").await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        assert_eq!(
+            v["error"]["message"],
+            "quota max_vms exceeded: this needs 1, the project uses 2 of 2"
+        );
+        assert_eq!(s.count("vms").await, 2);
+        let (_, p) = s.call(GET, "/v1/projects/default", Some(&t), None).await;
+        assert_eq!(
+            p["usage"],
+            json!({"vms": 2, "vcpus": 2, "memory_mib": 1024, "disk_gib": 10})
+        );
+        // Deleting frees the quota.
+        let (_, list) = s.call(GET, "/v1/vms?name=a", Some(&t), None).await;
+        let id = list["items"][0]["id"].as_str().unwrap();
+        assert_eq!(
+            s.call(DELETE, &format!("/v1/vms/{id}"), Some(&t), None)
+                .await
+                .0,
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            create_vm(&s, &t, "default", "c").await.0,
+            StatusCode::ACCEPTED
+        );
+        // Concurrent creates never exceed it.
+        let (st, _) = s
+            .call(
+                PUT,
+                "/v1/projects/default/quota",
+                Some(&t),
+                Some(json!({"max_vms": 10, "max_vcpus": 100, "max_memory_mib": 65536, "max_disk_gib": 1000})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let r = s.router.clone();
+            let t = t.clone();
+            tasks.push(tokio::spawn(async move {
+                use tower::ServiceExt;
+                let req = axum::http::Request::builder()
+                    .method(POST)
+                    .uri("/v1/vms")
+                    .header("authorization", format!("Bearer {t}"))
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(
+                        json!({"name": format!("race-{i}"), "image": "tiny", "flavor": "m1.tiny"})
+                            .to_string(),
+                    ))
+                    .unwrap();
+                r.oneshot(req).await.unwrap().status()
+            }));
+        }
+        let mut accepted = 0;
+        for task in tasks {
+            if task.await.unwrap() == StatusCode::ACCEPTED {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 8, "10 allowed, 2 already live");
+        let (_, p) = s.call(GET, "/v1/projects/default", Some(&t), None).await;
+        assert_eq!(p["usage"]["vms"], 10);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_register_once_and_heartbeat_with_their_own_credential() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        let (st, jt) = s
+            .call(POST, "/v1/node-join-tokens", Some(&t), Some(json!({})))
+            .await;
+        assert_eq!(st, StatusCode::CREATED);
+        let join = jt["token"].as_str().unwrap();
+        let reg = json!({"join_token": join, "name": "node-1", "engines": ["qemu"],
+            "capacity": {"vcpus": 2, "memory_mib": 24000, "disk_gib": 200}});
+        let (st, n) = s
+            .call(POST, "/v1/nodes/register", None, Some(reg.clone()))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{n}");
+        let (st, _) = s.call(POST, "/v1/nodes/register", None, Some(reg)).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "a join token works once");
+        let cred = n["credential"].as_str().unwrap();
+        let id = n["node"]["id"].as_str().unwrap();
+        let hb = json!({"capacity": {"vcpus": 2, "memory_mib": 24000, "disk_gib": 200},
+            "usage": {"vcpus": 1, "memory_mib": 512, "disk_gib": 5}, "vms": []});
+        let (st, v) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{id}/heartbeat"),
+                Some(cred),
+                Some(hb.clone()),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["vms"], json!([]));
+        let (st, _) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{id}/heartbeat"),
+                Some(&t),
+                Some(hb.clone()),
+            )
+            .await;
+        assert_eq!(
+            st,
+            StatusCode::UNAUTHORIZED,
+            "a user cannot heartbeat for a node"
+        );
+        let (st, _) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{id}/heartbeat"),
+                Some("bpn_forged"),
+                Some(hb),
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        let (_, nodes) = s.call(GET, "/v1/nodes", Some(&t), None).await;
+        assert_eq!(nodes[0]["name"], "node-1");
+        assert_eq!(nodes[0]["status"], "online");
+        assert_eq!(nodes[0]["usage"]["memory_mib"], 512);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_mutation_is_audited_and_metrics_count_requests() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let t = s.admin.clone();
+        let (_, vm) = create_vm(&s, &t, "default", "audited").await;
+        let id = vm["id"].as_str().unwrap();
+        s.call(POST, &format!("/v1/vms/{id}/pause"), Some(&t), None)
+            .await;
+        let (st, v) = s
+            .call(GET, "/v1/audit?project=default", Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let items = v["items"].as_array().unwrap();
+        let pause = &items[0];
+        assert_eq!(
+            (
+                pause["action"].as_str(),
+                pause["status"].as_u64(),
+                pause["result"].as_str(),
+                pause["actor"].as_str()
+            ),
+            (
+                Some("vm_pause"),
+                Some(409),
+                Some("invalid_transition"),
+                Some("admin")
+            )
+        );
+        let create = &items[1];
+        assert_eq!(
+            (create["action"].as_str(), create["target_id"].as_str()),
+            (Some("vm_create"), Some(id))
+        );
+        let text = {
+            use tower::ServiceExt;
+            let r = s
+                .router
+                .clone()
+                .oneshot(
+                    axum::http::Request::get("/metrics")
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            String::from_utf8(
+                axum::body::to_bytes(r.into_body(), usize::MAX)
+                    .await
+                    .unwrap()
+                    .to_vec(),
+            )
+            .unwrap()
+        };
+        assert!(
+            text.contains(
+                "byteport_http_requests_total{method=\"POST\",route=\"/v1/vms\",status=\"202\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("byteport_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/vms/{id}/pause\",status=\"409\",le=\"+Inf\"} 1"));
+        assert!(text.contains("byteport_vms{state=\"pending\"} 1"));
+    }
+}
