@@ -442,9 +442,10 @@ impl DataStore {
         let row: Option<(i64, Option<i64>, Option<i64>, Option<i64>)> = vm::Entity::find()
             .select_only()
             .column_as(vm::Column::Id.count(), "n")
-            .column_as(vm::Column::Vcpus.sum(), "c")
-            .column_as(vm::Column::MemoryMib.sum(), "m")
-            .column_as(vm::Column::DiskGib.sum(), "d")
+            // PostgreSQL sums BIGINT into NUMERIC; cast back on both.
+            .column_as(Expr::cust("CAST(SUM(vcpus) AS BIGINT)"), "c")
+            .column_as(Expr::cust("CAST(SUM(memory_mib) AS BIGINT)"), "m")
+            .column_as(Expr::cust("CAST(SUM(disk_gib) AS BIGINT)"), "d")
             .filter(vm::Column::ProjectId.eq(id))
             .filter(vm::Column::DeletedAt.is_null())
             .into_tuple()
