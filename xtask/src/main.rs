@@ -1,9 +1,11 @@
-//! Repository tasks: `cargo xtask test` (the whole suite on SQLite and on a
+//! Repository tasks: `cargo xtask up` (build and start BytePort here),
+//! `cargo xtask test` (the whole suite on SQLite and on a
 //! real PostgreSQL that it starts), `cargo xtask openapi` (rewrite the
 //! committed API document), `cargo xtask bench NAME`.
 
 mod bench_api;
 mod pg;
+mod up;
 
 use anyhow::{Context, bail};
 use std::path::PathBuf;
@@ -26,7 +28,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn usage() -> anyhow::Result<()> {
-    eprintln!("usage: cargo xtask test | openapi | bench api");
+    eprintln!("usage: cargo xtask up | test | openapi | bench api");
     bail!("unknown task")
 }
 
@@ -39,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         .as_slice()
     {
         ["test", rest @ ..] => test(rest),
+        ["up"] => up::run(&root()),
         ["openapi"] => run(Command::new("cargo").current_dir(root()).args([
             "run",
             "--quiet",
