@@ -1,1 +1,365 @@
-fn main() {}
+//! `byteport`: the BytePort command-line client.
+
+mod client;
+mod commands;
+mod config;
+mod table;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+use byteport_types::VmState;
+use byteport_types::api::Role;
+
+#[derive(Parser, Debug)]
+#[command(name = "byteport", version, about = "The BytePort command-line client")]
+pub struct Cli {
+    /// How to print results: aligned tables or the server's JSON.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The control plane's URL; overrides the one stored by `login`.
+    #[arg(long, global = true, env = "BYTEPORT_URL")]
+    pub url: Option<String>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Log in (with --url) and store a personal API token in the config file.
+    Login {
+        #[arg(long)]
+        user: String,
+        /// Read the password from standard input.
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+    /// Create the first admin with the server's one-time token, then log in.
+    Bootstrap {
+        /// The one-time bootstrap token the server printed at first start.
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        user: String,
+        /// Read the password from standard input.
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+    /// Revoke the stored token and remove the config file.
+    Logout,
+    /// Show who you are and your project memberships.
+    Whoami,
+    /// Manage projects, their quotas and members.
+    #[command(subcommand)]
+    Project(ProjectCmd),
+    /// Manage users (admins).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Manage your personal API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Manage flavors (instance types).
+    #[command(subcommand)]
+    Flavor(FlavorCmd),
+    /// Manage the image catalog.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Manage virtual machines.
+    Vm(VmArgs),
+    /// Show nodes (admins).
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Show the audit log, newest first.
+    Audit {
+        /// Only this project's events (required unless admin).
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProjectCmd {
+    /// List your projects (every project for admins).
+    List,
+    /// Show a project with its quota and usage.
+    Show { project: String },
+    /// Create a project (admins).
+    Create {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// The first owner; you when absent.
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Delete an empty project (admins).
+    Delete { project: String },
+    /// Change a project's quota; limits not given stay as they are.
+    Quota {
+        project: String,
+        #[arg(long)]
+        vms: Option<u32>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        disk_gib: Option<u64>,
+    },
+    /// List a project's members.
+    Members { project: String },
+    /// Add a member or change their role.
+    AddMember {
+        project: String,
+        user: String,
+        #[arg(long, default_value = "member")]
+        role: Role,
+    },
+    /// Remove a member.
+    RemoveMember { project: String, user: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// List users.
+    List,
+    /// Create a user; the password is read from standard input.
+    Create {
+        name: String,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+    /// Show a user by name or id.
+    Show { user: String },
+    /// Delete a user with their tokens and memberships.
+    Delete { user: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// List your tokens (never their secrets).
+    List,
+    /// Create a token; its secret is printed once.
+    Create {
+        name: String,
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FlavorCmd {
+    /// List flavors.
+    List,
+    /// Add a flavor (admins).
+    Create {
+        name: String,
+        #[arg(long)]
+        vcpus: u32,
+        #[arg(long)]
+        memory_mib: u64,
+        #[arg(long)]
+        disk_gib: u64,
+    },
+    /// Remove a flavor (admins).
+    Delete { name: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Boot {
+    Disk,
+    Kernel,
+}
+
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// List images.
+    List,
+    /// Show an image.
+    Show { name: String },
+    /// Register an image in the catalog (admins).
+    Create {
+        name: String,
+        #[arg(long)]
+        os_family: String,
+        #[arg(long)]
+        os_version: String,
+        #[arg(long)]
+        arch: Option<String>,
+        /// qcow2, raw or initramfs.
+        #[arg(long)]
+        format: String,
+        #[arg(long)]
+        size_bytes: u64,
+        #[arg(long)]
+        sha256: String,
+        #[arg(long, value_enum)]
+        boot: Option<Boot>,
+        #[arg(long)]
+        kernel_sha256: Option<String>,
+        #[arg(long)]
+        initrd_sha256: Option<String>,
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// The guest agent is installed in the image.
+        #[arg(long)]
+        has_agent: bool,
+    },
+    /// Remove an image no VM uses (admins).
+    Delete { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    /// The project (name or id): the filter for `list` and name lookups,
+    /// the target for `create` (`default` when absent).
+    #[arg(long, global = true)]
+    pub project: Option<String>,
+    #[command(subcommand)]
+    pub cmd: VmCmd,
+}
+
+/// Parses `key=value`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ActionArgs {
+    /// The VM's name or id.
+    pub vm: String,
+    /// Wait until the VM reaches the action's target state.
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait with --wait.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Create a VM; it stays `pending` until a node runs it.
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        flavor: Option<String>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        disk_gib: Option<u64>,
+        /// A cloud-init user-data file.
+        #[arg(long)]
+        user_data: Option<PathBuf>,
+        /// A file of SSH public keys, one per line (repeatable).
+        #[arg(long)]
+        ssh_key: Vec<PathBuf>,
+        /// A label key=value (repeatable).
+        #[arg(long, value_parser = parse_label)]
+        label: Vec<(String, String)>,
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Wait until the VM is running.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait with --wait.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// List VMs.
+    List {
+        #[arg(long)]
+        state: Option<VmState>,
+        /// key=value: only VMs with this label.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Page size (1-500).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Follow the pages to the end.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show a VM by name or id.
+    Show { vm: String },
+    /// Start a stopped VM (--wait: until running).
+    Start(ActionArgs),
+    /// Stop a VM (--wait: until stopped).
+    Stop(ActionArgs),
+    /// Restart a running VM (--wait: until running).
+    Restart(ActionArgs),
+    /// Pause a running VM (--wait: until paused).
+    Pause(ActionArgs),
+    /// Resume a paused VM (--wait: until running).
+    Resume(ActionArgs),
+    /// Delete a VM (--wait: until deleted).
+    Delete(ActionArgs),
+    /// Wait until a VM reaches a state.
+    Wait {
+        vm: String,
+        #[arg(long)]
+        state: VmState,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// List nodes with their capacity and usage.
+    List,
+    /// Show a node by id or name.
+    Show { id: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let logging_in = matches!(cli.cmd, Cmd::Login { .. } | Cmd::Bootstrap { .. });
+    if let Err(e) = commands::run(cli) {
+        let msg = match e.downcast_ref::<client::ApiError>() {
+            Some(api) => api.message.clone(),
+            None => format!("{e:#}"),
+        };
+        eprintln!("error: {msg}");
+        if !logging_in
+            && e.downcast_ref::<client::ApiError>()
+                .is_some_and(|a| a.code == "unauthorized")
+        {
+            eprintln!("hint: run `byteport login --url URL --user NAME --password-stdin`");
+        }
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

@@ -78,6 +78,9 @@ pub struct VmFilter {
     pub limit: u64,
 }
 
+/// COUNT and the three SUMs (NULL when no rows) of a usage query.
+type UsageSums = (i64, Option<i64>, Option<i64>, Option<i64>);
+
 /// What a project's live VMs hold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsageRow {
@@ -85,6 +88,18 @@ pub struct UsageRow {
     pub vcpus: i64,
     pub memory_mib: i64,
     pub disk_gib: i64,
+}
+
+/// A node's report on one VM, with the public state derived from it.
+#[derive(Clone, Debug)]
+pub struct Observation<'a> {
+    pub observed: &'a str,
+    pub generation: i64,
+    pub state: &'a str,
+    pub reason: Option<String>,
+    /// JSON array of port forwards.
+    pub ports: &'a str,
+    pub deleted: bool,
 }
 
 /// The outcome of claiming an idempotency key.
@@ -217,10 +232,10 @@ impl DataStore {
                 u.name
             )));
         }
-        Ok(u.into_active_model()
+        u.into_active_model()
             .insert(&self.db)
             .await
-            .map_err(unique_conflict("user"))?)
+            .map_err(unique_conflict("user"))
     }
 
     pub async fn user_fetch(&self, id: Uuid) -> Result<user::Model> {
@@ -439,7 +454,7 @@ impl DataStore {
 
     /// What the project's live VMs hold.
     pub async fn project_usage<C: ConnectionTrait>(&self, c: &C, id: Uuid) -> Result<UsageRow> {
-        let row: Option<(i64, Option<i64>, Option<i64>, Option<i64>)> = vm::Entity::find()
+        let row: Option<UsageSums> = vm::Entity::find()
             .select_only()
             .column_as(vm::Column::Id.count(), "n")
             // PostgreSQL sums BIGINT into NUMERIC; cast back on both.
@@ -548,10 +563,10 @@ impl DataStore {
                 f.name
             )));
         }
-        Ok(f.into_active_model()
+        f.into_active_model()
             .insert(&self.db)
             .await
-            .map_err(unique_conflict("flavor"))?)
+            .map_err(unique_conflict("flavor"))
     }
 
     /// Inserts a flavor unless one of that name exists (seeding).
@@ -597,10 +612,10 @@ impl DataStore {
                 i.name
             )));
         }
-        Ok(i.into_active_model()
+        i.into_active_model()
             .insert(&self.db)
             .await
-            .map_err(unique_conflict("image"))?)
+            .map_err(unique_conflict("image"))
     }
 
     pub async fn image_list(&self) -> Result<Vec<image::Model>> {
@@ -789,13 +804,10 @@ impl DataStore {
         &self,
         id: Uuid,
         node_id: Uuid,
-        observed: &str,
-        generation: i64,
-        state: &str,
-        reason: Option<String>,
-        ports: &str,
-        deleted: bool,
+        o: &Observation<'_>,
     ) -> Result<bool> {
+        let (observed, state, ports) = (o.observed, o.state, o.ports);
+        let (generation, deleted, reason) = (o.generation, o.deleted, o.reason.clone());
         let now = Utc::now();
         let mut u = vm::Entity::update_many()
             .col_expr(vm::Column::ObservedState, Expr::value(observed))

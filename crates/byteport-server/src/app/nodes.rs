@@ -6,7 +6,7 @@
 use super::auth::{JOIN_PREFIX, NODE_PREFIX, hash_secret, random_secret};
 use super::{Actor, App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
-use byteport_store::{join_token, node};
+use byteport_store::{Observation, join_token, node};
 use byteport_types::api::{
     Capacity, DesiredVm, Heartbeat, HeartbeatResponse, JoinToken, JoinTokenCreate, Node,
     NodeRegister, NodeRegistered,
@@ -176,17 +176,20 @@ impl App {
                     .or_else(|| Some("the node reported a failure".into())),
                 _ => r.reason,
             };
+            let ports = serde_json::to_string(&r.ports).map_err(AppError::internal)?;
             let applied = self
                 .store
                 .vm_update_observed(
                     v.id,
                     node_id.0,
-                    &r.state.to_string(),
-                    r.generation as i64,
-                    &state.to_string(),
-                    reason,
-                    &serde_json::to_string(&r.ports).map_err(AppError::internal)?,
-                    state == VmState::Deleted,
+                    &Observation {
+                        observed: &r.state.to_string(),
+                        generation: r.generation as i64,
+                        state: &state.to_string(),
+                        reason,
+                        ports: &ports,
+                        deleted: state == VmState::Deleted,
+                    },
                 )
                 .await?;
             if applied {

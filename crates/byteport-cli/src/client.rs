@@ -1,0 +1,161 @@
+//! A small synchronous client for the `/v1` API.
+
+use anyhow::{Context, Result};
+use byteport_types::api::ErrorBody;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// A failed API call: the server's status and error body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Method {
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+pub struct Client {
+    agent: ureq::Agent,
+    pub base: String,
+    token: Option<String>,
+}
+
+/// Percent-encodes one path segment.
+pub fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Client {
+            agent,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        }
+    }
+
+    pub fn with_token(&self, token: Option<String>) -> Client {
+        Client {
+            agent: self.agent.clone(),
+            base: self.base.clone(),
+            token,
+        }
+    }
+
+    /// Sends one request; `Ok(None)` for an empty success body.
+    pub fn request(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Option<Value>> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        macro_rules! prep {
+            ($rb:expr) => {{
+                let mut rb = $rb;
+                if let Some(a) = &auth {
+                    rb = rb.header("Authorization", a.as_str());
+                }
+                for (k, v) in query {
+                    rb = rb.query(*k, v.as_str());
+                }
+                rb.header("Accept", "application/json")
+            }};
+        }
+        let sent = match method {
+            Method::Get => prep!(self.agent.get(&url)).call(),
+            Method::Delete => prep!(self.agent.delete(&url)).call(),
+            Method::Post => {
+                let rb = prep!(self.agent.post(&url));
+                match body {
+                    Some(b) => rb.send_json(b),
+                    None => rb.send_empty(),
+                }
+            }
+            Method::Put => {
+                let rb = prep!(self.agent.put(&url));
+                match body {
+                    Some(b) => rb.send_json(b),
+                    None => rb.send_empty(),
+                }
+            }
+        };
+        let mut resp = sent.with_context(|| format!("cannot reach {}", self.base))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("cannot read the response from {}", self.base))?;
+        if (200..300).contains(&status) {
+            if text.trim().is_empty() {
+                return Ok(None);
+            }
+            let v = serde_json::from_str(&text)
+                .with_context(|| format!("the server sent invalid JSON (HTTP {status})"))?;
+            return Ok(Some(v));
+        }
+        let err = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => ApiError {
+                status,
+                code: b.error.code,
+                message: b.error.message,
+            },
+            Err(_) => ApiError {
+                status,
+                code: "http".into(),
+                message: format!("HTTP {status}: {}", text.trim()),
+            },
+        };
+        Err(err.into())
+    }
+
+    /// A request whose success must carry a JSON body.
+    pub fn value(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value> {
+        self.request(method, path, query, body)?
+            .context("the server sent an empty response")
+    }
+
+    pub fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+        self.value(Method::Get, path, query, None)
+    }
+}
+
+/// Decodes a response body into an API type.
+pub fn decode<T: DeserializeOwned>(v: &Value) -> Result<T> {
+    serde_json::from_value(v.clone()).context("the server sent an unexpected response")
+}
