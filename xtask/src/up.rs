@@ -27,12 +27,23 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     if first {
         let password = format!("bp-{}", random_hex());
         let mut child = Command::new(bin.join("byteportd"))
-            .args(["admin", "create-user", "admin", "--admin", "--password-stdin", "--data-dir"])
+            .args([
+                "admin",
+                "create-user",
+                "admin",
+                "--admin",
+                "--password-stdin",
+                "--data-dir",
+            ])
             .arg(&data)
             .stdin(Stdio::piped())
             .spawn()
             .context("creating the admin")?;
-        child.stdin.take().context("stdin")?.write_all(password.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(password.as_bytes())?;
         if !child.wait()?.success() {
             bail!("could not create the admin user");
         }
@@ -51,14 +62,26 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let password = std::fs::read_to_string(&password_file).context("reading .byteport/admin-password")?;
+    let password =
+        std::fs::read_to_string(&password_file).context("reading .byteport/admin-password")?;
     let mut login = Command::new(bin.join("byteport"))
-        .args(["login", "--url", &format!("http://{LISTEN}"), "--user", "admin", "--password-stdin"])
+        .args([
+            "login",
+            "--url",
+            &format!("http://{LISTEN}"),
+            "--user",
+            "admin",
+            "--password-stdin",
+        ])
         .env("BYTEPORT_CONFIG", &config)
         .stdin(Stdio::piped())
         .spawn()
         .context("logging the CLI in")?;
-    login.stdin.take().context("stdin")?.write_all(password.as_bytes())?;
+    login
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(password.as_bytes())?;
     login.wait()?;
     println!();
     println!("BytePort is running at http://{LISTEN} (API docs: http://{LISTEN}/docs)");

@@ -430,6 +430,7 @@ impl DataStore {
     pub async fn project_delete(&self, id: Uuid) -> Result<()> {
         let _w = self.serialize().await;
         let tx = self.db.begin().await?;
+        lock_project(&tx, id).await?;
         let live = vm::Entity::find()
             .filter(vm::Column::ProjectId.eq(id))
             .filter(vm::Column::DeletedAt.is_null())
@@ -659,11 +660,11 @@ impl DataStore {
     pub async fn vm_insert(&self, v: vm::Model, labels: &[(String, String)]) -> Result<vm::Model> {
         let _w = self.serialize().await;
         let tx = self.db.begin().await?;
-        let mut pq = project::Entity::find_by_id(v.project_id);
-        if self.backend == Backend::Postgres {
-            pq = pq.lock_exclusive();
-        }
-        let p = pq.one(&tx).await?.ok_or(StoreError::NotFound)?;
+        lock_project(&tx, v.project_id).await?;
+        let p = project::Entity::find_by_id(v.project_id)
+            .one(&tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         let used = self.project_usage(&tx, p.id).await?;
         let checks: [(&'static str, i64, i64, i64); 4] = [
             ("max_vms", p.max_vms, used.vms, 1),
@@ -1010,6 +1011,20 @@ impl DataStore {
         }
         Ok(q.all(&self.db).await?)
     }
+}
+
+/// Opens a transaction's check-then-write on a project with a write to its
+/// row. On PostgreSQL that takes the row lock (like `SELECT ... FOR UPDATE`);
+/// on SQLite it makes the transaction a writer from its first statement, so
+/// its later reads can never be invalidated by another writer's commit
+/// (which SQLite reports as "database is locked" instead of waiting).
+async fn lock_project<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<()> {
+    project::Entity::update_many()
+        .col_expr(project::Column::MaxVms, Expr::col(project::Column::MaxVms))
+        .filter(project::Column::Id.eq(id))
+        .exec(c)
+        .await?;
+    Ok(())
 }
 
 /// Maps a unique-constraint violation (a race the pre-check lost) to a
