@@ -4,6 +4,7 @@
 //! committed API document), `cargo xtask bench NAME`.
 
 mod bench_api;
+mod image;
 mod pg;
 mod up;
 
@@ -28,7 +29,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn usage() -> anyhow::Result<()> {
-    eprintln!("usage: cargo xtask up | test | openapi | bench api");
+    eprintln!("usage: cargo xtask up | test | openapi | bench api | image build NAME");
     bail!("unknown task")
 }
 
@@ -53,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             "openapi/byteport.json",
         ])),
         ["bench", "api", rest @ ..] => bench_api::run(&root(), rest),
+        ["image", rest @ ..] => image::run(&root(), rest),
         _ => usage(),
     }
 }

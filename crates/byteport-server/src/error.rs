@@ -40,6 +40,9 @@ pub enum AppError {
     TooLarge(usize),
     #[error("{0}")]
     Timeout(String),
+    /// A part the request needs (a node, a guest agent) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -73,6 +76,7 @@ impl AppError {
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -89,6 +93,7 @@ impl AppError {
             AppError::Unprocessable(_) => "idempotency_mismatch",
             AppError::TooLarge(_) => "body_too_large",
             AppError::Timeout(_) => "timeout",
+            AppError::Unavailable(_) => "unavailable",
             AppError::Internal(_) => "internal",
         }
     }

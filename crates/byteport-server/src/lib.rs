@@ -1,7 +1,8 @@
 //! BytePort's control plane as a library: `http` (thin handlers), `app`
-//! (logic), `metrics`. The `byteportd` binary wires it to a listener.
+//! (logic), `metrics`, `background` (reconcilers). The `byteportd` binary wires it to a listener.
 
 pub mod app;
+pub mod background;
 pub mod error;
 pub mod http;
 pub mod metrics;

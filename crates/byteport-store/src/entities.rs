@@ -187,6 +187,10 @@ pub mod vm {
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub deleted_at: Option<DateTimeUtc>,
+        pub has_agent: bool,
+        pub agent_version: Option<String>,
+        /// Whether the VM holds a reservation on `node_id`.
+        pub reserved: bool,
     }
     no_relations!();
 }

@@ -5,7 +5,10 @@
 //! nothing of HTTP or of who may do what.
 
 pub mod entities;
+mod fleet;
 mod migration;
+
+pub use fleet::Size;
 
 use chrono::{DateTime, Utc};
 pub use entities::*;
@@ -100,6 +103,8 @@ pub struct Observation<'a> {
     /// JSON array of port forwards.
     pub ports: &'a str,
     pub deleted: bool,
+    /// The guest agent's version, when it said ready.
+    pub agent_version: Option<&'a str>,
 }
 
 /// The outcome of claiming an idempotency key.
@@ -817,6 +822,9 @@ impl DataStore {
             .col_expr(vm::Column::StateReason, Expr::value(reason))
             .col_expr(vm::Column::Ports, Expr::value(ports))
             .col_expr(vm::Column::UpdatedAt, Expr::value(now));
+        if let Some(a) = o.agent_version {
+            u = u.col_expr(vm::Column::AgentVersion, Expr::value(a));
+        }
         if deleted {
             u = u.col_expr(vm::Column::DeletedAt, Expr::value(now));
         }

@@ -10,7 +10,7 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Initial)]
+        vec![Box::new(M0001Initial), Box::new(M0002Agents)]
     }
 }
 
@@ -271,6 +271,40 @@ impl MigrationTrait for M0001Initial {
             "CREATE INDEX IF NOT EXISTS api_tokens_user ON api_tokens (user_id)",
         ] {
             db.execute_unprepared(sql).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Guest agents and reservations: whether a VM's image has the agent, the
+/// agent's version once it said ready, and whether the VM holds a
+/// reservation on its node (released exactly once, when it is deleted).
+struct M0002Agents;
+
+impl MigrationName for M0002Agents {
+    fn name(&self) -> &str {
+        "m0002_agents"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0002Agents {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        // SQLite adds one column per ALTER TABLE.
+        for col in [
+            boolean(vm::Column::HasAgent).default(false).to_owned(),
+            string_null(vm::Column::AgentVersion),
+            boolean(vm::Column::Reserved).default(false).to_owned(),
+        ] {
+            let mut col = col;
+            m.alter_table(
+                Table::alter()
+                    .table(vm::Entity.table_ref())
+                    .add_column(&mut col)
+                    .to_owned(),
+            )
+            .await?;
         }
         Ok(())
     }

@@ -340,8 +340,60 @@ pub struct Vm {
     pub observed_generation: u64,
     pub node_id: Option<NodeId>,
     pub ports: Vec<PortForward>,
+    /// What `running` means for this VM: `agent` (the guest agent said
+    /// ready) or `process` (the image has no agent: the hypervisor is up).
+    pub ready_by: ReadyBy,
+    /// The guest agent's version, once it said ready.
+    pub agent_version: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// What `running` waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyBy {
+    Agent,
+    Process,
+}
+
+/// A command to run in a VM through its guest agent.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The program and its arguments; passed as is, never through a shell.
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// Standard input, base64; closed after it is written.
+    pub stdin_base64: Option<String>,
+    /// At most 3600; 300 when absent. The command is killed after it.
+    pub timeout_secs: Option<u64>,
+}
+
+/// One line of an exec's `application/x-ndjson` response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecEvent {
+    /// Base64 of bytes the command wrote to standard output.
+    Stdout(String),
+    /// Base64 of bytes the command wrote to standard error.
+    Stderr(String),
+    /// The command ended.
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// The command could not run, or the agent went away.
+    Error(String),
+}
+
+#[derive(Debug, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleQuery {
+    /// How many bytes of the end of the serial log; 16384 when absent, at most 1048576.
+    pub bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -475,6 +527,9 @@ pub struct VmReport {
     pub reason: Option<String>,
     #[serde(default)]
     pub ports: Vec<PortForward>,
+    /// The guest agent's version, once it said ready.
+    #[serde(default)]
+    pub agent_version: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -487,6 +542,21 @@ pub struct Heartbeat {
     pub vms: Vec<VmReport>,
 }
 
+/// How a node boots an image, and the files it needs (by sha256).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeImage {
+    pub name: Name,
+    /// `qcow2`, `raw` or `initramfs`.
+    pub format: String,
+    pub boot: BootMode,
+    /// Of the disk (or initramfs) file.
+    pub sha256: String,
+    pub kernel_sha256: Option<String>,
+    pub initrd_sha256: Option<String>,
+    pub cmdline: Option<String>,
+    pub has_agent: bool,
+}
+
 /// What the control plane wants a node to run.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct DesiredVm {
@@ -494,11 +564,14 @@ pub struct DesiredVm {
     pub name: Name,
     pub desired_state: DesiredState,
     pub desired_generation: u64,
+    /// A restart was asked for at `desired_generation` and is not done yet.
+    #[serde(default)]
+    pub restart: bool,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_gib: u64,
-    pub image: Name,
-    pub image_sha256: String,
+    pub hostname: String,
+    pub image: NodeImage,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -1,10 +1,11 @@
 //! `byteportd`: the BytePort daemon. A thin main that wires the control
-//! plane (`byteport-server`) to a listener and a database.
+//! plane (`byteport-server`) to a listener and a database, the node agent
+//! (`byteport-node`) to its control plane, or both in one process.
 
 use anyhow::{Context, bail};
 use byteport_server::{App, Settings};
 use byteport_store::DataStore;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, FromArgMatches, Parser, Subcommand};
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,8 +16,9 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
 #[derive(Parser)]
 #[command(name = "byteportd", version, about = "The BytePort daemon")]
 struct Cli {
+    /// What to run; `all-in-one` when absent.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
     /// Log as JSON lines.
     #[arg(long, global = true, env = "BYTEPORT_LOG_JSON")]
     log_json: bool,
@@ -24,8 +26,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the control plane and a node agent in one process (the default).
+    AllInOne(AllInOneArgs),
     /// Run the control plane (API on /v1).
     Server(ServerArgs),
+    /// Run a node agent that dials a control plane.
+    Node(NodeArgs),
     /// Print the OpenAPI document (or write it to a file).
     Openapi {
         /// Write to this file instead of standard output.
@@ -62,6 +68,56 @@ struct ServerArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "BYTEPORT_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct NodeOpts {
+    /// The node's name; the host's name when absent.
+    #[arg(long, env = "BYTEPORT_NODE_NAME")]
+    name: Option<String>,
+    #[arg(long, env = "BYTEPORT_REGION", default_value = "default")]
+    region: String,
+    /// The host address that VM port forwards listen on.
+    #[arg(long, env = "BYTEPORT_FORWARD_HOST", default_value = "127.0.0.1")]
+    forward_host: String,
+    /// Host ports handed out for forwards, FIRST-LAST.
+    #[arg(long, env = "BYTEPORT_FORWARD_PORTS", default_value = "20000-29999")]
+    forward_ports: String,
+    /// Seconds a guest has to power off before QEMU is told to quit.
+    #[arg(long, env = "BYTEPORT_STOP_TIMEOUT", default_value_t = 20)]
+    stop_timeout: u64,
+    /// Seconds between heartbeats (changes are sent at once anyway).
+    #[arg(long, default_value_t = 5)]
+    heartbeat_secs: u64,
+    /// auto (try KVM once, else TCG), kvm or tcg.
+    #[arg(long, env = "BYTEPORT_ACCEL", default_value = "auto")]
+    accel: String,
+    /// The QEMU binary.
+    #[arg(long, env = "BYTEPORT_QEMU", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// The control plane's URL.
+    #[arg(long, env = "BYTEPORT_SERVER")]
+    server: String,
+    /// A join token from `byteport node join-token` (first start only).
+    #[arg(long, env = "BYTEPORT_JOIN_TOKEN")]
+    join_token: Option<String>,
+    /// Where the node keeps VMs, image cache and its credential.
+    #[arg(long, env = "BYTEPORT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    opts: NodeOpts,
+}
+
+#[derive(Args)]
+struct AllInOneArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    node: NodeOpts,
 }
 
 #[derive(Subcommand)]
@@ -123,11 +179,117 @@ fn read_password() -> anyhow::Result<String> {
     Ok(p)
 }
 
+fn node_config(
+    server: &str,
+    data_dir: PathBuf,
+    join_token: Option<String>,
+    o: &NodeOpts,
+) -> anyhow::Result<byteport_node::NodeConfig> {
+    let name = match &o.name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_lowercase())
+            .unwrap_or_else(|_| "node-1".into()),
+    };
+    let name = name
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid node name {name:?}: {e}"))?;
+    let (lo, hi) = o
+        .forward_ports
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?)))
+        .filter(|(a, b)| a <= b && *a >= 1024)
+        .context("--forward-ports is FIRST-LAST, within 1024-65535")?;
+    let mut c = byteport_node::NodeConfig::new(server, data_dir, name);
+    c.join_token = join_token;
+    c.region = o.region.clone();
+    c.forward_host = o.forward_host.clone();
+    c.forward_ports = lo..=hi;
+    c.stop_timeout = std::time::Duration::from_secs(o.stop_timeout);
+    c.heartbeat_interval = std::time::Duration::from_secs(o.heartbeat_secs.max(1));
+    c.accel = o
+        .accel
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--accel: {e}"))?;
+    c.qemu_binary = o.qemu.clone();
+    Ok(c)
+}
+
+async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| default_data_dir().join("node"));
+    let cfg = node_config(&args.server, dir, args.join_token.clone(), &args.opts)?;
+    tokio::select! {
+        r = byteport_node::run(cfg, byteport_node::driver::qemu::QemuDriver { binary: args.opts.qemu.clone() }) => {
+            r.map_err(|e| anyhow::anyhow!("{e}"))
+        }
+        _ = shutdown() => Ok(()),
+    }
+}
+
+async fn all_in_one(args: AllInOneArgs) -> anyhow::Result<()> {
+    let (_, dir) = open_store(&args.server.db).await?;
+    let node_dir = dir.join("node");
+    let url = format!(
+        "{}://{}",
+        if args.server.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+        loopback(args.server.listen)
+    );
+    let node_opts = args.node.clone();
+    let server = args.server;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let serving = tokio::spawn(serve_with(server, Some(ready_tx)));
+    let app = match ready_rx.await {
+        Ok(app) => app,
+        Err(_) => return serving.await.context("the control plane")?,
+    };
+    let token = if node_dir.join("node.json").exists() {
+        None
+    } else {
+        Some(
+            app.join_token_issue_local()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )
+    };
+    let cfg = node_config(&url, node_dir, token, &node_opts)?;
+    let qemu = byteport_node::driver::qemu::QemuDriver {
+        binary: node_opts.qemu.clone(),
+    };
+    tokio::select! {
+        r = serving => r.context("the control plane")?,
+        r = byteport_node::run(cfg, qemu) => r.map_err(|e| anyhow::anyhow!("node agent: {e}")),
+    }
+}
+
+/// The address to dial a listener on: 0.0.0.0 is reached on loopback.
+fn loopback(a: SocketAddr) -> SocketAddr {
+    if a.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
+    } else {
+        a
+    }
+}
+
 async fn serve(args: ServerArgs) -> anyhow::Result<()> {
-    let (store, _dir) = open_store(&args.db).await?;
+    serve_with(args, None).await
+}
+
+async fn serve_with(
+    args: ServerArgs,
+    ready: Option<tokio::sync::oneshot::Sender<App>>,
+) -> anyhow::Result<()> {
+    let (store, dir) = open_store(&args.db).await?;
     let backend = store.backend();
     let settings = Settings {
         secure_cookies: args.tls_cert.is_some(),
+        image_dir: dir.join("images"),
         ..Settings::default()
     };
     let app = App::new(store, settings)
@@ -148,15 +310,24 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         println!("  byteport bootstrap --url {url} --token {token} --user admin --password-stdin");
         println!("or, on this host: byteportd admin create-user admin --admin --password-stdin");
     }
-    let router = byteport_server::router(app);
+    byteport_server::background::spawn(app.clone());
+    let router = byteport_server::router(app.clone());
     tracing::info!(%url, database = %backend, "serving");
     println!("BytePort API listening on {url} (database: {backend})");
     match (args.tls_cert, args.tls_key) {
-        (Some(cert), Some(key)) => serve_tls(args.listen, &cert, &key, router).await,
+        (Some(cert), Some(key)) => {
+            if let Some(r) = ready {
+                let _ = r.send(app);
+            }
+            serve_tls(args.listen, &cert, &key, router).await
+        }
         _ => {
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("listening on {}", args.listen))?;
+            if let Some(r) = ready {
+                let _ = r.send(app);
+            }
             axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown())
                 .await
@@ -217,8 +388,19 @@ async fn main() -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
-    match cli.command {
+    let command = match cli.command {
+        Some(c) => c,
+        None => {
+            // The defaults (and BYTEPORT_* variables) of `all-in-one`.
+            let m = <AllInOneArgs as Args>::augment_args(clap::Command::new("all-in-one"))
+                .get_matches_from(["all-in-one"]);
+            Command::AllInOne(AllInOneArgs::from_arg_matches(&m)?)
+        }
+    };
+    match command {
+        Command::AllInOne(args) => all_in_one(args).await,
         Command::Server(args) => serve(args).await,
+        Command::Node(args) => node(args).await,
         Command::Openapi { write } => {
             let doc = byteport_server::openapi_json();
             match write {

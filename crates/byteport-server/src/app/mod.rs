@@ -5,7 +5,11 @@
 pub mod audit;
 pub mod auth;
 pub mod catalog;
+pub mod guest;
+pub mod hub;
+pub mod image_files;
 pub mod nodes;
+pub mod placement;
 pub mod projects;
 pub mod users;
 pub mod vms;
@@ -30,6 +34,8 @@ pub struct Settings {
     pub session_ttl: Duration,
     /// Whether cookies carry `Secure` (when serving HTTPS).
     pub secure_cookies: bool,
+    /// Where uploaded image files are kept, by sha256.
+    pub image_dir: std::path::PathBuf,
 }
 
 impl Default for Settings {
@@ -39,6 +45,7 @@ impl Default for Settings {
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             session_ttl: Duration::from_secs(12 * 3600),
             secure_cookies: false,
+            image_dir: std::env::temp_dir().join("byteport-images"),
         }
     }
 }
@@ -52,6 +59,8 @@ pub struct App {
     /// Ids of VMs whose record changed, for `wait` and event streams.
     pub(crate) vm_changes: broadcast::Sender<Uuid>,
     pub(crate) token_cache: Arc<auth::TokenCache>,
+    /// The channels of the nodes connected to this replica.
+    pub hub: Arc<hub::NodeHub>,
 }
 
 /// Who is asking.
@@ -154,6 +163,7 @@ impl App {
             keys: Arc::new(keys),
             vm_changes,
             token_cache: Arc::default(),
+            hub: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;
         projects::seed_default(&app).await?;

@@ -8,12 +8,13 @@ use super::{Actor, App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{Observation, join_token, node};
 use byteport_types::api::{
-    Capacity, DesiredVm, Heartbeat, HeartbeatResponse, JoinToken, JoinTokenCreate, Node,
-    NodeRegister, NodeRegistered,
+    BootMode, Capacity, DesiredVm, Heartbeat, HeartbeatResponse, JoinToken, JoinTokenCreate, Node,
+    NodeImage, NodeRegister, NodeRegistered,
 };
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmState};
 use byteport_types::{Name, NodeId, VmId};
 use chrono::{Duration as ChronoDuration, Utc};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 fn check_capacity(c: &Capacity) -> AppResult<()> {
@@ -77,6 +78,22 @@ impl App {
             })
             .await?;
         Ok(JoinToken { token, expires_at })
+    }
+
+    /// A join token for a node agent in this same process (all-in-one), no
+    /// admin needed: the caller is the host's own daemon.
+    pub async fn join_token_issue_local(&self) -> AppResult<String> {
+        let token = random_secret(JOIN_PREFIX);
+        let now = Utc::now();
+        self.store
+            .join_token_insert(join_token::Model {
+                token_hash: hash_secret(&token),
+                expires_at: now + ChronoDuration::minutes(10),
+                used: false,
+                created_at: now,
+            })
+            .await?;
+        Ok(token)
     }
 
     /// Registers a node with a single-use join token; returns the node's own
@@ -189,32 +206,66 @@ impl App {
                         reason,
                         ports: &ports,
                         deleted: state == VmState::Deleted,
+                        agent_version: r.agent_version.as_deref(),
                     },
                 )
                 .await?;
+            if applied && state == VmState::Deleted {
+                self.store.vm_release(v.id).await?;
+            }
             if applied {
                 let _ = self.vm_changes.send(v.id);
             }
         }
         let mut vms = Vec::new();
+        let mut images: HashMap<Uuid, NodeImage> = HashMap::new();
         for v in self.store.vm_list_for_node(node_id.0).await? {
-            let sha = match self.store.image_fetch_by_name(&v.image_name).await? {
-                Some(i) => i.sha256,
-                None => String::new(),
+            let image = match images.get(&v.image_id) {
+                Some(i) => i.clone(),
+                None => {
+                    let i = self.store.image_fetch(v.image_id).await?;
+                    let ni = NodeImage {
+                        name: Name::parse(&i.name).map_err(AppError::internal)?,
+                        format: i.format,
+                        boot: match i.boot.as_str() {
+                            "kernel" => BootMode::Kernel,
+                            _ => BootMode::Disk,
+                        },
+                        sha256: i.sha256,
+                        kernel_sha256: i.kernel_sha256,
+                        initrd_sha256: i.initrd_sha256,
+                        cmdline: i.cmdline,
+                        has_agent: i.has_agent,
+                    };
+                    images.insert(v.image_id, ni.clone());
+                    ni
+                }
             };
             vms.push(DesiredVm {
                 id: VmId(v.id),
                 name: Name::parse(&v.name).map_err(AppError::internal)?,
                 desired_state: v.desired_state.parse().map_err(AppError::internal)?,
                 desired_generation: to_u64(v.desired_generation),
+                restart: v.state == "rebooting",
                 vcpus: to_u32(v.vcpus),
                 memory_mib: to_u64(v.memory_mib),
                 disk_gib: to_u64(v.disk_gib),
-                image: Name::parse(&v.image_name).map_err(AppError::internal)?,
-                image_sha256: sha,
+                hostname: v.hostname.clone(),
+                image,
             });
         }
         Ok(HeartbeatResponse { vms })
+    }
+
+    /// Checks that the caller is node `id` itself, for its channel.
+    pub fn node_channel_auth(&self, ctx: &Ctx, id: &str) -> AppResult<Uuid> {
+        match &ctx.actor {
+            Actor::Node { id: nid, .. } if nid.to_string() == id => Ok(nid.0),
+            Actor::Node { .. } => Err(AppError::not_found("node", id)),
+            _ => Err(AppError::Unauthorized(
+                "the node channel needs the node's credential".into(),
+            )),
+        }
     }
 
     pub async fn node_list(&self, ctx: &Ctx) -> AppResult<Vec<Node>> {

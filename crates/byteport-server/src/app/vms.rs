@@ -6,7 +6,7 @@ use super::projects::DEFAULT_PROJECT;
 use super::{App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{VmFilter, vm};
-use byteport_types::api::{Page, PortForward, Role, Vm, VmCreate, VmListQuery};
+use byteport_types::api::{Page, PortForward, ReadyBy, Role, Vm, VmCreate, VmListQuery};
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmAction, VmState};
 use byteport_types::{Name, NodeId, ProjectId, VmId};
 use chrono::Utc;
@@ -208,11 +208,23 @@ impl App {
             created_at: now,
             updated_at: now,
             deleted_at: None,
+            has_agent: image.has_agent,
+            agent_version: None,
+            reserved: false,
         };
         let labels: Vec<_> = req.labels.into_iter().collect();
         let v = self.store.vm_insert(model, &labels).await?;
         ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
         let _ = self.vm_changes.send(v.id);
+        // Place it now if a node has room; the background loop retries.
+        let v = match self.place_vm(&v).await {
+            Ok(Some(_)) => self.store.vm_fetch(v.id).await?,
+            Ok(None) => self.store.vm_fetch(v.id).await?,
+            Err(e) => {
+                tracing::warn!(vm = %v.id, error = %e, "placement failed; will retry");
+                v
+            }
+        };
         vm_view(&v, &project.name)
     }
 
@@ -320,6 +332,9 @@ impl App {
             )
             .await?;
         let _ = self.vm_changes.send(v.id);
+        if let Some(node) = v.node_id {
+            self.hub.poke(node);
+        }
         self.vm_view(&v).await
     }
 
@@ -412,6 +427,12 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
         observed_generation: to_u64(v.observed_generation),
         node_id: v.node_id.map(NodeId),
         ports,
+        ready_by: if v.has_agent {
+            ReadyBy::Agent
+        } else {
+            ReadyBy::Process
+        },
+        agent_version: v.agent_version.clone(),
         created_at: v.created_at,
         updated_at: v.updated_at,
     })

@@ -5,6 +5,7 @@
 pub mod extract;
 pub mod handlers;
 pub mod middleware;
+pub mod streams;
 
 use crate::app::App;
 use crate::metrics::Metrics;
@@ -16,6 +17,7 @@ use axum::routing::get;
 use handlers as h;
 use std::collections::HashMap;
 use std::sync::Arc;
+use streams as st;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -82,6 +84,12 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::flavor_delete))
         .routes(routes!(h::image_list, h::image_create))
         .routes(routes!(h::image_show, h::image_delete))
+        .routes(routes!(st::image_upload))
+        .routes(routes!(st::image_file_download))
+        .routes(routes!(st::vm_console))
+        .routes(routes!(st::vm_console_ws))
+        .routes(routes!(st::vm_exec))
+        .routes(routes!(st::node_channel))
         .routes(routes!(h::vm_create, h::vm_list))
         .routes(routes!(h::vm_show, h::vm_delete))
         .routes(routes!(h::vm_start))

@@ -1,0 +1,319 @@
+//! The node's end of its channel to the control plane: a WebSocket it
+//! dials (and redials), over which the control plane asks for console
+//! tails, live consoles and execs. Each request is a stream served by its
+//! own task; input for a stream is routed to that task.
+
+use crate::Shared;
+use crate::driver::{Driver, files};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use byteport_guest::host::ExecEvent as GuestEvent;
+use byteport_guest::proto::ExecRequest as GuestExec;
+use byteport_types::VmId;
+use byteport_types::node_proto::{FromNode, ToNode};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::io::SeekFrom;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// Input for a stream: bytes, end of input, or close.
+enum Input {
+    Data(Vec<u8>),
+    End,
+    Close,
+}
+
+type Inputs = Arc<Mutex<HashMap<u64, mpsc::Sender<Input>>>>;
+
+/// Keeps the channel open for the life of the agent.
+pub async fn run<D: Driver>(shared: Arc<Shared<D>>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match session(&shared).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => tracing::debug!(error = %e, "node channel"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn session<D: Driver>(shared: &Arc<Shared<D>>) -> Result<(), String> {
+    let url = shared.cp.channel_url(shared.identity.id);
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    let auth = format!("Bearer {}", shared.credential());
+    req.headers_mut().insert(
+        "authorization",
+        auth.parse().map_err(|_| "bad credential".to_string())?,
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("node channel connected");
+    let (mut sink, mut source) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<FromNode>(256);
+    let inputs: Inputs = Arc::default();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let Ok(t) = serde_json::to_string(&m) else {
+                continue;
+            };
+            if sink.send(Message::Text(t.into())).await.is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(msg) = source.next().await {
+        let msg = msg.map_err(|e| e.to_string())?;
+        let Message::Text(t) = msg else { continue };
+        let Ok(req) = serde_json::from_str::<ToNode>(&t) else {
+            tracing::warn!("unknown message on the node channel");
+            continue;
+        };
+        handle(shared, &inputs, &out_tx, req);
+    }
+    writer.abort();
+    Ok(())
+}
+
+fn handle<D: Driver>(
+    shared: &Arc<Shared<D>>,
+    inputs: &Inputs,
+    out: &mpsc::Sender<FromNode>,
+    req: ToNode,
+) {
+    let route = |stream: u64, i: Input| {
+        let tx = inputs.lock().ok().and_then(|m| m.get(&stream).cloned());
+        if let Some(tx) = tx {
+            let _ = tx.try_send(i);
+        }
+    };
+    match req {
+        ToNode::Poke => shared.wake.notify_one(),
+        ToNode::ConsoleTail { stream, vm, bytes } => {
+            let path = shared.vm_dir(vm).join(files::CONSOLE_LOG);
+            let out = out.clone();
+            tokio::spawn(async move {
+                let msg = match tail(&path, bytes).await {
+                    Ok(data) => {
+                        for chunk in data.chunks(48 * 1024) {
+                            let _ = out
+                                .send(FromNode::Console {
+                                    stream,
+                                    data: B64.encode(chunk),
+                                })
+                                .await;
+                        }
+                        FromNode::End { stream }
+                    }
+                    Err(e) => FromNode::Error {
+                        stream,
+                        message: e,
+                        not_found: true,
+                    },
+                };
+                let _ = out.send(msg).await;
+            });
+        }
+        ToNode::ConsoleAttach { stream, vm } => {
+            let (tx, rx) = mpsc::channel(64);
+            if let Ok(mut m) = inputs.lock() {
+                m.insert(stream, tx);
+            }
+            let dir = shared.vm_dir(vm);
+            let (out, inputs) = (out.clone(), inputs.clone());
+            tokio::spawn(async move {
+                let end = console_attach(stream, dir, rx, &out).await;
+                let _ = out.send(end).await;
+                if let Ok(mut m) = inputs.lock() {
+                    m.remove(&stream);
+                }
+            });
+        }
+        ToNode::Exec {
+            stream,
+            vm,
+            argv,
+            env,
+            cwd,
+            stdin,
+            timeout_secs,
+        } => {
+            let (tx, rx) = mpsc::channel(64);
+            if let Ok(mut m) = inputs.lock() {
+                m.insert(stream, tx);
+            }
+            let conn = shared.guests.lock().ok().and_then(|g| g.get(&vm).cloned());
+            let (out, inputs) = (out.clone(), inputs.clone());
+            let req = GuestExec {
+                argv,
+                env,
+                cwd,
+                stdin,
+            };
+            tokio::spawn(async move {
+                let end = match conn {
+                    Some(c) => exec(stream, c, req, rx, timeout_secs, &out, vm).await,
+                    None => FromNode::Error {
+                        stream,
+                        message: "the VM's guest agent is not connected".into(),
+                        not_found: false,
+                    },
+                };
+                let _ = out.send(end).await;
+                if let Ok(mut m) = inputs.lock() {
+                    m.remove(&stream);
+                }
+            });
+        }
+        ToNode::Input { stream, data } => {
+            if let Ok(b) = B64.decode(data) {
+                route(stream, Input::Data(b));
+            }
+        }
+        ToNode::InputEnd { stream } => route(stream, Input::End),
+        ToNode::Close { stream } => route(stream, Input::Close),
+    }
+}
+
+/// The last `bytes` of a file.
+async fn tail(path: &std::path::Path, bytes: u64) -> Result<Vec<u8>, String> {
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|_| "no console log for this VM on its node".to_string())?;
+    let len = f.metadata().await.map_err(|e| e.to_string())?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(bytes)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    f.take(bytes)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// Follows the console log from its end and types input into the serial
+/// console's socket, until the requester closes.
+async fn console_attach(
+    stream: u64,
+    dir: std::path::PathBuf,
+    mut input: mpsc::Receiver<Input>,
+    out: &mpsc::Sender<FromNode>,
+) -> FromNode {
+    let log = dir.join(files::CONSOLE_LOG);
+    let mut f = match tokio::fs::File::open(&log).await {
+        Ok(f) => f,
+        Err(_) => {
+            return FromNode::Error {
+                stream,
+                message: "no console log for this VM on its node".into(),
+                not_found: true,
+            };
+        }
+    };
+    let mut pos = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let mut sock: Option<tokio::net::UnixStream> = None;
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let len = f.metadata().await.map(|m| m.len()).unwrap_or(pos);
+                if len < pos {
+                    pos = 0; // the log was replaced
+                }
+                while pos < len {
+                    if f.seek(SeekFrom::Start(pos)).await.is_err() { break; }
+                    let n = match f.read(&mut buf).await { Ok(0) | Err(_) => break, Ok(n) => n };
+                    pos += n as u64;
+                    if out.send(FromNode::Console { stream, data: B64.encode(&buf[..n]) }).await.is_err() {
+                        return FromNode::End { stream };
+                    }
+                }
+            }
+            i = input.recv() => match i {
+                Some(Input::Data(b)) => {
+                    if sock.is_none() {
+                        sock = tokio::net::UnixStream::connect(dir.join(files::CONSOLE)).await.ok();
+                    }
+                    if let Some(s) = sock.as_mut()
+                        && s.write_all(&b).await.is_err()
+                    {
+                        sock = None;
+                    }
+                }
+                Some(Input::End) => {}
+                Some(Input::Close) | None => return FromNode::End { stream },
+            }
+        }
+        // Drain whatever QEMU echoes back on the socket; output is read
+        // from the log.
+        if let Some(s) = sock.as_mut() {
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = s.try_read(&mut sink) {
+                if n == 0 {
+                    sock = None;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn exec(
+    stream: u64,
+    conn: byteport_guest::host::GuestConn,
+    req: GuestExec,
+    mut input: mpsc::Receiver<Input>,
+    timeout_secs: u64,
+    out: &mpsc::Sender<FromNode>,
+    vm: VmId,
+) -> FromNode {
+    let mut s = match conn.exec(req).await {
+        Ok(s) => s,
+        Err(e) => {
+            return FromNode::Error {
+                stream,
+                message: format!("the guest agent refused: {e}"),
+                not_found: false,
+            };
+        }
+    };
+    let deadline = tokio::time::sleep(Duration::from_secs(timeout_secs));
+    tokio::pin!(deadline);
+    let mut input_open = true;
+    loop {
+        tokio::select! {
+            ev = s.events.recv() => match ev {
+                Some(GuestEvent::Stdout(b)) => {
+                    let _ = out.send(FromNode::Stdout { stream, data: B64.encode(b) }).await;
+                }
+                Some(GuestEvent::Stderr(b)) => {
+                    let _ = out.send(FromNode::Stderr { stream, data: B64.encode(b) }).await;
+                }
+                Some(GuestEvent::Exit { code, signal }) => return FromNode::Exit { stream, code, signal },
+                Some(GuestEvent::Error(message)) => return FromNode::Error { stream, message, not_found: false },
+                None => return FromNode::Error { stream, message: "the guest agent went away".into(), not_found: false },
+            },
+            i = input.recv(), if input_open => match i {
+                Some(Input::Data(b)) => { let _ = s.write_stdin(&b).await; }
+                Some(Input::End) => { let _ = s.close_stdin().await; input_open = false; }
+                Some(Input::Close) | None => {
+                    let _ = s.kill().await;
+                    return FromNode::Error { stream, message: "the requester went away; the command was killed".into(), not_found: false };
+                }
+            },
+            _ = &mut deadline => {
+                let _ = s.kill().await;
+                tracing::info!(%vm, timeout_secs, "exec timed out");
+                return FromNode::Error { stream, message: format!("the command ran longer than {timeout_secs} s and was killed"), not_found: false };
+            }
+        }
+    }
+}

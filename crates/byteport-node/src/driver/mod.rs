@@ -1,0 +1,113 @@
+//! Hypervisor drivers. A [`Driver`] starts a VM from a [`LaunchSpec`] or
+//! re-adopts one that kept running while the agent was away; the
+//! [`Instance`] it returns controls that one running VM. QEMU (a process
+//! per VM, controlled over QMP) is the real driver; [`fake`] records calls
+//! for fast tests. libvirt and Firecracker fit the same shape.
+
+pub mod fake;
+pub mod qemu;
+
+use byteport_types::api::PortForward;
+use std::future::Future;
+use std::path::PathBuf;
+
+/// What a driver can fail with; the message is shown as the VM's reason.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl DriverError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+        let context = context.into();
+        move |source| DriverError::Io { context, source }
+    }
+}
+
+/// How the guest's CPU is provided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// Everything needed to start one VM, prepared by the agent.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    /// The VM's own directory: sockets, logs, pidfile, disk.
+    pub dir: PathBuf,
+    pub name: String,
+    pub uuid: uuid::Uuid,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// The VM's disk (a qcow2 overlay or a blank qcow2).
+    pub disk: PathBuf,
+    /// Kernel, initrd and command line for kernel-booted images.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    /// Guest ports forwarded to the host.
+    pub ports: Vec<PortForward>,
+    /// `-smbios type=1,serial=...` (the metadata data source), if any.
+    pub smbios_serial: Option<String>,
+    pub accel: Accel,
+}
+
+/// Files inside a VM's directory.
+pub mod files {
+    pub const QMP: &str = "qmp.sock";
+    pub const AGENT: &str = "agent.sock";
+    pub const CONSOLE: &str = "console.sock";
+    pub const CONSOLE_LOG: &str = "console.log";
+    pub const PIDFILE: &str = "qemu.pid";
+    pub const HYPERVISOR_LOG: &str = "qemu.log";
+    pub const DISK: &str = "disk.qcow2";
+    pub const STATE: &str = "vm.json";
+}
+
+/// What a VM's hypervisor reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    /// The hypervisor process is gone; why, as the user should read it,
+    /// and whether it was a clean power-off of the guest.
+    Exited {
+        reason: String,
+        clean: bool,
+    },
+}
+
+/// One VM's hypervisor, running or just exited.
+pub trait Instance: Send + Sync + 'static {
+    fn pid(&self) -> Option<u32>;
+    fn state(&self) -> impl Future<Output = RunState> + Send;
+    fn pause(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
+    fn resume(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Asks the guest to power off (ACPI power button).
+    fn powerdown(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Resets the guest at once (a hard reboot).
+    fn reset(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Ends the hypervisor process now and waits until it is gone.
+    fn kill(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Resolves when the process has exited.
+    fn exited(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// A hypervisor.
+pub trait Driver: Send + Sync + 'static {
+    type Instance: Instance;
+    fn name(&self) -> &'static str;
+    fn start(
+        &self,
+        spec: &LaunchSpec,
+    ) -> impl Future<Output = Result<Self::Instance, DriverError>> + Send;
+    /// Re-attaches to a VM still running from before an agent restart.
+    fn adopt(&self, dir: &std::path::Path) -> impl Future<Output = Option<Self::Instance>> + Send;
+}

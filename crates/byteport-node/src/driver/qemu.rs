@@ -1,0 +1,471 @@
+//! The QEMU driver: one `qemu-system-x86_64` process per VM, in its own
+//! process group so that it outlives the agent (and a Ctrl-C aimed at it),
+//! with its pidfile, QMP socket, guest-agent socket, serial console socket
+//! and console log in the VM's directory. Control goes over QMP; the
+//! process itself is watched so that an exit or a crash is seen at once.
+//!
+//! Actions: start = spawn; pause/resume = QMP `stop`/`cont`; powerdown =
+//! `system_powerdown` (ACPI); reset = `system_reset`; kill = QMP `quit`,
+//! then SIGKILL if the process is still there after a few seconds.
+
+use super::{Accel, Driver, DriverError, Instance, LaunchSpec, RunState, files};
+use byteport_qmp::Qmp;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long a new QEMU has to open its QMP socket.
+const QMP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `quit` may take before the process is killed.
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+
+/// The guest-agent port's name inside the guest.
+pub const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
+
+pub struct QemuDriver {
+    pub binary: PathBuf,
+}
+
+impl Default for QemuDriver {
+    fn default() -> Self {
+        QemuDriver {
+            binary: PathBuf::from("qemu-system-x86_64"),
+        }
+    }
+}
+
+/// The argument vector for one VM. Every value is either ours (paths in
+/// the VM's directory, numbers) or validated by the control plane (the
+/// hostname is a name); nothing goes through a shell.
+pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
+    let d = |f: &str| spec.dir.join(f).display().to_string();
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("guest={},debug-threads=off", spec.name)]);
+    push(&["-uuid", &spec.uuid.to_string()]);
+    match spec.accel {
+        Accel::Kvm => push(&["-machine", "pc,accel=kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-machine", "pc,accel=tcg"]),
+    }
+    push(&[
+        "-smp",
+        &spec.vcpus.to_string(),
+        "-m",
+        &spec.memory_mib.to_string(),
+    ]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    if let Some(k) = &spec.kernel {
+        push(&["-kernel", &k.display().to_string()]);
+    }
+    if let Some(i) = &spec.initrd {
+        push(&["-initrd", &i.display().to_string()]);
+    }
+    if let Some(c) = &spec.cmdline {
+        push(&["-append", c]);
+    }
+    push(&[
+        "-drive",
+        &format!(
+            "file={},if=none,id=disk0,format=qcow2,cache=writeback,discard=unmap",
+            spec.disk.display()
+        ),
+        "-device",
+        "virtio-blk-pci,drive=disk0,bootindex=1",
+    ]);
+    let mut netdev = String::from("user,id=net0");
+    for p in &spec.ports {
+        netdev.push_str(&format!(
+            ",hostfwd=tcp:{}:{}-:{}",
+            p.host, p.host_port, p.guest_port
+        ));
+    }
+    push(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+            d(files::CONSOLE),
+            d(files::CONSOLE_LOG)
+        ),
+        "-serial",
+        "chardev:serial0",
+    ]);
+    push(&[
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-chardev",
+        &format!(
+            "socket,id=agent0,path={},server=on,wait=off",
+            d(files::AGENT)
+        ),
+        "-device",
+        &format!("virtserialport,chardev=agent0,name={AGENT_PORT_NAME}"),
+    ]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp0,path={},server=on,wait=off", d(files::QMP)),
+        "-mon",
+        "chardev=qmp0,mode=control",
+    ]);
+    if let Some(s) = &spec.smbios_serial {
+        push(&[
+            "-smbios",
+            &format!("type=1,serial={}", s.replace(',', ",,")),
+        ]);
+    }
+    push(&["-pidfile", &d(files::PIDFILE)]);
+    a
+}
+
+/// Why a process ended, from what the agent could see.
+#[derive(Clone, Debug)]
+struct Exit {
+    status: Option<String>,
+}
+
+pub struct QemuInstance {
+    pid: u32,
+    qmp: Qmp,
+    exit: watch::Receiver<Option<Exit>>,
+    /// The reason of QEMU's SHUTDOWN event, if one came.
+    shutdown: Arc<Mutex<Option<(bool, String)>>>,
+    dir: PathBuf,
+}
+
+fn read_tail(path: &Path, max: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let s = s.trim();
+    let start = s.len().saturating_sub(max);
+    let start = (start..=s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    s[start..].to_owned()
+}
+
+/// Whether `pid` is a live (not zombie) QEMU of the VM in `dir`.
+fn is_our_qemu(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    let needle = dir.join(files::QMP).display().to_string();
+    !zombie && String::from_utf8_lossy(&cmdline).contains(&needle)
+}
+
+impl QemuInstance {
+    async fn attach(
+        pid: u32,
+        dir: &Path,
+        exit: watch::Receiver<Option<Exit>>,
+    ) -> Result<Self, DriverError> {
+        let qmp = Qmp::connect_retry(&dir.join(files::QMP), QMP_TIMEOUT)
+            .await
+            .map_err(|e| DriverError::Failed(format!("QMP: {e}")))?;
+        let shutdown: Arc<Mutex<Option<(bool, String)>>> = Arc::default();
+        let mut events = qmp.subscribe();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            while let Ok(ev) = events.recv().await {
+                if ev.name == "SHUTDOWN" {
+                    let guest = ev
+                        .data
+                        .get("guest")
+                        .and_then(|g| g.as_bool())
+                        .unwrap_or(false);
+                    let reason = ev
+                        .data
+                        .get("reason")
+                        .and_then(|r| r.as_str())
+                        .unwrap_or("unknown")
+                        .to_owned();
+                    if let Ok(mut s) = sd.lock() {
+                        *s = Some((guest, reason));
+                    }
+                }
+            }
+        });
+        Ok(QemuInstance {
+            pid,
+            qmp,
+            exit,
+            shutdown,
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn exit_state(&self, e: &Exit) -> RunState {
+        let shutdown = self.shutdown.lock().ok().and_then(|s| s.clone());
+        match shutdown {
+            Some((true, _)) => RunState::Exited {
+                reason: "the guest powered itself off".into(),
+                clean: true,
+            },
+            Some((false, r)) if r == "host-qmp-quit" => RunState::Exited {
+                reason: "QEMU was told to quit".into(),
+                clean: true,
+            },
+            _ => {
+                let log = read_tail(&self.dir.join(files::HYPERVISOR_LOG), 300);
+                let mut reason = format!(
+                    "QEMU (pid {}) exited unexpectedly{}",
+                    self.pid,
+                    e.status
+                        .as_deref()
+                        .map(|s| format!(": {s}"))
+                        .unwrap_or_default()
+                );
+                if !log.is_empty() {
+                    reason.push_str(&format!("; its log ends: {log}"));
+                }
+                RunState::Exited {
+                    reason,
+                    clean: false,
+                }
+            }
+        }
+    }
+}
+
+impl Instance for QemuInstance {
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+
+    async fn state(&self) -> RunState {
+        if let Some(e) = self.exit.borrow().clone() {
+            return self.exit_state(&e);
+        }
+        match self.qmp.query_status().await {
+            Ok(s) if s.running => RunState::Running,
+            Ok(_) => RunState::Paused,
+            Err(_) => {
+                // The socket closes as the process dies: wait for the watcher.
+                let mut rx = self.exit.clone();
+                let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|e| e.is_some()))
+                    .await;
+                match self.exit.borrow().clone() {
+                    Some(e) => self.exit_state(&e),
+                    None => RunState::Running,
+                }
+            }
+        }
+    }
+
+    async fn pause(&self) -> Result<(), DriverError> {
+        self.qmp
+            .stop()
+            .await
+            .map_err(|e| DriverError::Failed(format!("QMP stop: {e}")))
+    }
+
+    async fn resume(&self) -> Result<(), DriverError> {
+        self.qmp
+            .cont()
+            .await
+            .map_err(|e| DriverError::Failed(format!("QMP cont: {e}")))
+    }
+
+    async fn powerdown(&self) -> Result<(), DriverError> {
+        self.qmp
+            .system_powerdown()
+            .await
+            .map_err(|e| DriverError::Failed(format!("QMP system_powerdown: {e}")))
+    }
+
+    async fn reset(&self) -> Result<(), DriverError> {
+        self.qmp
+            .system_reset()
+            .await
+            .map_err(|e| DriverError::Failed(format!("QMP system_reset: {e}")))
+    }
+
+    async fn kill(&self) -> Result<(), DriverError> {
+        if self.exit.borrow().is_some() {
+            return Ok(());
+        }
+        let _ = self.qmp.quit().await;
+        let mut rx = self.exit.clone();
+        if tokio::time::timeout(QUIT_GRACE, rx.wait_for(|e| e.is_some()))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tracing::warn!(pid = self.pid, "QEMU ignored quit; killing it");
+        let _ = tokio::process::Command::new("kill")
+            .arg("-9")
+            .arg(self.pid.to_string())
+            .status()
+            .await;
+        let mut rx = self.exit.clone();
+        tokio::time::timeout(QUIT_GRACE, rx.wait_for(|e| e.is_some()))
+            .await
+            .map(|_| ())
+            .map_err(|_| DriverError::Failed(format!("QEMU pid {} would not die", self.pid)))
+    }
+
+    async fn exited(&self) {
+        let mut rx = self.exit.clone();
+        let _ = rx.wait_for(|e| e.is_some()).await;
+    }
+}
+
+impl Driver for QemuDriver {
+    type Instance = QemuInstance;
+
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn start(&self, spec: &LaunchSpec) -> Result<QemuInstance, DriverError> {
+        for f in [files::QMP, files::AGENT, files::CONSOLE, files::PIDFILE] {
+            let _ = std::fs::remove_file(spec.dir.join(f));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec.dir.join(files::HYPERVISOR_LOG))
+            .map_err(DriverError::io("cannot open the QEMU log"))?;
+        let log2 = log
+            .try_clone()
+            .map_err(DriverError::io("cannot open the QEMU log"))?;
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(command_line(spec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| {
+            DriverError::Failed(format!("cannot run {}: {e}", self.binary.display()))
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = child.wait().await.ok().map(|s| {
+                use std::os::unix::process::ExitStatusExt;
+                match (s.code(), s.signal()) {
+                    (_, Some(sig)) => format!("killed by signal {sig}"),
+                    (Some(c), _) => format!("exit status {c}"),
+                    _ => s.to_string(),
+                }
+            });
+            let _ = tx.send(Some(Exit { status }));
+        });
+        let early = rx.clone();
+        match QemuInstance::attach(pid, &spec.dir, rx).await {
+            Ok(i) => Ok(i),
+            Err(e) => {
+                let mut early = early;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), early.wait_for(|x| x.is_some()))
+                        .await;
+                let log = read_tail(&spec.dir.join(files::HYPERVISOR_LOG), 500);
+                let _ = tokio::process::Command::new("kill")
+                    .arg("-9")
+                    .arg(pid.to_string())
+                    .status()
+                    .await;
+                Err(DriverError::Failed(if log.is_empty() {
+                    format!("QEMU did not start: {e}")
+                } else {
+                    format!("QEMU did not start: {log}")
+                }))
+            }
+        }
+    }
+
+    async fn adopt(&self, dir: &Path) -> Option<QemuInstance> {
+        let pid: u32 = std::fs::read_to_string(dir.join(files::PIDFILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        if !is_our_qemu(pid, dir) {
+            return None;
+        }
+        let (tx, rx) = watch::channel(None);
+        let d = dir.to_owned();
+        tokio::spawn(async move {
+            // Not our child: watch /proc instead of waiting on it.
+            while is_our_qemu(pid, &d) {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let _ = tx.send(Some(Exit { status: None }));
+        });
+        QemuInstance::attach(pid, dir, rx).await.ok()
+    }
+}
+
+/// Whether KVM really runs a Linux guest here: boots `kernel` under KVM with
+/// no init and waits for the kernel's own lines on the serial console. A
+/// host whose /dev/kvm cannot run normal guests (it hangs or aborts) fails
+/// within `timeout`, and TCG is used.
+pub async fn probe_kvm(binary: &Path, kernel: &Path, timeout: Duration) -> Result<(), String> {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Err("/dev/kvm cannot be opened".into());
+    }
+    let mut child = tokio::process::Command::new(binary)
+        .args(["-machine", "pc,accel=kvm", "-cpu", "host", "-m", "128"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 rdinit=/byteport-kvm-probe",
+        ])
+        .args(["-serial", "stdio"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = out.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return false;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            let s = String::from_utf8_lossy(&seen);
+            // Past early boot: the kernel looked for init.
+            if s.contains("Kernel panic")
+                || s.contains("Run /byteport-kvm-probe")
+                || s.contains("No working init")
+            {
+                return true;
+            }
+        }
+    };
+    let ok = tokio::time::timeout(timeout, read).await.unwrap_or(false);
+    let _ = child.kill().await;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a Linux kernel did not boot under KVM within {} s",
+            timeout.as_secs()
+        ))
+    }
+}

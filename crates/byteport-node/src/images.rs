@@ -1,0 +1,114 @@
+//! The node's content-addressed image cache: files named by their sha256,
+//! fetched from the control plane once and verified, shared by every VM
+//! that boots them; and each VM's disk, a qcow2 overlay on a cached base
+//! (or a blank qcow2 for images that boot from a kernel and initramfs).
+
+use crate::client::ControlPlane;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub struct ImageCache {
+    dir: PathBuf,
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ImageCache {
+    pub fn new(dir: PathBuf) -> Self {
+        ImageCache {
+            dir,
+            fetching: Mutex::default(),
+        }
+    }
+
+    pub fn path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(sha256)
+    }
+
+    /// Any cached file whose first bytes look like a Linux kernel, for the
+    /// KVM probe.
+    pub fn any_kernel(&self) -> Option<PathBuf> {
+        for e in std::fs::read_dir(&self.dir).ok()?.flatten() {
+            let mut head = [0u8; 0x210];
+            if let Ok(mut f) = std::fs::File::open(e.path()) {
+                use std::io::Read;
+                if f.read_exact(&mut head).is_ok() && &head[0x202..0x206] == b"HdrS" {
+                    return Some(e.path());
+                }
+            }
+        }
+        None
+    }
+
+    /// The local path of a file, downloading and verifying it first if it
+    /// is not cached. Concurrent callers for one file download it once.
+    pub async fn ensure(
+        &self,
+        cp: &ControlPlane,
+        credential: &str,
+        sha256: &str,
+    ) -> Result<PathBuf, String> {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("image file id {sha256:?} is not a sha256"));
+        }
+        let path = self.path(sha256);
+        if path.exists() {
+            return Ok(path);
+        }
+        let lock = {
+            let mut f = self.fetching.lock().map_err(|_| "cache lock poisoned")?;
+            f.entry(sha256.to_owned()).or_default().clone()
+        };
+        let _g = lock.lock().await;
+        if path.exists() {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("image cache: {e}"))?;
+        let part = self
+            .dir
+            .join(format!(".part-{sha256}-{}", uuid::Uuid::new_v4()));
+        let started = std::time::Instant::now();
+        match cp.download(credential, sha256, part.clone()).await {
+            Ok(n) => {
+                std::fs::rename(&part, &path).map_err(|e| format!("image cache: {e}"))?;
+                tracing::info!(
+                    sha256,
+                    bytes = n,
+                    ms = started.elapsed().as_millis() as u64,
+                    "image file cached"
+                );
+                Ok(path)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&part);
+                Err(format!("cannot fetch image file {sha256}: {e}"))
+            }
+        }
+    }
+}
+
+/// Creates a VM's disk: an overlay on `base` (format `base_format`), or a
+/// blank qcow2 when there is no base; `size_gib` is its virtual size.
+pub async fn create_disk(
+    disk: &Path,
+    base: Option<(&Path, &str)>,
+    size_gib: u64,
+) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if let Some((b, fmt)) = base {
+        cmd.arg("-b").arg(b).arg("-F").arg(fmt);
+    }
+    cmd.arg(disk).arg(format!("{size_gib}G"));
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,425 @@
+//! The node agent: one per host. It registers with the control plane (once,
+//! with a join token; its own credential is kept in its data directory),
+//! heartbeats its capacity and the observed state of its VMs, and runs one
+//! task per VM that moves the VM towards the desired state each heartbeat
+//! answers with. It dials the control plane for everything: heartbeats,
+//! image downloads, and a WebSocket channel over which the control plane
+//! asks for consoles and execs. It never needs to be reachable itself.
+//!
+//! It owns drivers, disks, networks and the VM directories; it does not own
+//! placement (the scheduler's) or the API (the control plane's).
+
+pub mod channel;
+pub mod client;
+pub mod driver;
+pub mod images;
+pub mod network;
+pub mod vm;
+
+use byteport_guest::host::GuestConn;
+use byteport_types::api::{Capacity, DesiredVm, Heartbeat, NodeRegister, VmReport};
+use byteport_types::vm_state::ObservedState;
+use byteport_types::{Name, NodeId, VmId};
+use client::ControlPlane;
+use driver::{Accel, Driver};
+use images::ImageCache;
+use network::UserNet;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+
+/// How the agent is set up.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The control plane's base URL, `http://host:port`.
+    pub server: String,
+    /// Needed only for the first start; the credential is kept after.
+    pub join_token: Option<String>,
+    pub data_dir: PathBuf,
+    pub name: Name,
+    pub region: String,
+    /// The host address port forwards listen on.
+    pub forward_host: String,
+    pub forward_ports: std::ops::RangeInclusive<u16>,
+    /// How long a guest has to power off before QEMU is told to quit.
+    pub stop_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// `auto` probes KVM once at start; `kvm` or `tcg` force one.
+    pub accel: AccelChoice,
+    pub qemu_binary: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl std::str::FromStr for AccelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AccelChoice::Auto),
+            "kvm" => Ok(AccelChoice::Kvm),
+            "tcg" => Ok(AccelChoice::Tcg),
+            _ => Err(format!("{s:?} is not auto, kvm or tcg")),
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn new(server: &str, data_dir: PathBuf, name: Name) -> Self {
+        NodeConfig {
+            server: server.to_owned(),
+            join_token: None,
+            data_dir,
+            name,
+            region: "default".into(),
+            forward_host: "127.0.0.1".into(),
+            forward_ports: 20000..=29999,
+            stop_timeout: Duration::from_secs(20),
+            heartbeat_interval: Duration::from_secs(5),
+            accel: AccelChoice::Auto,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+        }
+    }
+}
+
+/// What the agent failed with at start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+}
+
+/// The node's identity, kept in `node.json` in its data directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Identity {
+    pub id: NodeId,
+    pub name: String,
+    pub credential: String,
+    pub server: String,
+}
+
+/// State every VM task and the channel share.
+pub struct Shared<D: Driver> {
+    pub driver: D,
+    pub cp: ControlPlane,
+    pub identity: Identity,
+    pub images: ImageCache,
+    pub net: UserNet,
+    pub accel: Accel,
+    pub vms_dir: PathBuf,
+    pub stop_timeout: Duration,
+    /// The latest observation of each VM, sent with every heartbeat.
+    pub reports: Mutex<HashMap<VmId, VmReport>>,
+    /// Connected, ready guest agents.
+    pub guests: Mutex<HashMap<VmId, GuestConn>>,
+    /// Heartbeat now (a VM changed, or the control plane poked).
+    pub wake: Notify,
+}
+
+impl<D: Driver> Shared<D> {
+    pub fn credential(&self) -> String {
+        self.identity.credential.clone()
+    }
+
+    pub fn vm_dir(&self, id: VmId) -> PathBuf {
+        self.vms_dir.join(id.to_string())
+    }
+}
+
+fn read_meminfo_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(1024, |kb| kb / 1024)
+}
+
+async fn disk_gib(dir: &std::path::Path) -> u64 {
+    let out = tokio::process::Command::new("df")
+        .arg("-Pk")
+        .arg(dir)
+        .output()
+        .await;
+    out.ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .nth(1)
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(10, |kb| kb / 1024 / 1024)
+}
+
+/// The host's capacity for VMs.
+pub async fn detect_capacity(dir: &std::path::Path) -> Capacity {
+    Capacity {
+        vcpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory_mib: read_meminfo_mib(),
+        disk_gib: disk_gib(dir).await,
+    }
+}
+
+async fn choose_accel(cfg: &NodeConfig, images: &ImageCache) -> (Accel, String) {
+    match cfg.accel {
+        AccelChoice::Kvm => (Accel::Kvm, "KVM (forced)".into()),
+        AccelChoice::Tcg => (Accel::Tcg, "TCG (forced)".into()),
+        AccelChoice::Auto => {
+            let Some(kernel) = images.any_kernel() else {
+                return (
+                    Accel::Tcg,
+                    "TCG: no kernel cached yet to prove KVM with".into(),
+                );
+            };
+            match driver::qemu::probe_kvm(&cfg.qemu_binary, &kernel, Duration::from_secs(8)).await {
+                Ok(()) => (Accel::Kvm, "KVM: a Linux kernel booted under it".into()),
+                Err(why) => (Accel::Tcg, format!("TCG: {why}")),
+            }
+        }
+    }
+}
+
+/// Loads the node's identity, or registers with the join token.
+async fn identity(
+    cfg: &NodeConfig,
+    cp: &ControlPlane,
+    cap: Capacity,
+    kvm: bool,
+) -> Result<Identity, NodeError> {
+    let path = cfg.data_dir.join("node.json");
+    if let Ok(b) = std::fs::read(&path) {
+        let id: Identity = serde_json::from_slice(&b)
+            .map_err(|e| NodeError::Setup(format!("{} is damaged: {e}", path.display())))?;
+        return Ok(id);
+    }
+    let Some(token) = &cfg.join_token else {
+        return Err(NodeError::Setup(format!(
+            "this node is not registered yet ({} is missing): start it once with --join-token",
+            path.display()
+        )));
+    };
+    let reg = cp
+        .register(NodeRegister {
+            join_token: token.clone(),
+            name: cfg.name.clone(),
+            region: cfg.region.clone(),
+            arch: std::env::consts::ARCH.into(),
+            engines: vec!["qemu".into()],
+            kvm,
+            capacity: cap,
+        })
+        .await?;
+    let ident = Identity {
+        id: reg.node.id,
+        name: reg.node.name.to_string(),
+        credential: reg.credential,
+        server: cfg.server.clone(),
+    };
+    let tmp = cfg.data_dir.join(".node.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&ident).unwrap_or_default())
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| NodeError::Setup(format!("cannot save {}: {e}", path.display())))?;
+    tracing::info!(node = %ident.id, name = %ident.name, "registered with the control plane");
+    Ok(ident)
+}
+
+/// A VM task's handle: the desired state goes in through a watch channel.
+struct Handle {
+    tx: watch::Sender<DesiredVm>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the node agent until the process ends.
+pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError> {
+    std::fs::create_dir_all(cfg.data_dir.join("vms"))
+        .map_err(|e| NodeError::Setup(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+    let images = ImageCache::new(cfg.data_dir.join("images"));
+    let (accel, why) = choose_accel(&cfg, &images).await;
+    tracing::info!(accel = ?accel, "{why}");
+    let cp = ControlPlane::new(&cfg.server);
+    let cap = detect_capacity(&cfg.data_dir).await;
+    let ident = identity(&cfg, &cp, cap, accel == Accel::Kvm).await?;
+    let shared = Arc::new(Shared {
+        driver,
+        cp: cp.clone(),
+        identity: ident.clone(),
+        images,
+        net: UserNet::new(cfg.forward_host.clone(), cfg.forward_ports.clone()),
+        accel,
+        vms_dir: cfg.data_dir.join("vms"),
+        stop_timeout: cfg.stop_timeout,
+        reports: Mutex::default(),
+        guests: Mutex::default(),
+        wake: Notify::new(),
+    });
+    let mut tasks: HashMap<VmId, Handle> = HashMap::new();
+    // Re-adopt what was here before a restart.
+    for e in std::fs::read_dir(&shared.vms_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(b) = std::fs::read(e.path().join(driver::files::STATE)) else {
+            continue;
+        };
+        let Ok(p) = serde_json::from_slice::<vm::Persisted>(&b) else {
+            continue;
+        };
+        let id = p.spec.id;
+        tasks.insert(id, spawn_vm(&shared, p.spec));
+    }
+    tokio::spawn(channel::run(shared.clone()));
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let reports: Vec<VmReport> = shared
+            .reports
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        let usage = usage(&tasks);
+        let hb = Heartbeat {
+            capacity: cap,
+            usage,
+            vms: reports,
+        };
+        match cp.heartbeat(ident.id, &ident.credential, hb).await {
+            Ok(resp) => {
+                backoff = Duration::from_millis(200);
+                reconcile(&shared, &mut tasks, resp.vms);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {
+                // Let a burst of changes settle into one heartbeat.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ = tokio::time::sleep(cfg.heartbeat_interval) => {}
+        }
+    }
+}
+
+fn usage(tasks: &HashMap<VmId, Handle>) -> Capacity {
+    let mut u = Capacity::default();
+    for h in tasks.values() {
+        let d = h.tx.borrow();
+        u.vcpus += d.vcpus;
+        u.memory_mib += d.memory_mib;
+        u.disk_gib += d.disk_gib;
+    }
+    u
+}
+
+fn spawn_vm<D: Driver>(shared: &Arc<Shared<D>>, spec: DesiredVm) -> Handle {
+    let (tx, rx) = watch::channel(spec.clone());
+    let task = vm::VmTask::new(shared.clone(), spec);
+    Handle {
+        tx,
+        task: tokio::spawn(task.run(rx)),
+    }
+}
+
+/// Hands each VM task its desired state; starts tasks for new VMs and
+/// deletes VMs the control plane no longer lists.
+fn reconcile<D: Driver>(
+    shared: &Arc<Shared<D>>,
+    tasks: &mut HashMap<VmId, Handle>,
+    desired: Vec<DesiredVm>,
+) {
+    let listed: std::collections::HashSet<VmId> = desired.iter().map(|d| d.id).collect();
+    for d in desired {
+        match tasks.get(&d.id) {
+            Some(h) if !h.task.is_finished() => {
+                h.tx.send_if_modified(|cur| {
+                    let changed = cur.desired_generation != d.desired_generation
+                        || cur.desired_state != d.desired_state
+                        || cur.restart != d.restart;
+                    if changed {
+                        *cur = d.clone();
+                    }
+                    changed
+                });
+            }
+            Some(_) => {
+                // The task finished (deleted) but the control plane still
+                // lists the VM until it takes the report; keep reporting.
+            }
+            None => {
+                if d.desired_state == byteport_types::DesiredState::Deleted
+                    && !shared.vm_dir(d.id).exists()
+                {
+                    // Nothing here: say so.
+                    report_gone(shared, d.id, d.desired_generation);
+                    continue;
+                }
+                tasks.insert(d.id, spawn_vm(shared, d));
+            }
+        }
+    }
+    // VMs here that the control plane no longer lists: delete them.
+    let gone: Vec<VmId> = tasks
+        .keys()
+        .filter(|id| !listed.contains(id))
+        .copied()
+        .collect();
+    for id in gone {
+        let Some(h) = tasks.get(&id) else { continue };
+        if h.task.is_finished() {
+            tasks.remove(&id);
+            if let Ok(mut r) = shared.reports.lock() {
+                r.remove(&id);
+            }
+            continue;
+        }
+        h.tx.send_modify(|d| {
+            if d.desired_state != byteport_types::DesiredState::Deleted {
+                tracing::info!(vm = %id, "the control plane no longer lists this VM; deleting it");
+                d.desired_state = byteport_types::DesiredState::Deleted;
+            }
+        });
+    }
+    if let Ok(mut r) = shared.reports.lock() {
+        r.retain(|id, _| listed.contains(id) || tasks.contains_key(id));
+    }
+}
+
+fn report_gone<D: Driver>(shared: &Arc<Shared<D>>, id: VmId, want_gen: u64) {
+    if let Ok(mut r) = shared.reports.lock()
+        && !r.contains_key(&id)
+    {
+        r.insert(
+            id,
+            VmReport {
+                id,
+                state: ObservedState::Deleted,
+                generation: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(1),
+                desired_generation: want_gen,
+                reason: None,
+                ports: Vec::new(),
+                agent_version: None,
+            },
+        );
+        shared.wake.notify_one();
+    }
+}

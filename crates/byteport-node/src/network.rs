@@ -1,0 +1,118 @@
+//! VM networking. The default mode is QEMU's user-mode NAT: the guest
+//! reaches out through the host, and chosen guest ports are forwarded from
+//! host ports that this allocator hands out without collisions across the
+//! node's VMs. A bridge/tap/nftables mode implements the same trait.
+
+use byteport_types::VmId;
+use byteport_types::api::PortForward;
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::ops::RangeInclusive;
+use std::sync::Mutex;
+
+/// How VMs are connected.
+pub trait Network: Send + Sync + 'static {
+    /// Host ports for the VM's guest ports; stable for the VM's life.
+    fn allocate(&self, vm: VmId, guest_ports: &[u16]) -> Result<Vec<PortForward>, String>;
+    /// Takes back ports a VM held before an agent restart.
+    fn adopt(&self, vm: VmId, ports: &[PortForward]);
+    /// Frees everything the VM held.
+    fn release(&self, vm: VmId);
+}
+
+/// User-mode NAT with host port forwards.
+pub struct UserNet {
+    /// The host address forwards listen on.
+    pub host: String,
+    range: RangeInclusive<u16>,
+    used: Mutex<HashMap<u16, VmId>>,
+}
+
+impl UserNet {
+    pub fn new(host: String, range: RangeInclusive<u16>) -> Self {
+        UserNet {
+            host,
+            range,
+            used: Mutex::default(),
+        }
+    }
+}
+
+impl Network for UserNet {
+    fn allocate(&self, vm: VmId, guest_ports: &[u16]) -> Result<Vec<PortForward>, String> {
+        let mut used = self.used.lock().map_err(|_| "port table poisoned")?;
+        let mut out = Vec::new();
+        let span = u32::from(self.range.end() - self.range.start()) + 1;
+        // Start at a spot derived from the VM id so restarts of many agents
+        // do not all probe the same ports first.
+        let offset = (vm.0.as_u128() % u128::from(span)) as u32;
+        for &guest_port in guest_ports {
+            let mut found = None;
+            for i in 0..span {
+                let port = self.range.start() + ((offset + i) % span) as u16;
+                if used.contains_key(&port) {
+                    continue;
+                }
+                if TcpListener::bind((self.host.as_str(), port)).is_ok() {
+                    found = Some(port);
+                    break;
+                }
+            }
+            let Some(port) = found else {
+                for p in &out {
+                    let p: &PortForward = p;
+                    used.remove(&p.host_port);
+                }
+                return Err(format!(
+                    "no free host port in {}-{}",
+                    self.range.start(),
+                    self.range.end()
+                ));
+            };
+            used.insert(port, vm);
+            out.push(PortForward {
+                guest_port,
+                host_port: port,
+                host: self.host.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn adopt(&self, vm: VmId, ports: &[PortForward]) {
+        if let Ok(mut used) = self.used.lock() {
+            for p in ports {
+                used.insert(p.host_port, vm);
+            }
+        }
+    }
+
+    fn release(&self, vm: VmId) {
+        if let Ok(mut used) = self.used.lock() {
+            used.retain(|_, v| *v != vm);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_never_collide_and_come_back() {
+        let net = UserNet::new("127.0.0.1".into(), 41000..=41009);
+        let mut seen = std::collections::HashSet::new();
+        let vms: Vec<VmId> = (0..5).map(|_| VmId::new()).collect();
+        for vm in &vms {
+            for p in net.allocate(*vm, &[22, 80]).unwrap() {
+                assert!(seen.insert(p.host_port), "port {} given twice", p.host_port);
+            }
+        }
+        assert!(
+            net.allocate(VmId::new(), &[22]).is_err(),
+            "the range is full"
+        );
+        net.release(vms[0]);
+        assert_eq!(net.allocate(VmId::new(), &[22, 80]).unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,462 @@
+//! One task per VM. It owns the VM's hypervisor instance, its directory
+//! and its guest-agent connection, takes the latest desired state from a
+//! watch channel (so a slow VM never blocks the agent's loop), moves the VM
+//! one step at a time towards it, and publishes what it observes.
+//!
+//! ```text
+//!  desired running/paused:  (none) ──prepare+start──► provisioning
+//!      provisioning ──agent ready (or process up, no agent)──► running
+//!      running ◄──cont── paused ◄──stop── running        restart: system_reset
+//!  desired stopped:  running/paused ──powerdown──► (wait ≤ stop timeout) ──quit──► stopped (disk kept)
+//!  desired deleted:  any ──quit──► remove disk, sockets, logs, ports ──► deleted
+//!  process exits by itself: guest power-off ──► stopped (reason), crash ──► error (reason)
+//! ```
+
+use crate::Shared;
+use crate::driver::{Driver, Instance, LaunchSpec, RunState, files};
+use crate::network::Network;
+use byteport_guest::host::GuestConn;
+use byteport_types::VmId;
+use byteport_types::api::{BootMode, DesiredVm, PortForward, VmReport};
+use byteport_types::vm_state::{DesiredState, ObservedState};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Guest ports forwarded to the host for every VM.
+const FORWARDED: &[u16] = &[22];
+/// How long a guest agent has to say ready after its VM starts.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What survives an agent restart, in the VM's directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Persisted {
+    pub spec: DesiredVm,
+    /// The desired generation carried out.
+    pub applied: u64,
+    pub ports: Vec<PortForward>,
+    /// A start that failed at this desired generation is not retried until
+    /// the desired state changes.
+    pub failed: Option<u64>,
+    pub observed: ObservedState,
+    pub reason: Option<String>,
+}
+
+pub struct VmTask<D: Driver> {
+    shared: Arc<Shared<D>>,
+    id: VmId,
+    dir: PathBuf,
+    p: Persisted,
+    inst: Option<D::Instance>,
+    ready: watch::Receiver<Option<String>>,
+    ready_tx: Arc<watch::Sender<Option<String>>>,
+    stop_deadline: Option<Instant>,
+    generation: u64,
+    guest_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What to do after a step.
+enum Next {
+    /// Take another step now.
+    Again,
+    /// Wait for a change, an exit, or at most this long.
+    Wait(Duration),
+    /// The VM is gone; the task ends.
+    Done,
+}
+
+impl<D: Driver> VmTask<D> {
+    pub fn new(shared: Arc<Shared<D>>, spec: DesiredVm) -> Self {
+        let dir = shared.vms_dir.join(spec.id.to_string());
+        let p = std::fs::read(dir.join(files::STATE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Persisted>(&b).ok())
+            .unwrap_or(Persisted {
+                spec: spec.clone(),
+                applied: 0,
+                ports: Vec::new(),
+                failed: None,
+                observed: ObservedState::Provisioning,
+                reason: None,
+            });
+        let (tx, rx) = watch::channel(None);
+        let mut t = VmTask {
+            shared,
+            id: spec.id,
+            dir,
+            p,
+            inst: None,
+            ready: rx,
+            ready_tx: Arc::new(tx),
+            stop_deadline: None,
+            generation: 0,
+            guest_task: None,
+        };
+        t.p.spec = spec;
+        t
+    }
+
+    fn save(&self) {
+        if !self.dir.exists() {
+            return;
+        }
+        if let Ok(b) = serde_json::to_vec_pretty(&self.p) {
+            let tmp = self.dir.join(".vm.json.tmp");
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(tmp, self.dir.join(files::STATE));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let report = VmReport {
+            id: self.id,
+            state: self.p.observed,
+            generation: 0,
+            desired_generation: self.p.applied,
+            reason: self.p.reason.clone(),
+            ports: self.p.ports.clone(),
+            agent_version: self.ready.borrow().clone(),
+        };
+        let mut reports = match self.shared.reports.lock() {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let changed = reports.get(&self.id).is_none_or(|old| {
+            old.state != report.state
+                || old.desired_generation != report.desired_generation
+                || old.reason != report.reason
+                || old.agent_version != report.agent_version
+                || old.ports.len() != report.ports.len()
+        });
+        if changed {
+            self.generation = now_micros().max(self.generation + 1);
+            reports.insert(
+                self.id,
+                VmReport {
+                    generation: self.generation,
+                    ..report
+                },
+            );
+            drop(reports);
+            self.save();
+            self.shared.wake.notify_one();
+        }
+    }
+
+    fn set(&mut self, observed: ObservedState, reason: Option<String>) {
+        self.p.observed = observed;
+        self.p.reason = reason;
+    }
+
+    /// Runs until the VM is deleted, or the agent drops the sender.
+    pub async fn run(mut self, mut rx: watch::Receiver<DesiredVm>) {
+        if self.dir.join(files::STATE).exists() {
+            if let Some(i) = self.shared.driver.adopt(&self.dir).await {
+                tracing::info!(vm = %self.id, pid = ?i.pid(), "re-adopted a running VM");
+                self.inst = Some(i);
+                self.shared.net.adopt(self.id, &self.p.ports);
+                self.watch_guest();
+            } else {
+                self.shared.net.adopt(self.id, &self.p.ports);
+            }
+        }
+        loop {
+            let next = self.step().await;
+            self.publish();
+            let wait = match next {
+                Next::Again => continue,
+                Next::Done => return,
+                Next::Wait(d) => d,
+            };
+            let exited = async {
+                match &self.inst {
+                    Some(i) => i.exited().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let mut ready = self.ready.clone();
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.p.spec = rx.borrow_and_update().clone();
+                }
+                _ = exited => {}
+                _ = ready.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Connects to the guest agent in the background and records `ready`.
+    fn watch_guest(&mut self) {
+        if !self.p.spec.image.has_agent {
+            return;
+        }
+        if let Some(t) = self.guest_task.take() {
+            t.abort();
+        }
+        self.ready_tx.send_replace(None);
+        let path = self.dir.join(files::AGENT);
+        let tx = self.ready_tx.clone();
+        let shared = self.shared.clone();
+        let id = self.id;
+        self.guest_task = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            while started.elapsed() < AGENT_TIMEOUT {
+                let conn = match GuestConn::connect_unix(&path).await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                match conn.hello(AGENT_TIMEOUT).await {
+                    Ok(r) => {
+                        if let Ok(mut g) = shared.guests.lock() {
+                            g.insert(id, conn.clone());
+                        }
+                        tx.send_replace(Some(r.version));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(vm = %id, error = %e, "guest agent not ready yet");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }));
+    }
+
+    fn forget_guest(&mut self) {
+        if let Some(t) = self.guest_task.take() {
+            t.abort();
+        }
+        self.ready_tx.send_replace(None);
+        if let Ok(mut g) = self.shared.guests.lock() {
+            g.remove(&self.id);
+        }
+    }
+
+    async fn step(&mut self) -> Next {
+        let want_gen = self.p.spec.desired_generation;
+        match self.p.spec.desired_state {
+            DesiredState::Deleted => {
+                if let Some(i) = self.inst.take()
+                    && let Err(e) = i.kill().await
+                {
+                    self.set(ObservedState::Error, Some(e.to_string()));
+                    return Next::Wait(Duration::from_secs(2));
+                }
+                self.forget_guest();
+                let _ = tokio::fs::remove_dir_all(&self.dir).await;
+                self.shared.net.release(self.id);
+                self.p.applied = want_gen;
+                self.set(ObservedState::Deleted, None);
+                Next::Done
+            }
+            DesiredState::Stopped => {
+                if let Some(i) = &self.inst {
+                    match i.state().await {
+                        RunState::Exited { .. } => {}
+                        _ => match self.stop_deadline {
+                            None => {
+                                let _ = i.powerdown().await;
+                                self.stop_deadline =
+                                    Some(Instant::now() + self.shared.stop_timeout);
+                                return Next::Wait(Duration::from_millis(500));
+                            }
+                            Some(t) if Instant::now() < t => {
+                                return Next::Wait(Duration::from_millis(500));
+                            }
+                            Some(_) => {
+                                tracing::info!(vm = %self.id, "the guest ignored the power button; quitting QEMU");
+                                let _ = i.kill().await;
+                            }
+                        },
+                    }
+                }
+                self.inst = None;
+                self.stop_deadline = None;
+                self.forget_guest();
+                self.p.applied = want_gen;
+                self.p.failed = None;
+                self.set(ObservedState::Stopped, None);
+                Next::Wait(Duration::from_secs(30))
+            }
+            DesiredState::Running | DesiredState::Paused => self.step_up(want_gen).await,
+        }
+    }
+
+    async fn step_up(&mut self, want_gen: u64) -> Next {
+        self.stop_deadline = None;
+        if self.p.failed == Some(want_gen) {
+            return Next::Wait(Duration::from_secs(30));
+        }
+        let state = match &self.inst {
+            Some(i) => Some(i.state().await),
+            None => None,
+        };
+        match state {
+            Some(RunState::Exited { reason, clean }) => {
+                // It went away by itself while it should run.
+                self.inst = None;
+                self.forget_guest();
+                self.p.applied = want_gen;
+                self.p.failed = Some(want_gen);
+                if clean {
+                    self.set(ObservedState::Stopped, Some(reason));
+                } else {
+                    tracing::warn!(vm = %self.id, %reason, "VM process died");
+                    self.set(ObservedState::Error, Some(reason));
+                }
+                Next::Wait(Duration::from_secs(30))
+            }
+            None => {
+                self.set(ObservedState::Provisioning, None);
+                self.publish();
+                match self.start().await {
+                    Ok(()) => Next::Again,
+                    Err(e) => {
+                        tracing::warn!(vm = %self.id, error = %e, "VM did not start");
+                        self.p.applied = want_gen;
+                        self.p.failed = Some(want_gen);
+                        self.set(ObservedState::Error, Some(e));
+                        Next::Wait(Duration::from_secs(30))
+                    }
+                }
+            }
+            Some(run) => {
+                let Some(i) = &self.inst else {
+                    return Next::Again;
+                };
+                if self.p.spec.restart && self.p.applied < want_gen {
+                    if let Err(e) = i.reset().await {
+                        self.set(ObservedState::Error, Some(e.to_string()));
+                        return Next::Wait(Duration::from_secs(2));
+                    }
+                    self.p.applied = want_gen;
+                    self.watch_guest();
+                    self.set(ObservedState::Provisioning, None);
+                    return Next::Wait(Duration::from_secs(1));
+                }
+                let want = self.p.spec.desired_state;
+                let res = match (want, &run) {
+                    (DesiredState::Running, RunState::Paused) => i.resume().await,
+                    (DesiredState::Paused, RunState::Running) => i.pause().await,
+                    _ => Ok(()),
+                };
+                if let Err(e) = res {
+                    self.set(ObservedState::Error, Some(e.to_string()));
+                    return Next::Wait(Duration::from_secs(2));
+                }
+                let run = if matches!(
+                    (want, &run),
+                    (DesiredState::Running, RunState::Paused)
+                        | (DesiredState::Paused, RunState::Running)
+                ) {
+                    i.state().await
+                } else {
+                    run
+                };
+                let booted = !self.p.spec.image.has_agent || self.ready.borrow().is_some();
+                let observed = match run {
+                    RunState::Paused if booted => ObservedState::Paused,
+                    RunState::Running if booted => ObservedState::Running,
+                    RunState::Exited { .. } => return Next::Again,
+                    _ => ObservedState::Provisioning,
+                };
+                let done = matches!(
+                    (want, observed),
+                    (DesiredState::Running, ObservedState::Running)
+                        | (DesiredState::Paused, ObservedState::Paused)
+                );
+                if done {
+                    self.p.applied = want_gen;
+                }
+                self.set(observed, None);
+                Next::Wait(Duration::from_secs(if done { 5 } else { 1 }))
+            }
+        }
+    }
+
+    /// Fetches the image, makes the disk and the forwards, starts QEMU.
+    async fn start(&mut self) -> Result<(), String> {
+        let s = &self.shared;
+        let spec = self.p.spec.clone();
+        tokio::fs::create_dir_all(&self.dir)
+            .await
+            .map_err(|e| format!("cannot create the VM's directory: {e}"))?;
+        let credential = s.credential();
+        let main = s
+            .images
+            .ensure(&s.cp, &credential, &spec.image.sha256)
+            .await?;
+        let mut kernel = None;
+        let mut initrd = None;
+        if spec.image.boot == BootMode::Kernel {
+            let k = spec
+                .image
+                .kernel_sha256
+                .as_deref()
+                .ok_or("the image boots a kernel but names none")?;
+            kernel = Some(s.images.ensure(&s.cp, &credential, k).await?);
+            if let Some(i) = &spec.image.initrd_sha256 {
+                initrd = Some(s.images.ensure(&s.cp, &credential, i).await?);
+            }
+        }
+        let disk = self.dir.join(files::DISK);
+        if !disk.exists() {
+            let base = match spec.image.format.as_str() {
+                "initramfs" => {
+                    initrd = Some(main.clone());
+                    None
+                }
+                f @ ("qcow2" | "raw") => Some((main.as_path(), f)),
+                f => return Err(format!("image format {f} is not supported")),
+            };
+            crate::images::create_disk(&disk, base, spec.disk_gib).await?;
+        }
+        if self.p.ports.is_empty() {
+            self.p.ports = s.net.allocate(self.id, FORWARDED)?;
+        }
+        let mut cmdline = spec
+            .image
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| "console=ttyS0".into());
+        cmdline.push_str(&format!(" byteport.hostname={}", spec.hostname));
+        let launch = LaunchSpec {
+            dir: self.dir.clone(),
+            name: spec.name.to_string(),
+            uuid: spec.id.0,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disk,
+            cmdline: kernel.as_ref().map(|_| cmdline),
+            kernel,
+            initrd,
+            ports: self.p.ports.clone(),
+            smbios_serial: None,
+            accel: s.accel,
+        };
+        self.save();
+        let started = Instant::now();
+        let inst = s.driver.start(&launch).await.map_err(|e| e.to_string())?;
+        tracing::info!(vm = %self.id, pid = ?inst.pid(), ms = started.elapsed().as_millis() as u64, "VM started");
+        self.inst = Some(inst);
+        self.watch_guest();
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! Placement as a pure function: given what the fleet has
+//! ([`NodeInventory`]) and what a VM needs ([`Request`]), pick a node or
+//! explain why none fits. No I/O: the control plane reads the inventory,
+//! calls [`place`], and writes the decision and the node's reservation in
+//! one transaction (which may still lose a race and retry).
+
+/// One node as the scheduler sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInventory<Id> {
+    pub id: Id,
+    pub name: String,
+    pub online: bool,
+    pub cordoned: bool,
+    pub region: String,
+    pub arch: String,
+    pub capacity: Resources,
+    pub reserved: Resources,
+}
+
+/// vCPUs, memory and disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+}
+
+/// How far reservations may exceed a node's capacity.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Overcommit {
+    pub cpu: f64,
+    pub memory: f64,
+    pub disk: f64,
+}
+
+impl Default for Overcommit {
+    /// CPU time is shared well; memory and disk are not.
+    fn default() -> Self {
+        Overcommit {
+            cpu: 4.0,
+            memory: 1.0,
+            disk: 1.0,
+        }
+    }
+}
+
+impl Overcommit {
+    /// What a node with this capacity may hold in reservations.
+    pub fn limit(&self, cap: Resources) -> Resources {
+        let scale = |v: i64, r: f64| (v as f64 * r).floor() as i64;
+        Resources {
+            vcpus: scale(cap.vcpus, self.cpu),
+            memory_mib: scale(cap.memory_mib, self.memory),
+            disk_gib: scale(cap.disk_gib, self.disk),
+        }
+    }
+}
+
+/// Spread VMs over nodes, or pack them onto as few as possible.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    #[default]
+    Spread,
+    Pack,
+}
+
+/// What a VM needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub size: Resources,
+    pub arch: String,
+    /// Any region when absent.
+    pub region: Option<String>,
+}
+
+/// The scheduler's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision<Id> {
+    /// The node to use, and the reservation limit to check it against.
+    Place { node: Id, limit: Resources },
+    /// No node fits; the reason says what is missing.
+    NoFit(String),
+}
+
+/// Picks a node for `req`. Among the nodes that pass every filter, `Spread`
+/// takes the one with the largest free memory share, `Pack` the smallest;
+/// ties go to the first in inventory order.
+pub fn place<Id: Clone>(
+    nodes: &[NodeInventory<Id>],
+    req: &Request,
+    policy: Policy,
+    over: Overcommit,
+) -> Decision<Id> {
+    let mut best: Option<(f64, &NodeInventory<Id>, Resources)> = None;
+    let mut eligible = 0usize;
+    let mut largest_free = Resources::default();
+    let mut largest_on = None;
+    for n in nodes {
+        if !n.online || n.cordoned || n.arch != req.arch {
+            continue;
+        }
+        if req.region.as_ref().is_some_and(|r| *r != n.region) {
+            continue;
+        }
+        eligible += 1;
+        let limit = over.limit(n.capacity);
+        let free = Resources {
+            vcpus: limit.vcpus - n.reserved.vcpus,
+            memory_mib: limit.memory_mib - n.reserved.memory_mib,
+            disk_gib: limit.disk_gib - n.reserved.disk_gib,
+        };
+        if free.memory_mib > largest_free.memory_mib || largest_on.is_none() {
+            largest_free = free;
+            largest_on = Some(n.name.as_str());
+        }
+        if free.vcpus < req.size.vcpus
+            || free.memory_mib < req.size.memory_mib
+            || free.disk_gib < req.size.disk_gib
+        {
+            continue;
+        }
+        let share = (free.memory_mib - req.size.memory_mib) as f64 / limit.memory_mib.max(1) as f64;
+        let score = match policy {
+            Policy::Spread => share,
+            Policy::Pack => -share,
+        };
+        if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
+            best = Some((score, n, limit));
+        }
+    }
+    match best {
+        Some((_, n, limit)) => Decision::Place {
+            node: n.id.clone(),
+            limit,
+        },
+        None if eligible == 0 => Decision::NoFit(match &req.region {
+            Some(r) => format!("no online {} node in region {r}", req.arch),
+            None => format!("no online {} node", req.arch),
+        }),
+        None => Decision::NoFit(format!(
+            "no node has {} vCPU, {} MiB memory and {} GiB disk free; the most memory free is {} MiB (with {} vCPU, {} GiB disk) on {}",
+            req.size.vcpus,
+            req.size.memory_mib,
+            req.size.disk_gib,
+            largest_free.memory_mib,
+            largest_free.vcpus,
+            largest_free.disk_gib,
+            largest_on.unwrap_or("?"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u32, mem: i64, reserved_mem: i64) -> NodeInventory<u32> {
+        NodeInventory {
+            id,
+            name: format!("node-{id}"),
+            online: true,
+            cordoned: false,
+            region: "default".into(),
+            arch: "x86_64".into(),
+            capacity: Resources {
+                vcpus: 4,
+                memory_mib: mem,
+                disk_gib: 100,
+            },
+            reserved: Resources {
+                vcpus: 0,
+                memory_mib: reserved_mem,
+                disk_gib: 0,
+            },
+        }
+    }
+
+    fn req(mem: i64) -> Request {
+        Request {
+            size: Resources {
+                vcpus: 1,
+                memory_mib: mem,
+                disk_gib: 5,
+            },
+            arch: "x86_64".into(),
+            region: None,
+        }
+    }
+
+    fn chosen(d: Decision<u32>) -> Option<u32> {
+        match d {
+            Decision::Place { node, .. } => Some(node),
+            Decision::NoFit(_) => None,
+        }
+    }
+
+    #[test]
+    fn spread_takes_the_emptiest_and_pack_the_fullest() {
+        let nodes = [
+            node(1, 8192, 4096),
+            node(2, 8192, 1024),
+            node(3, 8192, 6144),
+        ];
+        let o = Overcommit::default();
+        assert_eq!(chosen(place(&nodes, &req(512), Policy::Spread, o)), Some(2));
+        assert_eq!(chosen(place(&nodes, &req(512), Policy::Pack, o)), Some(3));
+        // Pack skips a node the VM does not fit on.
+        assert_eq!(chosen(place(&nodes, &req(3000), Policy::Pack, o)), Some(1));
+    }
+
+    #[test]
+    fn never_over_capacity_and_says_why() {
+        let nodes = [node(1, 4096, 4000), node(2, 2048, 0)];
+        match place(&nodes, &req(3000), Policy::Spread, Overcommit::default()) {
+            Decision::NoFit(why) => {
+                assert!(why.contains("3000 MiB"), "{why}");
+                assert!(why.contains("2048 MiB") && why.contains("node-2"), "{why}");
+            }
+            d => panic!("placed over capacity: {d:?}"),
+        }
+    }
+
+    #[test]
+    fn offline_cordoned_and_foreign_nodes_are_skipped() {
+        let mut a = node(1, 8192, 0);
+        a.online = false;
+        let mut b = node(2, 8192, 0);
+        b.cordoned = true;
+        let mut c = node(3, 8192, 0);
+        c.arch = "aarch64".into();
+        let d = place(&[a, b, c], &req(512), Policy::Spread, Overcommit::default());
+        assert_eq!(d, Decision::NoFit("no online x86_64 node".into()));
+        let mut r = req(512);
+        r.region = Some("eu-1".into());
+        let d = place(
+            &[node(4, 8192, 0)],
+            &r,
+            Policy::Spread,
+            Overcommit::default(),
+        );
+        assert_eq!(
+            d,
+            Decision::NoFit("no online x86_64 node in region eu-1".into())
+        );
+    }
+
+    #[test]
+    fn cpu_overcommit_allows_more_vcpus_than_cores() {
+        let mut n = node(1, 65536, 0);
+        n.reserved.vcpus = 15;
+        let d = place(&[n], &req(512), Policy::Spread, Overcommit::default());
+        assert!(matches!(d, Decision::Place { node: 1, limit } if limit.vcpus == 16));
+    }
+}

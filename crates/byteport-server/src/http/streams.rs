@@ -1,0 +1,216 @@
+//! Handlers whose bodies stream: image file uploads and downloads, a VM's
+//! serial console (tail and live WebSocket), exec (NDJSON lines), and the
+//! node channel (a WebSocket each node agent opens).
+
+use super::extract::{ApiJson, ApiQuery};
+use crate::app::image_files::FileRole;
+use crate::app::{App, Ctx};
+use crate::error::AppResult;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use byteport_types::api::*;
+use byteport_types::node_proto::{FromNode, ToNode};
+use futures_util::{SinkExt, StreamExt};
+use tokio_util::io::ReaderStream;
+
+/// Upload one file of an image (admins): `image` (the disk or initramfs),
+/// `kernel` or `initrd`. The bytes must hash to the sha256 the image
+/// declares; the image becomes `available` once it has every file.
+#[utoipa::path(put, path = "/v1/images/{name}/files/{file}", tag = "catalog",
+    params(("name" = String, Path), ("file" = String, Path, description = "image, kernel or initrd")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = Image), (status = 400, body = ErrorBody)))]
+pub async fn image_upload(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path((name, file)): Path<(String, String)>,
+    body: Body,
+) -> AppResult<Json<Image>> {
+    let role: FileRole = file.parse()?;
+    let stream = body.into_data_stream();
+    Ok(Json(app.image_upload(&ctx, &name, role, stream).await?))
+}
+
+/// Download an image file by its sha256 (nodes fetch what they boot).
+#[utoipa::path(get, path = "/v1/image-files/{sha256}", tag = "catalog",
+    params(("sha256" = String, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+pub async fn image_file_download(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(sha256): Path<String>,
+) -> AppResult<Response> {
+    let (file, len) = app.image_file_open(&ctx, &sha256).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        Body::from_stream(ReaderStream::with_capacity(file, 256 * 1024)),
+    )
+        .into_response())
+}
+
+/// The end of a VM's serial console log, as text.
+#[utoipa::path(get, path = "/v1/vms/{id}/console", tag = "vms",
+    params(("id" = String, Path), ConsoleQuery),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn vm_console(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ConsoleQuery>,
+) -> AppResult<Response> {
+    let bytes = app.vm_console(&ctx, &id, q.bytes).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+        .into_response())
+}
+
+/// The live serial console over a WebSocket: binary messages from the
+/// server carry the guest's output; text or binary messages sent to it are
+/// typed into the console (members and above).
+#[utoipa::path(get, path = "/v1/vms/{id}/console/ws", tag = "vms",
+    params(("id" = String, Path)),
+    responses((status = 101, description = "switching to the WebSocket protocol"), (status = 503, body = ErrorBody)))]
+pub async fn vm_console_ws(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> AppResult<Response> {
+    let stream = app.vm_console_attach(&ctx, &id).await?;
+    Ok(ws.on_upgrade(move |socket| console_bridge(socket, stream)))
+}
+
+async fn console_bridge(socket: WebSocket, mut s: crate::app::hub::Stream) {
+    let (mut tx, mut rx) = socket.split();
+    loop {
+        tokio::select! {
+            m = s.rx.recv() => match m {
+                Some(FromNode::Console { data, .. }) => {
+                    let Ok(b) = B64.decode(data) else { continue };
+                    if tx.send(Message::Binary(b.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(FromNode::Error { message, .. }) => {
+                    let _ = tx.send(Message::Text(format!("\r\n[console: {message}]\r\n").into())).await;
+                    return;
+                }
+                Some(_) => {}
+                None => {
+                    let _ = tx.send(Message::Close(None)).await;
+                    return;
+                }
+            },
+            m = rx.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    s.send(ToNode::Input { stream: s.id, data: B64.encode(t.as_bytes()) }).await;
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    s.send(ToNode::Input { stream: s.id, data: B64.encode(&b) }).await;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            },
+        }
+    }
+}
+
+/// Run a command in a running VM through its guest agent. The response is
+/// `application/x-ndjson`: one [`ExecEvent`] per line, the last an `exit`
+/// or an `error`.
+#[utoipa::path(post, path = "/v1/vms/{id}/exec", tag = "vms",
+    params(("id" = String, Path)), request_body = ExecRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = ExecEvent), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn vm_exec(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> AppResult<Response> {
+    let rx = app.vm_exec(&ctx, &id, req).await?;
+    let lines = tokio_stream_from(rx).map(|ev| {
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// The node channel: a node agent holds this WebSocket open so that the
+/// control plane can reach it without dialing it (node credential only).
+#[utoipa::path(get, path = "/v1/nodes/{id}/channel", tag = "nodes",
+    params(("id" = String, Path)),
+    responses((status = 101, description = "switching to the WebSocket protocol"), (status = 401, body = ErrorBody)))]
+pub async fn node_channel(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> AppResult<Response> {
+    let node = app.node_channel_auth(&ctx, &id)?;
+    Ok(ws
+        .max_message_size(4 << 20)
+        .on_upgrade(move |socket| node_bridge(app, node, socket)))
+}
+
+async fn node_bridge(app: App, node: uuid::Uuid, socket: WebSocket) {
+    let mut att = app.hub.attach(node);
+    tracing::info!(%node, "node channel open");
+    let (mut tx, mut rx) = socket.split();
+    // Whatever changed while the node was away: heartbeat at once.
+    let _ = tx
+        .send(Message::Text(
+            serde_json::to_string(&ToNode::Poke)
+                .unwrap_or_default()
+                .into(),
+        ))
+        .await;
+    let mut ping = tokio::time::interval(std::time::Duration::from_secs(15));
+    loop {
+        tokio::select! {
+            m = att.rx.recv() => {
+                let Some(m) = m else { break };
+                let Ok(text) = serde_json::to_string(&m) else { continue };
+                if tx.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+            m = rx.next() => match m {
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<FromNode>(&t) {
+                    Ok(msg) => att.deliver(msg).await,
+                    Err(e) => tracing::warn!(%node, error = %e, "bad message on node channel"),
+                },
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+            _ = ping.tick() => {
+                if tx.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    app.hub.detach(node, att.conn);
+    tracing::info!(%node, "node channel closed");
+}

@@ -1,0 +1,187 @@
+//! Placement bookkeeping and image files: which VMs wait for a node, the
+//! one transaction that places a VM and reserves its size on the node, and
+//! the release of that reservation when the VM is gone.
+
+use crate::{DataStore, Result, StoreError, image, node, vm};
+use chrono::Utc;
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
+use uuid::Uuid;
+
+/// A VM's size, as reserved on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size {
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+}
+
+impl DataStore {
+    /// VMs that want to run and have no node yet, oldest first.
+    pub async fn vm_list_unplaced(&self, limit: u64) -> Result<Vec<vm::Model>> {
+        Ok(vm::Entity::find()
+            .filter(vm::Column::NodeId.is_null())
+            .filter(vm::Column::DeletedAt.is_null())
+            .filter(vm::Column::DesiredState.eq("running"))
+            .order_by_asc(vm::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Places a VM on a node and reserves its size there, in one
+    /// transaction: the node's row is updated only while the reservation
+    /// stays within `limit` (its capacity after overcommit), and the VM's
+    /// only while it is still unplaced. Returns `false`, changing nothing,
+    /// when either lost a race.
+    pub async fn vm_place(
+        &self,
+        vm_id: Uuid,
+        node_id: Uuid,
+        size: Size,
+        limit: Size,
+    ) -> Result<bool> {
+        let _w = self.serialize().await;
+        let tx = self.db.begin().await?;
+        let n = node::Entity::update_many()
+            .col_expr(
+                node::Column::ReservedVcpus,
+                Expr::col(node::Column::ReservedVcpus).add(size.vcpus),
+            )
+            .col_expr(
+                node::Column::ReservedMemoryMib,
+                Expr::col(node::Column::ReservedMemoryMib).add(size.memory_mib),
+            )
+            .col_expr(
+                node::Column::ReservedDiskGib,
+                Expr::col(node::Column::ReservedDiskGib).add(size.disk_gib),
+            )
+            .filter(node::Column::Id.eq(node_id))
+            .filter(node::Column::Status.eq("online"))
+            .filter(
+                Expr::col(node::Column::ReservedVcpus)
+                    .add(size.vcpus)
+                    .lte(limit.vcpus),
+            )
+            .filter(
+                Expr::col(node::Column::ReservedMemoryMib)
+                    .add(size.memory_mib)
+                    .lte(limit.memory_mib),
+            )
+            .filter(
+                Expr::col(node::Column::ReservedDiskGib)
+                    .add(size.disk_gib)
+                    .lte(limit.disk_gib),
+            )
+            .exec(&tx)
+            .await?;
+        if n.rows_affected != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let v = vm::Entity::update_many()
+            .col_expr(vm::Column::NodeId, Expr::value(Some(node_id)))
+            .col_expr(vm::Column::Reserved, Expr::value(true))
+            .col_expr(vm::Column::State, Expr::value("provisioning"))
+            .col_expr(vm::Column::StateReason, Expr::value(Option::<String>::None))
+            .col_expr(vm::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(vm::Column::Id.eq(vm_id))
+            .filter(vm::Column::NodeId.is_null())
+            .filter(vm::Column::DeletedAt.is_null())
+            .filter(vm::Column::DesiredState.eq("running"))
+            .exec(&tx)
+            .await?;
+        if v.rows_affected != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Says why a VM still waits for a node (shown as its state reason).
+    pub async fn vm_set_pending_reason(&self, vm_id: Uuid, reason: &str) -> Result<()> {
+        vm::Entity::update_many()
+            .col_expr(
+                vm::Column::StateReason,
+                Expr::value(Some(reason.to_owned())),
+            )
+            .filter(vm::Column::Id.eq(vm_id))
+            .filter(vm::Column::NodeId.is_null())
+            .filter(vm::Column::State.eq("pending"))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Returns a deleted VM's reservation to its node, once.
+    pub async fn vm_release(&self, vm_id: Uuid) -> Result<bool> {
+        let _w = self.serialize().await;
+        let tx = self.db.begin().await?;
+        let Some(v) = vm::Entity::find_by_id(vm_id).one(&tx).await? else {
+            return Err(StoreError::NotFound);
+        };
+        let (Some(node_id), true) = (v.node_id, v.reserved) else {
+            return Ok(false);
+        };
+        let r = vm::Entity::update_many()
+            .col_expr(vm::Column::Reserved, Expr::value(false))
+            .filter(vm::Column::Id.eq(vm_id))
+            .filter(vm::Column::Reserved.eq(true))
+            .exec(&tx)
+            .await?;
+        if r.rows_affected != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        node::Entity::update_many()
+            .col_expr(
+                node::Column::ReservedVcpus,
+                Expr::col(node::Column::ReservedVcpus).sub(v.vcpus),
+            )
+            .col_expr(
+                node::Column::ReservedMemoryMib,
+                Expr::col(node::Column::ReservedMemoryMib).sub(v.memory_mib),
+            )
+            .col_expr(
+                node::Column::ReservedDiskGib,
+                Expr::col(node::Column::ReservedDiskGib).sub(v.disk_gib),
+            )
+            .filter(node::Column::Id.eq(node_id))
+            .exec(&tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn image_fetch(&self, id: Uuid) -> Result<image::Model> {
+        image::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    pub async fn image_set_status(&self, id: Uuid, status: &str) -> Result<()> {
+        image::Entity::update_many()
+            .col_expr(image::Column::Status, Expr::value(status))
+            .filter(image::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether some image names a file with this sha256.
+    pub async fn image_file_known(&self, sha256: &str) -> Result<bool> {
+        let n = image::Entity::find()
+            .filter(
+                image::Column::Sha256
+                    .eq(sha256)
+                    .or(image::Column::KernelSha256.eq(sha256))
+                    .or(image::Column::InitrdSha256.eq(sha256)),
+            )
+            .limit(1)
+            .all(&self.db)
+            .await?;
+        Ok(!n.is_empty())
+    }
+}

@@ -1,0 +1,121 @@
+//! The node channel: one WebSocket that each node agent opens to the control
+//! plane (`GET /v1/nodes/{id}/channel`), so that the control plane can ask a
+//! node for things that stream (a VM's serial console, an exec in a guest)
+//! without ever dialing the node. Heartbeats stay plain HTTP requests.
+//!
+//! Every message is one JSON text frame. Requests from the control plane open
+//! a *stream* (a number the control plane picks); the node answers on the
+//! same stream until it sends `End`, `Exit` or `Error`. Bytes travel as
+//! base64 so that every frame is text.
+
+use crate::ids::VmId;
+use serde::{Deserialize, Serialize};
+
+/// Control plane to node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToNode {
+    /// Something changed for this node: heartbeat now to fetch it.
+    Poke,
+    /// Send the last `bytes` of the VM's serial log, then `End`.
+    ConsoleTail { stream: u64, vm: VmId, bytes: u64 },
+    /// Stream the VM's serial output as it comes (from the end of the log),
+    /// and accept `Input` on this stream, until `Close`.
+    ConsoleAttach { stream: u64, vm: VmId },
+    /// Run a command through the VM's guest agent.
+    Exec {
+        stream: u64,
+        vm: VmId,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        /// Whether `Input` follows (then `InputEnd`).
+        stdin: bool,
+        timeout_secs: u64,
+    },
+    /// Bytes for a console's keyboard or an exec's standard input.
+    Input { stream: u64, data: String },
+    /// No more standard input for this exec.
+    InputEnd { stream: u64 },
+    /// The requester went away: stop the stream (an exec is killed).
+    Close { stream: u64 },
+}
+
+/// Node to control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromNode {
+    /// Serial console bytes.
+    Console {
+        stream: u64,
+        data: String,
+    },
+    Stdout {
+        stream: u64,
+        data: String,
+    },
+    Stderr {
+        stream: u64,
+        data: String,
+    },
+    /// An exec ended.
+    Exit {
+        stream: u64,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// The stream failed; `not_found` when the node does not hold the VM.
+    Error {
+        stream: u64,
+        message: String,
+        #[serde(default)]
+        not_found: bool,
+    },
+    /// The stream ended normally.
+    End {
+        stream: u64,
+    },
+}
+
+impl FromNode {
+    /// The stream this message belongs to.
+    pub fn stream(&self) -> u64 {
+        match self {
+            FromNode::Console { stream, .. }
+            | FromNode::Stdout { stream, .. }
+            | FromNode::Stderr { stream, .. }
+            | FromNode::Exit { stream, .. }
+            | FromNode::Error { stream, .. }
+            | FromNode::End { stream } => *stream,
+        }
+    }
+
+    /// Whether this is the last message of its stream.
+    pub fn is_last(&self) -> bool {
+        matches!(
+            self,
+            FromNode::Exit { .. } | FromNode::Error { .. } | FromNode::End { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged_json() {
+        let m = ToNode::ConsoleTail {
+            stream: 7,
+            vm: VmId(uuid::Uuid::nil()),
+            bytes: 100,
+        };
+        let j = serde_json::to_string(&m).unwrap();
+        assert!(j.starts_with("{\"type\":\"console_tail\""), "{j}");
+        assert_eq!(serde_json::from_str::<ToNode>(&j).unwrap(), m);
+        let f: FromNode = serde_json::from_str(r#"{"type":"end","stream":3}"#).unwrap();
+        assert_eq!(f.stream(), 3);
+        assert!(f.is_last());
+        assert!(serde_json::from_str::<FromNode>(r#"{"type":"nope","stream":3}"#).is_err());
+    }
+}

@@ -1,0 +1,845 @@
+//! `cargo xtask image build NAME [--out DIR]`: guest images built from
+//! Debian's packages and the recipes under `images/`.
+//!
+//! Owns fetching packages (`apt-get download`, cached in `build/cache/debs/`),
+//! unpacking them, building the static guest agent, assembling an initramfs
+//! (a newc cpio written here, so no `cpio` package is needed) and writing the
+//! output directory with its `manifest.json`. It does not boot anything.
+//!
+//! Recipes: `tiny` (Debian kernel + busybox + agent, all in the initramfs).
+//! A disk image recipe such as `debian-12` (debootstrap, mkfs.ext4 -d,
+//! qemu-img convert) would be another [`Recipe`] variant reusing [`Debs`],
+//! [`build_agent`] and [`write_manifest`].
+//!
+//! Every external tool runs as an argument vector, never through a shell.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+/// Where the agent's static build goes, apart from the main target dir so
+/// its RUSTFLAGS do not invalidate the main build.
+const AGENT_TARGET_DIR: &str = "target/guest";
+const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Kept in step with `byteport_guest::proto::AGENT_PORT_NAME`.
+const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
+
+const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny)";
+
+/// Entry point for `cargo xtask image ...`.
+pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let ["build", name, rest @ ..] = args else {
+        bail!("{USAGE}");
+    };
+    let recipe = Recipe::parse(name)?;
+    let out = match rest {
+        [] => root.join("build/images").join(name),
+        ["--out", dir] => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                root.join(dir)
+            }
+        }
+        _ => bail!("{USAGE}"),
+    };
+    let started = Instant::now();
+    let ctx = Ctx::new(root, &out)?;
+    let manifest = match recipe {
+        Recipe::Tiny => build_tiny(&ctx)?,
+    };
+    println!(
+        "image {name} ({}) built in {:.1}s: {}",
+        manifest.os_version,
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    for f in &manifest.files {
+        println!("  {:<12} {:>10} bytes  sha256 {}", f.name, f.size, f.sha256);
+    }
+    Ok(())
+}
+
+/// The images this task knows how to build.
+enum Recipe {
+    /// Debian's kernel, busybox and the agent, entirely in an initramfs.
+    Tiny,
+}
+
+impl Recipe {
+    fn parse(name: &str) -> anyhow::Result<Recipe> {
+        match name {
+            "tiny" => Ok(Recipe::Tiny),
+            other => bail!("unknown image {other:?}; known images: tiny"),
+        }
+    }
+}
+
+/// Paths shared by every recipe.
+struct Ctx {
+    root: PathBuf,
+    out: PathBuf,
+    debs: Debs,
+    /// Scratch space, removed when the build ends.
+    work: TempDir,
+}
+
+impl Ctx {
+    fn new(root: &Path, out: &Path) -> anyhow::Result<Ctx> {
+        let build = root.join("build");
+        fs::create_dir_all(&build)?;
+        // Build output never belongs in git.
+        let ignore = build.join(".gitignore");
+        if !ignore.exists() {
+            fs::write(&ignore, "*\n")?;
+        }
+        fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        Ok(Ctx {
+            root: root.to_path_buf(),
+            out: out.to_path_buf(),
+            debs: Debs::new(build.join("cache/debs"))?,
+            work: TempDir::new(&build.join("tmp"))?,
+        })
+    }
+}
+
+/// The `tiny` recipe; see images/README.md.
+fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
+    let recipe_dir = ctx.root.join("images/tiny");
+    let kernel_pkg = ctx.debs.kernel_package()?;
+    let kernel_deb = ctx.debs.fetch(&kernel_pkg)?;
+    let busybox_deb = ctx.debs.fetch("busybox-static")?;
+    let agent = build_agent(&ctx.root)?;
+
+    let kernel_dir = ctx.work.path().join("kernel");
+    let busybox_dir = ctx.work.path().join("busybox");
+    extract_deb(&kernel_deb, &kernel_dir)?;
+    extract_deb(&busybox_deb, &busybox_dir)?;
+    let kver = kernel_version(&kernel_dir)?;
+    let busybox_version = upstream_version(&deb_field(&busybox_deb, "Version")?);
+
+    let mut cpio = Cpio::new();
+    cpio.dir("dev", 0o755);
+    // The kernel opens /dev/console before /init runs, ahead of devtmpfs.
+    cpio.char_device("dev/console", 0o600, 5, 1);
+    for dir in ["proc", "sys", "run", "tmp", "root", "mnt", "var/log"] {
+        cpio.dir(dir, if dir == "tmp" { 0o1777 } else { 0o755 });
+    }
+    cpio.file(
+        "bin/busybox",
+        0o755,
+        fs::read(busybox_dir.join("bin/busybox")).context("busybox-static has no bin/busybox")?,
+    );
+    // /init's interpreter; the other applet links are made at boot.
+    cpio.symlink("bin/sh", "busybox");
+    cpio.file("sbin/byteport-guest", 0o755, fs::read(&agent)?);
+    cpio.file("init", 0o755, fs::read(recipe_dir.join("init"))?);
+    add_tree(&mut cpio, &recipe_dir.join("files"), "")?;
+
+    // Modules, each at its usual place, and their load order for /init.
+    let modules_dir = format!("lib/modules/{kver}");
+    let index = index_modules(&kernel_dir.join(&modules_dir))?;
+    let mut load = String::new();
+    for name in read_list(&recipe_dir.join("modules"))? {
+        let rel = index
+            .get(&name.replace('-', "_"))
+            .with_context(|| format!("kernel {kver} has no module {name}"))?;
+        let path = format!("{modules_dir}/{rel}");
+        cpio.file(&path, 0o644, fs::read(kernel_dir.join(&path))?);
+        load.push_str(&format!("/{path}\n"));
+    }
+    cpio.file("etc/modules.load", 0o644, load.into_bytes());
+    cpio.file(
+        "etc/os-release",
+        0o644,
+        format!(
+            "NAME=\"BytePort tiny\"\nID=byteport-tiny\nVERSION_ID={busybox_version}\n\
+             PRETTY_NAME=\"BytePort tiny (busybox {busybox_version}, Linux {kver})\"\n"
+        )
+        .into_bytes(),
+    );
+
+    let cpio_path = ctx.work.path().join("initrd.cpio");
+    fs::write(&cpio_path, cpio.finish())?;
+    let initrd = ctx.out.join("initrd.img");
+    gzip(&cpio_path, &initrd)?;
+    let vmlinuz = ctx.out.join("vmlinuz");
+    fs::copy(kernel_dir.join(format!("boot/vmlinuz-{kver}")), &vmlinuz)
+        .context("copying the kernel")?;
+
+    let manifest = Manifest {
+        name: "tiny".into(),
+        os_family: "linux".into(),
+        os_version: busybox_version,
+        kernel_version: kver,
+        format: "initramfs".into(),
+        boot: "kernel".into(),
+        cmdline: "console=ttyS0 quiet".into(),
+        has_agent: true,
+        files: vec![file_entry(&vmlinuz)?, file_entry(&initrd)?],
+    };
+    write_manifest(&ctx.out, &manifest)?;
+    Ok(manifest)
+}
+
+/// What `manifest.json` says about a built image.
+struct Manifest {
+    name: String,
+    os_family: String,
+    os_version: String,
+    kernel_version: String,
+    format: String,
+    boot: String,
+    cmdline: String,
+    has_agent: bool,
+    /// The kernel first, then the initrd.
+    files: Vec<FileEntry>,
+}
+
+struct FileEntry {
+    name: String,
+    size: u64,
+    sha256: String,
+}
+
+fn file_entry(path: &Path) -> anyhow::Result<FileEntry> {
+    Ok(FileEntry {
+        name: path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("output file name")?
+            .to_string(),
+        size: fs::metadata(path)?.len(),
+        sha256: sha256_file(path)?,
+    })
+}
+
+fn write_manifest(out: &Path, m: &Manifest) -> anyhow::Result<()> {
+    let files: serde_json::Map<String, serde_json::Value> = m
+        .files
+        .iter()
+        .map(|f| {
+            (
+                f.name.clone(),
+                serde_json::json!({ "size": f.size, "sha256": f.sha256 }),
+            )
+        })
+        .collect();
+    let json = serde_json::json!({
+        "name": m.name,
+        "os_family": m.os_family,
+        "os_version": m.os_version,
+        "kernel_version": m.kernel_version,
+        "arch": "x86_64",
+        "format": m.format,
+        "boot": m.boot,
+        "kernel": m.files.first().map(|f| &f.name),
+        "initrd": m.files.get(1).map(|f| &f.name),
+        "cmdline": m.cmdline,
+        "has_agent": m.has_agent,
+        "agent_port": if m.has_agent { Some(AGENT_PORT_NAME) } else { None },
+        "files": files,
+    });
+    let mut text = serde_json::to_string_pretty(&json)?;
+    text.push('\n');
+    fs::write(out.join("manifest.json"), text)?;
+    Ok(())
+}
+
+/// Debian packages, downloaded once into a cache directory.
+struct Debs {
+    cache: PathBuf,
+}
+
+impl Debs {
+    fn new(cache: PathBuf) -> anyhow::Result<Debs> {
+        fs::create_dir_all(&cache)?;
+        Ok(Debs { cache })
+    }
+
+    /// The versioned kernel package `linux-image-amd64` points at now, or,
+    /// without apt, the newest one already in the cache.
+    fn kernel_package(&self) -> anyhow::Result<String> {
+        let out = Command::new("apt-cache")
+            .args(["depends", "linux-image-amd64"])
+            .stderr(Stdio::inherit())
+            .output();
+        if let Ok(out) = out
+            && out.status.success()
+        {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if let Some(pkg) = text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("Depends: "))
+                .find(|p| p.starts_with("linux-image-") && p.ends_with("-amd64"))
+            {
+                return Ok(pkg.to_string());
+            }
+        }
+        let mut cached: Vec<String> = self
+            .cached()?
+            .into_iter()
+            .filter_map(|f| f.split('_').next().map(str::to_string))
+            .filter(|p| p.starts_with("linux-image-") && p != "linux-image-amd64")
+            .collect();
+        cached.sort_by(|a, b| natural_cmp(a, b));
+        cached
+            .pop()
+            .context("cannot resolve linux-image-amd64 (run `apt-get update`; needs a Debian host)")
+    }
+
+    fn cached(&self) -> anyhow::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.cache)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".deb") {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// The .deb of `pkg` for amd64, downloading it if the cache has none.
+    fn fetch(&self, pkg: &str) -> anyhow::Result<PathBuf> {
+        let find = || -> anyhow::Result<Option<PathBuf>> {
+            let prefix = format!("{pkg}_");
+            Ok(self
+                .cached()?
+                .into_iter()
+                .filter(|n| n.starts_with(&prefix))
+                .max_by(|a, b| natural_cmp(a, b))
+                .map(|n| self.cache.join(n)))
+        };
+        if let Some(deb) = find()? {
+            return Ok(deb);
+        }
+        crate::run(
+            Command::new("apt-get")
+                .args(["download", pkg])
+                .current_dir(&self.cache),
+        )
+        .with_context(|| format!("downloading {pkg} (is `apt-get update` done?)"))?;
+        find()?.with_context(|| format!("apt-get download left no {pkg}_*.deb"))
+    }
+}
+
+fn extract_deb(deb: &Path, dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir)?;
+    crate::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir))
+}
+
+fn deb_field(deb: &Path, field: &str) -> anyhow::Result<String> {
+    let out = Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(deb)
+        .arg(field)
+        .output()
+        .context("running dpkg-deb")?;
+    if !out.status.success() {
+        bail!("dpkg-deb -f {} {field} failed", deb.display());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `1:1.35.0-4+deb12u1+b1` -> `1.35.0`.
+fn upstream_version(debian: &str) -> String {
+    let v = debian.split_once(':').map_or(debian, |(_, v)| v);
+    v.rsplit_once('-').map_or(v, |(v, _)| v).to_string()
+}
+
+/// The one version under `lib/modules` of an unpacked kernel package.
+fn kernel_version(dir: &Path) -> anyhow::Result<String> {
+    let mut versions = Vec::new();
+    for entry in fs::read_dir(dir.join("lib/modules")).context("kernel package layout")? {
+        versions.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    match versions.as_slice() {
+        [v] => Ok(v.clone()),
+        _ => bail!("expected one kernel version, found {versions:?}"),
+    }
+}
+
+/// Module name (with `_`) -> path under `lib/modules/VERSION`.
+fn index_modules(dir: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let mut index = HashMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".ko") {
+                let rel = path.strip_prefix(dir)?.to_string_lossy().into_owned();
+                index.insert(stem.replace('-', "_"), rel);
+            }
+        }
+    }
+    Ok(index)
+}
+
+/// Non-empty, non-comment lines.
+fn read_list(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Copies a recipe's file tree into the archive under `prefix`. Scripts
+/// (files starting with `#!`) become executable whatever git kept of their mode.
+fn add_tree(cpio: &mut Cpio, dir: &Path, prefix: &str) -> anyhow::Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rel = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            cpio.dir(&rel, 0o755);
+            add_tree(cpio, &entry.path(), &rel)?;
+        } else if ty.is_file() {
+            let data = fs::read(entry.path())?;
+            let exec =
+                data.starts_with(b"#!") || entry.metadata()?.permissions().mode() & 0o111 != 0;
+            cpio.file(&rel, if exec { 0o755 } else { 0o644 }, data);
+        } else {
+            bail!("{}: only files and directories", entry.path().display());
+        }
+    }
+    Ok(())
+}
+
+/// Builds the agent as a static, stripped binary and returns its path.
+fn build_agent(root: &Path) -> anyhow::Result<PathBuf> {
+    let target_dir = root.join(AGENT_TARGET_DIR);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    crate::run(
+        Command::new(cargo)
+            .current_dir(root)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "byteport-guest",
+                "--bin",
+                "byteport-guest",
+                "--target",
+                AGENT_TARGET,
+            ])
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env(
+                "RUSTFLAGS",
+                "-C target-feature=+crt-static -C strip=symbols",
+            ),
+    )?;
+    let bin = target_dir.join(AGENT_TARGET).join("release/byteport-guest");
+    let elf = fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+    if has_interpreter(&elf)? {
+        bail!(
+            "{} is dynamically linked; it cannot run in the initramfs",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Whether an ELF64 little-endian file asks for a dynamic loader (PT_INTERP).
+fn has_interpreter(elf: &[u8]) -> anyhow::Result<bool> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(elf.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    if !elf.starts_with(b"\x7fELF\x02\x01") {
+        bail!("not a little-endian ELF64 file");
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        bail!("truncated ELF header");
+    };
+    for i in 0..usize::from(phnum) {
+        let off = phoff as usize + i * usize::from(phentsize);
+        const PT_INTERP: u32 = 3;
+        if u32_at(off).context("truncated program header")? == PT_INTERP {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn gzip(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    let out = fs::File::create(dst)?;
+    crate::run(
+        Command::new("gzip")
+            .args(["-9", "-n", "-c"])
+            .arg(src)
+            .stdout(out),
+    )
+    .context("compressing the initramfs")
+}
+
+/// Orders `6.1.0-9` before `6.1.0-10`: digit runs compare as numbers.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for (x, y) in ca.iter().zip(&cb) {
+        let ord = match (x, y) {
+            ((true, x), (true, y)) => x
+                .trim_start_matches('0')
+                .len()
+                .cmp(&y.trim_start_matches('0').len())
+                .then_with(|| x.trim_start_matches('0').cmp(y.trim_start_matches('0'))),
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if ord.is_ne() {
+            return ord;
+        }
+    }
+    ca.len().cmp(&cb.len())
+}
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(parent: &Path) -> anyhow::Result<TempDir> {
+        let dir = parent.join(format!("image-{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A newc ("070701") cpio archive, the format the kernel unpacks into its
+/// initial rootfs. Entries are sorted and carry no timestamps or owners, so
+/// the same inputs give the same bytes. Parent directories are added as needed.
+struct Cpio {
+    entries: BTreeMap<String, Entry>,
+}
+
+struct Entry {
+    mode: u32,
+    rdev: (u32, u32),
+    data: Vec<u8>,
+}
+
+const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
+const S_IFLNK: u32 = 0o120000;
+const S_IFCHR: u32 = 0o020000;
+
+impl Cpio {
+    fn new() -> Cpio {
+        Cpio {
+            entries: BTreeMap::new(),
+        }
+    }
+
+    fn add(&mut self, path: &str, mode: u32, rdev: (u32, u32), data: Vec<u8>) {
+        let path = path.trim_matches('/');
+        let mut parent = Path::new(path).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            self.entries
+                .entry(p.to_string_lossy().into_owned())
+                .or_insert(Entry {
+                    mode: S_IFDIR | 0o755,
+                    rdev: (0, 0),
+                    data: Vec::new(),
+                });
+            parent = p.parent();
+        }
+        self.entries
+            .insert(path.to_string(), Entry { mode, rdev, data });
+    }
+
+    fn dir(&mut self, path: &str, perm: u32) {
+        self.add(path, S_IFDIR | perm, (0, 0), Vec::new());
+    }
+
+    fn file(&mut self, path: &str, perm: u32, data: Vec<u8>) {
+        self.add(path, S_IFREG | perm, (0, 0), data);
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) {
+        self.add(path, S_IFLNK | 0o777, (0, 0), target.as_bytes().to_vec());
+    }
+
+    fn char_device(&mut self, path: &str, perm: u32, major: u32, minor: u32) {
+        self.add(path, S_IFCHR | perm, (major, minor), Vec::new());
+    }
+
+    /// The archive bytes. BTreeMap order puts every directory before its contents.
+    fn finish(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut ino = 1;
+        for (path, e) in &self.entries {
+            let nlink = if e.mode & S_IFDIR == S_IFDIR { 2 } else { 1 };
+            Cpio::entry(&mut out, ino, path, e.mode, nlink, e.rdev, &e.data);
+            ino += 1;
+        }
+        Cpio::entry(&mut out, 0, "TRAILER!!!", 0, 1, (0, 0), &[]);
+        out
+    }
+
+    fn entry(
+        out: &mut Vec<u8>,
+        ino: u32,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) {
+        let fields = [
+            ino,
+            mode,
+            0, // uid
+            0, // gid
+            nlink,
+            0, // mtime
+            data.len() as u32,
+            0, // dev major
+            0, // dev minor
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0, // check
+        ];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        pad4(out);
+        out.extend_from_slice(data);
+        pad4(out);
+    }
+}
+
+fn pad4(out: &mut Vec<u8>) {
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// SHA-256 (FIPS 180-4). Written out here because xtask's dependencies are
+/// anyhow, serde_json and tokio; swap in the `sha2` crate if it gains it.
+struct Sha256 {
+    state: [u32; 8],
+    block: [u8; 64],
+    filled: usize,
+    total: u64,
+}
+
+const K: [u32; 64] = [
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+];
+
+impl Sha256 {
+    fn new() -> Sha256 {
+        Sha256 {
+            state: [
+                0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+                0x5be0cd19,
+            ],
+            block: [0; 64],
+            filled: 0,
+            total: 0,
+        }
+    }
+
+    fn update(&mut self, mut data: &[u8]) {
+        self.total += data.len() as u64;
+        while !data.is_empty() {
+            let n = (64 - self.filled).min(data.len());
+            self.block[self.filled..self.filled + n].copy_from_slice(&data[..n]);
+            self.filled += n;
+            data = &data[n..];
+            if self.filled == 64 {
+                let block = self.block;
+                self.compress(&block);
+                self.filled = 0;
+            }
+        }
+    }
+
+    fn finish(mut self) -> [u8; 32] {
+        let bits = self.total.wrapping_mul(8);
+        self.update(&[0x80]);
+        while self.filled != 56 {
+            self.update(&[0]);
+        }
+        let block = {
+            let mut b = self.block;
+            b[56..].copy_from_slice(&bits.to_be_bytes());
+            b
+        };
+        self.compress(&block);
+        let mut out = [0u8; 32];
+        for (o, s) in out.chunks_mut(4).zip(self.state) {
+            o.copy_from_slice(&s.to_be_bytes());
+        }
+        out
+    }
+
+    fn compress(&mut self, block: &[u8; 64]) {
+        let mut w = [0u32; 64];
+        for (i, c) in block.chunks(4).enumerate() {
+            w[i] = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = self.state;
+        for (k, wi) in K.iter().zip(w) {
+            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
+            let ch = (e & f) ^ (!e & g);
+            let t1 = h
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(*k)
+                .wrapping_add(wi);
+            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
+            let maj = (a & b) ^ (a & c) ^ (b & c);
+            let t2 = s0.wrapping_add(maj);
+            h = g;
+            g = f;
+            f = e;
+            e = d.wrapping_add(t1);
+            d = c;
+            c = b;
+            b = a;
+            a = t1.wrapping_add(t2);
+        }
+        for (s, v) in self.state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
+            *s = s.wrapping_add(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(data: &[u8]) -> String {
+        let mut h = Sha256::new();
+        h.update(data);
+        h.finish().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn sha256_known_answers() {
+        assert_eq!(
+            hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            hex(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+        );
+        assert_eq!(
+            hex(&vec![b'a'; 1_000_000]),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
+        );
+    }
+
+    #[test]
+    fn cpio_newc_layout() {
+        let mut c = Cpio::new();
+        c.file("etc/x", 0o644, b"hi".to_vec());
+        let bytes = c.finish();
+        // The parent directory comes first, then the file, then the trailer.
+        assert!(bytes.starts_with(b"070701"));
+        let text = String::from_utf8_lossy(&bytes);
+        let etc = text.find("etc\0").unwrap();
+        let x = text.find("etc/x\0").unwrap();
+        let trailer = text.find("TRAILER!!!\0").unwrap();
+        assert!(etc < x && x < trailer);
+        assert_eq!(bytes.len() % 4, 0);
+        // Header of etc/x: mode 0100644, size 2, name length 6.
+        let hdr = &text[x - 110..x];
+        assert_eq!(&hdr[14..22], "000081a4");
+        assert_eq!(&hdr[54..62], "00000002");
+        assert_eq!(&hdr[94..102], "00000006");
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(upstream_version("1:1.35.0-4+deb12u1+b1"), "1.35.0");
+        assert_eq!(upstream_version("6.1.192-2"), "6.1.192");
+        assert!(natural_cmp("linux-image-6.1.0-9-amd64", "linux-image-6.1.0-10-amd64").is_lt());
+        assert!(natural_cmp("a-2", "a-2").is_eq());
+    }
+}
