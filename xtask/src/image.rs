@@ -129,7 +129,9 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
     cpio.dir("dev", 0o755);
     // The kernel opens /dev/console before /init runs, ahead of devtmpfs.
     cpio.char_device("dev/console", 0o600, 5, 1);
-    for dir in ["proc", "sys", "run", "tmp", "root", "mnt", "var/log"] {
+    for dir in [
+        "proc", "sys", "run", "tmp", "root", "mnt", "var/log", "sbin", "usr/bin", "usr/sbin",
+    ] {
         cpio.dir(dir, if dir == "tmp" { 0o1777 } else { 0o755 });
     }
     cpio.file(
@@ -446,6 +448,12 @@ fn build_agent(root: &Path) -> anyhow::Result<PathBuf> {
                 AGENT_TARGET,
             ])
             .env("CARGO_TARGET_DIR", &target_dir)
+            // Small over fast: it is copied into every guest. A panic ends the
+            // process, and init starts a fresh one.
+            .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s")
+            .env("CARGO_PROFILE_RELEASE_LTO", "true")
+            .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
+            .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .env(
                 "RUSTFLAGS",

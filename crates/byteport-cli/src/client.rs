@@ -4,6 +4,10 @@ use anyhow::{Context, Result};
 use byteport_types::api::ErrorBody;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use std::io::{BufReader, Read};
+
+/// The most a text or error body may hold (console tails are at most 1 MiB).
+const MAX_TEXT_BODY: u64 = 8 << 20;
 
 /// A failed API call: the server's status and error body.
 #[derive(Debug)]
@@ -69,6 +73,11 @@ impl Client {
         }
     }
 
+    /// The `Authorization` header's value, when the client has a token.
+    pub fn bearer(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
     /// Sends one request; `Ok(None)` for an empty success body.
     pub fn request(
         &self,
@@ -78,7 +87,7 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<Option<Value>> {
         let url = format!("{}{path}", self.base);
-        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let auth = self.bearer();
         macro_rules! prep {
             ($rb:expr) => {{
                 let mut rb = $rb;
@@ -109,7 +118,89 @@ impl Client {
                 }
             }
         };
-        let mut resp = sent.with_context(|| format!("cannot reach {}", self.base))?;
+        self.json_response(sent)
+    }
+
+    /// Streams `len` bytes from `reader` as the raw body of a PUT; the
+    /// file is never held in memory.
+    pub fn upload(&self, path: &str, reader: &mut dyn Read, len: u64) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut rb = self
+            .agent
+            .put(&url)
+            .header("Accept", "application/json")
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Length", len.to_string());
+        if let Some(a) = self.bearer() {
+            rb = rb.header("Authorization", a);
+        }
+        let sent = rb.send(ureq::SendBody::from_reader(reader));
+        self.json_response(sent)?
+            .context("the server sent an empty response")
+    }
+
+    /// A GET whose success body is returned as bytes (plain text, say).
+    pub fn get_bytes(&self, path: &str, query: &[(&str, String)]) -> Result<Vec<u8>> {
+        let url = format!("{}{path}", self.base);
+        let mut rb = self.agent.get(&url);
+        if let Some(a) = self.bearer() {
+            rb = rb.header("Authorization", a);
+        }
+        for (k, v) in query {
+            rb = rb.query(*k, v.as_str());
+        }
+        let mut resp = rb.call().with_context(|| self.unreachable())?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_TEXT_BODY)
+            .read_to_vec()
+            .with_context(|| format!("cannot read the response from {}", self.base))?;
+        if (200..300).contains(&status) {
+            Ok(bytes)
+        } else {
+            Err(api_error(status, &bytes).into())
+        }
+    }
+
+    /// POSTs a JSON body and hands back the success body as a reader, to
+    /// be consumed as it arrives (an NDJSON stream, say).
+    pub fn post_stream(
+        &self,
+        path: &str,
+        body: &Value,
+        accept: &str,
+    ) -> Result<BufReader<ureq::BodyReader<'static>>> {
+        let url = format!("{}{path}", self.base);
+        let mut rb = self.agent.post(&url).header("Accept", accept);
+        if let Some(a) = self.bearer() {
+            rb = rb.header("Authorization", a);
+        }
+        let mut resp = rb.send_json(body).with_context(|| self.unreachable())?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let bytes = resp
+                .body_mut()
+                .with_config()
+                .limit(MAX_TEXT_BODY)
+                .read_to_vec()
+                .with_context(|| format!("cannot read the response from {}", self.base))?;
+            return Err(api_error(status, &bytes).into());
+        }
+        Ok(BufReader::new(resp.into_body().into_reader()))
+    }
+
+    fn unreachable(&self) -> String {
+        format!("cannot reach {}", self.base)
+    }
+
+    /// A JSON response: its body on success, the server's error otherwise.
+    fn json_response(
+        &self,
+        sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Option<Value>> {
+        let mut resp = sent.with_context(|| self.unreachable())?;
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
@@ -123,19 +214,7 @@ impl Client {
                 .with_context(|| format!("the server sent invalid JSON (HTTP {status})"))?;
             return Ok(Some(v));
         }
-        let err = match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => ApiError {
-                status,
-                code: b.error.code,
-                message: b.error.message,
-            },
-            Err(_) => ApiError {
-                status,
-                code: "http".into(),
-                message: format!("HTTP {status}: {}", text.trim()),
-            },
-        };
-        Err(err.into())
+        Err(api_error(status, text.as_bytes()).into())
     }
 
     /// A request whose success must carry a JSON body.
@@ -152,6 +231,23 @@ impl Client {
 
     pub fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
         self.value(Method::Get, path, query, None)
+    }
+}
+
+/// The error a failed call's body describes: the API's own error body, or
+/// the status and text when the body is something else.
+pub fn api_error(status: u16, body: &[u8]) -> ApiError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => ApiError {
+            status,
+            code: b.error.code,
+            message: b.error.message,
+        },
+        Err(_) => ApiError {
+            status,
+            code: "http".into(),
+            message: format!("HTTP {status}: {}", String::from_utf8_lossy(body).trim()),
+        },
     }
 }
 

@@ -12,6 +12,19 @@ use serde_json::{Value, json};
 /// The longest wait the server grants in one request.
 const MAX_SERVER_WAIT: u64 = 600;
 
+/// Ends the process with this status, the error already reported (a
+/// command run by `vm exec` that failed, say).
+#[derive(Debug)]
+pub struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
 struct Env {
     out: Output,
     client: Client,
@@ -739,6 +752,16 @@ fn image(env: &Env, cmd: ImageCmd) -> Result<()> {
             let v = c.value(Method::Post, "/v1/images", &[], Some(&body))?;
             done(env, Some(v), format!("registered image {name}"))
         }
+        ImageCmd::Import(a) => {
+            let plan = crate::import::plan(a)?;
+            let v = crate::import::run(c, &plan, env.json())?;
+            if env.json() {
+                return print_json(&v);
+            }
+            let i: Image = decode(&v)?;
+            println!("image {} is {}", i.name, i.status);
+            Ok(())
+        }
         ImageCmd::Delete { name } => {
             c.request(
                 Method::Delete,
@@ -760,14 +783,46 @@ fn boot_str(b: BootMode) -> &'static str {
 
 // ---------- VMs ----------
 
-fn ports(p: &[PortForward]) -> String {
+/// Port forwards in a few characters: `22→20022,80→20080`.
+fn ports_compact(p: &[PortForward]) -> String {
     if p.is_empty() {
         return "-".into();
     }
     p.iter()
-        .map(|f| format!("{}:{}->{}", f.host, f.host_port, f.guest_port))
+        .map(|f| format!("{}→{}", f.guest_port, f.host_port))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// `host:port`, bracketing an IPv6 host.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// One forward per line: `22 -> 127.0.0.1:20022`.
+fn ports_long(p: &[PortForward]) -> String {
+    if p.is_empty() {
+        return "-".into();
+    }
+    p.iter()
+        .map(|f| format!("{} -> {}", f.guest_port, host_port(&f.host, f.host_port)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The command that reaches the guest's SSH port, if it is forwarded.
+fn ssh_line(p: &[PortForward]) -> Option<String> {
+    let f = p.iter().find(|f| f.guest_port == 22)?;
+    // A forward on every address: the node's own address is what to use.
+    let host = match f.host.as_str() {
+        "0.0.0.0" | "::" | "" => "NODE-ADDRESS",
+        h => h,
+    };
+    Some(format!("ssh -p {} root@{host}", f.host_port))
 }
 
 fn vm_table(vms: &[Vm]) {
@@ -794,7 +849,7 @@ fn vm_table(vms: &[Vm]) {
             v.memory_mib.to_string(),
             v.disk_gib.to_string(),
             opt(&v.node_id),
-            ports(&v.ports),
+            ports_compact(&v.ports),
         ]);
     }
     t.print();
@@ -810,7 +865,7 @@ fn vm_details(v: &Vm) {
             .collect::<Vec<_>>()
             .join(",")
     };
-    print_fields(&[
+    let mut fields = vec![
         ("name", v.name.to_string()),
         ("id", v.id.to_string()),
         ("project", v.project.to_string()),
@@ -830,10 +885,23 @@ fn vm_details(v: &Vm) {
             if v.has_user_data { "yes" } else { "no" }.into(),
         ),
         ("node", opt(&v.node_id)),
-        ("ports", ports(&v.ports)),
-        ("created", ts!(v.created_at)),
-        ("updated", ts!(v.updated_at)),
-    ]);
+        (
+            "ready by",
+            match v.ready_by {
+                ReadyBy::Agent => "agent",
+                ReadyBy::Process => "process",
+            }
+            .into(),
+        ),
+        ("agent version", opt(&v.agent_version)),
+        ("ports", ports_long(&v.ports)),
+    ];
+    if let Some(ssh) = ssh_line(&v.ports) {
+        fields.push(("ssh", ssh));
+    }
+    fields.push(("created", ts!(v.created_at)));
+    fields.push(("updated", ts!(v.updated_at)));
+    print_fields(&fields);
 }
 
 /// A VM's id from its id or name (in `project`, if given).
@@ -1048,12 +1116,78 @@ fn vm(env: &Env, args: VmArgs) -> Result<()> {
             let v = wait_for(env, &id, state, timeout)?;
             print_vm(env, &v, false)
         }
+        VmCmd::Exec(a) => vm_exec(env, project, a),
+        VmCmd::Console { vm, bytes, follow } => {
+            if follow {
+                // Refuse an https:// server before any request.
+                crate::vm_io::WsTarget::new(&c.base, "")?;
+            }
+            let id = resolve_vm(env, project, &vm)?;
+            let path = format!("/v1/vms/{}/console", seg(&id));
+            if follow {
+                return crate::vm_io::follow(c, &format!("{path}/ws"));
+            }
+            let q: Vec<(&str, String)> = bytes
+                .map(|b| ("bytes", b.to_string()))
+                .into_iter()
+                .collect();
+            let text = c.get_bytes(&path, &q)?;
+            if env.json() {
+                return print_json(&json!({"vm": id, "console": String::from_utf8_lossy(&text)}));
+            }
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&text)?;
+            out.flush()?;
+            Ok(())
+        }
         VmCmd::Start(a) => vm_action(env, project, a, "start", VmState::Running),
         VmCmd::Stop(a) => vm_action(env, project, a, "stop", VmState::Stopped),
         VmCmd::Restart(a) => vm_action(env, project, a, "restart", VmState::Running),
         VmCmd::Pause(a) => vm_action(env, project, a, "pause", VmState::Paused),
         VmCmd::Resume(a) => vm_action(env, project, a, "resume", VmState::Running),
         VmCmd::Delete(a) => vm_action(env, project, a, "delete", VmState::Deleted),
+    }
+}
+
+fn vm_exec(env: &Env, project: Option<&str>, a: ExecArgs) -> Result<()> {
+    let id = resolve_vm(env, project, &a.vm)?;
+    let mut body = json!({"argv": a.argv});
+    if !a.env.is_empty() {
+        let vars: serde_json::Map<String, Value> =
+            a.env.into_iter().map(|(k, v)| (k, json!(v))).collect();
+        body["env"] = Value::Object(vars);
+    }
+    if let Some(d) = a.cwd {
+        body["cwd"] = json!(d);
+    }
+    if let Some(t) = a.timeout {
+        body["timeout_secs"] = json!(t);
+    }
+    if a.stdin {
+        use base64::Engine;
+        use std::io::Read;
+        let mut input = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut input)
+            .context("cannot read standard input")?;
+        body["stdin_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(input));
+    }
+    let events = env.client.post_stream(
+        &format!("/v1/vms/{}/exec", seg(&id)),
+        &body,
+        "application/x-ndjson",
+    )?;
+    let code = crate::vm_io::relay_exec(
+        events,
+        env.json(),
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    )?;
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Exit(code).into())
     }
 }
 
@@ -1144,6 +1278,25 @@ fn node(env: &Env, cmd: NodeCmd) -> Result<()> {
                 ("last heartbeat", opt_ts!(n.last_heartbeat_at)),
                 ("created", ts!(n.created_at)),
             ]);
+            Ok(())
+        }
+        NodeCmd::JoinToken { expires_in_minutes } => {
+            let mut body = json!({});
+            if let Some(m) = expires_in_minutes {
+                body["expires_in_minutes"] = json!(m);
+            }
+            let v = c.value(Method::Post, "/v1/node-join-tokens", &[], Some(&body))?;
+            if env.json() {
+                return print_json(&v);
+            }
+            let t: JoinToken = decode(&v)?;
+            print_fields(&[("token", t.token.clone()), ("expires", ts!(t.expires_at))]);
+            println!();
+            println!("On the new host, run (the token works once):");
+            println!(
+                "  byteportd node --server {} --join-token {}",
+                c.base, t.token
+            );
             Ok(())
         }
     }

@@ -3,10 +3,13 @@
 mod client;
 mod commands;
 mod config;
+mod import;
 mod table;
+mod vm_io;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use byteport_types::VmState;
 use byteport_types::api::Role;
@@ -219,8 +222,73 @@ pub enum ImageCmd {
         #[arg(long)]
         has_agent: bool,
     },
+    /// Register an image and upload its files (admins); safe to repeat.
+    ///
+    /// Hashes each file locally, registers the image and streams each file
+    /// to the server, which checks it against the sha256. With --manifest
+    /// (a `manifest.json` from `cargo xtask image build`) every field comes
+    /// from the manifest, its file names relative to its directory; flags
+    /// and arguments given here override it.
+    ///
+    /// Examples:
+    ///   byteport image import tiny initrd.img --kernel vmlinuz --format initramfs
+    ///       --os-family linux --os-version 1.36 --cmdline "console=ttyS0" --has-agent
+    ///   byteport image import debian-12 debian-12.qcow2 --format qcow2
+    ///       --os-family debian --os-version 12
+    ///   byteport image import --manifest build/images/tiny/manifest.json
+    #[command(verbatim_doc_comment)]
+    Import(ImportArgs),
     /// Remove an image no VM uses (admins).
     Delete { name: String },
+}
+
+/// An image file's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormat {
+    Qcow2,
+    Raw,
+    /// Kernel-booted, no disk: FILE is the initramfs.
+    Initramfs,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The image's name (from the manifest when absent).
+    #[arg(required_unless_present = "manifest")]
+    pub name: Option<String>,
+    /// The disk (qcow2, raw) or the initramfs (initramfs).
+    #[arg(required_unless_present = "manifest")]
+    pub file: Option<PathBuf>,
+    /// A manifest.json that describes the image and names its files.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// The kernel, for kernel-booted images.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// An initrd to boot a qcow2/raw disk's kernel with.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The OS family, such as linux or debian.
+    #[arg(long)]
+    pub os_family: Option<String>,
+    /// The OS's version, such as 12.
+    #[arg(long)]
+    pub os_version: Option<String>,
+    /// x86_64 when absent.
+    #[arg(long)]
+    pub arch: Option<String>,
+    #[arg(long, value_enum)]
+    pub format: Option<ImageFormat>,
+    /// `kernel` for initramfs images or when --kernel is given, else `disk`.
+    #[arg(long, value_enum)]
+    pub boot: Option<Boot>,
+    /// The kernel command line, for kernel-booted images.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// The guest agent is installed in the image (--has-agent=false to
+    /// override a manifest).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub has_agent: Option<bool>,
 }
 
 #[derive(Args, Debug)]
@@ -324,6 +392,65 @@ pub enum VmCmd {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Run a command in a running VM through its guest agent.
+    ///
+    /// The command's output streams to this terminal as it comes, and
+    /// `byteport` exits with the command's exit status (128+N when a
+    /// signal N ended it). The command runs without a shell; with --stdin
+    /// all of standard input is read first and sent with the command.
+    /// With --output json the server's NDJSON events are printed as they
+    /// come instead.
+    ///
+    /// Examples:
+    ///   byteport vm exec web-1 -- uname -a
+    ///   byteport vm exec web-1 --env LANG=C --cwd /tmp -- ls -l
+    ///   echo hello | byteport vm exec web-1 --stdin -- cat
+    #[command(verbatim_doc_comment)]
+    Exec(ExecArgs),
+    /// Show a VM's serial console: the end of its log, or live with --follow.
+    ///
+    /// With --follow, the console's output streams here and what you type
+    /// is sent to the guest; Ctrl-] leaves. When standard input is a
+    /// terminal it is put in raw mode with `stty` (keys go through one by
+    /// one, Ctrl-C included); if that is not possible input is sent a line
+    /// at a time, and Ctrl-] takes effect after Enter. --follow speaks
+    /// plain ws:// only: it does not work against an https:// URL yet.
+    ///
+    /// Examples:
+    ///   byteport vm console web-1 --bytes 4096
+    ///   byteport vm console web-1 --follow
+    #[command(verbatim_doc_comment)]
+    Console {
+        /// The VM's name or id.
+        vm: String,
+        /// How many bytes of the log's end (server default 16384, at most 1048576).
+        #[arg(long, conflicts_with = "follow")]
+        bytes: Option<u64>,
+        /// Attach to the live console; Ctrl-] leaves.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// The VM's name or id.
+    pub vm: String,
+    /// An environment variable K=V for the command (repeatable).
+    #[arg(long, value_parser = parse_label)]
+    pub env: Vec<(String, String)>,
+    /// The working directory in the guest.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Seconds before the command is killed (server default 300, at most 3600).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Send all of standard input to the command.
+    #[arg(long)]
+    pub stdin: bool,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub argv: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -332,12 +459,22 @@ pub enum NodeCmd {
     List,
     /// Show a node by id or name.
     Show { id: String },
+    /// Create a single-use token that lets a new host join as a node.
+    JoinToken {
+        /// The token's lifetime (server default 60, at most 10080).
+        #[arg(long)]
+        expires_in_minutes: Option<u32>,
+    },
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let logging_in = matches!(cli.cmd, Cmd::Login { .. } | Cmd::Bootstrap { .. });
     if let Err(e) = commands::run(cli) {
+        // A command's own exit status (from `vm exec`), already reported.
+        if let Some(commands::Exit(code)) = e.downcast_ref::<commands::Exit>() {
+            return ExitCode::from(*code);
+        }
         let msg = match e.downcast_ref::<client::ApiError>() {
             Some(api) => api.message.clone(),
             None => format!("{e:#}"),
@@ -349,8 +486,9 @@ fn main() {
         {
             eprintln!("hint: run `byteport login --url URL --user NAME --password-stdin`");
         }
-        std::process::exit(1);
+        return ExitCode::FAILURE;
     }
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

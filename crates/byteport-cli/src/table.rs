@@ -51,12 +51,25 @@ impl Table {
     }
 }
 
-/// Prints `key: value` pairs with the values aligned.
-pub fn print_fields(fields: &[(&str, String)]) {
-    let w = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+/// `key: value` pairs with the values aligned; a value's further lines
+/// line up under its first.
+pub fn render_fields(fields: &[(&str, String)]) -> String {
+    let w = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
     for (k, v) in fields {
-        println!("{:<w$}  {v}", format!("{k}:"), w = w + 1);
+        let mut lines = v.split('\n');
+        let first = lines.next().unwrap_or("");
+        out.push_str(&format!("{:<w$}  {first}\n", format!("{k}:")));
+        for l in lines {
+            out.push_str(&format!("{:<w$}  {l}\n", ""));
+        }
     }
+    out
+}
+
+/// Prints [`render_fields`].
+pub fn print_fields(fields: &[(&str, String)]) {
+    print!("{}", render_fields(fields));
 }
 
 #[cfg(test)]
@@ -69,5 +82,20 @@ mod tests {
         t.row(vec!["web-1".into(), "pending".into()]);
         t.row(vec!["a".into(), "".into()]);
         assert_eq!(t.render(), "NAME   STATE\nweb-1  pending\na\n");
+    }
+
+    #[test]
+    fn aligns_fields_and_their_lines() {
+        let f = render_fields(&[
+            ("id", "x".into()),
+            (
+                "ports",
+                "22 -> 127.0.0.1:20022\n80 -> 127.0.0.1:20080".into(),
+            ),
+        ]);
+        assert_eq!(
+            f,
+            "id:     x\nports:  22 -> 127.0.0.1:20022\n        80 -> 127.0.0.1:20080\n"
+        );
     }
 }

@@ -86,6 +86,186 @@ fn temp_config() -> PathBuf {
     dir.join("nested").join("config.json")
 }
 
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// PUTs `body` as an image file directly, as an admin; status and body.
+async fn put_file(s: &byteport_testkit::TestServer, path: &str, body: Vec<u8>) -> (u16, String) {
+    let url = format!("{}{path}", s.url);
+    let token = s.admin.clone();
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut r = agent
+            .put(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Content-Type", "application/octet-stream")
+            .send(&body[..])
+            .expect("PUT");
+        let text = r.body_mut().read_to_string().expect("body");
+        (r.status().as_u16(), text)
+    })
+    .await
+    .expect("joining")
+}
+
+/// `image import`: a fake kernel and initramfs become an `available` image,
+/// again idempotently, and from a manifest.
+async fn image_import(s: &byteport_testkit::TestServer, c: &Path) {
+    let dir = c
+        .parent()
+        .and_then(Path::parent)
+        .expect("dir")
+        .join("images");
+    std::fs::create_dir_all(&dir).expect("image dir");
+    let kernel: Vec<u8> = (0..6 * 1024u32).map(|i| (i % 251) as u8).collect();
+    // Larger than the server's 1 MiB JSON body limit: uploads stream.
+    let initrd: Vec<u8> = (0..1536 * 1024u32).map(|i| (i * 7 % 253) as u8).collect();
+    let (kpath, ipath) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+    std::fs::write(&kpath, &kernel).expect("kernel");
+    std::fs::write(&ipath, &initrd).expect("initrd");
+    let (k, i) = (
+        kpath.to_str().expect("utf-8"),
+        ipath.to_str().expect("utf-8"),
+    );
+    let args = [
+        "image",
+        "import",
+        "small",
+        i,
+        "--kernel",
+        k,
+        "--format",
+        "initramfs",
+        "--boot",
+        "kernel",
+        "--os-family",
+        "linux",
+        "--os-version",
+        "1",
+        "--cmdline",
+        "console=ttyS0 quiet",
+        "--has-agent",
+    ];
+    let out = ok(c, &args).await;
+    assert!(out.contains("registered image small"), "{out}");
+    assert!(out.contains("uploaded kernel"), "{out}");
+    assert!(
+        out.trim_end().ends_with("image small is available"),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(c, &["image", "show", "small", "--output", "json"]).await)
+            .expect("json");
+    assert_eq!(v["status"], "available", "{v}");
+    assert_eq!(v["format"], "initramfs", "{v}");
+    assert_eq!(v["boot"], "kernel", "{v}");
+    assert_eq!(v["sha256"], sha256_hex(&initrd), "{v}");
+    assert_eq!(v["kernel_sha256"], sha256_hex(&kernel), "{v}");
+    assert!(v["initrd_sha256"].is_null(), "{v}");
+    assert_eq!(v["size_bytes"], initrd.len(), "{v}");
+    assert_eq!(v["cmdline"], "console=ttyS0 quiet", "{v}");
+    assert_eq!(v["has_agent"], true, "{v}");
+
+    // Again: nothing new is registered, the files upload again.
+    let out = ok(c, &args).await;
+    assert!(out.contains("already registered with these files"), "{out}");
+    assert!(
+        out.trim_end().ends_with("image small is available"),
+        "{out}"
+    );
+    let mut json_args = args.to_vec();
+    json_args.extend(["--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&ok(c, &json_args).await).expect("json");
+    assert_eq!(v["status"], "available", "{v}");
+
+    // The same name with other files is refused before any upload.
+    let o = fails(
+        c,
+        &[
+            "image",
+            "import",
+            "small",
+            k,
+            "--kernel",
+            k,
+            "--format",
+            "initramfs",
+            "--os-family",
+            "linux",
+            "--os-version",
+            "1",
+        ],
+    )
+    .await;
+    assert!(
+        o.stderr.contains("already exists with other files"),
+        "{}",
+        o.stderr
+    );
+
+    // From a manifest, its file names relative to its directory; extra keys
+    // are ignored and a flag overrides the manifest.
+    let manifest = dir.join("manifest.json");
+    std::fs::write(
+        &manifest,
+        serde_json::json!({
+            "name": "from-manifest", "os_family": "linux", "os_version": "1.36.1",
+            "kernel_version": "6.1.0", "arch": "x86_64", "format": "initramfs",
+            "boot": "kernel", "kernel": "vmlinuz", "initrd": "initrd.img",
+            "cmdline": "console=ttyS0", "has_agent": true,
+            "agent_port": "org.byteport.agent.0",
+            "files": {"vmlinuz": {"size": kernel.len(), "sha256": sha256_hex(&kernel)}},
+        })
+        .to_string(),
+    )
+    .expect("manifest");
+    let m = manifest.to_str().expect("utf-8");
+    let out = ok(
+        c,
+        &["image", "import", "--manifest", m, "--os-version", "2"],
+    )
+    .await;
+    assert!(out.contains("image from-manifest is available"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(c, &["image", "show", "from-manifest", "--output", "json"]).await)
+            .expect("json");
+    assert_eq!(v["os_version"], "2", "{v}");
+    assert_eq!(v["sha256"], sha256_hex(&initrd), "{v}");
+    assert_eq!(v["has_agent"], true, "{v}");
+
+    let out = ok(c, &["image", "list"]).await;
+    let header = out.lines().next().expect("header");
+    assert!(
+        header.contains("STATUS") && header.contains("AGENT"),
+        "{out}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("small "))
+        .expect("small listed");
+    assert!(row.contains("available") && row.contains("yes"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("tiny "))
+        .expect("tiny listed");
+    assert!(row.contains("registered"), "{out}");
+
+    // The server checks the bytes: wrong ones are refused and not kept.
+    let (st, body) = put_file(s, "/v1/images/tiny/files/image", b"not the disk".to_vec()).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("checksum_mismatch"), "{body}");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(c, &["image", "show", "tiny", "--output", "json"]).await)
+            .expect("json");
+    assert_eq!(v["status"], "registered", "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_end_to_end() {
     for backend in byteport_testkit::backends() {
@@ -163,6 +343,8 @@ async fn cli_end_to_end() {
         let out = ok(c, &["image", "list"]).await;
         assert!(out.contains("tiny"), "{out}");
 
+        image_import(&s, c).await;
+
         let out = ok(
             c,
             &[
@@ -205,8 +387,71 @@ async fn cli_end_to_end() {
         let out = ok(c, &["vm", "show", &id]).await;
         assert!(out.contains("web-1"), "{out}");
 
+        assert!(out.contains("ready by:"), "{out}");
+        assert!(out.contains("agent version:"), "{out}");
+        assert!(out.contains("ports:"), "{out}");
+
         let o = fails(c, &["vm", "show", "nope"]).await;
         assert!(o.stderr.contains("no VM named nope"), "{}", o.stderr);
+
+        // Exec and the console need a VM that runs on a node.
+        let o = fails(c, &["vm", "exec", "web-1", "--", "uname", "-a"]).await;
+        assert_eq!(o.code, 1);
+        assert!(
+            o.stderr
+                .contains("the VM is pending; exec needs it running"),
+            "{}",
+            o.stderr
+        );
+        let o = run(
+            c,
+            &[
+                "vm",
+                "exec",
+                &id,
+                "--stdin",
+                "--env",
+                "A=1",
+                "--cwd",
+                "/",
+                "--timeout",
+                "5",
+                "--",
+                "cat",
+            ],
+            Some("input"),
+        )
+        .await;
+        assert_eq!(o.code, 1, "{}", o.stderr);
+        assert!(o.stderr.contains("exec needs it running"), "{}", o.stderr);
+        // The command goes after `--`; a bad --env is a usage error.
+        assert_eq!(run(c, &["vm", "exec", "web-1", "ls"], None).await.code, 2);
+        assert_eq!(run(c, &["vm", "exec", "web-1"], None).await.code, 2);
+        let o = run(c, &["vm", "exec", "web-1", "--env", "X", "--", "ls"], None).await;
+        assert_eq!(o.code, 2, "{}", o.stderr);
+        let o = fails(c, &["vm", "console", "web-1", "--bytes", "100"]).await;
+        assert!(o.stderr.contains("the VM is pending"), "{}", o.stderr);
+        // The WebSocket's refusal is the API's message too (and proves the
+        // upgrade request carries the token: anonymous would be a 401).
+        let o = fails(c, &["vm", "console", "web-1", "--follow"]).await;
+        assert!(o.stderr.contains("the VM is pending"), "{}", o.stderr);
+        let o = fails(
+            c,
+            &[
+                "vm",
+                "console",
+                "web-1",
+                "--follow",
+                "--url",
+                "https://127.0.0.1:1",
+            ],
+        )
+        .await;
+        assert!(
+            o.stderr.contains("does not support https://"),
+            "{}",
+            o.stderr
+        );
 
         // A pending VM is already starting.
         let o = fails(c, &["vm", "start", "web-1"]).await;
@@ -321,6 +566,26 @@ async fn cli_end_to_end() {
 
         let out = ok(c, &["node", "list"]).await;
         assert!(out.starts_with("NAME"), "{out}");
+        let out = ok(c, &["node", "join-token", "--expires-in-minutes", "30"]).await;
+        let token = out
+            .lines()
+            .find_map(|l| l.strip_prefix("token:"))
+            .expect("a token line")
+            .trim()
+            .to_owned();
+        assert!(
+            out.contains(&format!(
+                "byteportd node --server {} --join-token {token}",
+                s.url
+            )),
+            "{out}"
+        );
+        let t: serde_json::Value =
+            serde_json::from_str(&ok(c, &["node", "join-token", "--output", "json"]).await)
+                .expect("json");
+        assert!(t["token"].as_str().is_some_and(|t| t != token), "{t}");
+        let o = fails(c, &["node", "join-token", "--expires-in-minutes", "0"]).await;
+        assert!(o.stderr.contains("expires_in_minutes"), "{}", o.stderr);
 
         let out = ok(c, &["audit", "--limit", "5"]).await;
         assert!(out.starts_with("AT"), "{out}");
@@ -337,6 +602,162 @@ async fn cli_end_to_end() {
         let o = fails(c, &["whoami"]).await;
         assert_eq!(o.code, 1);
         std::fs::remove_file(c).expect("removing the config");
+
+        let _ = std::fs::remove_dir_all(cfg.parent().and_then(Path::parent).expect("dir"));
+    }
+}
+
+/// A JSON call straight to the API (as a node, say); status and body.
+async fn api(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let (url, method, token) = (format!("{url}{path}"), method.to_owned(), token.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let auth = format!("Bearer {token}");
+        let mut r = match method.as_str() {
+            "POST" => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(&body),
+            _ => agent.get(&url).header("Authorization", &auth).call(),
+        }
+        .expect("calling the API");
+        let text = r.body_mut().read_to_string().expect("body");
+        (
+            r.status().as_u16(),
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    })
+    .await
+    .expect("joining")
+}
+
+/// A simulated node (registered with a token from `node join-token`)
+/// reports a VM running with port forwards: `vm show` and `vm list` show
+/// them, and exec reaches as far as the node's missing channel.
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_shows_port_forwards_of_placed_vms() {
+    for backend in byteport_testkit::backends() {
+        let s = byteport_testkit::TestServer::start(backend).await;
+        let cfg = temp_config();
+        let c = cfg.as_path();
+        let o = run(
+            c,
+            &[
+                "login",
+                "--url",
+                &s.url,
+                "--user",
+                "admin",
+                "--password-stdin",
+            ],
+            Some("admin-password\n"),
+        )
+        .await;
+        assert_eq!(o.code, 0, "{}", o.stderr);
+
+        let t: serde_json::Value =
+            serde_json::from_str(&ok(c, &["node", "join-token", "--output", "json"]).await)
+                .expect("json");
+        let capacity = serde_json::json!({"vcpus": 4, "memory_mib": 8192, "disk_gib": 100});
+        let (st, n) = api(
+            &s.url,
+            "POST",
+            "/v1/nodes/register",
+            "",
+            serde_json::json!({"join_token": t["token"], "name": "node-1", "engines": ["qemu"],
+                "kvm": true, "capacity": capacity}),
+        )
+        .await;
+        assert_eq!(st, 201, "{n}");
+        let node = n["node"]["id"].as_str().expect("node id").to_owned();
+        let cred = n["credential"].as_str().expect("credential").to_owned();
+        let heartbeat = |vms: serde_json::Value| {
+            let (url, node, cred, capacity) =
+                (s.url.clone(), node.clone(), cred.clone(), capacity.clone());
+            async move {
+                let (st, v) = api(
+                    &url,
+                    "POST",
+                    &format!("/v1/nodes/{node}/heartbeat"),
+                    &cred,
+                    serde_json::json!({"capacity": capacity,
+                        "usage": {"vcpus": 0, "memory_mib": 0, "disk_gib": 0}, "vms": vms}),
+                )
+                .await;
+                assert_eq!(st, 200, "{v}");
+                v
+            }
+        };
+        heartbeat(serde_json::json!([])).await;
+
+        s.image("tiny").await;
+        let vm: serde_json::Value = serde_json::from_str(
+            &ok(
+                c,
+                &[
+                    "vm", "create", "web-1", "--image", "tiny", "--flavor", "m1.tiny", "--output",
+                    "json",
+                ],
+            )
+            .await,
+        )
+        .expect("json");
+        let id = vm["id"].as_str().expect("id").to_owned();
+        let desired = heartbeat(serde_json::json!([])).await;
+        let gen_ = desired["vms"][0]["desired_generation"].clone();
+        assert!(gen_.is_u64(), "the VM is placed on the node: {desired}");
+        heartbeat(serde_json::json!([{
+            "id": id, "state": "running", "generation": 1, "desired_generation": gen_,
+            "ports": [
+                {"guest_port": 22, "host_port": 20022, "host": "127.0.0.1"},
+                {"guest_port": 80, "host_port": 20080, "host": "127.0.0.1"},
+            ],
+            "agent_version": "0.1.0",
+        }]))
+        .await;
+
+        let out = ok(c, &["vm", "show", "web-1"]).await;
+        assert!(out.contains("state:          running"), "{out}");
+        let ports: Vec<&str> = out
+            .lines()
+            .skip_while(|l| !l.starts_with("ports:"))
+            .take(2)
+            .map(|l| l.trim_start_matches("ports:").trim())
+            .collect();
+        assert_eq!(
+            ports,
+            ["22 -> 127.0.0.1:20022", "80 -> 127.0.0.1:20080"],
+            "{out}"
+        );
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("ssh:") && l.ends_with("ssh -p 20022 root@127.0.0.1")),
+            "{out}"
+        );
+        assert!(out.contains(&format!("node:           {node}")), "{out}");
+
+        let out = ok(c, &["vm", "list"]).await;
+        let row = out.lines().find(|l| l.starts_with("web-1")).expect("web-1");
+        assert!(row.ends_with("22→20022,80→20080"), "{out}");
+
+        // Running, but its image has no agent.
+        let o = fails(c, &["vm", "exec", "web-1", "--", "true"]).await;
+        assert!(o.stderr.contains("no guest agent"), "{}", o.stderr);
+        // The console goes through the node's channel, which a simulated
+        // node does not open.
+        let o = fails(c, &["vm", "console", "web-1"]).await;
+        assert!(o.stderr.contains("not connected"), "{}", o.stderr);
+        let o = fails(c, &["vm", "console", "web-1", "--follow"]).await;
+        assert!(o.stderr.contains("not connected"), "{}", o.stderr);
 
         let _ = std::fs::remove_dir_all(cfg.parent().and_then(Path::parent).expect("dir"));
     }

@@ -51,10 +51,15 @@ pub struct VmTask<D: Driver> {
     p: Persisted,
     inst: Option<D::Instance>,
     ready: watch::Receiver<Option<String>>,
+    /// Wakes the task when the agent's readiness changes.
+    ready_wake: watch::Receiver<Option<String>>,
     ready_tx: Arc<watch::Sender<Option<String>>>,
     stop_deadline: Option<Instant>,
     generation: u64,
     guest_task: Option<tokio::task::JoinHandle<()>>,
+    /// The guest agent connection, once ready (kept across guest resets).
+    conn: Option<GuestConn>,
+    pending_conn: Option<tokio::sync::oneshot::Receiver<GuestConn>>,
 }
 
 fn now_micros() -> u64 {
@@ -95,11 +100,14 @@ impl<D: Driver> VmTask<D> {
             dir,
             p,
             inst: None,
+            ready_wake: rx.clone(),
             ready: rx,
             ready_tx: Arc::new(tx),
             stop_deadline: None,
             generation: 0,
             guest_task: None,
+            conn: None,
+            pending_conn: None,
         };
         t.p.spec = spec;
         t
@@ -178,28 +186,34 @@ impl<D: Driver> VmTask<D> {
                 Next::Done => return,
                 Next::Wait(d) => d,
             };
+            enum Woke {
+                Spec(bool),
+                Other,
+            }
+            let inst = &self.inst;
+            let ready_wake = &mut self.ready_wake;
             let exited = async {
-                match &self.inst {
+                match inst {
                     Some(i) => i.exited().await,
                     None => std::future::pending().await,
                 }
             };
-            let mut ready = self.ready.clone();
-            tokio::select! {
-                changed = rx.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    self.p.spec = rx.borrow_and_update().clone();
-                }
-                _ = exited => {}
-                _ = ready.changed() => {}
-                _ = tokio::time::sleep(wait) => {}
+            let woke = tokio::select! {
+                changed = rx.changed() => Woke::Spec(changed.is_ok()),
+                _ = exited => Woke::Other,
+                _ = ready_wake.changed() => Woke::Other,
+                _ = tokio::time::sleep(wait) => Woke::Other,
+            };
+            match woke {
+                Woke::Spec(false) => return,
+                Woke::Spec(true) => self.p.spec = rx.borrow_and_update().clone(),
+                Woke::Other => {}
             }
         }
     }
 
-    /// Connects to the guest agent in the background and records `ready`.
+    /// Connects to the guest agent in the background (or reuses the open
+    /// connection: QEMU serves one client per socket) and records `ready`.
     fn watch_guest(&mut self) {
         if !self.p.spec.image.has_agent {
             return;
@@ -208,30 +222,49 @@ impl<D: Driver> VmTask<D> {
             t.abort();
         }
         self.ready_tx.send_replace(None);
+        let existing = self
+            .shared
+            .guests
+            .lock()
+            .ok()
+            .and_then(|mut g| g.remove(&self.id))
+            .or_else(|| self.conn.take())
+            .filter(|c| !c.is_closed());
         let path = self.dir.join(files::AGENT);
         let tx = self.ready_tx.clone();
         let shared = self.shared.clone();
         let id = self.id;
+        let (conn_tx, conn_rx) = tokio::sync::oneshot::channel();
+        self.pending_conn = Some(conn_rx);
         self.guest_task = Some(tokio::spawn(async move {
             let started = Instant::now();
+            let mut conn = existing;
             while started.elapsed() < AGENT_TIMEOUT {
-                let conn = match GuestConn::connect_unix(&path).await {
-                    Ok(c) => c,
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
+                let c = match conn.take().filter(|c| !c.is_closed()) {
+                    Some(c) => c,
+                    None => match GuestConn::connect_unix(&path).await {
+                        Ok(c) => c,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
                 };
-                match conn.hello(AGENT_TIMEOUT).await {
+                match c
+                    .hello(AGENT_TIMEOUT.saturating_sub(started.elapsed()))
+                    .await
+                {
                     Ok(r) => {
                         if let Ok(mut g) = shared.guests.lock() {
-                            g.insert(id, conn.clone());
+                            g.insert(id, c.clone());
                         }
+                        let _ = conn_tx.send(c);
                         tx.send_replace(Some(r.version));
                         return;
                     }
                     Err(e) => {
                         tracing::debug!(vm = %id, error = %e, "guest agent not ready yet");
+                        c.close();
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
@@ -244,12 +277,24 @@ impl<D: Driver> VmTask<D> {
             t.abort();
         }
         self.ready_tx.send_replace(None);
-        if let Ok(mut g) = self.shared.guests.lock() {
-            g.remove(&self.id);
+        if let Ok(mut g) = self.shared.guests.lock()
+            && let Some(c) = g.remove(&self.id)
+        {
+            c.close();
         }
+        if let Some(c) = self.conn.take() {
+            c.close();
+        }
+        self.pending_conn = None;
     }
 
     async fn step(&mut self) -> Next {
+        if let Some(rx) = self.pending_conn.as_mut()
+            && let Ok(c) = rx.try_recv()
+        {
+            self.conn = Some(c);
+            self.pending_conn = None;
+        }
         let want_gen = self.p.spec.desired_generation;
         match self.p.spec.desired_state {
             DesiredState::Deleted => {
@@ -416,16 +461,17 @@ impl<D: Driver> VmTask<D> {
                 initrd = Some(s.images.ensure(&s.cp, &credential, i).await?);
             }
         }
+        let base = match spec.image.format.as_str() {
+            // The image is the initramfs; the VM gets a blank disk.
+            "initramfs" => {
+                initrd = Some(main.clone());
+                None
+            }
+            f @ ("qcow2" | "raw") => Some((main.as_path(), f)),
+            f => return Err(format!("image format {f} is not supported")),
+        };
         let disk = self.dir.join(files::DISK);
         if !disk.exists() {
-            let base = match spec.image.format.as_str() {
-                "initramfs" => {
-                    initrd = Some(main.clone());
-                    None
-                }
-                f @ ("qcow2" | "raw") => Some((main.as_path(), f)),
-                f => return Err(format!("image format {f} is not supported")),
-            };
             crate::images::create_disk(&disk, base, spec.disk_gib).await?;
         }
         if self.p.ports.is_empty() {

@@ -6,6 +6,8 @@
 //! (`cargo xtask test` starts one); without it the PostgreSQL half says it
 //! skips and why, unless `BYTEPORT_REQUIRE_PG=1`, which makes that a failure.
 
+pub mod daemon;
+
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use byteport_server::{App, Settings};
@@ -88,9 +90,11 @@ impl TestServer {
         let store = DataStore::connect(&url)
             .await
             .expect("connecting the store");
-        let app = App::new(store, Settings::default())
-            .await
-            .expect("starting the app");
+        let settings = Settings {
+            image_dir: dir.0.join("images"),
+            ..Settings::default()
+        };
+        let app = App::new(store, settings).await.expect("starting the app");
         let router = byteport_server::router(app.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

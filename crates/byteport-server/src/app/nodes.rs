@@ -183,9 +183,28 @@ impl App {
             if v.node_id != Some(node_id.0) {
                 continue;
             }
-            let current: VmState = v.state.parse().map_err(AppError::internal)?;
-            let desired: DesiredState = v.desired_state.parse().map_err(AppError::internal)?;
-            let caught_up = r.desired_generation as i64 >= v.desired_generation;
+            let mut current: VmState = v.state.parse().map_err(AppError::internal)?;
+            let mut desired: DesiredState = v.desired_state.parse().map_err(AppError::internal)?;
+            let mut caught_up = r.desired_generation as i64 >= v.desired_generation;
+            if r.state == ObservedState::Stopped
+                && desired == DesiredState::Running
+                && caught_up
+                && r.reason.is_some()
+            {
+                // The guest powered itself off: from now on the VM is meant
+                // to be stopped, as after a stop action.
+                let d = DesiredState::Stopped.to_string();
+                if self
+                    .store
+                    .vm_update_desired(v.id, v.desired_generation, &d, &d, false)
+                    .await
+                    .is_ok()
+                {
+                    desired = DesiredState::Stopped;
+                    current = VmState::Stopped;
+                    caught_up = false;
+                }
+            }
             let state = vm_state::derive(current, desired, r.state, caught_up);
             let reason = match r.state {
                 ObservedState::Error => r

@@ -1,0 +1,536 @@
+//! Real `byteportd` processes for end-to-end tests and benchmarks: an
+//! all-in-one daemon (control plane + node agent, SQLite) in a temp data
+//! directory, a blocking API client, and the `tiny` guest image imported
+//! from `build/images/tiny` (made by `cargo xtask image build tiny`).
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the `tiny` image's build output is, or why it cannot be used.
+/// `Err` explains the skip; with `BYTEPORT_REQUIRE_QEMU=1` callers fail.
+pub fn tiny_image() -> Result<PathBuf, String> {
+    let dir = match std::env::var_os("BYTEPORT_TINY_IMAGE") {
+        Some(d) => PathBuf::from(d),
+        None => workspace_root().join("build/images/tiny"),
+    };
+    if which("qemu-system-x86_64").is_none() {
+        return Err("qemu-system-x86_64 is not installed".into());
+    }
+    if which("qemu-img").is_none() {
+        return Err("qemu-img is not installed".into());
+    }
+    if !dir.join("manifest.json").exists() {
+        return Err(format!(
+            "no tiny image at {} (build it with `cargo xtask image build tiny`)",
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
+/// The tiny image, or a skip: prints `SKIP: reason` and returns `None`,
+/// unless `BYTEPORT_REQUIRE_QEMU=1`, where a missing part is a failure.
+pub fn tiny_or_skip(test: &str) -> Option<PathBuf> {
+    match tiny_image() {
+        Ok(d) => Some(d),
+        Err(why) if std::env::var("BYTEPORT_REQUIRE_QEMU").as_deref() == Ok("1") => {
+            panic!("{test}: {why}, and BYTEPORT_REQUIRE_QEMU=1 requires real guests")
+        }
+        Err(why) => {
+            eprintln!("SKIP: {test}: {why}; `cargo xtask test` builds and runs it for real");
+            None
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .nth(2)
+        .map(Path::to_path_buf)
+        .unwrap_or(here)
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(bin))
+            .find(|f| f.is_file())
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running all-in-one `byteportd`; killed (not its VMs) on drop, and its
+/// data directory removed once every QEMU of it is gone.
+pub struct Daemon {
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+    pub url: String,
+    pub port: u16,
+    pub forward_ports: (u16, u16),
+    pub child: Option<Child>,
+    /// In split mode, the separate node agent process.
+    pub node: Option<Child>,
+    node_token: Option<String>,
+    pub api: Api,
+    keep: bool,
+}
+
+impl Daemon {
+    /// Starts `bin all-in-one` on a fresh data directory with an admin.
+    pub fn start(bin: &Path) -> Daemon {
+        Daemon::start_with(bin, "all-in-one")
+    }
+
+    fn start_with(bin: &Path, mode: &str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("bp-e2e-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let port = free_port();
+        // A forward range of our own, so parallel tests never collide.
+        let base = 30000 + (port % 300) * 100;
+        let mut d = Daemon {
+            bin: bin.to_owned(),
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            forward_ports: (base, base + 99),
+            child: None,
+            node: None,
+            node_token: None,
+            api: Api::new(&format!("http://127.0.0.1:{port}"), None),
+            keep: std::env::var_os("BYTEPORT_KEEP_TEST_DIRS").is_some(),
+        };
+        d.spawn_mode(mode);
+        let token = d.bootstrap_token();
+        d.api
+            .post(
+                "/v1/bootstrap",
+                json!({"token": token, "name": "admin", "password": "admin-password"}),
+            )
+            .expect("bootstrap");
+        let login = d
+            .api
+            .post(
+                "/v1/auth/login",
+                json!({"name": "admin", "password": "admin-password"}),
+            )
+            .expect("login");
+        d.api.token = login["access_token"].as_str().map(str::to_owned);
+        d
+    }
+
+    /// Starts `bin server` and a separate `bin node` (the fleet layout), so
+    /// that the node agent can be killed and restarted on its own.
+    pub fn start_split(bin: &Path) -> Daemon {
+        let mut d = Daemon::start_with(bin, "server");
+        let t = d
+            .api
+            .post("/v1/node-join-tokens", json!({}))
+            .expect("a join token");
+        d.node_token = t["token"].as_str().map(str::to_owned);
+        d.spawn_node();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if d.api
+                .get("/v1/nodes")
+                .is_ok_and(|n| n.as_array().is_some_and(|a| !a.is_empty()))
+            {
+                return d;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the node did not register; log:\n{}", d.log());
+    }
+
+    /// Starts the node agent process (again).
+    pub fn spawn_node(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .expect("log file");
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("node")
+            .arg("--server")
+            .arg(&self.url)
+            .arg("--data-dir")
+            .arg(self.dir.join("node"))
+            .arg("--name")
+            .arg("node-1")
+            .arg("--forward-ports")
+            .arg(format!("{}-{}", self.forward_ports.0, self.forward_ports.1))
+            .arg("--stop-timeout")
+            .arg("10")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log));
+        if let Some(t) = &self.node_token {
+            cmd.arg("--join-token").arg(t);
+        }
+        self.node = Some(cmd.spawn().expect("starting the node agent"));
+    }
+
+    /// kill -9 of the node agent alone.
+    pub fn kill9_node(&mut self) {
+        if let Some(mut c) = self.node.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn node_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// Starts the process (again) on the same data directory and waits
+    /// until its API answers.
+    pub fn spawn(&mut self) {
+        self.spawn_mode("all-in-one");
+    }
+
+    fn spawn_mode(&mut self, mode: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .expect("log file");
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg(mode)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port));
+        if mode == "all-in-one" {
+            cmd.arg("--forward-ports")
+                .arg(format!("{}-{}", self.forward_ports.0, self.forward_ports.1))
+                .arg("--stop-timeout")
+                .arg("10");
+        }
+        let child = cmd
+            .env("BYTEPORT_DATA_DIR", &self.dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting byteportd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.api.get("/healthz").is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("byteportd did not answer; its log:\n{}", self.log());
+    }
+
+    fn bootstrap_token(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let log = self.log();
+            if let Some(i) = log.find("--token ") {
+                let rest = &log[i + 8..];
+                return rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no bootstrap token in the log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// kill -9: the daemon dies at once; its QEMU processes do not.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The node's directory for one VM.
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("node/vms").join(id)
+    }
+
+    /// Imports the tiny image from its build directory.
+    pub fn import_tiny(&self, dir: &Path) {
+        let m: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+                .expect("manifest JSON");
+        let file = |k: &str| dir.join(m[k].as_str().expect("a file name"));
+        let (kernel, initrd) = (file("kernel"), file("initrd"));
+        let sha = |p: &Path| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(std::fs::read(p).expect("read")))
+        };
+        let size = std::fs::metadata(&initrd).expect("initrd").len();
+        self.api
+            .post(
+                "/v1/images",
+                json!({
+                    "name": m["name"], "os_family": m["os_family"], "os_version": m["os_version"],
+                    "arch": m["arch"], "format": m["format"], "size_bytes": size,
+                    "sha256": sha(&initrd), "boot": m["boot"], "kernel_sha256": sha(&kernel),
+                    "cmdline": m["cmdline"], "has_agent": m["has_agent"],
+                }),
+            )
+            .expect("registering the image");
+        let name = m["name"].as_str().unwrap_or("tiny");
+        for (role, path) in [("image", &initrd), ("kernel", &kernel)] {
+            self.api
+                .put_file(&format!("/v1/images/{name}/files/{role}"), path)
+                .expect("uploading an image file");
+        }
+    }
+
+    /// Creates a VM from `tiny` and returns its id.
+    pub fn create_vm(&self, name: &str) -> String {
+        let v = self
+            .api
+            .post("/v1/vms", json!({"name": name, "image": "tiny", "vcpus": 1, "memory_mib": 256, "disk_gib": 1}))
+            .expect("creating a VM");
+        v["id"].as_str().expect("an id").to_owned()
+    }
+
+    pub fn vm(&self, id: &str) -> Value {
+        self.api
+            .get(&format!("/v1/vms/{id}"))
+            .expect("showing a VM")
+    }
+
+    /// Waits for a state through the API's own wait.
+    pub fn wait(&self, id: &str, state: &str, secs: u64) -> Result<Value, String> {
+        self.api
+            .get(&format!(
+                "/v1/vms/{id}/wait?state={state}&timeout_secs={secs}"
+            ))
+            .map_err(|e| format!("{e}; daemon log tail:\n{}", tail(&self.log(), 3000)))
+    }
+
+    /// Runs a command through the guest agent; (stdout, stderr, exit code).
+    pub fn exec(&self, id: &str, argv: &[&str]) -> Result<(String, String, Option<i32>), String> {
+        self.exec_with(id, json!({"argv": argv, "timeout_secs": 60}))
+    }
+
+    pub fn exec_with(
+        &self,
+        id: &str,
+        body: Value,
+    ) -> Result<(String, String, Option<i32>), String> {
+        let lines = self.api.post_lines(&format!("/v1/vms/{id}/exec"), body)?;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        for l in lines {
+            if let Some(s) = l.get("stdout").and_then(Value::as_str) {
+                out.extend(B64.decode(s).unwrap_or_default());
+            } else if let Some(s) = l.get("stderr").and_then(Value::as_str) {
+                err.extend(B64.decode(s).unwrap_or_default());
+            } else if let Some(x) = l.get("exit") {
+                return Ok((
+                    String::from_utf8_lossy(&out).into_owned(),
+                    String::from_utf8_lossy(&err).into_owned(),
+                    x["code"].as_i64().map(|c| c as i32),
+                ));
+            } else if let Some(e) = l.get("error") {
+                return Err(format!("exec error: {e}"));
+            }
+        }
+        Err("the exec stream ended without an exit".into())
+    }
+
+    /// The QEMU pid of a VM, from its pidfile.
+    pub fn qemu_pid(&self, id: &str) -> Option<u32> {
+        std::fs::read_to_string(self.vm_dir(id).join("qemu.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+/// Whether a process is alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Every QEMU process whose command line mentions `dir`.
+pub fn qemus_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(&needle) && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn tail(s: &str, n: usize) -> &str {
+    let start = s.len().saturating_sub(n);
+    let start = (start..=s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(0);
+    &s[start..]
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9_node();
+        self.kill9();
+        for pid in qemus_under(&self.dir) {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+        if !self.keep {
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A blocking client of the `/v1` API.
+#[derive(Clone)]
+pub struct Api {
+    agent: ureq::Agent,
+    pub base: String,
+    pub token: Option<String>,
+}
+
+impl Api {
+    pub fn new(base: &str, token: Option<String>) -> Api {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(700)))
+            .build()
+            .into();
+        Api {
+            agent,
+            base: base.to_owned(),
+            token,
+        }
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token.as_deref().unwrap_or(""))
+    }
+
+    fn finish(mut resp: ureq::http::Response<ureq::Body>) -> Result<Value, String> {
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status >= 400 {
+            return Err(format!(
+                "{status}: {}",
+                v["error"]["message"].as_str().unwrap_or(&v.to_string())
+            ));
+        }
+        Ok(v)
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, String> {
+        let r = self
+            .agent
+            .get(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .call()
+            .map_err(|e| e.to_string())?;
+        Self::finish(r)
+    }
+
+    pub fn get_text(&self, path: &str) -> Result<String, String> {
+        let mut r = self
+            .agent
+            .get(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .call()
+            .map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        let text = r.body_mut().read_to_string().map_err(|e| e.to_string())?;
+        if status >= 400 {
+            return Err(format!("{status}: {text}"));
+        }
+        Ok(text)
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Result<Value, String> {
+        let r = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .send_json(&body)
+            .map_err(|e| e.to_string())?;
+        Self::finish(r)
+    }
+
+    pub fn delete(&self, path: &str) -> Result<Value, String> {
+        let r = self
+            .agent
+            .delete(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .call()
+            .map_err(|e| e.to_string())?;
+        Self::finish(r)
+    }
+
+    pub fn put_file(&self, path: &str, file: &Path) -> Result<Value, String> {
+        let mut f = std::fs::File::open(file).map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+        let r = self
+            .agent
+            .put(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .header("Content-Type", "application/octet-stream")
+            .send(&buf[..])
+            .map_err(|e| e.to_string())?;
+        Self::finish(r)
+    }
+
+    /// POSTs and reads an NDJSON response line by line.
+    pub fn post_lines(&self, path: &str, body: Value) -> Result<Vec<Value>, String> {
+        let mut r = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .send_json(&body)
+            .map_err(|e| e.to_string())?;
+        if r.status().as_u16() >= 400 {
+            return Err(Self::finish(r).err().unwrap_or_default());
+        }
+        let reader = BufReader::new(r.body_mut().as_reader());
+        let mut out = Vec::new();
+        for line in reader.lines() {
+            let line = line.map_err(|e| e.to_string())?;
+            if !line.trim().is_empty() {
+                out.push(serde_json::from_str(&line).map_err(|e| e.to_string())?);
+            }
+        }
+        Ok(out)
+    }
+}

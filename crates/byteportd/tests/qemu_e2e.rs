@@ -1,0 +1,268 @@
+//! End-to-end tests with real guests: `byteportd` processes, real QEMU
+//! (KVM where it works, TCG here), the `tiny` image with its guest agent.
+//! They skip, saying why, when QEMU or the image is missing, unless
+//! `BYTEPORT_REQUIRE_QEMU=1` (set by `cargo xtask test`), where they fail.
+
+use byteport_testkit::daemon::{Daemon, alive, qemus_under, tiny_or_skip};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_byteportd");
+/// Boots under TCG on a busy 2-core host can take a while.
+const BOOT_SECS: u64 = 180;
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the name: state is [0]; utime [11], stime [12].
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn port_free(port: u64) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok()
+}
+
+fn up(d: &Daemon, name: &str) -> String {
+    let id = d.create_vm(name);
+    let v = d
+        .wait(&id, "running", BOOT_SECS)
+        .expect("the VM reaches running");
+    assert_eq!(v["ready_by"], "agent");
+    assert!(v["agent_version"].is_string(), "the agent said ready: {v}");
+    id
+}
+
+#[test]
+fn a_real_guest_runs_execs_pauses_restarts_stops_and_is_deleted_cleanly() {
+    let Some(img) = tiny_or_skip("lifecycle") else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    d.import_tiny(&img);
+    let id = up(&d, "life");
+
+    // Exec: output, error output and the exit code come back.
+    let (out, _, code) = d.exec(&id, &["uname", "-s"]).expect("exec");
+    assert_eq!((out.trim(), code), ("Linux", Some(0)));
+    let (out, err, code) = d
+        .exec(&id, &["sh", "-c", "echo to-out; echo to-err >&2; exit 3"])
+        .expect("exec");
+    assert_eq!(
+        (out.as_str(), err.as_str(), code),
+        ("to-out\n", "to-err\n", Some(3))
+    );
+    let (out, _, _) = d
+        .exec_with(
+            &id,
+            json!({"argv": ["cat"], "stdin_base64": "aGVsbG8gc3RkaW4=", "timeout_secs": 30}),
+        )
+        .expect("exec with stdin");
+    assert_eq!(out, "hello stdin");
+
+    // The console shows the guest's boot through the API.
+    let console = d
+        .api
+        .get_text(&format!("/v1/vms/{id}/console?bytes=65536"))
+        .expect("console");
+    assert!(
+        console.contains("byteport-tiny: init done"),
+        "console: {console}"
+    );
+
+    // One forward for ssh, on a port that is really taken.
+    let v = d.vm(&id);
+    let port = v["ports"][0]["host_port"]
+        .as_u64()
+        .expect("a forwarded port");
+    assert_eq!(v["ports"][0]["guest_port"], 22);
+    assert!(!port_free(port), "QEMU listens on the forwarded port");
+
+    // Pause: QMP stopped the vCPUs (the process burns no CPU) and exec
+    // does not answer until resume.
+    let pid = d.qemu_pid(&id).expect("a pid");
+    d.api
+        .post(&format!("/v1/vms/{id}/pause"), json!({}))
+        .expect("pause");
+    d.wait(&id, "paused", 30).expect("paused");
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let burned = cpu_ticks(pid) - t0;
+    assert!(
+        burned <= 10,
+        "a paused guest used {burned} ticks of CPU in 1 s"
+    );
+    let exec_err = d
+        .exec(&id, &["true"])
+        .expect_err("exec refused while paused");
+    assert!(exec_err.contains("paused"), "{exec_err}");
+    d.api
+        .post(&format!("/v1/vms/{id}/resume"), json!({}))
+        .expect("resume");
+    d.wait(&id, "running", 30).expect("running again");
+    let (out, _, _) = d
+        .exec(&id, &["echo", "after-resume"])
+        .expect("exec after resume");
+    assert_eq!(out, "after-resume\n");
+    assert!(
+        alive(pid) && d.qemu_pid(&id) == Some(pid),
+        "the same QEMU ran on"
+    );
+
+    // Restart: a reset; the guest boots again and its agent says ready.
+    d.api
+        .post(&format!("/v1/vms/{id}/restart"), json!({}))
+        .expect("restart");
+    d.wait(&id, "running", BOOT_SECS)
+        .expect("running after restart");
+    let console = d
+        .api
+        .get_text(&format!("/v1/vms/{id}/console?bytes=1000000"))
+        .expect("console");
+    assert!(
+        console.matches("byteport-tiny: init done").count() >= 2,
+        "booted twice"
+    );
+    let (_, _, code) = d.exec(&id, &["true"]).expect("exec after restart");
+    assert_eq!(code, Some(0));
+
+    // Stop: the process ends (powerdown, or quit after the timeout); the
+    // disk stays.
+    d.api
+        .post(&format!("/v1/vms/{id}/stop"), json!({}))
+        .expect("stop");
+    d.wait(&id, "stopped", 60).expect("stopped");
+    assert!(!alive(pid), "QEMU {pid} is gone after stop");
+    assert!(
+        d.vm_dir(&id).join("disk.qcow2").exists(),
+        "the disk is kept"
+    );
+
+    // Start again: a new process on the same disk and port.
+    d.api
+        .post(&format!("/v1/vms/{id}/start"), json!({}))
+        .expect("start");
+    let v = d
+        .wait(&id, "running", BOOT_SECS)
+        .expect("running after start");
+    assert_eq!(
+        v["ports"][0]["host_port"].as_u64(),
+        Some(port),
+        "the port is kept"
+    );
+    let pid2 = d.qemu_pid(&id).expect("a new pid");
+    assert_ne!(pid, pid2);
+
+    // Delete: no process, no file, no port left.
+    d.api.delete(&format!("/v1/vms/{id}")).expect("delete");
+    d.wait(&id, "deleted", 60).expect("deleted");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid2) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!alive(pid2), "QEMU is gone after delete");
+    assert!(!d.vm_dir(&id).exists(), "the VM's directory is removed");
+    assert!(port_free(port), "the forwarded port is free again");
+    assert!(qemus_under(&d.dir).is_empty());
+}
+
+#[test]
+fn five_guests_run_at_once_on_one_node() {
+    let Some(img) = tiny_or_skip("five guests") else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    d.import_tiny(&img);
+    let ids: Vec<String> = (0..5).map(|i| d.create_vm(&format!("many-{i}"))).collect();
+    let mut ports = std::collections::HashSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let v = d.wait(id, "running", BOOT_SECS * 2).expect("running");
+        assert!(
+            ports.insert(v["ports"][0]["host_port"].as_u64()),
+            "ports differ"
+        );
+        let (out, _, code) = d.exec(id, &["hostname"]).expect("exec");
+        assert_eq!((out.trim(), code), (format!("many-{i}").as_str(), Some(0)));
+    }
+    assert_eq!(qemus_under(&d.dir).len(), 5);
+    for id in &ids {
+        d.api.delete(&format!("/v1/vms/{id}")).expect("delete");
+    }
+    for id in &ids {
+        d.wait(id, "deleted", 60).expect("deleted");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !qemus_under(&d.dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(qemus_under(&d.dir).is_empty(), "no QEMU left");
+}
+
+#[test]
+fn a_restarted_node_agent_readopts_its_guests_and_cleans_up_deleted_ones() {
+    let Some(img) = tiny_or_skip("agent restart") else {
+        return;
+    };
+    let mut d = Daemon::start_split(Path::new(BIN));
+    d.import_tiny(&img);
+    let a = up(&d, "keep-a");
+    let b = up(&d, "keep-b");
+    let gone = up(&d, "gone");
+    let (pa, pb, pg) = (
+        d.qemu_pid(&a).expect("pid"),
+        d.qemu_pid(&b).expect("pid"),
+        d.qemu_pid(&gone).expect("pid"),
+    );
+    d.kill9_node();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        alive(pa) && alive(pb) && alive(pg),
+        "guests outlive their agent"
+    );
+    // Deleted while the agent is away.
+    d.api.delete(&format!("/v1/vms/{gone}")).expect("delete");
+    d.spawn_node();
+    d.wait(&gone, "deleted", 60)
+        .expect("the deletion is carried out");
+    assert!(!alive(pg), "the deleted VM's QEMU was stopped");
+    assert!(!d.vm_dir(&gone).exists(), "its files are gone");
+    for (id, pid) in [(&a, pa), (&b, pb)] {
+        let v = d.wait(id, "running", 60).expect("still running");
+        assert_eq!(v["state"], "running");
+        assert_eq!(d.qemu_pid(id), Some(pid), "the same process");
+        let (_, _, code) = d.exec(id, &["true"]).expect("exec after re-adoption");
+        assert_eq!(code, Some(0));
+    }
+    assert_eq!(
+        qemus_under(&d.dir).len(),
+        2,
+        "no duplicate QEMU: {}",
+        d.node_log()
+    );
+}
+
+#[test]
+fn a_qemu_killed_behind_the_agents_back_shows_as_an_error_with_the_reason() {
+    let Some(img) = tiny_or_skip("crash") else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    d.import_tiny(&img);
+    let id = up(&d, "crashy");
+    let pid = d.qemu_pid(&id).expect("pid");
+    let killed = Instant::now();
+    std::process::Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    let v = d.wait(&id, "error", 20).expect("the VM shows the failure");
+    let seen = killed.elapsed();
+    assert_eq!(v["state"], "error", "{v}");
+    let reason = v["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("signal 9"), "reason: {reason}");
+    assert!(seen < Duration::from_secs(10), "noticed after {seen:?}");
+}
