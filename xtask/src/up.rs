@@ -1,5 +1,8 @@
-//! `cargo xtask up`: build, start BytePort all on this machine (SQLite in
-//! `.byteport/`), create the first admin, and log the CLI in.
+//! `cargo xtask up`: install what is missing (as root, from Debian's
+//! packages), build, build the `tiny` guest image, start BytePort all in
+//! one process on this machine (SQLite and the node's VMs in `.byteport/`),
+//! create the first admin, log the CLI in, import `tiny` and start a VM
+//! named `hello` that answers `byteport vm exec`.
 
 use anyhow::{Context, bail};
 use std::io::Write;
@@ -9,7 +12,64 @@ use std::time::{Duration, Instant};
 
 const LISTEN: &str = "127.0.0.1:7480";
 
+/// Debian packages the all-in-one needs, by the command that shows them.
+const PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-img", "qemu-utils"),
+];
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+}
+
+fn ensure_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    let lists = std::fs::read_dir("/var/lib/apt/lists")
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().contains("Packages"))
+        })
+        .unwrap_or(false);
+    if missing.is_empty() && lists {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        bail!(
+            "missing Debian packages: run `sudo apt-get update && sudo apt-get install -y --no-install-recommends {}`",
+            missing.join(" ")
+        );
+    }
+    crate::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    if !missing.is_empty() {
+        crate::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    Ok(())
+}
+
 pub fn run(root: &Path) -> anyhow::Result<()> {
+    ensure_packages()?;
+    let image = root.join("build/images/tiny");
+    if !image.join("manifest.json").exists() {
+        crate::image::run(root, &["build", "tiny"])?;
+    }
     crate::run(Command::new("cargo").current_dir(root).args([
         "build",
         "--release",
@@ -50,7 +110,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         std::fs::write(&password_file, &password)?;
     }
     let mut server = Command::new(bin.join("byteportd"))
-        .args(["server", "--listen", LISTEN, "--data-dir"])
+        .args(["all-in-one", "--listen", LISTEN, "--data-dir"])
         .arg(&data)
         .spawn()
         .context("starting byteportd")?;
@@ -83,11 +143,65 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         .context("stdin")?
         .write_all(password.as_bytes())?;
     login.wait()?;
+    let cli = |args: &[&str]| -> anyhow::Result<bool> {
+        Ok(Command::new(bin.join("byteport"))
+            .args(args)
+            .env("BYTEPORT_CONFIG", &config)
+            .status()
+            .with_context(|| format!("running byteport {}", args.join(" ")))?
+            .success())
+    };
+    let manifest = image.join("manifest.json");
+    if !cli(&[
+        "image",
+        "import",
+        "--manifest",
+        &manifest.display().to_string(),
+    ])? {
+        let _ = server.kill();
+        bail!("importing the tiny image failed");
+    }
+    let exists = Command::new(bin.join("byteport"))
+        .args(["vm", "show", "hello"])
+        .env("BYTEPORT_CONFIG", &config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success();
+    if !exists
+        && !cli(&[
+            "vm",
+            "create",
+            "hello",
+            "--image",
+            "tiny",
+            "--flavor",
+            "m1.tiny",
+            "--wait",
+            "--timeout",
+            "300",
+        ])?
+    {
+        let _ = server.kill();
+        bail!("the hello VM did not start");
+    }
+    if exists {
+        let _ = cli(&["vm", "start", "hello", "--wait"]);
+    }
+    let _ = cli(&["vm", "exec", "hello", "--", "uname", "-a"]);
     println!();
     println!("BytePort is running at http://{LISTEN} (API docs: http://{LISTEN}/docs)");
     println!("  admin password: in {}", password_file.display());
     println!("  CLI:  export BYTEPORT_CONFIG={}", config.display());
     println!("        {}/byteport vm list", bin.display());
+    println!(
+        "        {}/byteport vm exec hello -- cat /proc/cpuinfo",
+        bin.display()
+    );
+    println!(
+        "        {}/byteport vm console hello --follow",
+        bin.display()
+    );
     println!("Press Ctrl-C to stop.");
     server.wait()?;
     Ok(())

@@ -466,10 +466,12 @@ pub fn ready() -> Ready {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0, |secs| (secs * 1000.0) as u64);
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     Ready {
         version: VERSION.to_string(),
         hostname,
         uptime_ms,
+        instance: format!("{}-{}", boot_id.trim(), std::process::id()),
     }
 }
 

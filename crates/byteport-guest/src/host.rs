@@ -7,6 +7,12 @@
 //! that. A new connection to the same socket is simply a new [`GuestConn`];
 //! call [`GuestConn::hello`] on it to learn that the agent is there.
 //!
+//! When the agent restarts under an open connection (it crashed and init
+//! started it again, or the guest rebooted), its Ready carries a new
+//! `instance` and every open session ends with an Error: those processes
+//! are gone. A session started in the instant between the restart and that
+//! Ready is ended too.
+//!
 //! Flow control: each session's events go through a bounded channel. When a
 //! session's receiver is full the reader waits, which in turn holds up every
 //! stream of this guest (the protocol has no per-stream windows) — so read
@@ -378,14 +384,7 @@ impl Inner {
             st.pings.clear();
             std::mem::take(&mut st.sessions)
         };
-        for (_, tx) in sessions {
-            if let Err(TrySendError::Full(ev)) = tx.try_send(ExecEvent::Error(reason.to_string())) {
-                // The consumer is behind: deliver the end after what it has queued.
-                tokio::spawn(async move {
-                    let _ = tx.send(ev).await;
-                });
-            }
-        }
+        end_sessions(sessions, reason);
         self.ready.send_modify(|_| {});
         self.stop_writer.notify_one();
         if let Some(reader) = self.reader.get() {
@@ -399,7 +398,15 @@ impl Inner {
         let event = match kind {
             Kind::Ready => {
                 if let Ok(ready) = frame.parse_json::<Ready>() {
+                    let restarted = self.ready.borrow().as_ref().is_some_and(|old| {
+                        !old.instance.is_empty() && old.instance != ready.instance
+                    });
                     self.ready.send_replace(Some(ready));
+                    if restarted {
+                        // The processes of the old agent are gone with it.
+                        let sessions = std::mem::take(&mut self.lock().sessions);
+                        end_sessions(sessions, "the guest agent restarted");
+                    }
                 }
                 return;
             }
@@ -453,6 +460,18 @@ impl Inner {
             if let Ok(kill) = Message::Kill(Kill { signal: SIGKILL }).into_frame(stream) {
                 let _ = self.out.try_send(kill);
             }
+        }
+    }
+}
+
+/// Ends each session with an Error event.
+fn end_sessions(sessions: HashMap<u32, mpsc::Sender<ExecEvent>>, reason: &str) {
+    for (_, tx) in sessions {
+        if let Err(TrySendError::Full(ev)) = tx.try_send(ExecEvent::Error(reason.to_string())) {
+            // The consumer is behind: deliver the end after what it has queued.
+            tokio::spawn(async move {
+                let _ = tx.send(ev).await;
+            });
         }
     }
 }

@@ -279,6 +279,10 @@ pub struct Ready {
     pub hostname: String,
     /// Guest uptime when this was sent.
     pub uptime_ms: u64,
+    /// Names this run of the agent (boot id and pid): a different value on
+    /// the same connection means the agent restarted and its processes are gone.
+    #[serde(default)]
+    pub instance: String,
 }
 
 /// A process to start in the guest.
@@ -421,6 +425,7 @@ mod tests {
                     version: "0.1.0".into(),
                     hostname: "tiny".into(),
                     uptime_ms: 3600,
+                    instance: "b00t-42".into(),
                 }),
             ),
             (

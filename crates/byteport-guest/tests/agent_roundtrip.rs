@@ -6,7 +6,8 @@ use std::thread;
 use std::time::Duration;
 
 use byteport_guest::agent::{self, OnEof};
-use byteport_guest::host::{ExecEvent, ExecRequest, GuestConn, GuestError};
+use byteport_guest::host::{ExecEvent, ExecRequest, GuestConn, GuestError, Ready};
+use byteport_guest::proto::{Message, write_frame};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -193,6 +194,45 @@ async fn agent_going_away_ends_sessions_with_an_error() {
         .expect("an event");
     assert!(matches!(ev, Some(ExecEvent::Error(_))), "{ev:?}");
     assert!(conn.is_closed());
+}
+
+#[tokio::test]
+async fn a_restarted_agent_ends_open_sessions() {
+    let (guest, host) = StdUnixStream::pair().expect("socketpair");
+    let mut impostor = guest.try_clone().expect("dup");
+    let writer = guest.try_clone().expect("dup");
+    thread::spawn(move || agent::serve(guest, writer, OnEof::Return));
+    host.set_nonblocking(true).expect("nonblocking");
+    let (r, w) = tokio::net::UnixStream::from_std(host)
+        .expect("tokio socket")
+        .into_split();
+    let conn = GuestConn::new(r, w);
+    let first = conn.hello(T).await.expect("ready");
+    assert!(!first.instance.is_empty());
+    let mut session = conn
+        .exec(ExecRequest::new(["sleep", "30"]))
+        .await
+        .expect("exec");
+    // The agent has read the ExecStart once it answers a later Ping.
+    conn.ping(T).await.expect("pong");
+
+    // A new agent announces itself on the same port.
+    let ready = Message::Ready(Ready {
+        instance: "another-run".into(),
+        ..first.clone()
+    });
+    write_frame(&mut impostor, &ready.into_frame(0).expect("frame")).expect("write");
+    let ev = tokio::time::timeout(T, session.events.recv())
+        .await
+        .expect("an event");
+    assert!(
+        matches!(&ev, Some(ExecEvent::Error(m)) if m.contains("restarted")),
+        "{ev:?}"
+    );
+    assert_eq!(conn.ready().expect("ready").instance, "another-run");
+    // The same instance again is no restart: new sessions keep working.
+    let out = conn.exec_output(sh("echo still")).await.expect("exec");
+    assert_eq!(out.stdout, b"still\n");
 }
 
 /// Joins futures without pulling in the futures crate.

@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use byteport_guest::host::{ExecRequest, GuestConn};
+use byteport_guest::host::{ExecEvent, ExecRequest, GuestConn};
 
 fn socket() -> PathBuf {
     std::env::var_os("BYTEPORT_GUEST_SOCK")
@@ -100,13 +100,42 @@ async fn guest_runs_commands_and_survives_reconnects() {
     eprintln!("reconnect to Ready {:?}: {again:?}", t.elapsed());
     assert!(again.uptime_ms >= ready.uptime_ms);
     let ps = conn
-        .exec_output(ExecRequest::new(["sh", "-c", "pgrep -x sleep || true"]))
+        .exec_output(ExecRequest::new(["sh", "-c", "pidof sleep || true"]))
         .await
-        .expect("pgrep");
+        .expect("pidof");
     assert!(ps.stdout.is_empty(), "sleep survived the hangup: {ps:?}");
     let out = conn
         .exec_output(ExecRequest::new(["hostname"]))
         .await
         .expect("hostname");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ready.hostname);
+
+    // The agent dies under an open connection: init starts it again, and its
+    // Ready ends the sessions the old one had.
+    let before = conn.hello(Duration::from_secs(10)).await.expect("ready");
+    let mut victim = conn
+        .exec(ExecRequest::new(["sleep", "5"]))
+        .await
+        .expect("sleep");
+    let _suicide = conn
+        .exec(ExecRequest::new([
+            "sh",
+            "-c",
+            "kill -9 $(pidof byteport-guest)",
+        ]))
+        .await
+        .expect("kill the agent");
+    let t = Instant::now();
+    let ev = tokio::time::timeout(Duration::from_secs(60), victim.events.recv())
+        .await
+        .expect("the session ends");
+    eprintln!("agent restart noticed after {:?}: {ev:?}", t.elapsed());
+    assert!(matches!(ev, Some(ExecEvent::Error(_))), "{ev:?}");
+    let after = conn.hello(Duration::from_secs(10)).await.expect("ready");
+    assert_ne!(after.instance, before.instance);
+    let out = conn
+        .exec_output(ExecRequest::new(["true"]))
+        .await
+        .expect("exec after the restart");
+    assert!(out.success());
 }

@@ -112,3 +112,51 @@ pub async fn create_disk(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An overlay records only what the guest writes: it costs the same for
+    /// any size of base, and the base is never copied or changed.
+    #[tokio::test]
+    async fn an_overlay_is_small_whatever_the_size_of_its_base() {
+        if crate::vm::tests::skip_without_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for gib in [1u64, 100] {
+            let base = dir.path().join(format!("base-{gib}.qcow2"));
+            create_disk(&base, None, gib).await.unwrap();
+            let before = std::fs::read(&base).unwrap();
+            let vm = dir.path().join(format!("vm-{gib}.qcow2"));
+            create_disk(&vm, Some((&base, "qcow2")), gib + 10)
+                .await
+                .unwrap();
+            let size = std::fs::metadata(&vm).unwrap().len();
+            assert!(
+                size < 1024 * 1024,
+                "a {gib} GiB base made a {size}-byte overlay"
+            );
+            assert_eq!(
+                std::fs::read(&base).unwrap(),
+                before,
+                "the base is untouched"
+            );
+            let info = tokio::process::Command::new("qemu-img")
+                .args(["info", "--output=json"])
+                .arg(&vm)
+                .output()
+                .await
+                .unwrap();
+            let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+            assert_eq!(info["virtual-size"].as_u64(), Some((gib + 10) << 30));
+            assert!(
+                info["backing-filename"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!("base-{gib}.qcow2"))
+            );
+        }
+    }
+}

@@ -506,3 +506,196 @@ impl<D: Driver> VmTask<D> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The VM task against the fake driver: desired states in, driver calls
+    //! and reports out. No QEMU, no guest agent (the image has none).
+    use super::*;
+    use crate::driver::fake::FakeDriver;
+    use crate::images::ImageCache;
+    use crate::network::UserNet;
+    use crate::{Identity, Shared};
+    use byteport_types::api::NodeImage;
+    use byteport_types::{Name, NodeId};
+    use std::sync::Mutex;
+
+    const SHA: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    fn shared(dir: &std::path::Path, driver: FakeDriver) -> Arc<Shared<FakeDriver>> {
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        // A cached "initramfs": the cache never downloads it.
+        std::fs::write(dir.join("images").join(SHA), b"initramfs").unwrap();
+        Arc::new(Shared {
+            driver,
+            cp: crate::client::ControlPlane::new("http://127.0.0.1:9"),
+            identity: Identity {
+                id: NodeId::new(),
+                name: "n".into(),
+                credential: "bpn_test".into(),
+                server: String::new(),
+            },
+            images: ImageCache::new(dir.join("images")),
+            net: UserNet::new("127.0.0.1".into(), 42000..=42099),
+            accel: crate::driver::Accel::Tcg,
+            vms_dir: dir.join("vms"),
+            stop_timeout: Duration::from_millis(200),
+            reports: Mutex::default(),
+            guests: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn spec(state: DesiredState, generation: u64) -> DesiredVm {
+        DesiredVm {
+            id: VmId(uuid::Uuid::nil()),
+            name: Name::parse("fake-1").unwrap(),
+            desired_state: state,
+            desired_generation: generation,
+            restart: false,
+            vcpus: 1,
+            memory_mib: 64,
+            disk_gib: 1,
+            hostname: "fake-1".into(),
+            image: NodeImage {
+                name: Name::parse("tiny").unwrap(),
+                format: "initramfs".into(),
+                boot: BootMode::Disk,
+                sha256: SHA.into(),
+                kernel_sha256: None,
+                initrd_sha256: None,
+                cmdline: None,
+                has_agent: false,
+            },
+        }
+    }
+
+    /// Waits until the VM's report satisfies `f`.
+    async fn until(s: &Shared<FakeDriver>, what: &str, f: impl Fn(&VmReport) -> bool) -> VmReport {
+        for _ in 0..400 {
+            if let Some(r) = s
+                .reports
+                .lock()
+                .unwrap()
+                .get(&VmId(uuid::Uuid::nil()))
+                .cloned()
+                && f(&r)
+            {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never saw {what}; reports: {:?}", s.reports.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn desired_states_drive_the_driver_and_reports_follow() {
+        if skip_without_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeDriver::default();
+        let s = shared(dir.path(), fake.clone());
+        let (tx, rx) = watch::channel(spec(DesiredState::Running, 1));
+        let task = tokio::spawn(VmTask::new(s.clone(), spec(DesiredState::Running, 1)).run(rx));
+
+        let r = until(&s, "running", |r| r.state == ObservedState::Running).await;
+        assert_eq!(r.desired_generation, 1);
+        assert_eq!(r.ports.len(), 1, "ssh is forwarded");
+        assert!(
+            dir.path()
+                .join("vms")
+                .join(VmId(uuid::Uuid::nil()).to_string())
+                .join("disk.qcow2")
+                .exists()
+        );
+
+        tx.send_replace(spec(DesiredState::Paused, 2));
+        let r = until(&s, "paused", |r| r.state == ObservedState::Paused).await;
+        assert_eq!(r.desired_generation, 2);
+        tx.send_replace(spec(DesiredState::Running, 3));
+        until(&s, "running again", |r| {
+            r.state == ObservedState::Running && r.desired_generation == 3
+        })
+        .await;
+
+        let mut restart = spec(DesiredState::Running, 4);
+        restart.restart = true;
+        tx.send_replace(restart);
+        until(&s, "restarted", |r| r.desired_generation == 4).await;
+
+        tx.send_replace(spec(DesiredState::Stopped, 5));
+        until(&s, "stopped", |r| {
+            r.state == ObservedState::Stopped && r.desired_generation == 5
+        })
+        .await;
+
+        tx.send_replace(spec(DesiredState::Deleted, 6));
+        until(&s, "deleted", |r| r.state == ObservedState::Deleted).await;
+        task.await.unwrap();
+        assert!(
+            !dir.path()
+                .join("vms")
+                .join(VmId(uuid::Uuid::nil()).to_string())
+                .exists()
+        );
+        assert_eq!(
+            fake.calls(),
+            [
+                "start fake-1",
+                "pause fake-1",
+                "resume fake-1",
+                "reset fake-1",
+                "powerdown fake-1",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_is_an_error_with_the_reason_and_is_not_restarted_on_its_own() {
+        if skip_without_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeDriver::default();
+        let s = shared(dir.path(), fake.clone());
+        let (tx, rx) = watch::channel(spec(DesiredState::Running, 1));
+        let _task = tokio::spawn(VmTask::new(s.clone(), spec(DesiredState::Running, 1)).run(rx));
+        until(&s, "running", |r| r.state == ObservedState::Running).await;
+        fake.crash(
+            &dir.path()
+                .join("vms")
+                .join(VmId(uuid::Uuid::nil()).to_string()),
+        );
+        let r = until(&s, "error", |r| r.state == ObservedState::Error).await;
+        assert!(
+            r.reason.as_deref().unwrap_or_default().contains("signal 9"),
+            "{r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(fake.calls(), ["start fake-1"], "no automatic restart");
+        // A start (a new desired generation) starts it again.
+        tx.send_replace(spec(DesiredState::Running, 2));
+        until(&s, "running again", |r| {
+            r.state == ObservedState::Running && r.desired_generation == 2
+        })
+        .await;
+        assert_eq!(fake.calls(), ["start fake-1", "start fake-1"]);
+    }
+
+    pub(crate) fn skip_without_qemu_img() -> bool {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-img").is_file()));
+        if found {
+            return false;
+        }
+        assert!(
+            std::env::var("BYTEPORT_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "qemu-img is not installed, and BYTEPORT_REQUIRE_QEMU=1"
+        );
+        eprintln!(
+            "SKIP: qemu-img is not installed (the task makes a real disk); `cargo xtask test` runs this for real"
+        );
+        true
+    }
+}
