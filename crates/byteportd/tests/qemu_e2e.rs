@@ -266,3 +266,152 @@ fn a_qemu_killed_behind_the_agents_back_shows_as_an_error_with_the_reason() {
     assert!(reason.contains("signal 9"), "reason: {reason}");
     assert!(seen < Duration::from_secs(10), "noticed after {seen:?}");
 }
+
+/// The `byteport` binary built beside this test's `byteportd`.
+fn cli_bin() -> Option<std::path::PathBuf> {
+    let dir = Path::new(BIN).parent()?;
+    let p = dir.join("byteport");
+    p.exists().then_some(p)
+}
+
+#[test]
+fn the_cli_creates_execs_and_reads_the_console_of_a_real_guest() {
+    let Some(img) = tiny_or_skip("cli") else {
+        return;
+    };
+    let Some(cli) = cli_bin() else {
+        assert!(
+            std::env::var("BYTEPORT_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "the byteport binary is not built beside byteportd"
+        );
+        eprintln!("SKIP: cli: build the workspace (`cargo build`) so that `byteport` exists");
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    let config = d.dir.join("cli.json");
+    let run = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write;
+        let mut c = std::process::Command::new(&cli)
+            .args(args)
+            .env("BYTEPORT_CONFIG", &config)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running byteport");
+        if let Some(s) = stdin {
+            c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        drop(c.stdin.take());
+        let out = c.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = run(
+        &[
+            "login",
+            "--url",
+            &d.url,
+            "--user",
+            "admin",
+            "--password-stdin",
+        ],
+        Some("admin-password"),
+    );
+    assert_eq!(code, Some(0), "login: {err}");
+    let manifest = img.join("manifest.json").display().to_string();
+    let (code, out, err) = run(&["image", "import", "--manifest", &manifest], None);
+    assert_eq!(code, Some(0), "import: {out}{err}");
+    let (code, out, err) = run(
+        &[
+            "vm",
+            "create",
+            "cli-vm",
+            "--image",
+            "tiny",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "256",
+            "--disk-gib",
+            "1",
+            "--wait",
+            "--timeout",
+            "180",
+        ],
+        None,
+    );
+    assert_eq!(code, Some(0), "create: {out}{err}");
+    assert!(out.contains("running"), "{out}");
+    let (code, out, _) = run(
+        &[
+            "vm",
+            "exec",
+            "cli-vm",
+            "--",
+            "sh",
+            "-c",
+            "echo from-guest; exit 7",
+        ],
+        None,
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(7), "from-guest\n"),
+        "the exit code is the command's"
+    );
+    let (code, out, _) = run(&["vm", "show", "cli-vm"], None);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("ssh -p "), "the ssh command to copy: {out}");
+    let (code, out, _) = run(&["vm", "console", "cli-vm"], None);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("byteport-tiny: init done"), "{out}");
+
+    // The live console over the WebSocket: keystrokes reach the guest's
+    // shell on ttyS0 and its answer comes back.
+    let id = d.api.get("/v1/vms?name=cli-vm").unwrap()["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://127.0.0.1:{}/v1/vms/{id}/console/ws", d.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", d.api.token.as_deref().unwrap())
+            .parse()
+            .unwrap(),
+    );
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let (mut ws, _) = tungstenite::client(req, tcp).expect("websocket");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sent = Instant::now() - Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if sent.elapsed() > Duration::from_secs(3) {
+            ws.send(tungstenite::Message::text("echo ws-$((6*7))\n"))
+                .unwrap();
+            sent = Instant::now();
+        }
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(b)) => seen.extend_from_slice(&b),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("console socket: {e}"),
+        }
+        if String::from_utf8_lossy(&seen).contains("ws-42") {
+            return;
+        }
+    }
+    panic!(
+        "the shell's answer never came: {}",
+        String::from_utf8_lossy(&seen)
+    );
+}
