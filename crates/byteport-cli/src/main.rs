@@ -323,7 +323,7 @@ pub struct ActionArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
-    /// Create a VM; it stays `pending` until a node runs it.
+    /// Create a VM; it is `pending` until the scheduler places it on a node (--wait: until running).
     Create {
         name: String,
         #[arg(long)]

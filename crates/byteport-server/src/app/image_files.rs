@@ -105,8 +105,26 @@ impl App {
                 }
             }
         } else {
-            // Already stored (shared with another image): drain the body.
-            while body.next().await.is_some() {}
+            // Already stored (shared with another image): the upload must
+            // still be the same bytes, or the client learns it is wrong.
+            let mut h = Sha256::new();
+            let mut len = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| {
+                    AppError::bad("upload_failed", format!("the upload broke off: {e}"))
+                })?;
+                len += chunk.len() as u64;
+                h.update(&chunk);
+            }
+            let got = hex::encode(h.finalize());
+            if got != expected {
+                return Err(AppError::bad(
+                    "checksum_mismatch",
+                    format!(
+                        "the {len} bytes uploaded hash to sha256 {got}; the image declares {expected}"
+                    ),
+                ));
+            }
         }
         let mut needed = vec![img.sha256.clone()];
         needed.extend(img.kernel_sha256.clone());
