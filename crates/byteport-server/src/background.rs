@@ -1,6 +1,6 @@
 //! Background work of the control plane: reconcilers that are idempotent
-//! and safe to run at any time, on any replica. For now: placing the VMs
-//! that wait for a node.
+//! and safe to run at any time, on any replica: placing the VMs that wait
+//! for a node, and marking silent nodes offline.
 
 use crate::app::App;
 use std::time::Duration;
@@ -8,12 +8,23 @@ use std::time::Duration;
 /// How often waiting VMs are offered to the scheduler again.
 pub const PLACEMENT_INTERVAL: Duration = Duration::from_secs(2);
 
+/// A node that sends no heartbeat for this long is offline.
+pub const NODE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Starts the reconcilers; they run until the runtime stops.
 pub fn spawn(app: App) -> tokio::task::JoinHandle<()> {
+    spawn_with(app, NODE_TIMEOUT)
+}
+
+/// Like [`spawn`], with the offline timeout given.
+pub fn spawn_with(app: App, node_timeout: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PLACEMENT_INTERVAL);
         loop {
             tick.tick().await;
+            if let Err(e) = app.nodes_mark_stale(node_timeout).await {
+                tracing::warn!(error = %e, "offline check failed");
+            }
             match app.place_pending().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(placed = n, "placed waiting VMs"),

@@ -185,3 +185,57 @@ impl DataStore {
         Ok(!n.is_empty())
     }
 }
+
+impl DataStore {
+    /// Marks `offline` every online or cordoned node whose last heartbeat
+    /// is older than `before`, and shows its live VMs as `unknown`.
+    /// Returns the nodes that went offline.
+    pub async fn node_mark_stale(&self, before: chrono::DateTime<Utc>) -> Result<Vec<Uuid>> {
+        let stale: Vec<Uuid> = node::Entity::find()
+            .filter(node::Column::Status.ne("offline"))
+            .filter(node::Column::LastHeartbeatAt.lt(before))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        for id in &stale {
+            let _w = self.serialize().await;
+            let tx = self.db.begin().await?;
+            node::Entity::update_many()
+                .col_expr(node::Column::Status, Expr::value("offline"))
+                .filter(node::Column::Id.eq(*id))
+                .filter(node::Column::LastHeartbeatAt.lt(before))
+                .exec(&tx)
+                .await?;
+            vm::Entity::update_many()
+                .col_expr(vm::Column::State, Expr::value("unknown"))
+                .col_expr(
+                    vm::Column::StateReason,
+                    Expr::value(Some("its node stopped sending heartbeats".to_owned())),
+                )
+                .col_expr(vm::Column::UpdatedAt, Expr::value(Utc::now()))
+                .filter(vm::Column::NodeId.eq(*id))
+                .filter(vm::Column::DeletedAt.is_null())
+                .filter(vm::Column::State.is_not_in(["deleted", "pending"]))
+                .exec(&tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(stale)
+    }
+
+    /// A VM's state and reason set directly, for a VM whose node came back
+    /// (its last report is re-read rather than waiting for a newer one).
+    pub async fn vm_set_state(&self, id: Uuid, state: &str, reason: Option<String>) -> Result<()> {
+        vm::Entity::update_many()
+            .col_expr(vm::Column::State, Expr::value(state))
+            .col_expr(vm::Column::StateReason, Expr::value(reason))
+            .col_expr(vm::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(vm::Column::Id.eq(id))
+            .filter(vm::Column::State.eq("unknown"))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+}

@@ -71,6 +71,9 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// In split mode, a node silent this long is offline.
+pub const NODE_TIMEOUT_SECS: u64 = 4;
+
 /// A running all-in-one `byteportd`; killed (not its VMs) on drop, and its
 /// data directory removed once every QEMU of it is gone.
 pub struct Daemon {
@@ -209,6 +212,9 @@ impl Daemon {
         cmd.arg(mode)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port));
+        if mode == "server" {
+            cmd.arg("--node-timeout").arg(NODE_TIMEOUT_SECS.to_string());
+        }
         if mode == "all-in-one" {
             cmd.arg("--forward-ports")
                 .arg(format!("{}-{}", self.forward_ports.0, self.forward_ports.1))

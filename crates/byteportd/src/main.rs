@@ -68,6 +68,9 @@ struct ServerArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "BYTEPORT_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Seconds without a heartbeat after which a node is offline.
+    #[arg(long, env = "BYTEPORT_NODE_TIMEOUT", default_value_t = 30)]
+    node_timeout: u64,
 }
 
 #[derive(Args, Clone)]
@@ -310,7 +313,10 @@ async fn serve_with(
         println!("  byteport bootstrap --url {url} --token {token} --user admin --password-stdin");
         println!("or, on this host: byteportd admin create-user admin --admin --password-stdin");
     }
-    byteport_server::background::spawn(app.clone());
+    byteport_server::background::spawn_with(
+        app.clone(),
+        std::time::Duration::from_secs(args.node_timeout.max(1)),
+    );
     let router = byteport_server::router(app.clone());
     tracing::info!(%url, database = %backend, "serving");
     println!("BytePort API listening on {url} (database: {backend})");

@@ -3,7 +3,7 @@
 //! They skip, saying why, when QEMU or the image is missing, unless
 //! `BYTEPORT_REQUIRE_QEMU=1` (set by `cargo xtask test`), where they fail.
 
-use byteport_testkit::daemon::{Daemon, alive, qemus_under, tiny_or_skip};
+use byteport_testkit::daemon::{Daemon, NODE_TIMEOUT_SECS, alive, qemus_under, tiny_or_skip};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -202,7 +202,7 @@ fn five_guests_run_at_once_on_one_node() {
 }
 
 #[test]
-fn a_restarted_node_agent_readopts_its_guests_and_cleans_up_deleted_ones() {
+fn a_killed_node_agent_goes_offline_and_on_restart_readopts_its_guests_and_cleans_up() {
     let Some(img) = tiny_or_skip("agent restart") else {
         return;
     };
@@ -217,7 +217,17 @@ fn a_restarted_node_agent_readopts_its_guests_and_cleans_up_deleted_ones() {
         d.qemu_pid(&gone).expect("pid"),
     );
     d.kill9_node();
-    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    // The node goes offline after its timeout and its VMs show `unknown`.
+    d.wait(&a, "unknown", 30)
+        .expect("unknown once the node is offline");
+    let seen = killed.elapsed();
+    assert!(
+        seen < Duration::from_secs(NODE_TIMEOUT_SECS + 5),
+        "noticed after {seen:?}"
+    );
+    let nodes = d.api.get("/v1/nodes").expect("nodes");
+    assert_eq!(nodes[0]["status"], "offline", "{nodes}");
     assert!(
         alive(pa) && alive(pb) && alive(pg),
         "guests outlive their agent"
@@ -242,6 +252,8 @@ fn a_restarted_node_agent_readopts_its_guests_and_cleans_up_deleted_ones() {
         "no duplicate QEMU: {}",
         d.node_log()
     );
+    let nodes = d.api.get("/v1/nodes").expect("nodes");
+    assert_eq!(nodes[0]["status"], "online", "{nodes}");
 }
 
 #[test]

@@ -184,6 +184,16 @@ impl App {
                 continue;
             }
             let mut current: VmState = v.state.parse().map_err(AppError::internal)?;
+            if current == VmState::Unknown {
+                // The node is back: its report counts even if not newer.
+                let desired: DesiredState = v.desired_state.parse().map_err(AppError::internal)?;
+                let back = vm_state::derive(VmState::Provisioning, desired, r.state, true);
+                self.store
+                    .vm_set_state(v.id, &back.to_string(), r.reason.clone())
+                    .await?;
+                let _ = self.vm_changes.send(v.id);
+                current = back;
+            }
             let mut desired: DesiredState = v.desired_state.parse().map_err(AppError::internal)?;
             let mut caught_up = r.desired_generation as i64 >= v.desired_generation;
             if r.state == ObservedState::Stopped
@@ -274,6 +284,20 @@ impl App {
             });
         }
         Ok(HeartbeatResponse { vms })
+    }
+
+    /// Marks nodes silent for longer than `after` as offline (their VMs
+    /// become `unknown`); returns how many.
+    pub async fn nodes_mark_stale(&self, after: std::time::Duration) -> AppResult<usize> {
+        let before = Utc::now() - ChronoDuration::from_std(after).map_err(AppError::internal)?;
+        let gone = self.store.node_mark_stale(before).await?;
+        for n in &gone {
+            tracing::warn!(node = %n, "node missed its heartbeats; it is offline");
+        }
+        if !gone.is_empty() {
+            let _ = self.vm_changes.send(Uuid::nil());
+        }
+        Ok(gone.len())
     }
 
     /// Checks that the caller is node `id` itself, for its channel.
