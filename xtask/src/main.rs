@@ -4,6 +4,7 @@
 //! committed API document), `cargo xtask bench NAME`.
 
 mod bench_api;
+mod bench_boot;
 pub(crate) mod image;
 mod pg;
 mod up;
@@ -54,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             "openapi/byteport.json",
         ])),
         ["bench", "api", rest @ ..] => bench_api::run(&root(), rest),
+        ["bench", "boot", rest @ ..] => bench_boot::run(&root(), rest),
         ["image", rest @ ..] => image::run(&root(), rest),
         _ => usage(),
     }

@@ -1280,6 +1280,35 @@ fn node(env: &Env, cmd: NodeCmd) -> Result<()> {
             ]);
             Ok(())
         }
+        NodeCmd::Cordon { ref id } | NodeCmd::Uncordon { ref id } | NodeCmd::Drain { ref id } => {
+            let verb = match &cmd {
+                NodeCmd::Cordon { .. } => "cordon",
+                NodeCmd::Uncordon { .. } => "uncordon",
+                _ => "drain",
+            };
+            let v = c.value(
+                Method::Post,
+                &format!("/v1/nodes/{}/{verb}", seg(id)),
+                &[],
+                None,
+            )?;
+            if env.json() {
+                return print_json(&v);
+            }
+            let n: Node = decode(&v)?;
+            println!("node {} is {}", n.name, n.status);
+            Ok(())
+        }
+        NodeCmd::Remove { id } => {
+            c.value(
+                Method::Delete,
+                &format!("/v1/nodes/{}", seg(&id)),
+                &[],
+                None,
+            )?;
+            println!("node {id} removed");
+            Ok(())
+        }
         NodeCmd::JoinToken { expires_in_minutes } => {
             let mut body = json!({});
             if let Some(m) = expires_in_minutes {

@@ -459,6 +459,14 @@ pub enum NodeCmd {
     List,
     /// Show a node by id or name.
     Show { id: String },
+    /// Stop placing new VMs on a node.
+    Cordon { id: String },
+    /// Place new VMs on a node again.
+    Uncordon { id: String },
+    /// Cordon a node and stop its VMs (their disks stay on it).
+    Drain { id: String },
+    /// Remove a node that holds no VM.
+    Remove { id: String },
     /// Create a single-use token that lets a new host join as a node.
     JoinToken {
         /// The token's lifetime (server default 60, at most 10080).

@@ -186,8 +186,9 @@ impl GuestConn {
     }
 
     /// Sends Hello every 500 ms until the agent answers with Ready, or
-    /// `timeout` passes. Use it after connecting: a Ready from before the
-    /// call does not count.
+    /// `timeout` passes. Use it after connecting. A Ready this connection
+    /// had already seen does not count; one the guest queued before the
+    /// connection opened may (its `uptime_ms` is then a little old).
     pub async fn hello(&self, timeout: Duration) -> Result<Ready, GuestError> {
         let deadline = Instant::now() + timeout;
         let mut ready = self.inner.ready.subscribe();

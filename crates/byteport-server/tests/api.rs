@@ -904,3 +904,132 @@ async fn every_mutation_is_audited_and_metrics_count_requests() {
         assert!(text.contains("byteport_vms{state=\"pending\"} 1"));
     }
 }
+
+/// Registers a simulated node and returns (id, credential).
+async fn sim_node(s: &TestServer, name: &str, memory_mib: u64) -> (String, String) {
+    let (_, jt) = s
+        .call(
+            POST,
+            "/v1/node-join-tokens",
+            Some(&s.admin),
+            Some(json!({})),
+        )
+        .await;
+    let reg = json!({"join_token": jt["token"], "name": name, "engines": ["qemu"],
+        "capacity": {"vcpus": 2, "memory_mib": memory_mib, "disk_gib": 100}});
+    let (st, n) = s.call(POST, "/v1/nodes/register", None, Some(reg)).await;
+    assert_eq!(st, StatusCode::CREATED, "{n}");
+    (
+        n["node"]["id"].as_str().unwrap().to_owned(),
+        n["credential"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_reserves_capacity_and_cordon_drain_remove_behave() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        let (n1, cred1) = sim_node(&s, "node-1", 2048).await;
+        let vm = |name: &str, mem: u64| json!({"name": name, "image": "tiny", "vcpus": 1, "memory_mib": mem, "disk_gib": 10});
+        // Placed at once, and the node's reservation holds it.
+        let (st, a) = s.call(POST, "/v1/vms", Some(&t), Some(vm("a", 1536))).await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{a}");
+        assert_eq!(a["node_id"], n1.as_str());
+        assert_eq!(a["state"], "provisioning");
+        let (_, node) = s.call(GET, "/v1/nodes/node-1", Some(&t), None).await;
+        assert_eq!(node["reserved"]["memory_mib"], 1536, "{node}");
+        // No room left: pending, with the scheduler's reason.
+        let (_, b2) = s.call(POST, "/v1/vms", Some(&t), Some(vm("b", 1024))).await;
+        assert_eq!(b2["state"], "pending");
+        let why = b2["state_reason"].as_str().unwrap_or_default();
+        assert!(why.contains("1024 MiB") && why.contains("512 MiB"), "{why}");
+        // A cordoned node takes nothing new, even with room.
+        let (st, c) = s
+            .call(POST, "/v1/nodes/node-1/cordon", Some(&t), None)
+            .await;
+        assert_eq!(
+            (st, c["status"].as_str()),
+            (StatusCode::OK, Some("cordoned"))
+        );
+        let (n2, _) = sim_node(&s, "node-2", 4096).await;
+        let (_, c2) = s
+            .call(POST, "/v1/nodes/node-2/cordon", Some(&t), None)
+            .await;
+        assert_eq!(c2["status"], "cordoned");
+        assert_eq!(s.app.place_pending().await.unwrap(), 0);
+        // Uncordoned, the waiting VM lands on the node with room.
+        s.call(POST, "/v1/nodes/node-2/uncordon", Some(&t), None)
+            .await;
+        assert_eq!(s.app.place_pending().await.unwrap(), 1);
+        let bid = b2["id"].as_str().unwrap();
+        let (_, b3) = s.call(GET, &format!("/v1/vms/{bid}"), Some(&t), None).await;
+        assert_eq!(b3["node_id"], n2.as_str());
+        // A heartbeat keeps a cordon.
+        let hb = json!({"capacity": {"vcpus": 2, "memory_mib": 2048, "disk_gib": 100}, "vms": []});
+        let (st, resp) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{n1}/heartbeat"),
+                Some(&cred1),
+                Some(hb.clone()),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(
+            resp["vms"][0]["id"], a["id"],
+            "the node is told to run its VM"
+        );
+        let (_, node) = s
+            .call(GET, &format!("/v1/nodes/{n1}"), Some(&t), None)
+            .await;
+        assert_eq!(node["status"], "cordoned");
+        // Drain: its VMs are asked to stop; removal waits until it holds none.
+        let (st, _) = s.call(POST, "/v1/nodes/node-1/drain", Some(&t), None).await;
+        assert_eq!(st, StatusCode::OK);
+        let aid = a["id"].as_str().unwrap();
+        let (_, a2) = s.call(GET, &format!("/v1/vms/{aid}"), Some(&t), None).await;
+        assert_eq!(a2["desired_state"], "stopped", "{a2}");
+        let (st, e) = s.call(DELETE, "/v1/nodes/node-1", Some(&t), None).await;
+        assert_eq!(st, StatusCode::CONFLICT, "{e}");
+        // Deleting the VM: once the node reports it gone, the reservation
+        // returns and the node can be removed.
+        s.call(DELETE, &format!("/v1/vms/{aid}"), Some(&t), None)
+            .await;
+        let gone = json!({"capacity": {"vcpus": 2, "memory_mib": 2048, "disk_gib": 100},
+            "vms": [{"id": aid, "state": "deleted", "generation": 5, "desired_generation": 9}]});
+        s.call(
+            POST,
+            &format!("/v1/nodes/{n1}/heartbeat"),
+            Some(&cred1),
+            Some(gone),
+        )
+        .await;
+        let (_, node) = s
+            .call(GET, &format!("/v1/nodes/{n1}"), Some(&t), None)
+            .await;
+        assert_eq!(node["reserved"]["memory_mib"], 0, "{node}");
+        let (st, _) = s.call(DELETE, "/v1/nodes/node-1", Some(&t), None).await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        let (st, _) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{n1}/heartbeat"),
+                Some(&cred1),
+                Some(hb),
+            )
+            .await;
+        assert_eq!(
+            st,
+            StatusCode::UNAUTHORIZED,
+            "a removed node's credential is dead"
+        );
+        // Only admins manage nodes.
+        let alice = s.user("alice").await;
+        let (st, _) = s
+            .call(POST, "/v1/nodes/node-2/cordon", Some(&alice), None)
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+    }
+}

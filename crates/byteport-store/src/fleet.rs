@@ -239,3 +239,50 @@ impl DataStore {
         Ok(())
     }
 }
+
+impl DataStore {
+    /// Sets a node's admin status: `cordoned` (no new placements) or back
+    /// to `online`. An offline node stays offline until it heartbeats; it
+    /// becomes online or cordoned then.
+    pub async fn node_set_cordon(&self, id: Uuid, cordoned: bool) -> Result<node::Model> {
+        let (from, to) = if cordoned {
+            ("online", "cordoned")
+        } else {
+            ("cordoned", "online")
+        };
+        node::Entity::update_many()
+            .col_expr(node::Column::Status, Expr::value(to))
+            .filter(node::Column::Id.eq(id))
+            .filter(node::Column::Status.eq(from))
+            .exec(&self.db)
+            .await?;
+        let n = node::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(n)
+    }
+
+    /// Removes a node that holds no VM (not even a stopped one).
+    pub async fn node_remove(&self, id: Uuid) -> Result<()> {
+        let _w = self.serialize().await;
+        let tx = self.db.begin().await?;
+        let held = vm::Entity::find()
+            .filter(vm::Column::NodeId.eq(id))
+            .filter(vm::Column::DeletedAt.is_null())
+            .all(&tx)
+            .await?
+            .len();
+        if held > 0 {
+            return Err(StoreError::Conflict(format!(
+                "the node still holds {held} VM(s); drain it and delete them first"
+            )));
+        }
+        let r = node::Entity::delete_by_id(id).exec(&tx).await?;
+        if r.rows_affected == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -322,9 +322,68 @@ impl App {
     }
 
     pub async fn node_show(&self, ctx: &Ctx, id: &str) -> AppResult<Node> {
+        node_view(&self.node_resolve(ctx, id).await?)
+    }
+}
+
+impl App {
+    async fn node_resolve(&self, ctx: &Ctx, key: &str) -> AppResult<node::Model> {
         ctx.admin()?;
-        let nf = || AppError::not_found("node", id);
-        let nid: NodeId = id.parse().map_err(|_| nf())?;
-        node_view(&self.store.node_fetch(nid.0).await.map_err(|_| nf())?)
+        let nf = || AppError::not_found("node", key);
+        if let Ok(id) = key.parse::<NodeId>() {
+            return self.store.node_fetch(id.0).await.map_err(|_| nf());
+        }
+        self.store
+            .node_list()
+            .await?
+            .into_iter()
+            .find(|n| n.name == key)
+            .ok_or_else(nf)
+    }
+
+    /// Cordons (no new placements) or uncordons a node (admins).
+    pub async fn node_cordon(&self, ctx: &Ctx, key: &str, cordoned: bool) -> AppResult<Node> {
+        let n = self.node_resolve(ctx, key).await?;
+        ctx.target("node", n.id, None);
+        let n = self.store.node_set_cordon(n.id, cordoned).await?;
+        node_view(&n)
+    }
+
+    /// Drains a node (admins): cordons it and stops every VM on it, which
+    /// keep their disks there. Local disks do not move; stopped VMs can be
+    /// started again once the node is uncordoned, or deleted.
+    pub async fn node_drain(&self, ctx: &Ctx, key: &str) -> AppResult<Node> {
+        let n = self.node_resolve(ctx, key).await?;
+        ctx.target("node", n.id, None);
+        let n = self.store.node_set_cordon(n.id, true).await?;
+        for v in self.store.vm_list_for_node(n.id).await? {
+            let state: VmState = v.state.parse().map_err(AppError::internal)?;
+            let desired: DesiredState = v.desired_state.parse().map_err(AppError::internal)?;
+            if desired == DesiredState::Stopped || desired == DesiredState::Deleted {
+                continue;
+            }
+            if let Ok(plan) = vm_state::plan(state, desired, true, byteport_types::VmAction::Stop) {
+                self.store
+                    .vm_update_desired(
+                        v.id,
+                        v.desired_generation,
+                        &plan.desired.to_string(),
+                        &plan.state.to_string(),
+                        false,
+                    )
+                    .await?;
+                let _ = self.vm_changes.send(v.id);
+            }
+        }
+        self.hub.poke(n.id);
+        node_view(&n)
+    }
+
+    /// Removes a node that holds no VM (admins); its credential stops working.
+    pub async fn node_remove(&self, ctx: &Ctx, key: &str) -> AppResult<()> {
+        let n = self.node_resolve(ctx, key).await?;
+        ctx.target("node", n.id, None);
+        self.store.node_remove(n.id).await?;
+        Ok(())
     }
 }

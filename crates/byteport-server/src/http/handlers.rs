@@ -493,6 +493,39 @@ pub async fn node_show(State(app): State<App>, ctx: Ctx, Path(id): Path<String>)
     Ok(Json(app.node_show(&ctx, &id).await?))
 }
 
+/// Stop placing new VMs on a node (admins).
+#[utoipa::path(post, path = "/v1/nodes/{id}/cordon", tag = "nodes", params(("id" = String, Path, description = "id or name")),
+    responses((status = 200, body = Node), (status = 404, body = ErrorBody)))]
+pub async fn node_cordon(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> Resp<Node> {
+    Ok(Json(app.node_cordon(&ctx, &id, true).await?))
+}
+
+/// Place new VMs on a node again (admins).
+#[utoipa::path(post, path = "/v1/nodes/{id}/uncordon", tag = "nodes", params(("id" = String, Path, description = "id or name")),
+    responses((status = 200, body = Node), (status = 404, body = ErrorBody)))]
+pub async fn node_uncordon(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> Resp<Node> {
+    Ok(Json(app.node_cordon(&ctx, &id, false).await?))
+}
+
+/// Cordon a node and stop its VMs (admins); their disks stay on it.
+#[utoipa::path(post, path = "/v1/nodes/{id}/drain", tag = "nodes", params(("id" = String, Path, description = "id or name")),
+    responses((status = 200, body = Node), (status = 404, body = ErrorBody)))]
+pub async fn node_drain(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> Resp<Node> {
+    Ok(Json(app.node_drain(&ctx, &id).await?))
+}
+
+/// Remove a node that holds no VM (admins).
+#[utoipa::path(delete, path = "/v1/nodes/{id}", tag = "nodes", params(("id" = String, Path, description = "id or name")),
+    responses((status = 204), (status = 409, body = ErrorBody)))]
+pub async fn node_remove(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> AppResult<StatusCode> {
+    app.node_remove(&ctx, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 // ---------- audit ----------
 
 /// The audit log, newest first: a project's (owners) or all (admins).

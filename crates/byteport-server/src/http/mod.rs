@@ -102,7 +102,10 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::node_register))
         .routes(routes!(h::node_heartbeat))
         .routes(routes!(h::node_list))
-        .routes(routes!(h::node_show))
+        .routes(routes!(h::node_show, h::node_remove))
+        .routes(routes!(h::node_cordon))
+        .routes(routes!(h::node_uncordon))
+        .routes(routes!(h::node_drain))
         .routes(routes!(h::audit_list))
 }
 
