@@ -397,7 +397,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
             diff(&bp, zero, |m| m.dir),
         ),
         (
-            "BytePort  VM dir -> disk file appears (image check)",
+            "BytePort  VM dir -> disk file appears (qemu-img started)",
             diff(&bp, |m| m.dir, |m| m.disk),
         ),
         (
@@ -460,7 +460,8 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         ratio(p_ready + before + after, p_ready)
     );
     println!(
-        "the guest's own part (QEMU up -> 1st line) differs by {:.0} ms between the two (median), which is load, not BytePort",
+        "the guest's own part (QEMU up -> 1st line) differs by {:+.0} ms (BytePort - plain, medians); \
+         BytePort does no step there, so compare it with the spread of that row: machine load",
         m(8) - m(9)
     );
 

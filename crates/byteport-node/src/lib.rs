@@ -307,11 +307,10 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
                 continue;
             }
         }
+        // A change heartbeats at once; `Notify` folds a burst of changes
+        // made while a heartbeat is in flight into the next one.
         tokio::select! {
-            _ = shared.wake.notified() => {
-                // Let a burst of changes settle into one heartbeat.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(cfg.heartbeat_interval) => {}
         }
     }
