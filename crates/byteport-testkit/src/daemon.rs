@@ -87,6 +87,8 @@ pub struct Daemon {
     pub node: Option<Child>,
     node_token: Option<String>,
     pub api: Api,
+    /// `--database-url`, when not the SQLite file of the data directory.
+    pub database_url: Option<String>,
     keep: bool,
 }
 
@@ -112,6 +114,7 @@ impl Daemon {
             node: None,
             node_token: None,
             api: Api::new(&format!("http://127.0.0.1:{port}"), None),
+            database_url: None,
             keep: std::env::var_os("BYTEPORT_KEEP_TEST_DIRS").is_some(),
         };
         d.spawn_mode(mode);
@@ -131,6 +134,56 @@ impl Daemon {
             .expect("login");
         d.api.token = login["access_token"].as_str().map(str::to_owned);
         d
+    }
+
+    /// Starts `bin server` on a shared database. The first replica
+    /// (`first`) bootstraps the admin; the others log in as it.
+    pub fn start_replica(bin: &Path, database_url: &str, first: bool) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("bp-e2e-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let port = free_port();
+        let mut d = Daemon {
+            bin: bin.to_owned(),
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            forward_ports: (0, 0),
+            child: None,
+            node: None,
+            node_token: None,
+            api: Api::new(&format!("http://127.0.0.1:{port}"), None),
+            database_url: Some(database_url.to_owned()),
+            keep: std::env::var_os("BYTEPORT_KEEP_TEST_DIRS").is_some(),
+        };
+        d.spawn_mode("server");
+        if first {
+            let token = d.bootstrap_token();
+            d.api
+                .post(
+                    "/v1/bootstrap",
+                    json!({"token": token, "name": "admin", "password": "admin-password"}),
+                )
+                .expect("bootstrap");
+        }
+        d.login();
+        d
+    }
+
+    /// Logs the API client in as the admin.
+    pub fn login(&mut self) {
+        let login = self
+            .api
+            .post(
+                "/v1/auth/login",
+                json!({"name": "admin", "password": "admin-password"}),
+            )
+            .expect("login");
+        self.api.token = login["access_token"].as_str().map(str::to_owned);
+    }
+
+    /// Restarts a killed server on the same data directory and database.
+    pub fn respawn_server(&mut self) {
+        self.spawn_mode("server");
     }
 
     /// Starts `bin server` and a separate `bin node` (the fleet layout), so
@@ -220,6 +273,9 @@ impl Daemon {
                 .arg(format!("{}-{}", self.forward_ports.0, self.forward_ports.1))
                 .arg("--stop-timeout")
                 .arg("10");
+        }
+        if let Some(u) = &self.database_url {
+            cmd.arg("--database-url").arg(u);
         }
         let child = cmd
             .env("BYTEPORT_DATA_DIR", &self.dir)
@@ -488,6 +544,16 @@ impl Api {
         let r = self
             .agent
             .post(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .send_json(&body)
+            .map_err(|e| e.to_string())?;
+        Self::finish(r)
+    }
+
+    pub fn put(&self, path: &str, body: Value) -> Result<Value, String> {
+        let r = self
+            .agent
+            .put(&format!("{}{path}", self.base))
             .header("Authorization", &self.auth())
             .send_json(&body)
             .map_err(|e| e.to_string())?;
