@@ -1004,10 +1004,22 @@ fn vm(env: &Env, args: VmArgs) -> Result<()> {
             ssh_key,
             label,
             hostname,
+            group,
+            region,
+            policy,
             wait,
             timeout,
         } => {
             let mut body = json!({"name": name, "image": image});
+            let mut placement = serde_json::Map::new();
+            for (k, v) in [("group", group), ("region", region), ("policy", policy)] {
+                if let Some(v) = v {
+                    placement.insert(k.into(), json!(v));
+                }
+            }
+            if !placement.is_empty() {
+                body["placement"] = Value::Object(placement);
+            }
             if let Some(p) = project {
                 body["project"] = json!(p);
             }

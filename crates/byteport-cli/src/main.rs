@@ -347,6 +347,15 @@ pub enum VmCmd {
         label: Vec<(String, String)>,
         #[arg(long)]
         hostname: Option<String>,
+        /// Never on a node that holds another VM of this group (anti-affinity).
+        #[arg(long)]
+        group: Option<String>,
+        /// Only nodes in this region.
+        #[arg(long)]
+        region: Option<String>,
+        /// spread or pack, instead of the server's policy.
+        #[arg(long)]
+        policy: Option<String>,
         /// Wait until the VM is running.
         #[arg(long)]
         wait: bool,

@@ -66,11 +66,13 @@ pub enum Policy {
 
 /// What a VM needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Request {
+pub struct Request<Id> {
     pub size: Resources,
     pub arch: String,
     /// Any region when absent.
     pub region: Option<String>,
+    /// Nodes that already hold a VM of the same anti-affinity group.
+    pub avoid: Vec<Id>,
 }
 
 /// The scheduler's answer.
@@ -85,14 +87,15 @@ pub enum Decision<Id> {
 /// Picks a node for `req`. Among the nodes that pass every filter, `Spread`
 /// takes the one with the largest free memory share, `Pack` the smallest;
 /// ties go to the first in inventory order.
-pub fn place<Id: Clone>(
+pub fn place<Id: Clone + PartialEq>(
     nodes: &[NodeInventory<Id>],
-    req: &Request,
+    req: &Request<Id>,
     policy: Policy,
     over: Overcommit,
 ) -> Decision<Id> {
     let mut best: Option<(f64, &NodeInventory<Id>, Resources)> = None;
     let mut eligible = 0usize;
+    let mut avoided = 0usize;
     let mut largest_free = Resources::default();
     let mut largest_on = None;
     for n in nodes {
@@ -100,6 +103,10 @@ pub fn place<Id: Clone>(
             continue;
         }
         if req.region.as_ref().is_some_and(|r| *r != n.region) {
+            continue;
+        }
+        if req.avoid.contains(&n.id) {
+            avoided += 1;
             continue;
         }
         eligible += 1;
@@ -133,6 +140,9 @@ pub fn place<Id: Clone>(
             node: n.id.clone(),
             limit,
         },
+        None if eligible == 0 && avoided > 0 => Decision::NoFit(format!(
+            "every one of the {avoided} eligible node(s) already holds a VM of its anti-affinity group"
+        )),
         None if eligible == 0 => Decision::NoFit(match &req.region {
             Some(r) => format!("no online {} node in region {r}", req.arch),
             None => format!("no online {} node", req.arch),
@@ -175,7 +185,7 @@ mod tests {
         }
     }
 
-    fn req(mem: i64) -> Request {
+    fn req(mem: i64) -> Request<u32> {
         Request {
             size: Resources {
                 vcpus: 1,
@@ -184,6 +194,7 @@ mod tests {
             },
             arch: "x86_64".into(),
             region: None,
+            avoid: Vec::new(),
         }
     }
 
@@ -242,6 +253,22 @@ mod tests {
             d,
             Decision::NoFit("no online x86_64 node in region eu-1".into())
         );
+    }
+
+    #[test]
+    fn anti_affinity_skips_nodes_of_the_group() {
+        let nodes = [node(1, 8192, 0), node(2, 8192, 4096)];
+        let mut r = req(512);
+        r.avoid = vec![1];
+        assert_eq!(
+            chosen(place(&nodes, &r, Policy::Spread, Overcommit::default())),
+            Some(2)
+        );
+        r.avoid = vec![1, 2];
+        match place(&nodes, &r, Policy::Spread, Overcommit::default()) {
+            Decision::NoFit(why) => assert!(why.contains("anti-affinity"), "{why}"),
+            d => panic!("{d:?}"),
+        }
     }
 
     #[test]

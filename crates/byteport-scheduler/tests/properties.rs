@@ -61,6 +61,7 @@ fn run(
                 },
                 arch: "x86_64".into(),
                 region: region.map(|g| format!("r{g}")),
+                avoid: Vec::new(),
             };
             match place(nodes, &r, policy, over) {
                 Decision::Place { node, .. } => {

@@ -1033,3 +1033,105 @@ async fn placement_reserves_capacity_and_cordon_drain_remove_behave() {
         assert_eq!(st, StatusCode::FORBIDDEN);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anti_affinity_groups_and_per_vm_policy() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        for i in 0..3 {
+            sim_node(&s, &format!("n-{i}"), 8192).await;
+        }
+        let vm = |name: &str, placement: Value| {
+            json!({"name": name, "image": "tiny", "vcpus": 1, "memory_mib": 512, "disk_gib": 1,
+                   "placement": placement})
+        };
+        let mut nodes = std::collections::HashSet::new();
+        for i in 0..3 {
+            let (st, v) = s
+                .call(
+                    POST,
+                    "/v1/vms",
+                    Some(&t),
+                    Some(vm(
+                        &format!("web-{i}"),
+                        json!({"group": "web", "policy": "pack"}),
+                    )),
+                )
+                .await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+            assert_eq!(v["placement"]["group"], "web");
+            assert!(
+                nodes.insert(v["node_id"].as_str().unwrap().to_owned()),
+                "two of a group on one node"
+            );
+        }
+        let (_, v) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(vm("web-3", json!({"group": "web"}))),
+            )
+            .await;
+        assert_eq!(v["state"], "pending");
+        assert!(
+            v["state_reason"]
+                .as_str()
+                .unwrap()
+                .contains("anti-affinity"),
+            "{v}"
+        );
+        // Pack puts two ungrouped VMs on the same, fullest node.
+        let (_, a) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(vm("p-a", json!({"policy": "pack"}))),
+            )
+            .await;
+        let (_, b2) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(vm("p-b", json!({"policy": "pack"}))),
+            )
+            .await;
+        assert_eq!(a["node_id"], b2["node_id"]);
+        // A region no node is in.
+        let (_, r) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(vm("far", json!({"region": "eu-1"}))),
+            )
+            .await;
+        assert_eq!(r["state"], "pending");
+        assert!(
+            r["state_reason"].as_str().unwrap().contains("region eu-1"),
+            "{r}"
+        );
+        let (st, e) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(vm("bad", json!({"region": "a b"}))),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+        let (st, _) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(vm("bad", json!({"policy": "random"}))),
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+}

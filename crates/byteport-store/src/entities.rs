@@ -191,6 +191,10 @@ pub mod vm {
         pub agent_version: Option<String>,
         /// Whether the VM holds a reservation on `node_id`.
         pub reserved: bool,
+        /// JSON placement wishes (policy, region, anti-affinity group).
+        pub placement: Option<String>,
+        /// The anti-affinity group, also inside `placement`, for lookups.
+        pub placement_group: Option<String>,
     }
     no_relations!();
 }

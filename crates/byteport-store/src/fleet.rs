@@ -286,3 +286,19 @@ impl DataStore {
         Ok(())
     }
 }
+
+impl DataStore {
+    /// The nodes that hold a live VM of this anti-affinity group.
+    pub async fn nodes_of_group(&self, project: Uuid, group: &str) -> Result<Vec<Uuid>> {
+        Ok(vm::Entity::find()
+            .filter(vm::Column::ProjectId.eq(project))
+            .filter(vm::Column::PlacementGroup.eq(group))
+            .filter(vm::Column::DeletedAt.is_null())
+            .filter(vm::Column::NodeId.is_not_null())
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .filter_map(|v| v.node_id)
+            .collect())
+    }
+}

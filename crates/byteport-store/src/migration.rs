@@ -10,7 +10,11 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Initial), Box::new(M0002Agents)]
+        vec![
+            Box::new(M0001Initial),
+            Box::new(M0002Agents),
+            Box::new(M0003Placement),
+        ]
     }
 }
 
@@ -306,6 +310,46 @@ impl MigrationTrait for M0002Agents {
             )
             .await?;
         }
+        Ok(())
+    }
+}
+
+/// Placement wishes per VM: policy, region and an anti-affinity group.
+struct M0003Placement;
+
+impl MigrationName for M0003Placement {
+    fn name(&self) -> &str {
+        "m0003_placement"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0003Placement {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        for col in [
+            text_null(vm::Column::Placement),
+            string_null(vm::Column::PlacementGroup),
+        ] {
+            let mut col = col;
+            m.alter_table(
+                Table::alter()
+                    .table(vm::Entity.table_ref())
+                    .add_column(&mut col)
+                    .to_owned(),
+            )
+            .await?;
+        }
+        m.create_index(
+            Index::create()
+                .name("vms_placement_group")
+                .table(vm::Entity.table_ref())
+                .col(vm::Column::ProjectId)
+                .col(vm::Column::PlacementGroup)
+                .if_not_exists()
+                .to_owned(),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -345,6 +345,8 @@ pub struct Vm {
     pub ready_by: ReadyBy,
     /// The guest agent's version, once it said ready.
     pub agent_version: Option<String>,
+    /// The placement wishes it was created with.
+    pub placement: Placement,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -418,6 +420,30 @@ pub struct VmCreate {
     pub labels: BTreeMap<String, String>,
     /// The guest's hostname; the VM's name when absent.
     pub hostname: Option<Name>,
+    /// Where the VM may go; the server's defaults when absent.
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// Placement wishes for one VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// `spread` or `pack`; the server's policy when absent.
+    pub policy: Option<PlacementPolicy>,
+    /// Only nodes in this region.
+    pub region: Option<String>,
+    /// Never on a node that already holds a live VM of this group (in the
+    /// same project): anti-affinity.
+    pub group: Option<Name>,
+}
+
+/// Spread VMs over nodes, or pack them onto as few as possible.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementPolicy {
+    Spread,
+    Pack,
 }
 
 #[derive(Debug, Serialize, Deserialize, IntoParams)]

@@ -71,6 +71,16 @@ struct ServerArgs {
     /// Seconds without a heartbeat after which a node is offline.
     #[arg(long, env = "BYTEPORT_NODE_TIMEOUT", default_value_t = 30)]
     node_timeout: u64,
+    /// spread (VMs over all nodes) or pack (fill a node first), for VMs
+    /// that do not ask.
+    #[arg(long, env = "BYTEPORT_PLACEMENT_POLICY", default_value = "spread")]
+    placement_policy: String,
+    /// vCPUs that may be reserved per host CPU.
+    #[arg(long, env = "BYTEPORT_CPU_OVERCOMMIT", default_value_t = 4.0)]
+    cpu_overcommit: f64,
+    /// Memory that may be reserved per MiB of host memory.
+    #[arg(long, env = "BYTEPORT_MEMORY_OVERCOMMIT", default_value_t = 1.0)]
+    memory_overcommit: f64,
 }
 
 #[derive(Args, Clone)]
@@ -290,9 +300,28 @@ async fn serve_with(
 ) -> anyhow::Result<()> {
     let (store, dir) = open_store(&args.db).await?;
     let backend = store.backend();
+    let placement_policy = match args.placement_policy.as_str() {
+        "spread" => byteport_scheduler::Policy::Spread,
+        "pack" => byteport_scheduler::Policy::Pack,
+        p => bail!("--placement-policy {p:?} is not spread or pack"),
+    };
+    for (flag, v) in [
+        ("--cpu-overcommit", args.cpu_overcommit),
+        ("--memory-overcommit", args.memory_overcommit),
+    ] {
+        if !(0.1..=100.0).contains(&v) {
+            bail!("{flag} {v} is outside 0.1-100");
+        }
+    }
     let settings = Settings {
         secure_cookies: args.tls_cert.is_some(),
         image_dir: dir.join("images"),
+        placement_policy,
+        overcommit: byteport_scheduler::Overcommit {
+            cpu: args.cpu_overcommit,
+            memory: args.memory_overcommit,
+            disk: 1.0,
+        },
         ..Settings::default()
     };
     let app = App::new(store, settings)

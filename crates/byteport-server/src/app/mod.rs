@@ -36,6 +36,10 @@ pub struct Settings {
     pub secure_cookies: bool,
     /// Where uploaded image files are kept, by sha256.
     pub image_dir: std::path::PathBuf,
+    /// The placement policy for VMs that do not ask for one.
+    pub placement_policy: byteport_scheduler::Policy,
+    /// How far reservations may exceed a node's capacity.
+    pub overcommit: byteport_scheduler::Overcommit,
 }
 
 impl Default for Settings {
@@ -46,6 +50,8 @@ impl Default for Settings {
             session_ttl: Duration::from_secs(12 * 3600),
             secure_cookies: false,
             image_dir: std::env::temp_dir().join("byteport-images"),
+            placement_policy: byteport_scheduler::Policy::Spread,
+            overcommit: byteport_scheduler::Overcommit::default(),
         }
     }
 }

@@ -6,8 +6,9 @@
 
 use super::App;
 use crate::error::AppResult;
-use byteport_scheduler::{Decision, NodeInventory, Overcommit, Policy, Request, Resources};
+use byteport_scheduler::{Decision, NodeInventory, Policy, Request, Resources};
 use byteport_store::{Size, node, vm};
+use byteport_types::api::{Placement, PlacementPolicy};
 use uuid::Uuid;
 
 /// Attempts per VM when another placement takes the chosen node's room.
@@ -41,6 +42,20 @@ impl App {
             Ok(i) => i.arch,
             Err(_) => "x86_64".into(),
         };
+        let wish: Placement = v
+            .placement
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or_default();
+        let avoid = match &v.placement_group {
+            Some(g) => self.store.nodes_of_group(v.project_id, g).await?,
+            None => Vec::new(),
+        };
+        let policy = match wish.policy {
+            Some(PlacementPolicy::Spread) => Policy::Spread,
+            Some(PlacementPolicy::Pack) => Policy::Pack,
+            None => self.settings.placement_policy,
+        };
         let req = Request {
             size: Resources {
                 vcpus: v.vcpus,
@@ -48,7 +63,8 @@ impl App {
                 disk_gib: v.disk_gib,
             },
             arch,
-            region: None,
+            region: wish.region,
+            avoid,
         };
         for _ in 0..RACE_RETRIES {
             let nodes: Vec<_> = self
@@ -58,7 +74,7 @@ impl App {
                 .iter()
                 .map(inventory)
                 .collect();
-            match byteport_scheduler::place(&nodes, &req, Policy::Spread, Overcommit::default()) {
+            match byteport_scheduler::place(&nodes, &req, policy, self.settings.overcommit) {
                 Decision::Place { node, limit } => {
                     let placed = self
                         .store

@@ -181,6 +181,16 @@ impl App {
         }
         check_ssh_keys(&req.ssh_keys)?;
         check_labels(&req.labels)?;
+        if let Some(r) = &req.placement.region
+            && (r.is_empty()
+                || r.len() > 63
+                || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        {
+            return Err(AppError::bad(
+                "invalid_region",
+                "placement.region must be 1-63 letters, digits and '-'",
+            ));
+        }
 
         let now = Utc::now();
         let model = vm::Model {
@@ -211,6 +221,8 @@ impl App {
             has_agent: image.has_agent,
             agent_version: None,
             reserved: false,
+            placement_group: req.placement.group.as_ref().map(|g| g.to_string()),
+            placement: Some(serde_json::to_string(&req.placement).map_err(AppError::internal)?),
         };
         let labels: Vec<_> = req.labels.into_iter().collect();
         let v = self.store.vm_insert(model, &labels).await?;
@@ -433,6 +445,11 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
             ReadyBy::Process
         },
         agent_version: v.agent_version.clone(),
+        placement: v
+            .placement
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or_default(),
         created_at: v.created_at,
         updated_at: v.updated_at,
     })
