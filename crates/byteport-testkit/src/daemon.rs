@@ -85,6 +85,8 @@ pub struct Daemon {
     pub child: Option<Child>,
     /// In split mode, the separate node agent process.
     pub node: Option<Child>,
+    /// More node agents beside `node` (see `spawn_extra_node`).
+    pub extra: Vec<Option<Child>>,
     node_token: Option<String>,
     pub api: Api,
     /// `--database-url`, when not the SQLite file of the data directory.
@@ -112,6 +114,7 @@ impl Daemon {
             forward_ports: (base, base + 99),
             child: None,
             node: None,
+            extra: Vec::new(),
             node_token: None,
             api: Api::new(&format!("http://127.0.0.1:{port}"), None),
             database_url: None,
@@ -150,6 +153,7 @@ impl Daemon {
             forward_ports: (0, 0),
             child: None,
             node: None,
+            extra: Vec::new(),
             node_token: None,
             api: Api::new(&format!("http://127.0.0.1:{port}"), None),
             database_url: Some(database_url.to_owned()),
@@ -211,30 +215,9 @@ impl Daemon {
 
     /// Starts the node agent process (again).
     pub fn spawn_node(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("node.log"))
-            .expect("log file");
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("node")
-            .arg("--server")
-            .arg(&self.url)
-            .arg("--data-dir")
-            .arg(self.dir.join("node"))
-            .arg("--name")
-            .arg("node-1")
-            .arg("--forward-ports")
-            .arg(format!("{}-{}", self.forward_ports.0, self.forward_ports.1))
-            .arg("--stop-timeout")
-            .arg("10")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log));
-        if let Some(t) = &self.node_token {
-            cmd.arg("--join-token").arg(t);
-        }
-        self.node = Some(cmd.spawn().expect("starting the node agent"));
+        let token = self.node_token.clone();
+        let child = self.node_process(0, token.as_deref());
+        self.node = Some(child);
     }
 
     /// kill -9 of the node agent alone.
@@ -243,6 +226,72 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts node agent number `i` (1, 2, ...: more nodes beside the first
+    /// of `start_split`), each with its own data directory, name
+    /// (`node-{i+1}`) and forward ports; it registers on its first start.
+    pub fn spawn_extra_node(&mut self, i: usize) {
+        assert!(i >= 1, "node 0 is the first node");
+        let registered = self.dir.join(format!("node{i}/node.json")).exists();
+        let token = if registered {
+            None
+        } else {
+            let t = self
+                .api
+                .post("/v1/node-join-tokens", json!({}))
+                .expect("a join token");
+            t["token"].as_str().map(str::to_owned)
+        };
+        let child = self.node_process(i, token.as_deref());
+        if self.extra.len() < i {
+            self.extra.resize_with(i, || None);
+        }
+        self.extra[i - 1] = Some(child);
+    }
+
+    /// kill -9 of extra node agent `i`.
+    pub fn kill9_extra_node(&mut self, i: usize) {
+        if let Some(mut c) = self.extra.get_mut(i - 1).and_then(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn node_process(&self, i: usize, join_token: Option<&str>) -> Child {
+        let (dir, log) = match i {
+            0 => ("node".to_owned(), "node.log".to_owned()),
+            i => (format!("node{i}"), format!("node{i}.log")),
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(log))
+            .expect("log file");
+        // Each node takes its own slice of the forward range.
+        let slice = (self.forward_ports.1 - self.forward_ports.0 + 1) / 4;
+        let lo = self.forward_ports.0 + slice * i as u16;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("node")
+            .arg("--server")
+            .arg(&self.url)
+            .arg("--data-dir")
+            .arg(self.dir.join(dir))
+            .arg("--name")
+            .arg(format!("node-{}", i + 1))
+            .arg("--forward-ports")
+            .arg(format!("{lo}-{}", lo + slice - 1))
+            .arg("--stop-timeout")
+            .arg("10")
+            .arg("--heartbeat-secs")
+            .arg("1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log));
+        if let Some(t) = join_token {
+            cmd.arg("--join-token").arg(t);
+        }
+        cmd.spawn().expect("starting a node agent")
     }
 
     pub fn node_log(&self) -> String {
@@ -465,6 +514,9 @@ pub fn tail(s: &str, n: usize) -> &str {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9_node();
+        for i in 1..=self.extra.len() {
+            self.kill9_extra_node(i);
+        }
         self.kill9();
         for pid in qemus_under(&self.dir) {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();

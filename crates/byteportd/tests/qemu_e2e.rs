@@ -427,3 +427,103 @@ fn the_cli_creates_execs_and_reads_the_console_of_a_real_guest() {
         String::from_utf8_lossy(&seen)
     );
 }
+
+#[test]
+fn three_real_nodes_spread_a_group_and_survive_one_agent_dying() {
+    let Some(img) = tiny_or_skip("three nodes") else {
+        return;
+    };
+    let mut d = Daemon::start_split(Path::new(BIN));
+    d.spawn_extra_node(1);
+    d.spawn_extra_node(2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = d.api.get("/v1/nodes").expect("nodes");
+        let online = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["status"] == "online")
+            .count();
+        if online == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "3 nodes online: {nodes}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d.import_tiny(&img);
+    // One VM of the group per node (anti-affinity), booted for real.
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            let v = d
+                .api
+                .post(
+                    "/v1/vms",
+                    json!({"name": format!("g-{i}"), "image": "tiny", "vcpus": 1, "memory_mib": 256,
+                           "disk_gib": 1, "placement": {"group": "g"}}),
+                )
+                .expect("create");
+            v["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let mut by_node = std::collections::HashMap::new();
+    for id in &ids {
+        let v = d.wait(id, "running", BOOT_SECS * 2).expect("running");
+        by_node.insert(v["node_id"].as_str().unwrap().to_owned(), id.clone());
+    }
+    assert_eq!(by_node.len(), 3, "one per node");
+    // The VM on node-2 (extra node 1): kill that agent.
+    let nodes = d.api.get("/v1/nodes").expect("nodes");
+    let n2 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node-2")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let victim = by_node[&n2].clone();
+    let pid = std::fs::read_to_string(d.dir.join("node1/vms").join(&victim).join("qemu.pid"))
+        .expect("pidfile")
+        .trim()
+        .parse::<u32>()
+        .unwrap();
+    d.kill9_extra_node(1);
+    d.wait(&victim, "unknown", 30)
+        .expect("unknown while its node is away");
+    for id in ids.iter().filter(|i| **i != victim) {
+        assert_eq!(
+            d.vm(id)["state"],
+            "running",
+            "the other nodes' VMs are untouched"
+        );
+    }
+    // Nothing new lands on the offline node.
+    let v = d
+        .api
+        .post(
+            "/v1/vms",
+            json!({"name": "late", "image": "tiny", "vcpus": 1, "memory_mib": 256, "disk_gib": 1}),
+        )
+        .expect("create");
+    assert_ne!(v["node_id"].as_str(), Some(n2.as_str()));
+    d.api
+        .delete(&format!("/v1/vms/{}", v["id"].as_str().unwrap()))
+        .expect("delete");
+    // Back: the same QEMU, running again, no duplicate.
+    d.spawn_extra_node(1);
+    d.wait(&victim, "running", 60).expect("running again");
+    assert!(alive(pid));
+    let pid_after = std::fs::read_to_string(d.dir.join("node1/vms").join(&victim).join("qemu.pid"))
+        .unwrap()
+        .trim()
+        .parse::<u32>()
+        .unwrap();
+    assert_eq!(pid, pid_after, "re-adopted, not restarted");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while qemus_under(&d.dir).len() != 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(qemus_under(&d.dir).len(), 3, "three guests, no duplicate");
+}
