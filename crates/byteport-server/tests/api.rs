@@ -1135,3 +1135,78 @@ async fn anti_affinity_groups_and_per_vm_policy() {
         assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_vm_keeps_only_its_disk_reserved() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        let (n, cred) = sim_node(&s, "solo", 2048).await;
+        let body = |name: &str| json!({"name": name, "image": "tiny", "vcpus": 1, "memory_mib": 2048, "disk_gib": 10});
+        let (_, a) = s.call(POST, "/v1/vms", Some(&t), Some(body("a"))).await;
+        let aid = a["id"].as_str().unwrap().to_owned();
+        let report = |state: &str, generation: u64, desired: u64| {
+            json!({"capacity": {"vcpus": 2, "memory_mib": 2048, "disk_gib": 100},
+                   "vms": [{"id": aid, "state": state, "generation": generation, "desired_generation": desired}]})
+        };
+        s.call(
+            POST,
+            &format!("/v1/nodes/{n}/heartbeat"),
+            Some(&cred),
+            Some(report("running", 1, 1)),
+        )
+        .await;
+        s.call(POST, &format!("/v1/vms/{aid}/stop"), Some(&t), None)
+            .await;
+        s.call(
+            POST,
+            &format!("/v1/nodes/{n}/heartbeat"),
+            Some(&cred),
+            Some(report("stopped", 2, 2)),
+        )
+        .await;
+        let (_, node) = s.call(GET, &format!("/v1/nodes/{n}"), Some(&t), None).await;
+        assert_eq!(
+            node["reserved"],
+            json!({"vcpus": 0, "memory_mib": 0, "disk_gib": 10}),
+            "{node}"
+        );
+        // Its memory now goes to another VM...
+        let (_, b2) = s.call(POST, "/v1/vms", Some(&t), Some(body("b"))).await;
+        assert_eq!(b2["node_id"], n.as_str());
+        // ...so the stopped one cannot start again until there is room.
+        let (st, e) = s
+            .call(POST, &format!("/v1/vms/{aid}/start"), Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::CONFLICT, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("no room"),
+            "{e}"
+        );
+        let (_, a2) = s.call(GET, &format!("/v1/vms/{aid}"), Some(&t), None).await;
+        assert_eq!(a2["state"], "stopped", "a refused start changes nothing");
+        let bid = b2["id"].as_str().unwrap();
+        s.call(DELETE, &format!("/v1/vms/{bid}"), Some(&t), None)
+            .await;
+        let gone = json!({"capacity": {"vcpus": 2, "memory_mib": 2048, "disk_gib": 100},
+            "vms": [{"id": bid, "state": "deleted", "generation": 9, "desired_generation": 9}]});
+        s.call(
+            POST,
+            &format!("/v1/nodes/{n}/heartbeat"),
+            Some(&cred),
+            Some(gone),
+        )
+        .await;
+        let (st, a3) = s
+            .call(POST, &format!("/v1/vms/{aid}/start"), Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{a3}");
+        let (_, node) = s.call(GET, &format!("/v1/nodes/{n}"), Some(&t), None).await;
+        assert_eq!(
+            node["reserved"],
+            json!({"vcpus": 1, "memory_mib": 2048, "disk_gib": 10}),
+            "{node}"
+        );
+    }
+}

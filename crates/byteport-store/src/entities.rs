@@ -195,6 +195,9 @@ pub mod vm {
         pub placement: Option<String>,
         /// The anti-affinity group, also inside `placement`, for lookups.
         pub placement_group: Option<String>,
+        /// Whether the VM's vCPUs and memory are reserved on its node (a
+        /// stopped VM gives them back and keeps only its disk).
+        pub compute_held: bool,
     }
     no_relations!();
 }

@@ -82,6 +82,7 @@ impl DataStore {
         let v = vm::Entity::update_many()
             .col_expr(vm::Column::NodeId, Expr::value(Some(node_id)))
             .col_expr(vm::Column::Reserved, Expr::value(true))
+            .col_expr(vm::Column::ComputeHeld, Expr::value(true))
             .col_expr(vm::Column::State, Expr::value("provisioning"))
             .col_expr(vm::Column::StateReason, Expr::value(Option::<String>::None))
             .col_expr(vm::Column::UpdatedAt, Expr::value(Utc::now()))
@@ -114,7 +115,8 @@ impl DataStore {
         Ok(())
     }
 
-    /// Returns a deleted VM's reservation to its node, once.
+    /// Returns a deleted VM's reservation (its disk, and its vCPUs and
+    /// memory if it still held them) to its node, once.
     pub async fn vm_release(&self, vm_id: Uuid) -> Result<bool> {
         let _w = self.serialize().await;
         let tx = self.db.begin().await?;
@@ -126,8 +128,55 @@ impl DataStore {
         };
         let r = vm::Entity::update_many()
             .col_expr(vm::Column::Reserved, Expr::value(false))
+            .col_expr(vm::Column::ComputeHeld, Expr::value(false))
             .filter(vm::Column::Id.eq(vm_id))
             .filter(vm::Column::Reserved.eq(true))
+            .exec(&tx)
+            .await?;
+        if r.rows_affected != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let (cpu, mem) = if v.compute_held {
+            (v.vcpus, v.memory_mib)
+        } else {
+            (0, 0)
+        };
+        node::Entity::update_many()
+            .col_expr(
+                node::Column::ReservedVcpus,
+                Expr::col(node::Column::ReservedVcpus).sub(cpu),
+            )
+            .col_expr(
+                node::Column::ReservedMemoryMib,
+                Expr::col(node::Column::ReservedMemoryMib).sub(mem),
+            )
+            .col_expr(
+                node::Column::ReservedDiskGib,
+                Expr::col(node::Column::ReservedDiskGib).sub(v.disk_gib),
+            )
+            .filter(node::Column::Id.eq(node_id))
+            .exec(&tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// A stopped VM gives its vCPUs and memory back (its disk stays
+    /// reserved), once.
+    pub async fn vm_release_compute(&self, vm_id: Uuid) -> Result<bool> {
+        let _w = self.serialize().await;
+        let tx = self.db.begin().await?;
+        let Some(v) = vm::Entity::find_by_id(vm_id).one(&tx).await? else {
+            return Err(StoreError::NotFound);
+        };
+        let Some(node_id) = v.node_id else {
+            return Ok(false);
+        };
+        let r = vm::Entity::update_many()
+            .col_expr(vm::Column::ComputeHeld, Expr::value(false))
+            .filter(vm::Column::Id.eq(vm_id))
+            .filter(vm::Column::ComputeHeld.eq(true))
             .exec(&tx)
             .await?;
         if r.rows_affected != 1 {
@@ -143,11 +192,57 @@ impl DataStore {
                 node::Column::ReservedMemoryMib,
                 Expr::col(node::Column::ReservedMemoryMib).sub(v.memory_mib),
             )
+            .filter(node::Column::Id.eq(node_id))
+            .exec(&tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Takes a stopped VM's vCPUs and memory back on its node before it
+    /// starts, if they fit within `limit`; `false`, changing nothing, if
+    /// not.
+    pub async fn vm_reserve_compute(&self, vm_id: Uuid, limit: Size) -> Result<bool> {
+        let _w = self.serialize().await;
+        let tx = self.db.begin().await?;
+        let Some(v) = vm::Entity::find_by_id(vm_id).one(&tx).await? else {
+            return Err(StoreError::NotFound);
+        };
+        let Some(node_id) = v.node_id else {
+            return Ok(false);
+        };
+        if v.compute_held {
+            return Ok(true);
+        }
+        let n = node::Entity::update_many()
             .col_expr(
-                node::Column::ReservedDiskGib,
-                Expr::col(node::Column::ReservedDiskGib).sub(v.disk_gib),
+                node::Column::ReservedVcpus,
+                Expr::col(node::Column::ReservedVcpus).add(v.vcpus),
+            )
+            .col_expr(
+                node::Column::ReservedMemoryMib,
+                Expr::col(node::Column::ReservedMemoryMib).add(v.memory_mib),
             )
             .filter(node::Column::Id.eq(node_id))
+            .filter(
+                Expr::col(node::Column::ReservedVcpus)
+                    .add(v.vcpus)
+                    .lte(limit.vcpus),
+            )
+            .filter(
+                Expr::col(node::Column::ReservedMemoryMib)
+                    .add(v.memory_mib)
+                    .lte(limit.memory_mib),
+            )
+            .exec(&tx)
+            .await?;
+        if n.rows_affected != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        vm::Entity::update_many()
+            .col_expr(vm::Column::ComputeHeld, Expr::value(true))
+            .filter(vm::Column::Id.eq(vm_id))
             .exec(&tx)
             .await?;
         tx.commit().await?;

@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0001Initial),
             Box::new(M0002Agents),
             Box::new(M0003Placement),
+            Box::new(M0004ComputeHeld),
         ]
     }
 }
@@ -350,6 +351,35 @@ impl MigrationTrait for M0003Placement {
                 .to_owned(),
         )
         .await?;
+        Ok(())
+    }
+}
+
+/// A stopped VM keeps only its disk reserved: whether its vCPUs and memory
+/// are held is tracked apart from the disk.
+struct M0004ComputeHeld;
+
+impl MigrationName for M0004ComputeHeld {
+    fn name(&self) -> &str {
+        "m0004_compute_held"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0004ComputeHeld {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        m.alter_table(
+            Table::alter()
+                .table(vm::Entity.table_ref())
+                .add_column(&mut boolean(vm::Column::ComputeHeld).default(false).to_owned())
+                .to_owned(),
+        )
+        .await?;
+        // Every reservation so far held compute too.
+        m.get_connection()
+            .execute_unprepared("UPDATE vms SET compute_held = reserved")
+            .await?;
         Ok(())
     }
 }

@@ -242,6 +242,11 @@ impl App {
             if applied && state == VmState::Deleted {
                 self.store.vm_release(v.id).await?;
             }
+            if applied && state == VmState::Stopped {
+                // Stopped: its vCPUs and memory are free for others; the
+                // disk stays reserved where it lives.
+                self.store.vm_release_compute(v.id).await?;
+            }
             if applied {
                 let _ = self.vm_changes.send(v.id);
             }

@@ -221,6 +221,7 @@ impl App {
             has_agent: image.has_agent,
             agent_version: None,
             reserved: false,
+            compute_held: false,
             placement_group: req.placement.group.as_ref().map(|g| g.to_string()),
             placement: Some(serde_json::to_string(&req.placement).map_err(AppError::internal)?),
         };
@@ -333,7 +334,41 @@ impl App {
         let state: VmState = parse(&v.state)?;
         let desired: DesiredState = parse(&v.desired_state)?;
         let plan = vm_state::plan(state, desired, v.node_id.is_some(), action)?;
-        let v = self
+        // A stopped VM gave its vCPUs and memory back: take them again on
+        // its node (where its disk is) before it starts.
+        let mut took_compute = false;
+        if let (Some(node_id), false) = (v.node_id, v.compute_held)
+            && plan.desired == DesiredState::Running
+        {
+            let n = self.store.node_fetch(node_id).await?;
+            let limit = self
+                .settings
+                .overcommit
+                .limit(byteport_scheduler::Resources {
+                    vcpus: n.cap_vcpus,
+                    memory_mib: n.cap_memory_mib,
+                    disk_gib: n.cap_disk_gib,
+                });
+            let within = byteport_store::Size {
+                vcpus: limit.vcpus,
+                memory_mib: limit.memory_mib,
+                disk_gib: limit.disk_gib,
+            };
+            if !self.store.vm_reserve_compute(v.id, within).await? {
+                return Err(AppError::Conflict(format!(
+                    "node {} has no room to start this VM now: it needs {} vCPU and {} MiB; {} vCPU and {} MiB of {} and {} are reserved",
+                    n.name,
+                    v.vcpus,
+                    v.memory_mib,
+                    n.reserved_vcpus,
+                    n.reserved_memory_mib,
+                    limit.vcpus,
+                    limit.memory_mib
+                )));
+            }
+            took_compute = true;
+        }
+        let updated = self
             .store
             .vm_update_desired(
                 v.id,
@@ -342,7 +377,16 @@ impl App {
                 &plan.state.to_string(),
                 plan.state == VmState::Deleted,
             )
-            .await?;
+            .await;
+        let v = match updated {
+            Ok(v) => v,
+            Err(e) => {
+                if took_compute {
+                    self.store.vm_release_compute(v.id).await?;
+                }
+                return Err(e.into());
+            }
+        };
         let _ = self.vm_changes.send(v.id);
         if let Some(node) = v.node_id {
             self.hub.poke(node);
