@@ -372,7 +372,7 @@ impl MigrationTrait for M0004ComputeHeld {
         m.alter_table(
             Table::alter()
                 .table(vm::Entity.table_ref())
-                .add_column(&mut boolean(vm::Column::ComputeHeld).default(false).to_owned())
+                .add_column(boolean(vm::Column::ComputeHeld).default(false).to_owned())
                 .to_owned(),
         )
         .await?;
