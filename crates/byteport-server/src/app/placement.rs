@@ -38,9 +38,24 @@ fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
 impl App {
     /// Tries to place one VM now. Returns the node it landed on.
     pub(crate) async fn place_vm(&self, v: &vm::Model) -> AppResult<Option<Uuid>> {
-        let arch = match self.store.image_fetch(v.image_id).await {
-            Ok(i) => i.arch,
-            Err(_) => "x86_64".into(),
+        let mut pass = Pass::default();
+        self.place_in(v, &mut pass).await
+    }
+
+    /// Places one VM using (and keeping up to date) the inventory and image
+    /// architectures of `pass`; the inventory is read again only when it is
+    /// missing or a placement lost a race to another placer.
+    async fn place_in(&self, v: &vm::Model, pass: &mut Pass) -> AppResult<Option<Uuid>> {
+        let arch = match pass.arch.get(&v.image_id) {
+            Some(a) => a.clone(),
+            None => {
+                let a = match self.store.image_fetch(v.image_id).await {
+                    Ok(i) => i.arch,
+                    Err(_) => "x86_64".into(),
+                };
+                pass.arch.insert(v.image_id, a.clone());
+                a
+            }
         };
         let wish: Placement = v
             .placement
@@ -56,25 +71,33 @@ impl App {
             Some(PlacementPolicy::Pack) => Policy::Pack,
             None => self.settings.placement_policy,
         };
+        let size = Resources {
+            vcpus: v.vcpus,
+            memory_mib: v.memory_mib,
+            disk_gib: v.disk_gib,
+        };
         let req = Request {
-            size: Resources {
-                vcpus: v.vcpus,
-                memory_mib: v.memory_mib,
-                disk_gib: v.disk_gib,
-            },
+            size,
             arch,
             region: wish.region,
             avoid,
         };
         for _ in 0..RACE_RETRIES {
-            let nodes: Vec<_> = self
-                .store
-                .node_list()
-                .await?
-                .iter()
-                .map(inventory)
-                .collect();
-            match byteport_scheduler::place(&nodes, &req, policy, self.settings.overcommit) {
+            if pass.nodes.is_none() {
+                let nodes = self
+                    .store
+                    .node_list()
+                    .await?
+                    .iter()
+                    .map(inventory)
+                    .collect();
+                pass.nodes = Some(nodes);
+            }
+            let nodes = pass.nodes.as_mut().map(std::mem::take).unwrap_or_default();
+            let decision =
+                byteport_scheduler::place(&nodes, &req, policy, self.settings.overcommit);
+            pass.nodes = Some(nodes);
+            match decision {
                 Decision::Place { node, limit } => {
                     let placed = self
                         .store
@@ -94,9 +117,25 @@ impl App {
                         )
                         .await?;
                     if placed {
+                        if let Some(n) = pass
+                            .nodes
+                            .as_mut()
+                            .and_then(|ns| ns.iter_mut().find(|n| n.id == node))
+                        {
+                            n.reserved.vcpus += size.vcpus;
+                            n.reserved.memory_mib += size.memory_mib;
+                            n.reserved.disk_gib += size.disk_gib;
+                        }
                         let _ = self.vm_changes.send(v.id);
                         self.hub.poke(node);
                         return Ok(Some(node));
+                    }
+                    // Another placer took the room, or the VM was placed or
+                    // deleted meanwhile: look again.
+                    pass.nodes = None;
+                    let current = self.store.vm_fetch(v.id).await?;
+                    if current.node_id.is_some() || current.deleted_at.is_some() {
+                        return Ok(current.node_id);
                     }
                 }
                 Decision::NoFit(why) => {
@@ -109,14 +148,23 @@ impl App {
         Ok(None)
     }
 
-    /// Places every VM that waits for a node; returns how many landed.
+    /// Places every VM that waits for a node; returns how many landed. The
+    /// inventory is read once per pass (and again after a lost race).
     pub async fn place_pending(&self) -> AppResult<usize> {
         let mut placed = 0;
+        let mut pass = Pass::default();
         for v in self.store.vm_list_unplaced(500).await? {
-            if self.place_vm(&v).await?.is_some() {
+            if self.place_in(&v, &mut pass).await?.is_some() {
                 placed += 1;
             }
         }
         Ok(placed)
     }
+}
+
+/// What one placement pass reads once and keeps up to date.
+#[derive(Default)]
+struct Pass {
+    nodes: Option<Vec<NodeInventory<Uuid>>>,
+    arch: std::collections::HashMap<Uuid, String>,
 }
