@@ -5,6 +5,7 @@
 
 mod bench_api;
 mod bench_boot;
+mod bench_placement;
 pub(crate) mod image;
 mod pg;
 mod up;
@@ -56,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         ])),
         ["bench", "api", rest @ ..] => bench_api::run(&root(), rest),
         ["bench", "boot", rest @ ..] => bench_boot::run(&root(), rest),
+        ["bench", "placement", rest @ ..] => bench_placement::run(&root(), rest),
         ["image", rest @ ..] => image::run(&root(), rest),
         _ => usage(),
     }
