@@ -44,6 +44,7 @@
 
 use anyhow::{Context, bail, ensure};
 use byteport_scheduler::{Decision, NodeInventory, Overcommit, Policy, Request, Resources};
+use byteport_server::app::placement::inventory;
 use byteport_server::{App, Settings};
 use byteport_store::{DataStore, Size, VmFilter, image, join_token, node, project, vm};
 use chrono::Utc;
@@ -511,33 +512,7 @@ fn control_plane() -> (Policy, Overcommit) {
 }
 
 fn limit_of(n: &node::Model) -> Resources {
-    control_plane().1.limit(Resources {
-        vcpus: n.cap_vcpus,
-        memory_mib: n.cap_memory_mib,
-        disk_gib: n.cap_disk_gib,
-    })
-}
-
-/// What `App::place_vm` builds from a node row.
-fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
-    NodeInventory {
-        id: n.id,
-        name: n.name.clone(),
-        online: n.status == "online" || n.status == "cordoned",
-        cordoned: n.status == "cordoned",
-        region: n.region.clone(),
-        arch: n.arch.clone(),
-        capacity: Resources {
-            vcpus: n.cap_vcpus,
-            memory_mib: n.cap_memory_mib,
-            disk_gib: n.cap_disk_gib,
-        },
-        reserved: Resources {
-            vcpus: n.reserved_vcpus,
-            memory_mib: n.reserved_memory_mib,
-            disk_gib: n.reserved_disk_gib,
-        },
-    }
+    control_plane().1.limit(inventory(n).capacity)
 }
 
 fn request(v: &vm::Model, arch: String) -> Request<Uuid> {

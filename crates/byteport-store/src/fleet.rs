@@ -5,7 +5,10 @@
 use crate::{DataStore, Result, StoreError, image, node, vm};
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
+};
 use uuid::Uuid;
 
 /// A VM's size, as reserved on a node.
@@ -43,39 +46,7 @@ impl DataStore {
     ) -> Result<bool> {
         let _w = self.serialize().await;
         let tx = self.db.begin().await?;
-        let n = node::Entity::update_many()
-            .col_expr(
-                node::Column::ReservedVcpus,
-                Expr::col(node::Column::ReservedVcpus).add(size.vcpus),
-            )
-            .col_expr(
-                node::Column::ReservedMemoryMib,
-                Expr::col(node::Column::ReservedMemoryMib).add(size.memory_mib),
-            )
-            .col_expr(
-                node::Column::ReservedDiskGib,
-                Expr::col(node::Column::ReservedDiskGib).add(size.disk_gib),
-            )
-            .filter(node::Column::Id.eq(node_id))
-            .filter(node::Column::Status.eq("online"))
-            .filter(
-                Expr::col(node::Column::ReservedVcpus)
-                    .add(size.vcpus)
-                    .lte(limit.vcpus),
-            )
-            .filter(
-                Expr::col(node::Column::ReservedMemoryMib)
-                    .add(size.memory_mib)
-                    .lte(limit.memory_mib),
-            )
-            .filter(
-                Expr::col(node::Column::ReservedDiskGib)
-                    .add(size.disk_gib)
-                    .lte(limit.disk_gib),
-            )
-            .exec(&tx)
-            .await?;
-        if n.rows_affected != 1 {
+        if !shift_reserved(&tx, node_id, size, Some(limit), true).await? {
             tx.rollback().await?;
             return Ok(false);
         }
@@ -142,22 +113,12 @@ impl DataStore {
         } else {
             (0, 0)
         };
-        node::Entity::update_many()
-            .col_expr(
-                node::Column::ReservedVcpus,
-                Expr::col(node::Column::ReservedVcpus).sub(cpu),
-            )
-            .col_expr(
-                node::Column::ReservedMemoryMib,
-                Expr::col(node::Column::ReservedMemoryMib).sub(mem),
-            )
-            .col_expr(
-                node::Column::ReservedDiskGib,
-                Expr::col(node::Column::ReservedDiskGib).sub(v.disk_gib),
-            )
-            .filter(node::Column::Id.eq(node_id))
-            .exec(&tx)
-            .await?;
+        let held = Size {
+            vcpus: cpu,
+            memory_mib: mem,
+            disk_gib: v.disk_gib,
+        };
+        shift_reserved(&tx, node_id, held.negated(), None, false).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -183,18 +144,12 @@ impl DataStore {
             tx.rollback().await?;
             return Ok(false);
         }
-        node::Entity::update_many()
-            .col_expr(
-                node::Column::ReservedVcpus,
-                Expr::col(node::Column::ReservedVcpus).sub(v.vcpus),
-            )
-            .col_expr(
-                node::Column::ReservedMemoryMib,
-                Expr::col(node::Column::ReservedMemoryMib).sub(v.memory_mib),
-            )
-            .filter(node::Column::Id.eq(node_id))
-            .exec(&tx)
-            .await?;
+        let compute = Size {
+            vcpus: v.vcpus,
+            memory_mib: v.memory_mib,
+            disk_gib: 0,
+        };
+        shift_reserved(&tx, node_id, compute.negated(), None, false).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -214,29 +169,17 @@ impl DataStore {
         if v.compute_held {
             return Ok(true);
         }
-        let n = node::Entity::update_many()
-            .col_expr(
-                node::Column::ReservedVcpus,
-                Expr::col(node::Column::ReservedVcpus).add(v.vcpus),
-            )
-            .col_expr(
-                node::Column::ReservedMemoryMib,
-                Expr::col(node::Column::ReservedMemoryMib).add(v.memory_mib),
-            )
-            .filter(node::Column::Id.eq(node_id))
-            .filter(
-                Expr::col(node::Column::ReservedVcpus)
-                    .add(v.vcpus)
-                    .lte(limit.vcpus),
-            )
-            .filter(
-                Expr::col(node::Column::ReservedMemoryMib)
-                    .add(v.memory_mib)
-                    .lte(limit.memory_mib),
-            )
-            .exec(&tx)
-            .await?;
-        if n.rows_affected != 1 {
+        let compute = Size {
+            vcpus: v.vcpus,
+            memory_mib: v.memory_mib,
+            disk_gib: 0,
+        };
+        // The disk stayed reserved while the VM was stopped: not checked.
+        let within = Size {
+            disk_gib: i64::MAX,
+            ..limit
+        };
+        if !shift_reserved(&tx, node_id, compute, Some(within), false).await? {
             tx.rollback().await?;
             return Ok(false);
         }
@@ -395,5 +338,46 @@ impl DataStore {
             .into_iter()
             .filter_map(|v| v.node_id)
             .collect())
+    }
+}
+
+/// Adds `delta` to a node's reserved columns (negative amounts give back),
+/// in one guarded UPDATE: only an `online` node when `online_only`, and only
+/// while every column stays within `within` when given. Returns whether the
+/// node's row changed.
+async fn shift_reserved<C: ConnectionTrait>(
+    c: &C,
+    node_id: Uuid,
+    delta: Size,
+    within: Option<Size>,
+    online_only: bool,
+) -> Result<bool> {
+    let cols = [
+        (node::Column::ReservedVcpus, delta.vcpus),
+        (node::Column::ReservedMemoryMib, delta.memory_mib),
+        (node::Column::ReservedDiskGib, delta.disk_gib),
+    ];
+    let mut u = node::Entity::update_many().filter(node::Column::Id.eq(node_id));
+    for (col, d) in cols {
+        u = u.col_expr(col, Expr::col(col).add(d));
+    }
+    if online_only {
+        u = u.filter(node::Column::Status.eq("online"));
+    }
+    if let Some(w) = within {
+        for ((col, d), max) in cols.into_iter().zip([w.vcpus, w.memory_mib, w.disk_gib]) {
+            u = u.filter(Expr::col(col).add(d).lte(max));
+        }
+    }
+    Ok(u.exec(c).await?.rows_affected == 1)
+}
+
+impl Size {
+    fn negated(self) -> Size {
+        Size {
+            vcpus: -self.vcpus,
+            memory_mib: -self.memory_mib,
+            disk_gib: -self.disk_gib,
+        }
     }
 }

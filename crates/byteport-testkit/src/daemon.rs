@@ -101,6 +101,18 @@ impl Daemon {
     }
 
     fn start_with(bin: &Path, mode: &str) -> Daemon {
+        Daemon::launch(bin, mode, None, true)
+    }
+
+    /// Starts `bin server` on a shared database. The first replica
+    /// (`first`) bootstraps the admin; the others log in as it.
+    pub fn start_replica(bin: &Path, database_url: &str, first: bool) -> Daemon {
+        Daemon::launch(bin, "server", Some(database_url), first)
+    }
+
+    /// Starts `bin MODE` on a fresh data directory (and `database_url`, or
+    /// its own SQLite), bootstraps the admin if asked, and logs in as it.
+    fn launch(bin: &Path, mode: &str, database_url: Option<&str>, bootstrap: bool) -> Daemon {
         let dir = std::env::temp_dir().join(format!("bp-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let port = free_port();
@@ -117,50 +129,11 @@ impl Daemon {
             extra: Vec::new(),
             node_token: None,
             api: Api::new(&format!("http://127.0.0.1:{port}"), None),
-            database_url: None,
+            database_url: database_url.map(str::to_owned),
             keep: std::env::var_os("BYTEPORT_KEEP_TEST_DIRS").is_some(),
         };
         d.spawn_mode(mode);
-        let token = d.bootstrap_token();
-        d.api
-            .post(
-                "/v1/bootstrap",
-                json!({"token": token, "name": "admin", "password": "admin-password"}),
-            )
-            .expect("bootstrap");
-        let login = d
-            .api
-            .post(
-                "/v1/auth/login",
-                json!({"name": "admin", "password": "admin-password"}),
-            )
-            .expect("login");
-        d.api.token = login["access_token"].as_str().map(str::to_owned);
-        d
-    }
-
-    /// Starts `bin server` on a shared database. The first replica
-    /// (`first`) bootstraps the admin; the others log in as it.
-    pub fn start_replica(bin: &Path, database_url: &str, first: bool) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("bp-e2e-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let port = free_port();
-        let mut d = Daemon {
-            bin: bin.to_owned(),
-            dir,
-            url: format!("http://127.0.0.1:{port}"),
-            port,
-            forward_ports: (0, 0),
-            child: None,
-            node: None,
-            extra: Vec::new(),
-            node_token: None,
-            api: Api::new(&format!("http://127.0.0.1:{port}"), None),
-            database_url: Some(database_url.to_owned()),
-            keep: std::env::var_os("BYTEPORT_KEEP_TEST_DIRS").is_some(),
-        };
-        d.spawn_mode("server");
-        if first {
+        if bootstrap {
             let token = d.bootstrap_token();
             d.api
                 .post(

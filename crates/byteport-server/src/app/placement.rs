@@ -14,7 +14,8 @@ use uuid::Uuid;
 /// Attempts per VM when another placement takes the chosen node's room.
 const RACE_RETRIES: usize = 3;
 
-fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
+/// A node row as the scheduler sees it.
+pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
     NodeInventory {
         id: n.id,
         name: n.name.clone(),

@@ -344,11 +344,7 @@ impl App {
             let limit = self
                 .settings
                 .overcommit
-                .limit(byteport_scheduler::Resources {
-                    vcpus: n.cap_vcpus,
-                    memory_mib: n.cap_memory_mib,
-                    disk_gib: n.cap_disk_gib,
-                });
+                .limit(super::placement::inventory(&n).capacity);
             let within = byteport_store::Size {
                 vcpus: limit.vcpus,
                 memory_mib: limit.memory_mib,
