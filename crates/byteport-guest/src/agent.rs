@@ -131,7 +131,12 @@ impl Agent {
         let mut poisoned = false;
         let mut last_error: Option<io::ErrorKind> = None;
         loop {
-            let res = reader.read(&mut buf);
+            let res = match reader.read(&mut buf) {
+                // The peer closed with our frames still unread: it is gone,
+                // exactly as at end-of-file.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
+                r => r,
+            };
             self.reap(&done_rx);
             let n = match res {
                 Ok(0) => match on_eof {
