@@ -722,6 +722,8 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                             placement: None,
                             placement_group: None,
                             compute_held: false,
+                            metadata_token_hash: None,
+                            cloud_init: None,
                         },
                         &[],
                     )

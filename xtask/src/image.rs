@@ -6,10 +6,10 @@
 //! (a newc cpio written here, so no `cpio` package is needed) and writing the
 //! output directory with its `manifest.json`. It does not boot anything.
 //!
-//! Recipes: `tiny` (Debian kernel + busybox + agent, all in the initramfs).
-//! A disk image recipe such as `debian-12` (debootstrap, mkfs.ext4 -d,
-//! qemu-img convert) would be another [`Recipe`] variant reusing [`Debs`],
-//! [`build_agent`] and [`write_manifest`].
+//! Recipes: `tiny` (Debian kernel + busybox + agent, all in the initramfs)
+//! and `debian-12` (a debootstrap root with cloud-init and the agent as a
+//! service, packed as an ext4 qcow2, booted by Debian's kernel and a busybox
+//! initramfs that mounts it).
 //!
 //! Every external tool runs as an argument vector, never through a shell.
 
@@ -30,7 +30,7 @@ const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Kept in step with `byteport_guest::proto::AGENT_PORT_NAME`.
 const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
 
-const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny)";
+const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny or debian-12)";
 
 /// Entry point for `cargo xtask image ...`.
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -54,6 +54,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let ctx = Ctx::new(root, &out)?;
     let manifest = match recipe {
         Recipe::Tiny => build_tiny(&ctx)?,
+        Recipe::Debian12 => build_debian12(&ctx)?,
     };
     println!(
         "image {name} ({}) built in {:.1}s: {}",
@@ -71,13 +72,16 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
 enum Recipe {
     /// Debian's kernel, busybox and the agent, entirely in an initramfs.
     Tiny,
+    /// Debian bookworm with cloud-init on an ext4 disk.
+    Debian12,
 }
 
 impl Recipe {
     fn parse(name: &str) -> anyhow::Result<Recipe> {
         match name {
             "tiny" => Ok(Recipe::Tiny),
-            other => bail!("unknown image {other:?}; known images: tiny"),
+            "debian-12" => Ok(Recipe::Debian12),
+            other => bail!("unknown image {other:?}; known images: tiny, debian-12"),
         }
     }
 }
@@ -145,19 +149,12 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
     cpio.file("init", 0o755, fs::read(recipe_dir.join("init"))?);
     add_tree(&mut cpio, &recipe_dir.join("files"), "")?;
 
-    // Modules, each at its usual place, and their load order for /init.
-    let modules_dir = format!("lib/modules/{kver}");
-    let index = index_modules(&kernel_dir.join(&modules_dir))?;
-    let mut load = String::new();
-    for name in read_list(&recipe_dir.join("modules"))? {
-        let rel = index
-            .get(&name.replace('-', "_"))
-            .with_context(|| format!("kernel {kver} has no module {name}"))?;
-        let path = format!("{modules_dir}/{rel}");
-        cpio.file(&path, 0o644, fs::read(kernel_dir.join(&path))?);
-        load.push_str(&format!("/{path}\n"));
-    }
-    cpio.file("etc/modules.load", 0o644, load.into_bytes());
+    add_modules(
+        &mut cpio,
+        &kernel_dir,
+        &kver,
+        &read_list(&recipe_dir.join("modules"))?,
+    )?;
     cpio.file(
         "etc/os-release",
         0o644,
@@ -189,6 +186,282 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
     };
     write_manifest(&ctx.out, &manifest)?;
     Ok(manifest)
+}
+
+/// Adds kernel modules to an initramfs, each at its usual place, and their
+/// load order for its /init (`etc/modules.load`).
+fn add_modules(
+    cpio: &mut Cpio,
+    kernel_dir: &Path,
+    kver: &str,
+    names: &[String],
+) -> anyhow::Result<()> {
+    let modules_dir = format!("lib/modules/{kver}");
+    let index = index_modules(&kernel_dir.join(&modules_dir))?;
+    let mut load = String::new();
+    for name in names {
+        let rel = index
+            .get(&name.replace('-', "_"))
+            .with_context(|| format!("kernel {kver} has no module {name}"))?;
+        let path = format!("{modules_dir}/{rel}");
+        cpio.file(&path, 0o644, fs::read(kernel_dir.join(&path))?);
+        load.push_str(&format!("/{path}\n"));
+    }
+    cpio.file("etc/modules.load", 0o644, load.into_bytes());
+    Ok(())
+}
+
+/// The packages of the debian-12 image beyond debootstrap's minbase.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "cloud-init",
+    // Without it cloud-init's python3-cryptography fails to configure.
+    "python3-cffi-backend",
+    "ifupdown",
+    "isc-dhcp-client",
+    "openssh-server",
+    "sudo",
+    "iproute2",
+    "ca-certificates",
+    "wget",
+];
+
+/// The disk's size; cloud-init grows the filesystem to the VM's disk.
+const DEBIAN_DISK_BYTES: u64 = 2 << 30;
+
+/// The `debian-12` recipe; see images/README.md.
+fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
+    let recipe_dir = ctx.root.join("images/debian-12");
+    for tool in ["debootstrap", "mkfs.ext4", "depmod", "qemu-img"] {
+        if !on_path(tool) {
+            bail!("{tool} is missing: apt-get install debootstrap e2fsprogs kmod qemu-utils");
+        }
+    }
+    let kernel_deb = ctx.debs.fetch(&ctx.debs.kernel_package()?)?;
+    let busybox_deb = ctx.debs.fetch("busybox-static")?;
+    let agent = build_agent(&ctx.root)?;
+    let kernel_dir = ctx.work.path().join("kernel");
+    let busybox_dir = ctx.work.path().join("busybox");
+    extract_deb(&kernel_deb, &kernel_dir)?;
+    extract_deb(&busybox_deb, &busybox_dir)?;
+    let kver = kernel_version(&kernel_dir)?;
+
+    // The modules the root filesystem gets, staged before the slow part.
+    let modules_root = ctx.work.path().join("modules-root");
+    install_modules(
+        &kernel_dir,
+        &kver,
+        &modules_root,
+        &read_list(&recipe_dir.join("modules"))?,
+    )?;
+
+    // The root filesystem; debootstrap keeps the packages it fetched.
+    let rootfs = ctx.work.path().join("rootfs");
+    let cache = ctx.root.join("build/cache/debootstrap");
+    fs::create_dir_all(&cache)?;
+    let started = Instant::now();
+    crate::run(
+        Command::new("debootstrap")
+            .arg("--variant=minbase")
+            .arg(format!("--include={}", DEBIAN_PACKAGES.join(",")))
+            .arg(format!("--cache-dir={}", cache.display()))
+            .arg("bookworm")
+            .arg(&rootfs)
+            .arg(debian_mirror())
+            .stdout(Stdio::null()),
+    )
+    .context("debootstrap (it needs root and Debian's package mirror)")?;
+    eprintln!("debootstrap took {:.0} s", started.elapsed().as_secs_f64());
+    copy_tree(&recipe_dir.join("files"), &rootfs)?;
+    let sbin = rootfs.join("usr/local/sbin");
+    fs::create_dir_all(&sbin)?;
+    fs::copy(&agent, sbin.join("byteport-guest"))?;
+    let wants = rootfs.join("etc/systemd/system/sysinit.target.wants");
+    fs::create_dir_all(&wants)?;
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/byteport-guest.service",
+        wants.join("byteport-guest.service"),
+    )?;
+    // Debian's /lib is a link to /usr/lib.
+    copy_tree(&modules_root.join("lib"), &rootfs.join("usr/lib"))?;
+    // Every VM makes its own identity: machine id, SSH host keys (cloud-init
+    // writes new ones), and fetches package lists itself.
+    fs::write(rootfs.join("etc/machine-id"), "")?;
+    fs::write(rootfs.join("etc/hostname"), "debian\n")?;
+    for entry in fs::read_dir(rootfs.join("etc/ssh"))? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        for entry in fs::read_dir(rootfs.join(dir))? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                fs::remove_file(entry.path())?;
+            }
+        }
+    }
+    let os_version = fs::read_to_string(rootfs.join("etc/debian_version"))?
+        .trim()
+        .to_string();
+
+    // The disk: ext4 filled from the tree, then qcow2.
+    let raw = ctx.work.path().join("disk.raw");
+    fs::File::create(&raw)?.set_len(DEBIAN_DISK_BYTES)?;
+    crate::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "root", "-d"])
+            .arg(&rootfs)
+            .arg(&raw),
+    )?;
+    let disk = ctx.out.join("disk.qcow2");
+    crate::run(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&disk),
+    )?;
+
+    // The initramfs: busybox, the modules to mount the root, and /init.
+    let mut cpio = Cpio::new();
+    cpio.dir("dev", 0o755);
+    cpio.char_device("dev/console", 0o600, 5, 1);
+    for dir in ["proc", "sys", "newroot", "sbin", "usr/bin", "usr/sbin"] {
+        cpio.dir(dir, 0o755);
+    }
+    cpio.file(
+        "bin/busybox",
+        0o755,
+        fs::read(busybox_dir.join("bin/busybox")).context("busybox-static has no bin/busybox")?,
+    );
+    cpio.symlink("bin/sh", "busybox");
+    cpio.file("init", 0o755, fs::read(recipe_dir.join("init"))?);
+    add_modules(
+        &mut cpio,
+        &kernel_dir,
+        &kver,
+        &read_list(&recipe_dir.join("initrd-modules"))?,
+    )?;
+    let cpio_path = ctx.work.path().join("initrd.cpio");
+    fs::write(&cpio_path, cpio.finish())?;
+    let initrd = ctx.out.join("initrd.img");
+    gzip(&cpio_path, &initrd)?;
+    let vmlinuz = ctx.out.join("vmlinuz");
+    fs::copy(kernel_dir.join(format!("boot/vmlinuz-{kver}")), &vmlinuz)
+        .context("copying the kernel")?;
+
+    let manifest = Manifest {
+        name: "debian-12".into(),
+        os_family: "debian".into(),
+        os_version,
+        kernel_version: kver,
+        format: "qcow2".into(),
+        boot: "kernel".into(),
+        cmdline: "console=ttyS0 root=/dev/vda".into(),
+        has_agent: true,
+        files: vec![
+            file_entry(&vmlinuz)?,
+            file_entry(&initrd)?,
+            file_entry(&disk)?,
+        ],
+    };
+    write_manifest(&ctx.out, &manifest)?;
+    Ok(manifest)
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|d| d.join(tool).is_file())
+    })
+}
+
+/// The Debian mirror apt uses here (`BYTEPORT_DEBIAN_MIRROR` overrides).
+fn debian_mirror() -> String {
+    if let Ok(m) = std::env::var("BYTEPORT_DEBIAN_MIRROR") {
+        return m;
+    }
+    let mut text = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    text.push_str(&fs::read_to_string("/etc/apt/sources.list").unwrap_or_default());
+    text.split_whitespace()
+        .find(|w| {
+            (w.starts_with("http://") || w.starts_with("https://"))
+                && w.trim_end_matches('/').ends_with("/debian")
+        })
+        .unwrap_or("http://deb.debian.org/debian")
+        .to_string()
+}
+
+/// Copies a recipe's files over a root filesystem.
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            fs::create_dir_all(&dest)?;
+            copy_tree(&entry.path(), &dest)?;
+        } else {
+            fs::copy(entry.path(), &dest)
+                .with_context(|| format!("copying to {}", dest.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Installs `names` and what they depend on (per the kernel's
+/// `modules.dep`) under the root's /lib/modules, then runs depmod.
+fn install_modules(
+    kernel_dir: &Path,
+    kver: &str,
+    root: &Path,
+    names: &[String],
+) -> anyhow::Result<()> {
+    let src = kernel_dir.join("lib/modules").join(kver);
+    // The package leaves modules.dep to its postinst: make it here.
+    crate::run(Command::new("depmod").arg("-b").arg(kernel_dir).arg(kver))?;
+    let deps_text =
+        fs::read_to_string(src.join("modules.dep")).context("the kernel's modules.dep")?;
+    let deps: HashMap<&str, Vec<&str>> = deps_text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| (m, d.split_whitespace().collect()))
+        .collect();
+    let index = index_modules(&src)?;
+    let mut todo: Vec<String> = Vec::new();
+    for name in names {
+        match index.get(&name.replace('-', "_")) {
+            Some(rel) => todo.push(rel.clone()),
+            // Built in (=y) in this kernel: nothing to install.
+            None => eprintln!("module {name} is built into {kver}"),
+        }
+    }
+    let dest = root.join("lib/modules").join(kver);
+    let mut done = std::collections::HashSet::new();
+    while let Some(rel) = todo.pop() {
+        if !done.insert(rel.clone()) {
+            continue;
+        }
+        let to = dest.join(&rel);
+        fs::create_dir_all(to.parent().context("module path")?)?;
+        fs::copy(src.join(&rel), &to)?;
+        for d in deps.get(rel.as_str()).into_iter().flatten() {
+            todo.push((*d).to_string());
+        }
+    }
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
+        if src.join(f).exists() {
+            fs::copy(src.join(f), dest.join(f))?;
+        }
+    }
+    crate::run(Command::new("depmod").arg("-b").arg(root).arg(kver))
 }
 
 /// What `manifest.json` says about a built image.
@@ -244,6 +517,7 @@ fn write_manifest(out: &Path, m: &Manifest) -> anyhow::Result<()> {
         "boot": m.boot,
         "kernel": m.files.first().map(|f| &f.name),
         "initrd": m.files.get(1).map(|f| &f.name),
+        "disk": m.files.get(2).map(|f| &f.name),
         "cmdline": m.cmdline,
         "has_agent": m.has_agent,
         "agent_port": if m.has_agent { Some(AGENT_PORT_NAME) } else { None },

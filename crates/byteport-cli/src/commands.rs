@@ -894,6 +894,10 @@ fn vm_details(v: &Vm) {
             .into(),
         ),
         ("agent version", opt(&v.agent_version)),
+        (
+            "cloud-init",
+            v.cloud_init.map_or("-", CloudInit::as_str).into(),
+        ),
         ("ports", ports_long(&v.ports)),
     ];
     if let Some(ssh) = ssh_line(&v.ports) {
@@ -953,6 +957,54 @@ fn wait_for(env: &Env, id: &str, state: VmState, timeout: u64) -> Result<Value> 
             }
             other => return other,
         }
+    }
+}
+
+/// Polls the VM until its guest reports that cloud-init has ended.
+fn wait_cloud_init(env: &Env, id: &str, timeout: u64) -> Result<()> {
+    let path = format!("/v1/vms/{}", seg(id));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    loop {
+        let v = env.client.get(&path, &[])?;
+        let vm: Vm = serde_json::from_value(v.clone()).context("the server's VM")?;
+        match vm.cloud_init {
+            Some(CloudInit::Done) => {
+                print_vm(env, &v, false)?;
+                return Ok(());
+            }
+            Some(CloudInit::Error) => {
+                print_vm(env, &v, false)?;
+                bail!(
+                    "cloud-init ended with errors in {} (see `cloud-init status --long` in the guest)",
+                    vm.name
+                );
+            }
+            Some(CloudInit::Absent) => {
+                bail!("{} has no cloud-init (or it is disabled)", vm.name)
+            }
+            _ => {}
+        }
+        if matches!(
+            vm.state,
+            VmState::Error | VmState::Deleted | VmState::Stopped
+        ) {
+            bail!(
+                "{} is {} before cloud-init finished{}",
+                vm.name,
+                vm.state,
+                vm.state_reason
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "cloud-init has not finished in {} after {timeout} s (the VM is {})",
+                vm.name,
+                vm.state
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 
@@ -1123,10 +1175,20 @@ fn vm(env: &Env, args: VmArgs) -> Result<()> {
             let v = c.get(&format!("/v1/vms/{}", seg(&id)), &[])?;
             print_vm(env, &v, true)
         }
-        VmCmd::Wait { vm, state, timeout } => {
+        VmCmd::Wait {
+            vm,
+            state,
+            cloud_init,
+            timeout,
+        } => {
             let id = resolve_vm(env, project, &vm)?;
-            let v = wait_for(env, &id, state, timeout)?;
-            print_vm(env, &v, false)
+            match state {
+                Some(state) if !cloud_init => {
+                    let v = wait_for(env, &id, state, timeout)?;
+                    print_vm(env, &v, false)
+                }
+                _ => wait_cloud_init(env, &id, timeout),
+            }
         }
         VmCmd::Exec(a) => vm_exec(env, project, a),
         VmCmd::Console { vm, bytes, follow } => {

@@ -393,11 +393,17 @@ pub enum VmCmd {
     Resume(ActionArgs),
     /// Delete a VM (--wait: until deleted).
     Delete(ActionArgs),
-    /// Wait until a VM reaches a state.
+    /// Wait until a VM reaches a state, or until cloud-init has finished.
+    ///
+    /// With --cloud-init, waits for the guest's cloud-init to end (as its
+    /// guest agent reports it) and exits non-zero if it ended with errors.
     Wait {
         vm: String,
-        #[arg(long)]
-        state: VmState,
+        #[arg(long, required_unless_present = "cloud_init")]
+        state: Option<VmState>,
+        /// Wait for cloud-init in the guest to finish.
+        #[arg(long, conflicts_with = "state")]
+        cloud_init: bool,
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },

@@ -2,8 +2,8 @@
 //! image downloads over HTTP, all dialed by the node. The blocking HTTP
 //! client runs on tokio's blocking pool.
 
-use byteport_types::NodeId;
 use byteport_types::api::{ErrorBody, Heartbeat, HeartbeatResponse, NodeRegister, NodeRegistered};
+use byteport_types::{NodeId, VmId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -116,6 +116,44 @@ impl ControlPlane {
             hb,
         )
         .await
+    }
+
+    /// One metadata document of a VM on this node, for its guest: the
+    /// control plane's status and body, passed on as they are.
+    pub async fn metadata(
+        &self,
+        id: NodeId,
+        credential: &str,
+        vm: VmId,
+        token: &str,
+        document: &str,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let agent = self.agent.clone();
+        let url = format!("{}/v1/nodes/{id}/metadata/{vm}/{document}", self.base);
+        let auth = format!("Bearer {credential}");
+        let token = token.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut resp = agent
+                .get(&url)
+                .header("Authorization", &auth)
+                .header("X-Byteport-Metadata-Token", &token)
+                .config()
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .call()
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            let status = resp.status().as_u16();
+            // user-data is at most 64 KiB; the rest are smaller.
+            let body = resp
+                .body_mut()
+                .with_config()
+                .limit(1 << 20)
+                .read_to_vec()
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            Ok((status, body))
+        })
+        .await
+        .map_err(|e| ClientError::Transport(e.to_string()))?
     }
 
     /// Downloads an image file to `dest`, checking that it hashes to

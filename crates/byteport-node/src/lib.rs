@@ -13,6 +13,7 @@ pub mod channel;
 pub mod client;
 pub mod driver;
 pub mod images;
+pub mod metadata;
 pub mod network;
 pub mod vm;
 
@@ -50,6 +51,9 @@ pub struct NodeConfig {
     /// `auto` probes KVM once at start; `kvm` or `tcg` force one.
     pub accel: AccelChoice,
     pub qemu_binary: PathBuf,
+    /// The metadata relay's port on 127.0.0.1; 0 keeps the one used
+    /// before, or takes a free one.
+    pub metadata_port: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +89,7 @@ impl NodeConfig {
             heartbeat_interval: Duration::from_secs(5),
             accel: AccelChoice::Auto,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            metadata_port: 0,
         }
     }
 }
@@ -117,6 +122,8 @@ pub struct Shared<D: Driver> {
     pub accel: Accel,
     pub vms_dir: PathBuf,
     pub stop_timeout: Duration,
+    /// Where the metadata relay listens (guests see it at 10.0.2.2).
+    pub metadata_port: u16,
     /// The latest observation of each VM, sent with every heartbeat.
     pub reports: Mutex<HashMap<VmId, VmReport>>,
     /// Connected, ready guest agents.
@@ -252,6 +259,11 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
     let cp = ControlPlane::new(&cfg.server);
     let cap = detect_capacity(&cfg.data_dir).await;
     let ident = identity(&cfg, &cp, cap, accel == Accel::Kvm).await?;
+    let relay = metadata::bind(&cfg.data_dir, cfg.metadata_port)
+        .await
+        .map_err(|e| NodeError::Setup(format!("cannot listen for metadata requests: {e}")))?;
+    let metadata_port = relay.local_addr().map(|a| a.port()).unwrap_or(0);
+    tracing::info!(port = metadata_port, "metadata relay on 127.0.0.1");
     let shared = Arc::new(Shared {
         driver,
         cp: cp.clone(),
@@ -261,6 +273,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         accel,
         vms_dir: cfg.data_dir.join("vms"),
         stop_timeout: cfg.stop_timeout,
+        metadata_port,
         reports: Mutex::default(),
         guests: Mutex::default(),
         wake: Notify::new(),
@@ -282,6 +295,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         tasks.insert(id, spawn_vm(&shared, p.spec));
     }
     tokio::spawn(channel::run(shared.clone()));
+    tokio::spawn(metadata::serve(shared.clone(), relay));
     let mut backoff = Duration::from_millis(200);
     loop {
         let reports: Vec<VmReport> = shared
@@ -417,6 +431,7 @@ fn report_gone<D: Driver>(shared: &Arc<Shared<D>>, id: VmId, want_gen: u64) {
                 reason: None,
                 ports: Vec::new(),
                 agent_version: None,
+                cloud_init: None,
             },
         );
         shared.wake.notify_one();

@@ -15,9 +15,9 @@
 use crate::Shared;
 use crate::driver::{Driver, Instance, LaunchSpec, RunState, files};
 use crate::network::Network;
-use byteport_guest::host::GuestConn;
+use byteport_guest::host::{ExecRequest, GuestConn, GuestError};
 use byteport_types::VmId;
-use byteport_types::api::{BootMode, DesiredVm, PortForward, VmReport};
+use byteport_types::api::{BootMode, CloudInit, DesiredVm, PortForward, VmReport, guest_mac};
 use byteport_types::vm_state::{DesiredState, ObservedState};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -50,16 +50,49 @@ pub struct VmTask<D: Driver> {
     dir: PathBuf,
     p: Persisted,
     inst: Option<D::Instance>,
-    ready: watch::Receiver<Option<String>>,
+    ready: watch::Receiver<Option<AgentSeen>>,
     /// Wakes the task when the agent's readiness changes.
-    ready_wake: watch::Receiver<Option<String>>,
-    ready_tx: Arc<watch::Sender<Option<String>>>,
+    ready_wake: watch::Receiver<Option<AgentSeen>>,
+    ready_tx: Arc<watch::Sender<Option<AgentSeen>>>,
     stop_deadline: Option<Instant>,
     generation: u64,
     guest_task: Option<tokio::task::JoinHandle<()>>,
     /// The guest agent connection, once ready (kept across guest resets).
     conn: Option<GuestConn>,
     pending_conn: Option<tokio::sync::oneshot::Receiver<GuestConn>>,
+}
+
+/// What the guest agent said: its version once ready, then how cloud-init
+/// went (`cloud-init status --wait`, run through the agent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentSeen {
+    pub version: String,
+    pub cloud_init: CloudInit,
+}
+
+/// Waits for cloud-init to end in the guest and says how it ended.
+async fn cloud_init_outcome(conn: &GuestConn) -> CloudInit {
+    let req = ExecRequest::new(["cloud-init", "status", "--wait"]);
+    match conn.exec_output(req).await {
+        // Not installed: the agent could not start it.
+        Err(GuestError::Exec(m)) if m.starts_with("cannot run") => CloudInit::Absent,
+        // The connection went (a reset or a stop): the next one asks again.
+        Err(_) => CloudInit::Running,
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let status = text
+                .lines()
+                .rev()
+                .find_map(|l| l.trim().strip_prefix("status:"))
+                .map(str::trim);
+            match (status, out.code) {
+                (Some("done"), Some(0)) => CloudInit::Done,
+                (Some("disabled" | "not run"), _) => CloudInit::Absent,
+                (_, Some(127)) => CloudInit::Absent,
+                _ => CloudInit::Error,
+            }
+        }
+    }
 }
 
 fn now_micros() -> u64 {
@@ -133,7 +166,8 @@ impl<D: Driver> VmTask<D> {
             desired_generation: self.p.applied,
             reason: self.p.reason.clone(),
             ports: self.p.ports.clone(),
-            agent_version: self.ready.borrow().clone(),
+            agent_version: self.ready.borrow().as_ref().map(|r| r.version.clone()),
+            cloud_init: self.ready.borrow().as_ref().map(|r| r.cloud_init),
         };
         let mut reports = match self.shared.reports.lock() {
             Ok(r) => r,
@@ -144,6 +178,7 @@ impl<D: Driver> VmTask<D> {
                 || old.desired_generation != report.desired_generation
                 || old.reason != report.reason
                 || old.agent_version != report.agent_version
+                || old.cloud_init != report.cloud_init
                 || old.ports.len() != report.ports.len()
         });
         if changed {
@@ -258,8 +293,18 @@ impl<D: Driver> VmTask<D> {
                         if let Ok(mut g) = shared.guests.lock() {
                             g.insert(id, c.clone());
                         }
-                        let _ = conn_tx.send(c);
-                        tx.send_replace(Some(r.version));
+                        let _ = conn_tx.send(c.clone());
+                        tx.send_replace(Some(AgentSeen {
+                            version: r.version,
+                            cloud_init: CloudInit::Running,
+                        }));
+                        let outcome = cloud_init_outcome(&c).await;
+                        tracing::info!(vm = %id, cloud_init = outcome.as_str(), "cloud-init outcome");
+                        tx.send_modify(|seen| {
+                            if let Some(seen) = seen {
+                                seen.cloud_init = outcome;
+                            }
+                        });
                         return;
                     }
                     Err(e) => {
@@ -483,6 +528,14 @@ impl<D: Driver> VmTask<D> {
             .clone()
             .unwrap_or_else(|| "console=ttyS0".into());
         cmdline.push_str(&format!(" byteport.hostname={}", spec.hostname));
+        // The NoCloud data source: `nocloud-net`, so that cloud-init runs
+        // its network stages (plain `nocloud` skips them).
+        let smbios_serial = spec.metadata_token.as_deref().map(|t| {
+            format!(
+                "ds=nocloud-net;s={}",
+                crate::metadata::seed_url(s.metadata_port, spec.id, t)
+            )
+        });
         let launch = LaunchSpec {
             dir: self.dir.clone(),
             name: spec.name.to_string(),
@@ -494,7 +547,8 @@ impl<D: Driver> VmTask<D> {
             kernel,
             initrd,
             ports: self.p.ports.clone(),
-            smbios_serial: None,
+            smbios_serial,
+            mac: guest_mac(spec.id),
             accel: s.accel,
         };
         self.save();
@@ -540,6 +594,7 @@ pub(crate) mod tests {
             accel: crate::driver::Accel::Tcg,
             vms_dir: dir.join("vms"),
             stop_timeout: Duration::from_millis(200),
+            metadata_port: 8123,
             reports: Mutex::default(),
             guests: Mutex::default(),
             wake: tokio::sync::Notify::new(),
@@ -567,6 +622,7 @@ pub(crate) mod tests {
                 cmdline: None,
                 has_agent: false,
             },
+            metadata_token: Some("tok-1".into()),
         }
     }
 

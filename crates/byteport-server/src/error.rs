@@ -40,6 +40,9 @@ pub enum AppError {
     TooLarge(usize),
     #[error("{0}")]
     Timeout(String),
+    /// Too many requests in a short time; try again later.
+    #[error("{0}")]
+    RateLimited(String),
     /// A part the request needs (a node, a guest agent) cannot be reached.
     #[error("{0}")]
     Unavailable(String),
@@ -76,6 +79,7 @@ impl AppError {
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            AppError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -93,6 +97,7 @@ impl AppError {
             AppError::Unprocessable(_) => "idempotency_mismatch",
             AppError::TooLarge(_) => "body_too_large",
             AppError::Timeout(_) => "timeout",
+            AppError::RateLimited(_) => "rate_limited",
             AppError::Unavailable(_) => "unavailable",
             AppError::Internal(_) => "internal",
         }

@@ -1210,3 +1210,171 @@ async fn a_stopped_vm_keeps_only_its_disk_reserved() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metadata_service_gives_each_vm_its_own_documents_only() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        let (n1, cred1) = sim_node(&s, "node-1", 8192).await;
+        let user_data = "#cloud-config\nruncmd:\n  - [sh, -c, 'echo \"$((6*7))\" > /answer']\n";
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFkKBq7T6Wc7q2dB0wq5V7Vt5m7wq3G9m3oHq1v7c3mZ u@h";
+        let (st, a) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(json!({"name": "a", "image": "tiny", "flavor": "m1.tiny",
+                    "user_data": user_data, "ssh_keys": [key], "hostname": "alpha"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{a}");
+        let (_, bvm) = create_vm(&s, &t, "default", "b").await;
+        let (a_id, b_id) = (a["id"].as_str().unwrap(), bvm["id"].as_str().unwrap());
+        assert!(
+            !a.to_string().contains("metadata_token"),
+            "the API never shows the token: {a}"
+        );
+        // The node learns each VM's token with its desired state.
+        let (st, hb) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{n1}/heartbeat"),
+                Some(&cred1),
+                Some(json!({"capacity": {"vcpus": 2, "memory_mib": 8192, "disk_gib": 100}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{hb}");
+        let token_of = |id: &str| {
+            hb["vms"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["id"] == id)
+                .and_then(|v| v["metadata_token"].as_str())
+                .unwrap_or_else(|| panic!("no token for {id}: {hb}"))
+                .to_owned()
+        };
+        let (ta, tb) = (token_of(a_id), token_of(b_id));
+        assert_ne!(ta, tb);
+        let doc = |node: &str, vm: &str, d: &str| format!("/v1/nodes/{node}/metadata/{vm}/{d}");
+        let hdr = "x-byteport-metadata-token";
+
+        let (st, meta) = s
+            .get_text(&doc(&n1, a_id, "meta-data"), &cred1, &[(hdr, &ta)])
+            .await;
+        assert_eq!(st, StatusCode::OK, "{meta}");
+        let meta: Value = serde_json::from_str(&meta).expect("meta-data is JSON, hence YAML");
+        assert_eq!(meta["instance-id"], a_id);
+        assert_eq!(meta["local-hostname"], "alpha");
+        assert_eq!(meta["public-keys"], json!([key]));
+        let (st, ud) = s
+            .get_text(&doc(&n1, a_id, "user-data"), &cred1, &[(hdr, &ta)])
+            .await;
+        assert_eq!(
+            (st, ud.as_str()),
+            (StatusCode::OK, user_data),
+            "the user's bytes"
+        );
+        let (st, vd) = s
+            .get_text(&doc(&n1, a_id, "vendor-data"), &cred1, &[(hdr, &ta)])
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(vd.starts_with("#cloud-config"), "{vd}");
+        let (st, net) = s
+            .get_text(&doc(&n1, a_id, "network-config"), &cred1, &[(hdr, &ta)])
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let net: Value = serde_json::from_str(&net).unwrap();
+        assert_eq!(net["version"], 2);
+        assert_eq!(net["ethernets"]["nic0"]["dhcp4"], true);
+        let mac = net["ethernets"]["nic0"]["match"]["macaddress"]
+            .as_str()
+            .unwrap();
+        assert!(mac.starts_with("52:54:00:") && mac.len() == 17, "{mac}");
+        // b has no user-data: an empty document, not an error.
+        let (st, ud) = s
+            .get_text(&doc(&n1, b_id, "user-data"), &cred1, &[(hdr, &tb)])
+            .await;
+        assert_eq!((st, ud.as_str()), (StatusCode::OK, ""));
+
+        // Wrong, missing and another VM's token; unknown documents and ids:
+        // all the same 404, which says nothing about the VM.
+        let wrong = "A".repeat(43);
+        for (vm, tok) in [
+            (a_id, Some(wrong.as_str())),
+            (a_id, None),
+            (a_id, Some(tb.as_str())),
+            (b_id, Some(ta.as_str())),
+        ] {
+            let h: Vec<(&str, &str)> = tok.map(|t| (hdr, t)).into_iter().collect();
+            let (st, body) = s.get_text(&doc(&n1, vm, "user-data"), &cred1, &h).await;
+            assert_eq!(st, StatusCode::NOT_FOUND, "{vm} {tok:?}: {body}");
+            assert!(!body.contains("runcmd"), "{body}");
+        }
+        for path in [doc(&n1, a_id, "secrets"), doc(&n1, "not-a-vm", "user-data")] {
+            let (st, _) = s.get_text(&path, &cred1, &[(hdr, &ta)]).await;
+            assert_eq!(st, StatusCode::NOT_FOUND, "{path}");
+        }
+        // Another node cannot read a VM that is not on it, nor speak for
+        // node-1; a user cannot read metadata at all.
+        let (n2, cred2) = sim_node(&s, "node-2", 8192).await;
+        let (st, _) = s
+            .get_text(&doc(&n2, a_id, "user-data"), &cred2, &[(hdr, &ta)])
+            .await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, _) = s
+            .get_text(&doc(&n1, a_id, "user-data"), &cred2, &[(hdr, &ta)])
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        let (st, _) = s
+            .get_text(&doc(&n1, a_id, "user-data"), &t, &[(hdr, &ta)])
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+
+        // Every request is audited against the VM.
+        let (_, audit) = s.call(GET, "/v1/audit?limit=500", Some(&t), None).await;
+        let events: Vec<&Value> = audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["target_id"] == a_id && e["action"] == "metadata_user_data")
+            .collect();
+        assert!(
+            events
+                .iter()
+                .any(|e| e["status"] == 200 && e["actor"] == "node:node-1"),
+            "{audit}"
+        );
+        assert!(events.iter().any(|e| e["status"] == 404), "{audit}");
+
+        // A burst is served, then 429 until the bucket refills.
+        let mut codes = Vec::new();
+        for _ in 0..30 {
+            let (st, _) = s
+                .get_text(&doc(&n1, b_id, "meta-data"), &cred1, &[(hdr, &tb)])
+                .await;
+            codes.push(st.as_u16());
+        }
+        let ok = codes.iter().filter(|c| **c == 200).count();
+        assert!((18..=22).contains(&ok), "{codes:?}");
+        assert_eq!(codes.last(), Some(&429), "{codes:?}");
+        // Another VM is not held back by b's requests.
+        let (st, _) = s
+            .get_text(&doc(&n1, a_id, "meta-data"), &cred1, &[(hdr, &ta)])
+            .await;
+        assert_eq!(st, StatusCode::OK);
+
+        // Once deleted, the VM's metadata is gone with it.
+        let (st, _) = s
+            .call(DELETE, &format!("/v1/vms/{a_id}"), Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED);
+        let (st, _) = s
+            .get_text(&doc(&n1, a_id, "meta-data"), &cred1, &[(hdr, &ta)])
+            .await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+    }
+}

@@ -198,6 +198,12 @@ pub mod vm {
         /// Whether the VM's vCPUs and memory are reserved on its node (a
         /// stopped VM gives them back and keeps only its disk).
         pub compute_held: bool,
+        /// SHA-256 of the VM's metadata token (the token itself is derived
+        /// from a cluster secret and never stored).
+        pub metadata_token_hash: Option<String>,
+        /// What the guest reported of cloud-init: `running`, `done`,
+        /// `error` or `absent`.
+        pub cloud_init: Option<String>,
     }
     no_relations!();
 }

@@ -105,6 +105,8 @@ pub struct Observation<'a> {
     pub deleted: bool,
     /// The guest agent's version, when it said ready.
     pub agent_version: Option<&'a str>,
+    /// What the guest said of cloud-init, when it has said anything.
+    pub cloud_init: Option<&'a str>,
 }
 
 /// The outcome of claiming an idempotency key.
@@ -824,6 +826,9 @@ impl DataStore {
             .col_expr(vm::Column::UpdatedAt, Expr::value(now));
         if let Some(a) = o.agent_version {
             u = u.col_expr(vm::Column::AgentVersion, Expr::value(a));
+        }
+        if let Some(c) = o.cloud_init {
+            u = u.col_expr(vm::Column::CloudInit, Expr::value(c));
         }
         if deleted {
             u = u.col_expr(vm::Column::DeletedAt, Expr::value(now));

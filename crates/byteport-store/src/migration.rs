@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0002Agents),
             Box::new(M0003Placement),
             Box::new(M0004ComputeHeld),
+            Box::new(M0005Metadata),
         ]
     }
 }
@@ -380,6 +381,34 @@ impl MigrationTrait for M0004ComputeHeld {
         m.get_connection()
             .execute_unprepared("UPDATE vms SET compute_held = reserved")
             .await?;
+        Ok(())
+    }
+}
+
+/// The metadata service: each VM's token (stored hashed) and what the guest
+/// reported of cloud-init.
+struct M0005Metadata;
+
+impl MigrationName for M0005Metadata {
+    fn name(&self) -> &str {
+        "m0005_metadata"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0005Metadata {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        // One column per statement: SQLite alters one at a time.
+        for col in [vm::Column::MetadataTokenHash, vm::Column::CloudInit] {
+            m.alter_table(
+                Table::alter()
+                    .table(vm::Entity.table_ref())
+                    .add_column(string_null(col).to_owned())
+                    .to_owned(),
+            )
+            .await?;
+        }
         Ok(())
     }
 }

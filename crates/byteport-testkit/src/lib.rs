@@ -169,6 +169,33 @@ impl TestServer {
         self.raw(req).await
     }
 
+    /// Sends a GET with extra headers; returns status and the body as text.
+    pub async fn get_text(
+        &self,
+        path: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, String) {
+        let mut b = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let resp = self
+            .router
+            .clone()
+            .oneshot(b.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// Sends a prepared request.
     pub async fn raw(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
         let resp = self.router.clone().oneshot(req).await.expect("infallible");

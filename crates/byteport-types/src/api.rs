@@ -345,10 +345,55 @@ pub struct Vm {
     pub ready_by: ReadyBy,
     /// The guest agent's version, once it said ready.
     pub agent_version: Option<String>,
+    /// What the guest reported of cloud-init (through the guest agent),
+    /// once it has reported anything.
+    pub cloud_init: Option<CloudInit>,
     /// The placement wishes it was created with.
     pub placement: Placement,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// Where cloud-init is in a guest, as its guest agent reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CloudInit {
+    /// The agent is up and cloud-init has not finished yet.
+    Running,
+    /// cloud-init finished every stage without errors.
+    Done,
+    /// cloud-init finished with errors (`cloud-init status --long` in the
+    /// guest tells which).
+    Error,
+    /// The image has no cloud-init, or it is disabled.
+    Absent,
+}
+
+impl CloudInit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloudInit::Running => "running",
+            CloudInit::Done => "done",
+            CloudInit::Error => "error",
+            CloudInit::Absent => "absent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CloudInit> {
+        [
+            CloudInit::Running,
+            CloudInit::Done,
+            CloudInit::Error,
+            CloudInit::Absent,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+
+    /// Whether cloud-init will not change any more in this boot.
+    pub fn is_final(self) -> bool {
+        self != CloudInit::Running
+    }
 }
 
 /// What `running` waits for.
@@ -556,6 +601,9 @@ pub struct VmReport {
     /// The guest agent's version, once it said ready.
     #[serde(default)]
     pub agent_version: Option<String>,
+    /// cloud-init's progress in the guest, once the agent said ready.
+    #[serde(default)]
+    pub cloud_init: Option<CloudInit>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -598,6 +646,17 @@ pub struct DesiredVm {
     pub disk_gib: u64,
     pub hostname: String,
     pub image: NodeImage,
+    /// The secret the guest presents to the node's metadata relay.
+    #[serde(default)]
+    pub metadata_token: Option<String>,
+}
+
+/// The MAC address of a VM's first NIC: fixed by its id, so the
+/// metadata service's network-config can name the NIC before the guest
+/// boots. Locally administered, unicast (`52:54:00` is QEMU's prefix).
+pub fn guest_mac(id: VmId) -> String {
+    let b = id.0.as_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[13], b[14], b[15])
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -108,6 +108,10 @@ struct NodeOpts {
     /// The QEMU binary.
     #[arg(long, env = "BYTEPORT_QEMU", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// The metadata relay's port on 127.0.0.1 (guests reach it at
+    /// 10.0.2.2); 0 keeps the port used before, or takes a free one.
+    #[arg(long, env = "BYTEPORT_METADATA_PORT", default_value_t = 0)]
+    metadata_port: u16,
 }
 
 #[derive(Args)]
@@ -225,6 +229,7 @@ fn node_config(
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--accel: {e}"))?;
     c.qemu_binary = o.qemu.clone();
+    c.metadata_port = o.metadata_port;
     Ok(c)
 }
 

@@ -56,6 +56,8 @@ pub struct LaunchSpec {
     pub ports: Vec<PortForward>,
     /// `-smbios type=1,serial=...` (the metadata data source), if any.
     pub smbios_serial: Option<String>,
+    /// The first NIC's MAC address.
+    pub mac: String,
     pub accel: Accel,
 }
 

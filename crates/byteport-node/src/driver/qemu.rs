@@ -81,7 +81,12 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
             p.host, p.host_port, p.guest_port
         ));
     }
-    push(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"]);
+    push(&[
+        "-netdev",
+        &netdev,
+        "-device",
+        &format!("virtio-net-pci,netdev=net0,mac={}", spec.mac),
+    ]);
     push(&[
         "-chardev",
         &format!(
@@ -467,5 +472,40 @@ pub async fn probe_kvm(binary: &Path, kernel: &Path, timeout: Duration) -> Resul
             "a Linux kernel did not boot under KVM within {} s",
             timeout.as_secs()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_data_source_and_the_mac_reach_qemu_as_single_arguments() {
+        let spec = LaunchSpec {
+            dir: PathBuf::from("/vms/a"),
+            name: "web-1".into(),
+            uuid: uuid::Uuid::nil(),
+            vcpus: 1,
+            memory_mib: 256,
+            disk: PathBuf::from("/vms/a/disk.qcow2"),
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            ports: Vec::new(),
+            smbios_serial: Some("ds=nocloud-net;s=http://10.0.2.2:7/v/t,x/".into()),
+            mac: "52:54:00:aa:bb:cc".into(),
+            accel: Accel::Tcg,
+        };
+        let a = command_line(&spec);
+        let at = a.iter().position(|x| x == "-smbios").expect("-smbios");
+        // QEMU's option syntax doubles a comma inside a value.
+        assert_eq!(
+            a[at + 1],
+            "type=1,serial=ds=nocloud-net;s=http://10.0.2.2:7/v/t,,x/"
+        );
+        assert!(
+            a.contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc".to_string()),
+            "{a:?}"
+        );
     }
 }

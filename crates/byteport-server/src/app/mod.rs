@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod guest;
 pub mod hub;
 pub mod image_files;
+pub mod metadata;
 pub mod nodes;
 pub mod placement;
 pub mod projects;
@@ -67,6 +68,8 @@ pub struct App {
     pub(crate) token_cache: Arc<auth::TokenCache>,
     /// The channels of the nodes connected to this replica.
     pub hub: Arc<hub::NodeHub>,
+    pub(crate) metadata_key: Arc<metadata::TokenKey>,
+    pub(crate) metadata_limits: Arc<metadata::RateLimits>,
 }
 
 /// Who is asking.
@@ -162,6 +165,7 @@ impl App {
     /// signing key and seeds the flavors and the default project.
     pub async fn new(store: DataStore, settings: Settings) -> AppResult<Self> {
         let keys = auth::Keys::load(&store).await?;
+        let metadata_key = metadata::TokenKey::load(&store).await?;
         let (vm_changes, _) = broadcast::channel(1024);
         let app = App {
             store,
@@ -170,6 +174,8 @@ impl App {
             vm_changes,
             token_cache: Arc::default(),
             hub: Arc::default(),
+            metadata_key: Arc::new(metadata_key),
+            metadata_limits: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;
         projects::seed_default(&app).await?;

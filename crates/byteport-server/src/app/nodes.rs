@@ -8,8 +8,8 @@ use super::{Actor, App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{Observation, join_token, node};
 use byteport_types::api::{
-    BootMode, Capacity, DesiredVm, Heartbeat, HeartbeatResponse, JoinToken, JoinTokenCreate, Node,
-    NodeImage, NodeRegister, NodeRegistered,
+    BootMode, Capacity, CloudInit, DesiredVm, Heartbeat, HeartbeatResponse, JoinToken,
+    JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered,
 };
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmState};
 use byteport_types::{Name, NodeId, VmId};
@@ -236,6 +236,7 @@ impl App {
                         ports: &ports,
                         deleted: state == VmState::Deleted,
                         agent_version: r.agent_version.as_deref(),
+                        cloud_init: r.cloud_init.map(CloudInit::as_str),
                     },
                 )
                 .await?;
@@ -286,6 +287,10 @@ impl App {
                 disk_gib: to_u64(v.disk_gib),
                 hostname: v.hostname.clone(),
                 image,
+                metadata_token: v
+                    .metadata_token_hash
+                    .as_ref()
+                    .map(|_| self.metadata_token(v.id)),
             });
         }
         Ok(HeartbeatResponse { vms })

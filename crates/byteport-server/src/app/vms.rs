@@ -6,7 +6,7 @@ use super::projects::DEFAULT_PROJECT;
 use super::{App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{VmFilter, vm};
-use byteport_types::api::{Page, PortForward, ReadyBy, Role, Vm, VmCreate, VmListQuery};
+use byteport_types::api::{CloudInit, Page, PortForward, ReadyBy, Role, Vm, VmCreate, VmListQuery};
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmAction, VmState};
 use byteport_types::{Name, NodeId, ProjectId, VmId};
 use chrono::Utc;
@@ -193,8 +193,9 @@ impl App {
         }
 
         let now = Utc::now();
+        let id = Uuid::now_v7();
         let model = vm::Model {
-            id: Uuid::now_v7(),
+            id,
             project_id: project.id,
             name: req.name.to_string(),
             image_id: image.id,
@@ -222,6 +223,8 @@ impl App {
             agent_version: None,
             reserved: false,
             compute_held: false,
+            metadata_token_hash: Some(self.metadata_token_hash(id)),
+            cloud_init: None,
             placement_group: req.placement.group.as_ref().map(|g| g.to_string()),
             placement: Some(serde_json::to_string(&req.placement).map_err(AppError::internal)?),
         };
@@ -485,6 +488,7 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
             ReadyBy::Process
         },
         agent_version: v.agent_version.clone(),
+        cloud_init: v.cloud_init.as_deref().and_then(CloudInit::parse),
         placement: v
             .placement
             .as_deref()

@@ -480,6 +480,36 @@ pub async fn node_heartbeat(
     Ok(Json(app.node_heartbeat(&ctx, &id, hb).await?))
 }
 
+/// The header a node passes the guest's metadata token in.
+pub const METADATA_TOKEN_HEADER: &str = "x-byteport-metadata-token";
+
+/// One NoCloud document of a VM on this node (node credential), relayed
+/// for the guest: `meta-data`, `user-data`, `vendor-data` or
+/// `network-config`. The guest's token goes in `X-Byteport-Metadata-Token`;
+/// a wrong token, another node's VM or a deleted VM is 404.
+#[utoipa::path(get, path = "/v1/nodes/{id}/metadata/{vm}/{document}", tag = "nodes",
+    params(("id" = String, Path), ("vm" = String, Path), ("document" = String, Path),
+        ("X-Byteport-Metadata-Token" = String, Header, description = "The guest's metadata token")),
+    responses((status = 200, description = "The document", content_type = "text/plain", body = String),
+        (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn node_metadata(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path((node, vm, document)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> AppResult<Response> {
+    use crate::app::metadata::Document;
+    let missing = || AppError::not_found("metadata", "for this VM and token");
+    let node = node.parse().map_err(|_| missing())?;
+    let vm = vm.parse().map_err(|_| missing())?;
+    let doc = Document::parse(&document).ok_or_else(missing)?;
+    let token = headers
+        .get(METADATA_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let text = app.metadata_document(&ctx, node, vm, token, doc).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
 /// List nodes with capacity and usage (admins).
 #[utoipa::path(get, path = "/v1/nodes", tag = "nodes", responses((status = 200, body = Vec<Node>)))]
 pub async fn node_list(State(app): State<App>, ctx: Ctx) -> Resp<Vec<Node>> {

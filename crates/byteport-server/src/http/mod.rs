@@ -106,6 +106,7 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::node_cordon))
         .routes(routes!(h::node_uncordon))
         .routes(routes!(h::node_drain))
+        .routes(routes!(h::node_metadata))
         .routes(routes!(h::audit_list))
 }
 

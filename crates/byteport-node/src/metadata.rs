@@ -1,0 +1,103 @@
+//! The node's metadata relay: the HTTP listener a guest's cloud-init reads
+//! its NoCloud documents from, passed on to the control plane with this
+//! node's credential.
+//!
+//! Under user-mode networking a guest reaches the host's loopback at
+//! 10.0.2.2, so the relay listens on 127.0.0.1 and each VM's data source
+//! is `http://10.0.2.2:PORT/VM/TOKEN/` (in its SMBIOS serial). The relay
+//! answers only for VMs on this node and keeps nothing: the control plane
+//! checks the token, rate-limits and audits. With a bridge, the same
+//! listener would bind the bridge's address.
+
+use crate::Shared;
+use crate::driver::Driver;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use byteport_types::VmId;
+use std::sync::Arc;
+
+/// The address a guest under user-mode networking reaches the host at.
+pub const GUEST_HOST_ADDR: &str = "10.0.2.2";
+
+/// Binds the relay on `127.0.0.1:port`; port 0 takes the port this node
+/// used before (kept in `metadata.port` in its data directory, since
+/// running guests have it in their data source URL), else a free one.
+pub async fn bind(
+    data_dir: &std::path::Path,
+    port: u16,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let saved = data_dir.join("metadata.port");
+    let want = match port {
+        0 => std::fs::read_to_string(&saved)
+            .ok()
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .unwrap_or(0),
+        p => p,
+    };
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", want)).await {
+        Ok(l) => l,
+        // The remembered port is taken: a new one serves new boots.
+        Err(_) if port == 0 && want != 0 => tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?,
+        Err(e) => return Err(e),
+    };
+    let bound = listener.local_addr()?.port();
+    std::fs::write(&saved, format!("{bound}\n"))?;
+    Ok(listener)
+}
+
+/// The data source URL of a VM, for its SMBIOS serial.
+pub fn seed_url(port: u16, vm: VmId, token: &str) -> String {
+    format!("http://{GUEST_HOST_ADDR}:{port}/{vm}/{token}/")
+}
+
+/// Serves the relay until the process ends.
+pub async fn serve<D: Driver>(shared: Arc<Shared<D>>, listener: tokio::net::TcpListener) {
+    let app = Router::new()
+        .route("/{vm}/{token}/{document}", get(document::<D>))
+        .fallback(|| async { StatusCode::NOT_FOUND })
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the metadata relay stopped");
+    }
+}
+
+async fn document<D: Driver>(
+    State(s): State<Arc<Shared<D>>>,
+    Path((vm, token, document)): Path<(String, String, String)>,
+) -> Response {
+    let Ok(vm) = vm.parse::<VmId>() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let here = s
+        .reports
+        .lock()
+        .map(|r| r.contains_key(&vm))
+        .unwrap_or(false);
+    if !here {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let id = &s.identity;
+    match s
+        .cp
+        .metadata(id.id, &id.credential, vm, &token, &document)
+        .await
+    {
+        Ok((status, body)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            tracing::debug!(vm = %vm, document, status = status.as_u16(), "metadata request");
+            (
+                status,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                body,
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(vm = %vm, error = %e, "cannot relay a metadata request");
+            StatusCode::BAD_GATEWAY.into_response()
+        }
+    }
+}

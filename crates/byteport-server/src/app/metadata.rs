@@ -1,0 +1,260 @@
+//! The instance metadata service: the NoCloud documents an unmodified
+//! cloud-init reads at boot (`meta-data`, `user-data`, `vendor-data`,
+//! `network-config`).
+//!
+//! A guest never talks to the control plane: it asks the metadata relay of
+//! the node it runs on (`http://10.0.2.2:PORT/VM/TOKEN/` under user-mode
+//! networking), and the node asks here with its own credential. A document
+//! is served only when the node is the VM's node, the VM is not deleted,
+//! and the token is the VM's; anything else is the same 404, so a guest
+//! learns nothing about other VMs. Each VM's token is an HMAC of its id
+//! under a cluster secret: the database keeps only its SHA-256, and a node
+//! gets the token with the VM's desired state.
+
+use super::auth::hash_secret;
+use super::{Actor, App, Ctx};
+use crate::error::{AppError, AppResult};
+use base64::Engine;
+use byteport_types::api::guest_mac;
+use byteport_types::{NodeId, ProjectId, VmId};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+use uuid::Uuid;
+
+/// The documents a NoCloud data source fetches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Document {
+    MetaData,
+    UserData,
+    VendorData,
+    NetworkConfig,
+}
+
+impl Document {
+    pub fn parse(s: &str) -> Option<Document> {
+        match s {
+            "meta-data" => Some(Document::MetaData),
+            "user-data" => Some(Document::UserData),
+            "vendor-data" => Some(Document::VendorData),
+            "network-config" => Some(Document::NetworkConfig),
+            _ => None,
+        }
+    }
+
+    fn action(self) -> &'static str {
+        match self {
+            Document::MetaData => "metadata_meta_data",
+            Document::UserData => "metadata_user_data",
+            Document::VendorData => "metadata_vendor_data",
+            Document::NetworkConfig => "metadata_network_config",
+        }
+    }
+}
+
+/// Requests a VM may make in a burst, and how many a second it regains.
+/// cloud-init fetches three or four documents a boot.
+const BURST: f64 = 20.0;
+const PER_SECOND: f64 = 2.0;
+
+/// One token bucket per VM, on this replica.
+#[derive(Default)]
+pub(crate) struct RateLimits {
+    buckets: Mutex<HashMap<Uuid, (f64, Instant)>>,
+}
+
+impl RateLimits {
+    /// Takes one request from the VM's bucket; false when it is empty.
+    fn take(&self, vm: Uuid) -> bool {
+        let now = Instant::now();
+        let Ok(mut b) = self.buckets.lock() else {
+            return true;
+        };
+        if b.len() > 10_000 {
+            // Forget buckets that have refilled: they are as good as new.
+            b.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * PER_SECOND < BURST
+            });
+        }
+        let (tokens, at) = b.entry(vm).or_insert((BURST, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * PER_SECOND).min(BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The metadata tokens' key, shared by every replica on one database.
+pub(crate) struct TokenKey(Vec<u8>);
+
+impl TokenKey {
+    pub(crate) async fn load(store: &byteport_store::DataStore) -> AppResult<Self> {
+        let secret = store
+            .setting_get_or_insert("metadata_secret", &super::auth::random_secret(""))
+            .await?;
+        Ok(TokenKey(secret.into_bytes()))
+    }
+
+    /// The VM's token: what its guest presents, in a URL-safe alphabet.
+    pub(crate) fn token(&self, vm: Uuid) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"byteport-metadata:");
+        mac.update(vm.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+}
+
+impl App {
+    /// The VM's metadata token, for its node.
+    pub(crate) fn metadata_token(&self, vm: Uuid) -> String {
+        self.metadata_key.token(vm)
+    }
+
+    /// What a new VM's record keeps of its token.
+    pub(crate) fn metadata_token_hash(&self, vm: Uuid) -> String {
+        hash_secret(&self.metadata_token(vm))
+    }
+
+    /// One document for the guest of `vm`, asked for by node `node` with
+    /// the token the guest presented. Every request is audited.
+    pub async fn metadata_document(
+        &self,
+        ctx: &Ctx,
+        node: NodeId,
+        vm: VmId,
+        token: Option<&str>,
+        doc: Document,
+    ) -> AppResult<String> {
+        let res = self.metadata_lookup(ctx, node, vm, token, doc).await;
+        let (status, result) = match &res {
+            Ok(_) => (200, "ok"),
+            Err(e) => (e.status().as_u16(), e.code()),
+        };
+        self.audit_record(ctx, doc.action(), status, result).await;
+        res
+    }
+
+    async fn metadata_lookup(
+        &self,
+        ctx: &Ctx,
+        node: NodeId,
+        vm: VmId,
+        token: Option<&str>,
+        doc: Document,
+    ) -> AppResult<String> {
+        match &ctx.actor {
+            Actor::Node { id, .. } if *id == node => {}
+            Actor::Node { .. } => {
+                return Err(AppError::Forbidden(
+                    "a node asks for the metadata of its own VMs only".into(),
+                ));
+            }
+            _ => return Err(AppError::Forbidden("this is for nodes".into())),
+        }
+        ctx.target("vm", vm, None);
+        let missing = || AppError::not_found("metadata", "for this VM and token");
+        let v = match self.store.vm_fetch(vm.0).await {
+            Ok(v) => v,
+            Err(byteport_store::StoreError::NotFound) => return Err(missing()),
+            Err(e) => return Err(e.into()),
+        };
+        let presented = token.map(hash_secret);
+        // A VM being deleted is as gone as a deleted one.
+        let known = v.deleted_at.is_none()
+            && v.desired_state != "deleted"
+            && v.node_id == Some(node.0)
+            && v.metadata_token_hash.is_some()
+            && presented == v.metadata_token_hash;
+        if !known {
+            return Err(missing());
+        }
+        ctx.target("vm", vm, Some(ProjectId(v.project_id)));
+        if !self.metadata_limits.take(v.id) {
+            return Err(AppError::RateLimited(format!(
+                "VM {vm} asked for its metadata too often; at most {PER_SECOND} requests a second after a burst of {BURST}"
+            )));
+        }
+        let ssh_keys: Vec<String> =
+            serde_json::from_str(&v.ssh_keys).map_err(AppError::internal)?;
+        Ok(render(
+            vm,
+            &v.hostname,
+            &ssh_keys,
+            v.user_data.as_deref(),
+            doc,
+        ))
+    }
+}
+
+/// A document's text. YAML documents are written as JSON, which YAML
+/// parsers read as is, so no user string needs YAML quoting rules.
+fn render(
+    id: VmId,
+    hostname: &str,
+    ssh_keys: &[String],
+    user_data: Option<&str>,
+    doc: Document,
+) -> String {
+    match doc {
+        Document::MetaData => {
+            let json = serde_json::json!({
+                "instance-id": id.to_string(),
+                "local-hostname": hostname,
+                "public-keys": ssh_keys,
+            });
+            format!("{json:#}\n")
+        }
+        // Exactly the user's bytes: #cloud-config, a script or multipart.
+        Document::UserData => user_data.unwrap_or_default().to_owned(),
+        Document::VendorData => "#cloud-config\n{}\n".to_owned(),
+        Document::NetworkConfig => {
+            let json = serde_json::json!({
+                "version": 2,
+                "ethernets": {
+                    "nic0": {
+                        "match": { "macaddress": guest_mac(id) },
+                        "dhcp4": true,
+                    }
+                }
+            });
+            format!("{json:#}\n")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_differ_per_vm_and_per_key() {
+        let a = TokenKey(b"one".to_vec());
+        let b = TokenKey(b"two".to_vec());
+        let (v1, v2) = (Uuid::now_v7(), Uuid::now_v7());
+        assert_eq!(a.token(v1), a.token(v1));
+        assert_ne!(a.token(v1), a.token(v2));
+        assert_ne!(a.token(v1), b.token(v1));
+        assert_eq!(a.token(v1).len(), 43);
+        assert!(
+            a.token(v1)
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
+    }
+
+    #[test]
+    fn a_burst_is_allowed_then_the_rate() {
+        let l = RateLimits::default();
+        let vm = Uuid::now_v7();
+        let allowed = (0..100).filter(|_| l.take(vm)).count();
+        assert!((20..=21).contains(&allowed), "{allowed} of 100");
+        // Another VM has its own bucket.
+        assert!(l.take(Uuid::now_v7()));
+    }
+}
