@@ -587,14 +587,14 @@ impl std::fmt::Display for Marks {
     }
 }
 
-struct Summary {
-    median: f64,
-    min: f64,
-    max: f64,
+pub(crate) struct Summary {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
 }
 
 impl Summary {
-    fn of(v: &[f64]) -> Summary {
+    pub(crate) fn of(v: &[f64]) -> Summary {
         let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
         if v.is_empty() {
             return Summary {
@@ -919,7 +919,7 @@ fn keep_log(d: &Daemon, label: &str) -> PathBuf {
     to
 }
 
-struct RemoveOnDrop(PathBuf);
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -929,7 +929,7 @@ impl Drop for RemoveOnDrop {
 
 // ---------- plain QEMU ----------
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_or(0, |a| a.port())
@@ -1028,7 +1028,7 @@ fn plain_args(tiny: &Tiny, dir: &Path, name: &str, round: usize) -> Vec<String> 
 }
 
 /// A child process killed (and reaped) on drop.
-struct Killed(Child);
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {

@@ -5,6 +5,7 @@
 
 mod bench_api;
 mod bench_boot;
+mod bench_metadata;
 mod bench_placement;
 pub(crate) mod image;
 mod pg;
@@ -31,7 +32,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn usage() -> anyhow::Result<()> {
-    eprintln!("usage: cargo xtask up | test | openapi | bench api | image build NAME");
+    eprintln!(
+        "usage: cargo xtask up | test | openapi | bench api|boot|placement|metadata | image build NAME"
+    );
     bail!("unknown task")
 }
 
@@ -58,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", "api", rest @ ..] => bench_api::run(&root(), rest),
         ["bench", "boot", rest @ ..] => bench_boot::run(&root(), rest),
         ["bench", "placement", rest @ ..] => bench_placement::run(&root(), rest),
+        ["bench", "metadata", rest @ ..] => bench_metadata::run(&root(), rest),
         ["image", rest @ ..] => image::run(&root(), rest),
         _ => usage(),
     }
@@ -78,9 +82,17 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    // The real-guest tests boot the tiny image; they fail, not skip, here.
-    if !root.join("build/images/tiny/manifest.json").exists() {
-        image::run(&root, &["build", "tiny"]).context("building the tiny guest image")?;
+    // The real-guest tests boot these images; they fail, not skip, here.
+    for name in ["tiny", "debian-12"] {
+        if !root
+            .join("build/images")
+            .join(name)
+            .join("manifest.json")
+            .exists()
+        {
+            image::run(&root, &["build", name])
+                .with_context(|| format!("building the {name} guest image"))?;
+        }
     }
     let pg = pg::Postgres::start().context("starting PostgreSQL for the tests")?;
     eprintln!("PostgreSQL for the tests: {}", pg.url);

@@ -14,9 +14,15 @@ use std::time::{Duration, Instant};
 /// Where the `tiny` image's build output is, or why it cannot be used.
 /// `Err` explains the skip; with `BYTEPORT_REQUIRE_QEMU=1` callers fail.
 pub fn tiny_image() -> Result<PathBuf, String> {
+    guest_image("tiny")
+}
+
+/// Where a built guest image is (`build/images/NAME`, or the directory in
+/// `BYTEPORT_TINY_IMAGE` for `tiny`), or why it cannot be used.
+pub fn guest_image(name: &str) -> Result<PathBuf, String> {
     let dir = match std::env::var_os("BYTEPORT_TINY_IMAGE") {
-        Some(d) => PathBuf::from(d),
-        None => workspace_root().join("build/images/tiny"),
+        Some(d) if name == "tiny" => PathBuf::from(d),
+        _ => workspace_root().join("build/images").join(name),
     };
     if which("qemu-system-x86_64").is_none() {
         return Err("qemu-system-x86_64 is not installed".into());
@@ -26,7 +32,7 @@ pub fn tiny_image() -> Result<PathBuf, String> {
     }
     if !dir.join("manifest.json").exists() {
         return Err(format!(
-            "no tiny image at {} (build it with `cargo xtask image build tiny`)",
+            "no {name} image at {} (build it with `cargo xtask image build {name}`)",
             dir.display()
         ));
     }
@@ -36,7 +42,12 @@ pub fn tiny_image() -> Result<PathBuf, String> {
 /// The tiny image, or a skip: prints `SKIP: reason` and returns `None`,
 /// unless `BYTEPORT_REQUIRE_QEMU=1`, where a missing part is a failure.
 pub fn tiny_or_skip(test: &str) -> Option<PathBuf> {
-    match tiny_image() {
+    image_or_skip("tiny", test)
+}
+
+/// Like [`tiny_or_skip`], for any image `cargo xtask image build` makes.
+pub fn image_or_skip(name: &str, test: &str) -> Option<PathBuf> {
+    match guest_image(name) {
         Ok(d) => Some(d),
         Err(why) if std::env::var("BYTEPORT_REQUIRE_QEMU").as_deref() == Ok("1") => {
             panic!("{test}: {why}, and BYTEPORT_REQUIRE_QEMU=1 requires real guests")
@@ -353,29 +364,46 @@ impl Daemon {
 
     /// Imports the tiny image from its build directory.
     pub fn import_tiny(&self, dir: &Path) {
+        self.import_image(dir);
+    }
+
+    /// Imports an image from its build directory (`manifest.json` and the
+    /// files it names): an initramfs image, or a disk with kernel and
+    /// initrd.
+    pub fn import_image(&self, dir: &Path) {
         let m: Value =
             serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
                 .expect("manifest JSON");
         let file = |k: &str| dir.join(m[k].as_str().expect("a file name"));
-        let (kernel, initrd) = (file("kernel"), file("initrd"));
         let sha = |p: &Path| {
             use sha2::Digest;
             hex::encode(sha2::Sha256::digest(std::fs::read(p).expect("read")))
         };
-        let size = std::fs::metadata(&initrd).expect("initrd").len();
+        let kernel = file("kernel");
+        let initramfs = m["format"] == "initramfs";
+        let mut files = vec![("kernel", kernel.clone())];
+        let main = if initramfs {
+            file("initrd")
+        } else {
+            files.push(("initrd", file("initrd")));
+            file("disk")
+        };
+        files.insert(0, ("image", main.clone()));
+        let size = std::fs::metadata(&main).expect("image file").len();
         self.api
             .post(
                 "/v1/images",
                 json!({
                     "name": m["name"], "os_family": m["os_family"], "os_version": m["os_version"],
                     "arch": m["arch"], "format": m["format"], "size_bytes": size,
-                    "sha256": sha(&initrd), "boot": m["boot"], "kernel_sha256": sha(&kernel),
+                    "sha256": sha(&main), "boot": m["boot"], "kernel_sha256": sha(&kernel),
+                    "initrd_sha256": if initramfs { Value::Null } else { json!(sha(&file("initrd"))) },
                     "cmdline": m["cmdline"], "has_agent": m["has_agent"],
                 }),
             )
             .expect("registering the image");
-        let name = m["name"].as_str().unwrap_or("tiny");
-        for (role, path) in [("image", &initrd), ("kernel", &kernel)] {
+        let name = m["name"].as_str().expect("the image's name");
+        for (role, path) in &files {
             self.api
                 .put_file(&format!("/v1/images/{name}/files/{role}"), path)
                 .expect("uploading an image file");

@@ -1,0 +1,179 @@
+//! An unmodified cloud-init (Debian bookworm's, inside the `debian-12`
+//! image) configures a BytePort VM from the metadata service, through the
+//! node's relay; then a user logs in over SSH with the key they gave.
+//! Slow under TCG (a couple of minutes); it skips, saying why, when QEMU or
+//! the image is missing, unless `BYTEPORT_REQUIRE_QEMU=1` (set by
+//! `cargo xtask test`, which builds the image first).
+
+use byteport_testkit::daemon::{Daemon, image_or_skip};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_byteportd");
+/// Booting Debian with systemd and cloud-init under TCG on a busy host.
+const BOOT_SECS: u64 = 420;
+
+fn ssh_keygen(dir: &Path) -> (std::path::PathBuf, String) {
+    let key = dir.join("id_ed25519");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "byteport-test", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen (Debian's openssh-client) must be installed");
+    assert!(st.success(), "ssh-keygen failed");
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    (key, public.trim().to_owned())
+}
+
+/// Waits until the guest's agent has reported how cloud-init ended.
+fn cloud_init_outcome(d: &Daemon, id: &str, secs: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v = d.vm(id);
+        if v["cloud_init"].as_str().is_some_and(|c| c != "running") {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cloud-init did not finish in {secs} s: {v}\nconsole:\n{}",
+            d.api
+                .get_text(&format!("/v1/vms/{id}/console?bytes=8192"))
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn cloud_init_configures_a_debian_vm_from_the_metadata_service_and_ssh_works() {
+    let Some(img) = image_or_skip("debian-12", "cloud-init") else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    d.import_image(&img);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (key, public) = ssh_keygen(tmp.path());
+    let secret = format!("secret-{}", std::process::id() * 7919);
+    let user_data = format!(
+        "#cloud-config\n\
+         write_files:\n  - path: /var/lib/byteport-test/secret\n    content: \"{secret}\"\n    permissions: '0600'\n\
+         runcmd:\n  - [sh, -c, 'echo ran-$((6*7)) > /var/lib/byteport-test/runcmd']\n"
+    );
+    let v = d
+        .api
+        .post(
+            "/v1/vms",
+            json!({"name": "deb", "image": "debian-12", "vcpus": 1, "memory_mib": 1024,
+                "disk_gib": 4, "hostname": "cloud-guest", "ssh_keys": [public],
+                "user_data": user_data}),
+        )
+        .expect("creating the VM");
+    let id = v["id"].as_str().expect("id").to_owned();
+
+    let v = d
+        .wait(&id, "running", BOOT_SECS)
+        .expect("the VM reaches running");
+    assert_eq!(v["ready_by"], "agent", "{v}");
+    let v = cloud_init_outcome(&d, &id, BOOT_SECS);
+    if v["cloud_init"] != "done" {
+        // What cloud-init itself says went wrong.
+        let said = |argv: &[&str]| {
+            d.exec(&id, argv)
+                .map(|(o, e, _)| o + &e)
+                .unwrap_or_default()
+        };
+        panic!(
+            "cloud-init ended {}: {v}\n{}\n{}\n{}",
+            v["cloud_init"],
+            said(&["cloud-init", "status", "--long"]),
+            said(&["cat", "/run/cloud-init/result.json"]),
+            said(&[
+                "grep",
+                "-E",
+                "WARNING|ERROR|Traceback",
+                "/var/log/cloud-init.log"
+            ]),
+        );
+    }
+
+    // What the user asked for is there, read through the guest agent.
+    let run = |argv: &[&str]| {
+        let (out, err, code) = d.exec(&id, argv).expect("exec");
+        assert_eq!(code, Some(0), "{argv:?}: {out} {err}");
+        out.trim().to_owned()
+    };
+    assert_eq!(run(&["hostname"]), "cloud-guest");
+    assert_eq!(run(&["cat", "/var/lib/byteport-test/secret"]), secret);
+    assert_eq!(run(&["cat", "/var/lib/byteport-test/runcmd"]), "ran-42");
+    let keys = run(&["cat", "/home/debian/.ssh/authorized_keys"]);
+    assert!(keys.contains(&public), "{keys}");
+    // cloud-init's own verdict: every stage done, no errors, and the data
+    // came from our NoCloud URL on the node's relay.
+    let status = run(&["cloud-init", "status", "--long"]);
+    assert!(status.contains("status: done"), "{status}");
+    let result: Value =
+        serde_json::from_str(&run(&["cat", "/run/cloud-init/result.json"])).expect("result.json");
+    assert_eq!(result["v1"]["errors"], json!([]), "{result}");
+    let source = result["v1"]["datasource"].as_str().unwrap_or_default();
+    assert!(
+        source.contains("NoCloud") && source.contains("10.0.2.2"),
+        "{result}"
+    );
+
+    // The metadata service saw the guest's requests, audited on the VM.
+    let audit = d.api.get("/v1/audit?limit=500").expect("audit");
+    let served: Vec<&str> = audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|e| e["target_id"] == id.as_str() && e["status"] == 200)
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for doc in ["metadata_meta_data", "metadata_user_data"] {
+        assert!(served.contains(&doc), "{doc} not served: {served:?}");
+    }
+
+    // SSH through the VM's forwarded port with the injected key, as the
+    // CLI's `ssh -p PORT debian@HOST` line says.
+    let port = v["ports"][0]["host_port"]
+        .as_u64()
+        .expect("a forwarded port");
+    assert_eq!(v["ports"][0]["guest_port"], 22);
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(&key)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=30",
+            "debian@127.0.0.1",
+            "hostname; sudo -n cat /var/lib/byteport-test/secret",
+        ])
+        .output()
+        .expect("ssh (Debian's openssh-client) must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ssh failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        text
+    );
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["cloud-guest", secret.as_str()]
+    );
+
+    d.api
+        .delete(&format!("/v1/vms/{id}"))
+        .expect("deleting the VM");
+    d.wait(&id, "deleted", 60).expect("deleted");
+}
