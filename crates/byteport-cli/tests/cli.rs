@@ -749,6 +749,49 @@ async fn cli_shows_port_forwards_of_placed_vms() {
         let row = out.lines().find(|l| l.starts_with("web-1")).expect("web-1");
         assert!(row.ends_with("22→20022,80→20080"), "{out}");
 
+        // cloud-init, as the node reports it from the guest agent: not yet,
+        // done, then (another boot) failed.
+        let o = fails(
+            c,
+            &["vm", "wait", "web-1", "--cloud-init", "--timeout", "1"],
+        )
+        .await;
+        assert!(o.stderr.contains("has not finished"), "{}", o.stderr);
+        for (generation, outcome) in [(2, "running"), (3, "done")] {
+            heartbeat(serde_json::json!([{
+                "id": id, "state": "running", "generation": generation,
+                "desired_generation": gen_, "agent_version": "0.1.0", "cloud_init": outcome,
+                "ports": [{"guest_port": 22, "host_port": 20022, "host": "127.0.0.1"}],
+            }]))
+            .await;
+        }
+        let out = ok(
+            c,
+            &["vm", "wait", "web-1", "--cloud-init", "--timeout", "5"],
+        )
+        .await;
+        assert!(out.contains("web-1"), "{out}");
+        let out = ok(c, &["vm", "show", "web-1"]).await;
+        assert!(out.contains("cloud-init:     done"), "{out}");
+        heartbeat(serde_json::json!([{
+            "id": id, "state": "running", "generation": 4, "desired_generation": gen_,
+            "agent_version": "0.1.0", "cloud_init": "error",
+            "ports": [{"guest_port": 22, "host_port": 20022, "host": "127.0.0.1"}],
+        }]))
+        .await;
+        let o = fails(c, &["vm", "wait", "web-1", "--cloud-init"]).await;
+        assert!(
+            o.stderr.contains("cloud-init ended with errors"),
+            "{}",
+            o.stderr
+        );
+        let o = fails(c, &["vm", "wait", "web-1"]).await;
+        assert!(
+            o.stderr.contains("--state"),
+            "a state or --cloud-init: {}",
+            o.stderr
+        );
+
         // Running, but its image has no agent.
         let o = fails(c, &["vm", "exec", "web-1", "--", "true"]).await;
         assert!(o.stderr.contains("no guest agent"), "{}", o.stderr);
