@@ -80,24 +80,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
 
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let opts = parse_args(args)?;
-    if opts.build {
-        crate::run(Command::new("cargo").current_dir(root).args([
-            "build",
-            "--release",
-            "-p",
-            "byteportd",
-        ]))?;
-    }
-    let bin = opts
-        .bin
-        .clone()
-        .unwrap_or_else(|| root.join("target/release/byteportd"));
-    if !bin.exists() {
-        bail!(
-            "{} is missing: build it with cargo build --release -p byteportd",
-            bin.display()
-        );
-    }
+    let bin = crate::release_daemon(root, opts.build, opts.bin.clone())?;
     // The load generator gets one thread: on a small machine the server
     // should have the rest.
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -99,14 +99,6 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
     Ok(o)
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(bin))
-            .find(|f| f.is_file())
-    })
-}
-
 /// The `tiny` image's files, as the node would boot them.
 struct Tiny {
     dir: PathBuf,
@@ -144,28 +136,11 @@ impl Tiny {
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let opts = parse_args(args)?;
     for tool in ["qemu-system-x86_64", "qemu-img"] {
-        if which(tool).is_none() {
+        if crate::which(tool).is_none() {
             bail!("{tool} is not installed (apt-get install qemu-system-x86 qemu-utils)");
         }
     }
-    if opts.build {
-        crate::run(Command::new("cargo").current_dir(root).args([
-            "build",
-            "--release",
-            "-p",
-            "byteportd",
-        ]))?;
-    }
-    let bin = opts
-        .bin
-        .clone()
-        .unwrap_or_else(|| root.join("target/release/byteportd"));
-    if !bin.exists() {
-        bail!(
-            "{} is missing: build it with cargo build --release -p byteportd",
-            bin.display()
-        );
-    }
+    let bin = crate::release_daemon(root, opts.build, opts.bin.clone())?;
     let img_dir = root.join("build/images/tiny");
     if !img_dir.join("manifest.json").exists() {
         eprintln!("no tiny image at {}: building it", img_dir.display());
@@ -1119,7 +1094,7 @@ impl Libvirt {
     /// libvirt if `virsh` is installed and libvirtd answers, starting it if
     /// it is installed but not running; otherwise why not.
     fn probe() -> Result<Libvirt, String> {
-        if which("virsh").is_none() {
+        if crate::which("virsh").is_none() {
             return Err(
                 "not installed (apt-get install --no-install-recommends libvirt-daemon \
                         libvirt-daemon-driver-qemu libvirt-clients to compare)"
@@ -1203,7 +1178,7 @@ impl Libvirt {
             kernel = xml_escape(&tiny.kernel.display().to_string()),
             initrd = xml_escape(&tiny.initrd.display().to_string()),
             cmdline = xml_escape(&tiny.cmdline_for(name)),
-            emulator = which("qemu-system-x86_64")
+            emulator = crate::which("qemu-system-x86_64")
                 .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64"))
                 .display(),
             disk = p("disk.qcow2"),

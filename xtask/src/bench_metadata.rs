@@ -136,22 +136,11 @@ impl std::fmt::Display for Marks {
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let opts = parse_args(args)?;
     for tool in ["qemu-system-x86_64", "qemu-img", "genisoimage"] {
-        if !on_path(tool) {
+        if crate::which(tool).is_none() {
             bail!("{tool} is missing (apt-get install qemu-system-x86 qemu-utils genisoimage)");
         }
     }
-    if opts.build {
-        crate::run(Command::new("cargo").current_dir(root).args([
-            "build",
-            "--release",
-            "-p",
-            "byteportd",
-        ]))?;
-    }
-    let bin = opts
-        .bin
-        .clone()
-        .unwrap_or_else(|| root.join("target/release/byteportd"));
+    let bin = crate::release_daemon(root, opts.build, opts.bin.clone())?;
     let img_dir = root.join("build/images/debian-12");
     if !img_dir.join("manifest.json").exists() {
         eprintln!("no debian-12 image at {}: building it", img_dir.display());
@@ -248,14 +237,6 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         med(&plain, |m| m.finished),
     );
     Ok(())
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p)
-            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-            .any(|d| d.join(tool).is_file())
-    })
 }
 
 fn vm_body(name: &str) -> Value {

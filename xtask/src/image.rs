@@ -138,11 +138,7 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
     ] {
         cpio.dir(dir, if dir == "tmp" { 0o1777 } else { 0o755 });
     }
-    cpio.file(
-        "bin/busybox",
-        0o755,
-        fs::read(busybox_dir.join("bin/busybox")).context("busybox-static has no bin/busybox")?,
-    );
+    add_busybox(&mut cpio, &busybox_dir)?;
     // /init's interpreter; the other applet links are made at boot.
     cpio.symlink("bin/sh", "busybox");
     cpio.file("sbin/byteport-guest", 0o755, fs::read(&agent)?);
@@ -165,13 +161,7 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
         .into_bytes(),
     );
 
-    let cpio_path = ctx.work.path().join("initrd.cpio");
-    fs::write(&cpio_path, cpio.finish())?;
-    let initrd = ctx.out.join("initrd.img");
-    gzip(&cpio_path, &initrd)?;
-    let vmlinuz = ctx.out.join("vmlinuz");
-    fs::copy(kernel_dir.join(format!("boot/vmlinuz-{kver}")), &vmlinuz)
-        .context("copying the kernel")?;
+    let (vmlinuz, initrd) = write_boot_files(ctx, cpio, &kernel_dir, &kver)?;
 
     let manifest = Manifest {
         name: "tiny".into(),
@@ -186,6 +176,34 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
     };
     write_manifest(&ctx.out, &manifest)?;
     Ok(manifest)
+}
+
+/// Adds busybox as `/bin/busybox`; /init makes the applet links.
+fn add_busybox(cpio: &mut Cpio, busybox_dir: &Path) -> anyhow::Result<()> {
+    cpio.file(
+        "bin/busybox",
+        0o755,
+        fs::read(busybox_dir.join("bin/busybox")).context("busybox-static has no bin/busybox")?,
+    );
+    Ok(())
+}
+
+/// Writes the initramfs (gzip'd) and the kernel into the output
+/// directory; returns their paths.
+fn write_boot_files(
+    ctx: &Ctx,
+    cpio: Cpio,
+    kernel_dir: &Path,
+    kver: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cpio_path = ctx.work.path().join("initrd.cpio");
+    fs::write(&cpio_path, cpio.finish())?;
+    let initrd = ctx.out.join("initrd.img");
+    gzip(&cpio_path, &initrd)?;
+    let vmlinuz = ctx.out.join("vmlinuz");
+    fs::copy(kernel_dir.join(format!("boot/vmlinuz-{kver}")), &vmlinuz)
+        .context("copying the kernel")?;
+    Ok((vmlinuz, initrd))
 }
 
 /// Adds kernel modules to an initramfs, each at its usual place, and their
@@ -235,7 +253,7 @@ const DEBIAN_DISK_BYTES: u64 = 2 << 30;
 fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
     let recipe_dir = ctx.root.join("images/debian-12");
     for tool in ["debootstrap", "mkfs.ext4", "depmod", "qemu-img"] {
-        if !on_path(tool) {
+        if crate::which(tool).is_none() {
             bail!("{tool} is missing: apt-get install debootstrap e2fsprogs kmod qemu-utils");
         }
     }
@@ -332,11 +350,7 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
     for dir in ["proc", "sys", "newroot", "sbin", "usr/bin", "usr/sbin"] {
         cpio.dir(dir, 0o755);
     }
-    cpio.file(
-        "bin/busybox",
-        0o755,
-        fs::read(busybox_dir.join("bin/busybox")).context("busybox-static has no bin/busybox")?,
-    );
+    add_busybox(&mut cpio, &busybox_dir)?;
     cpio.symlink("bin/sh", "busybox");
     cpio.file("init", 0o755, fs::read(recipe_dir.join("init"))?);
     add_modules(
@@ -345,13 +359,7 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
         &kver,
         &read_list(&recipe_dir.join("initrd-modules"))?,
     )?;
-    let cpio_path = ctx.work.path().join("initrd.cpio");
-    fs::write(&cpio_path, cpio.finish())?;
-    let initrd = ctx.out.join("initrd.img");
-    gzip(&cpio_path, &initrd)?;
-    let vmlinuz = ctx.out.join("vmlinuz");
-    fs::copy(kernel_dir.join(format!("boot/vmlinuz-{kver}")), &vmlinuz)
-        .context("copying the kernel")?;
+    let (vmlinuz, initrd) = write_boot_files(ctx, cpio, &kernel_dir, &kver)?;
 
     let manifest = Manifest {
         name: "debian-12".into(),
@@ -370,14 +378,6 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
     };
     write_manifest(&ctx.out, &manifest)?;
     Ok(manifest)
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p)
-            .chain(["/usr/sbin".into(), "/sbin".into()])
-            .any(|d| d.join(tool).is_file())
-    })
 }
 
 /// The Debian mirror apt uses here (`BYTEPORT_DEBIAN_MIRROR` overrides).

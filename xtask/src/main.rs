@@ -31,6 +31,41 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A program on PATH (or in /usr/sbin and /sbin, where Debian keeps
+/// debootstrap and mkfs), if there is one.
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(tool))
+        .find(|f| f.is_file())
+}
+
+/// The release daemon the benchmarks run: built here unless `build` is
+/// false, or the binary at `bin`.
+fn release_daemon(
+    root: &std::path::Path,
+    build: bool,
+    bin: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    if build {
+        run(Command::new("cargo").current_dir(root).args([
+            "build",
+            "--release",
+            "-p",
+            "byteportd",
+        ]))?;
+    }
+    let bin = bin.unwrap_or_else(|| root.join("target/release/byteportd"));
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it with cargo build --release -p byteportd",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 fn usage() -> anyhow::Result<()> {
     eprintln!(
         "usage: cargo xtask up | test | openapi | bench api|boot|placement|metadata | image build NAME"
