@@ -117,6 +117,8 @@ struct Marks {
     api_done: Option<Duration>,
     /// cloud-init's "Up N seconds": guest uptime at the end.
     guest_up: Option<Duration>,
+    /// Guest uptime (s) at the start of each cloud-init stage.
+    stages: Vec<(String, f64)>,
 }
 
 impl std::fmt::Display for Marks {
@@ -222,6 +224,27 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
             v.len()
         );
     }
+    println!();
+    println!(
+        "{:<52} {:>8} {:>8}",
+        "guest uptime at each cloud-init stage (s, median)", "BytePort", "plain"
+    );
+    for stage in [
+        "init-local",
+        "init",
+        "modules:config",
+        "modules:final",
+        "finished",
+    ] {
+        let at = |v: &[Marks]| {
+            let xs: Vec<f64> = v
+                .iter()
+                .filter_map(|m| m.stages.iter().find(|(n, _)| n == stage).map(|(_, t)| *t))
+                .collect();
+            Summary::of(&xs).median
+        };
+        println!("{stage:<52} {:>8.1} {:>8.1}", at(&bp), at(&plain));
+    }
     let med = |v: &[Marks], f: Pick| Summary::of(&col(v, f)).median;
     let done_ratio = med(&bp, |m| m.finished) / med(&plain, |m| m.finished);
     let up_ratio = med(&bp, |m| m.guest_up) / med(&plain, |m| m.guest_up);
@@ -272,6 +295,40 @@ fn delete(d: &Daemon, id: &str) -> anyhow::Result<()> {
     d.wait(id, "deleted", 120)
         .map_err(|e| anyhow::anyhow!("VM {id} was not deleted: {e}"))?;
     Ok(())
+}
+
+/// The stages cloud-init announced on the console ("running 'init' at
+/// ... Up 48.69 seconds"), with the guest uptime at each, and the end.
+fn stages(log: &Path) -> Vec<(String, f64)> {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let up = |l: &str| {
+        l.split("Up ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+    };
+    text.lines()
+        .filter(|l| l.contains("Cloud-init v."))
+        .filter_map(|l| {
+            let name = match l.split("running '").nth(1) {
+                Some(r) => r.split('\'').next()?.to_owned(),
+                None if l.contains(FINISHED) => "finished".to_owned(),
+                None => return None,
+            };
+            Some((name, up(l)?))
+        })
+        .collect()
+}
+
+/// Keeps a boot's console log for reading after the run.
+fn keep(log: &Path, label: &str) -> PathBuf {
+    let to = std::env::temp_dir().join(format!(
+        "byteport-bench-metadata-{}-{label}.log",
+        std::process::id()
+    ));
+    let _ = std::fs::copy(log, &to);
+    to
 }
 
 /// The "Up N seconds" of cloud-init's final message, once it is there.
@@ -342,6 +399,11 @@ fn byteport_round(d: &Daemon, round: usize) -> anyhow::Result<Marks> {
         .map(SystemTime::from)
         .filter_map(|at| at.duration_since(wall0).ok())
         .min();
+    m.stages = stages(&log);
+    eprintln!(
+        "console log kept: {}",
+        keep(&log, &format!("byteport-{round}")).display()
+    );
     delete(d, &id)?;
     Ok(m)
 }
@@ -467,5 +529,10 @@ fn plain_round(img: &Image, scratch: &Path, round: usize) -> anyhow::Result<Mark
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    m.stages = stages(&log);
+    eprintln!(
+        "console log kept: {}",
+        keep(&log, &format!("plain-{round}")).display()
+    );
     Ok(m)
 }
