@@ -1378,3 +1378,66 @@ async fn the_metadata_service_gives_each_vm_its_own_documents_only() {
         assert_eq!(st, StatusCode::NOT_FOUND);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_placement_pass_commits_a_batch_within_capacity_and_anti_affinity() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        // No node yet: every VM waits.
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            let mut body = json!({"name": format!("v{i}"), "image": "tiny", "vcpus": 1,
+                "memory_mib": 1024, "disk_gib": 10});
+            if i < 3 {
+                body["placement"] = json!({"group": "db"});
+            }
+            let (st, v) = s.call(POST, "/v1/vms", Some(&t), Some(body)).await;
+            assert_eq!(
+                (st, v["state"].as_str()),
+                (StatusCode::ACCEPTED, Some("pending")),
+                "{v}"
+            );
+            ids.push(v["id"].as_str().unwrap().to_owned());
+        }
+        // Room for five of the six, on three nodes.
+        sim_node(&s, "node-1", 2048).await;
+        sim_node(&s, "node-2", 2048).await;
+        sim_node(&s, "node-3", 1024).await;
+        let placed = s.app.place_pending().await.expect("a pass");
+        assert_eq!(placed, 5);
+        let mut on: std::collections::HashMap<String, Vec<usize>> = Default::default();
+        let mut pending = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let (_, v) = s.call(GET, &format!("/v1/vms/{id}"), Some(&t), None).await;
+            match v["node_id"].as_str() {
+                Some(n) => on.entry(n.to_owned()).or_default().push(i),
+                None => {
+                    pending.push((i, v["state_reason"].as_str().unwrap_or_default().to_owned()))
+                }
+            }
+        }
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert!(pending[0].1.contains("1024 MiB"), "{pending:?}");
+        // The group's members are on three different nodes.
+        let group_nodes: std::collections::HashSet<&String> = on
+            .iter()
+            .filter(|(_, vms)| vms.iter().any(|i| *i < 3))
+            .map(|(n, _)| n)
+            .collect();
+        let group_placed = on.values().flatten().filter(|i| **i < 3).count();
+        assert_eq!(group_nodes.len(), group_placed, "{on:?}");
+        // Every node's reservation is what its VMs add up to, within capacity.
+        let (_, nodes) = s.call(GET, "/v1/nodes", Some(&t), None).await;
+        for n in nodes.as_array().unwrap() {
+            let id = n["id"].as_str().unwrap();
+            let count = on.get(id).map_or(0, Vec::len) as u64;
+            assert_eq!(n["reserved"]["memory_mib"], 1024 * count, "{n}");
+            assert!(
+                n["reserved"]["memory_mib"].as_u64() <= n["capacity"]["memory_mib"].as_u64(),
+                "{n}"
+            );
+        }
+    }
+}

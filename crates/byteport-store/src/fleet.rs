@@ -19,6 +19,16 @@ pub struct Size {
     pub disk_gib: i64,
 }
 
+/// One placement to commit: the VM, its node, its size, and the node's
+/// limit (capacity after overcommit) that the reservation must stay within.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlaceItem {
+    pub vm_id: Uuid,
+    pub node_id: Uuid,
+    pub size: Size,
+    pub limit: Size,
+}
+
 impl DataStore {
     /// VMs that want to run and have no node yet, oldest first.
     pub async fn vm_list_unplaced(&self, limit: u64) -> Result<Vec<vm::Model>> {
@@ -44,31 +54,59 @@ impl DataStore {
         size: Size,
         limit: Size,
     ) -> Result<bool> {
+        let landed = self
+            .vm_place_many(&[PlaceItem {
+                vm_id,
+                node_id,
+                size,
+                limit,
+            }])
+            .await?;
+        Ok(landed.first().copied().unwrap_or(false))
+    }
+
+    /// Commits many placements in one transaction (one commit, which is
+    /// most of a placement's cost), each guarded as in [`DataStore::vm_place`]:
+    /// one that lost its race changes nothing and is `false` in the answer,
+    /// the others land. Node rows are updated in node-id order, so that
+    /// concurrent batches on PostgreSQL take their row locks in one order
+    /// and cannot deadlock.
+    pub async fn vm_place_many(&self, items: &[PlaceItem]) -> Result<Vec<bool>> {
+        let mut landed = vec![false; items.len()];
+        if items.is_empty() {
+            return Ok(landed);
+        }
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| items[i].node_id);
         let _w = self.serialize().await;
         let tx = self.db.begin().await?;
-        if !shift_reserved(&tx, node_id, size, Some(limit), true).await? {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        let v = vm::Entity::update_many()
-            .col_expr(vm::Column::NodeId, Expr::value(Some(node_id)))
-            .col_expr(vm::Column::Reserved, Expr::value(true))
-            .col_expr(vm::Column::ComputeHeld, Expr::value(true))
-            .col_expr(vm::Column::State, Expr::value("provisioning"))
-            .col_expr(vm::Column::StateReason, Expr::value(Option::<String>::None))
-            .col_expr(vm::Column::UpdatedAt, Expr::value(Utc::now()))
-            .filter(vm::Column::Id.eq(vm_id))
-            .filter(vm::Column::NodeId.is_null())
-            .filter(vm::Column::DeletedAt.is_null())
-            .filter(vm::Column::DesiredState.eq("running"))
-            .exec(&tx)
-            .await?;
-        if v.rows_affected != 1 {
-            tx.rollback().await?;
-            return Ok(false);
+        for i in order {
+            let it = items[i];
+            if !shift_reserved(&tx, it.node_id, it.size, Some(it.limit), true).await? {
+                continue;
+            }
+            let v = vm::Entity::update_many()
+                .col_expr(vm::Column::NodeId, Expr::value(Some(it.node_id)))
+                .col_expr(vm::Column::Reserved, Expr::value(true))
+                .col_expr(vm::Column::ComputeHeld, Expr::value(true))
+                .col_expr(vm::Column::State, Expr::value("provisioning"))
+                .col_expr(vm::Column::StateReason, Expr::value(Option::<String>::None))
+                .col_expr(vm::Column::UpdatedAt, Expr::value(Utc::now()))
+                .filter(vm::Column::Id.eq(it.vm_id))
+                .filter(vm::Column::NodeId.is_null())
+                .filter(vm::Column::DeletedAt.is_null())
+                .filter(vm::Column::DesiredState.eq("running"))
+                .exec(&tx)
+                .await?;
+            if v.rows_affected == 1 {
+                landed[i] = true;
+            } else {
+                // Placed or deleted meanwhile: give the room back.
+                shift_reserved(&tx, it.node_id, it.size.negated(), None, false).await?;
+            }
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(landed)
     }
 
     /// Says why a VM still waits for a node (shown as its state reason).

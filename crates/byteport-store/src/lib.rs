@@ -8,7 +8,7 @@ pub mod entities;
 mod fleet;
 mod migration;
 
-pub use fleet::Size;
+pub use fleet::{PlaceItem, Size};
 
 use chrono::{DateTime, Utc};
 pub use entities::*;

@@ -7,12 +7,14 @@
 use super::App;
 use crate::error::AppResult;
 use byteport_scheduler::{Decision, NodeInventory, Policy, Request, Resources};
-use byteport_store::{Size, node, vm};
+use byteport_store::{PlaceItem, Size, node, vm};
 use byteport_types::api::{Placement, PlacementPolicy};
 use uuid::Uuid;
 
 /// Attempts per VM when another placement takes the chosen node's room.
 const RACE_RETRIES: usize = 3;
+/// Placements committed together by a placement pass.
+const BATCH: usize = 64;
 
 /// A node row as the scheduler sees it.
 pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
@@ -43,10 +45,12 @@ impl App {
         self.place_in(v, &mut pass).await
     }
 
-    /// Places one VM using (and keeping up to date) the inventory and image
-    /// architectures of `pass`; the inventory is read again only when it is
-    /// missing or a placement lost a race to another placer.
-    async fn place_in(&self, v: &vm::Model, pass: &mut Pass) -> AppResult<Option<Uuid>> {
+    /// What the scheduler is asked for `v`, and under which policy.
+    async fn request_for(
+        &self,
+        v: &vm::Model,
+        pass: &mut Pass,
+    ) -> AppResult<(Request<Uuid>, Policy)> {
         let arch = match pass.arch.get(&v.image_id) {
             Some(a) => a.clone(),
             None => {
@@ -64,7 +68,14 @@ impl App {
             .and_then(|p| serde_json::from_str(p).ok())
             .unwrap_or_default();
         let avoid = match &v.placement_group {
-            Some(g) => self.store.nodes_of_group(v.project_id, g).await?,
+            Some(g) => {
+                let mut nodes = self.store.nodes_of_group(v.project_id, g).await?;
+                // Members this pass has decided on but not yet committed.
+                if let Some(more) = pass.groups.get(&(v.project_id, g.clone())) {
+                    nodes.extend(more.iter().copied());
+                }
+                nodes
+            }
             None => Vec::new(),
         };
         let policy = match wish.policy {
@@ -72,63 +83,70 @@ impl App {
             Some(PlacementPolicy::Pack) => Policy::Pack,
             None => self.settings.placement_policy,
         };
-        let size = Resources {
-            vcpus: v.vcpus,
-            memory_mib: v.memory_mib,
-            disk_gib: v.disk_gib,
-        };
         let req = Request {
-            size,
+            size: size_of(v),
             arch,
             region: wish.region,
             avoid,
         };
-        for _ in 0..RACE_RETRIES {
-            if pass.nodes.is_none() {
-                let nodes = self
-                    .store
-                    .node_list()
-                    .await?
-                    .iter()
-                    .map(inventory)
-                    .collect();
-                pass.nodes = Some(nodes);
-            }
-            let nodes = pass.nodes.as_mut().map(std::mem::take).unwrap_or_default();
-            let decision =
-                byteport_scheduler::place(&nodes, &req, policy, self.settings.overcommit);
+        Ok((req, policy))
+    }
+
+    /// The scheduler's decision on the pass's inventory (read first if the
+    /// pass has none).
+    async fn decide(
+        &self,
+        req: &Request<Uuid>,
+        policy: Policy,
+        pass: &mut Pass,
+    ) -> AppResult<Decision<Uuid>> {
+        if pass.nodes.is_none() {
+            let nodes = self
+                .store
+                .node_list()
+                .await?
+                .iter()
+                .map(inventory)
+                .collect();
             pass.nodes = Some(nodes);
-            match decision {
+        }
+        let nodes = pass.nodes.as_deref().unwrap_or_default();
+        Ok(byteport_scheduler::place(
+            nodes,
+            req,
+            policy,
+            self.settings.overcommit,
+        ))
+    }
+
+    /// Says that `v` landed on `node`: waiters, event streams, the node.
+    fn landed(&self, v: &vm::Model, node: Uuid) {
+        let _ = self.vm_changes.send(v.id);
+        self.hub.poke(node);
+    }
+
+    /// Keeps `v` pending with the scheduler's reason.
+    async fn no_fit(&self, v: &vm::Model, why: &str) -> AppResult<()> {
+        self.store.vm_set_pending_reason(v.id, why).await?;
+        let _ = self.vm_changes.send(v.id);
+        Ok(())
+    }
+
+    /// Places one VM using (and keeping up to date) the inventory and image
+    /// architectures of `pass`; the inventory is read again only when it is
+    /// missing or a placement lost a race to another placer.
+    async fn place_in(&self, v: &vm::Model, pass: &mut Pass) -> AppResult<Option<Uuid>> {
+        let (req, policy) = self.request_for(v, pass).await?;
+        for _ in 0..RACE_RETRIES {
+            match self.decide(&req, policy, pass).await? {
                 Decision::Place { node, limit } => {
-                    let placed = self
+                    if self
                         .store
-                        .vm_place(
-                            v.id,
-                            node,
-                            Size {
-                                vcpus: v.vcpus,
-                                memory_mib: v.memory_mib,
-                                disk_gib: v.disk_gib,
-                            },
-                            Size {
-                                vcpus: limit.vcpus,
-                                memory_mib: limit.memory_mib,
-                                disk_gib: limit.disk_gib,
-                            },
-                        )
-                        .await?;
-                    if placed {
-                        if let Some(n) = pass
-                            .nodes
-                            .as_mut()
-                            .and_then(|ns| ns.iter_mut().find(|n| n.id == node))
-                        {
-                            n.reserved.vcpus += size.vcpus;
-                            n.reserved.memory_mib += size.memory_mib;
-                            n.reserved.disk_gib += size.disk_gib;
-                        }
-                        let _ = self.vm_changes.send(v.id);
-                        self.hub.poke(node);
+                        .vm_place(v.id, node, to_size(req.size), to_size(limit))
+                        .await?
+                    {
+                        pass.reserve(node, req.size);
+                        self.landed(v, node);
                         return Ok(Some(node));
                     }
                     // Another placer took the room, or the VM was placed or
@@ -140,8 +158,7 @@ impl App {
                     }
                 }
                 Decision::NoFit(why) => {
-                    self.store.vm_set_pending_reason(v.id, &why).await?;
-                    let _ = self.vm_changes.send(v.id);
+                    self.no_fit(v, &why).await?;
                     return Ok(None);
                 }
             }
@@ -150,16 +167,77 @@ impl App {
     }
 
     /// Places every VM that waits for a node; returns how many landed. The
-    /// inventory is read once per pass (and again after a lost race).
+    /// inventory is read once per pass (and again after a lost race); the
+    /// VMs are decided on it in memory, a batch at a time, and each batch
+    /// is committed in one transaction. A VM whose placement lost a race
+    /// is placed again on its own, on a fresh inventory.
     pub async fn place_pending(&self) -> AppResult<usize> {
         let mut placed = 0;
         let mut pass = Pass::default();
-        for v in self.store.vm_list_unplaced(500).await? {
-            if self.place_in(&v, &mut pass).await?.is_some() {
-                placed += 1;
+        let waiting = self.store.vm_list_unplaced(500).await?;
+        for chunk in waiting.chunks(BATCH) {
+            let mut batch: Vec<(&vm::Model, PlaceItem)> = Vec::with_capacity(chunk.len());
+            for v in chunk {
+                let (req, policy) = self.request_for(v, &mut pass).await?;
+                match self.decide(&req, policy, &mut pass).await? {
+                    Decision::Place { node, limit } => {
+                        // Counted now, so the next decision sees it.
+                        pass.reserve(node, req.size);
+                        if let Some(g) = &v.placement_group {
+                            pass.groups
+                                .entry((v.project_id, g.clone()))
+                                .or_default()
+                                .push(node);
+                        }
+                        let item = PlaceItem {
+                            vm_id: v.id,
+                            node_id: node,
+                            size: to_size(req.size),
+                            limit: to_size(limit),
+                        };
+                        batch.push((v, item));
+                    }
+                    Decision::NoFit(why) => self.no_fit(v, &why).await?,
+                }
+            }
+            let items: Vec<PlaceItem> = batch.iter().map(|(_, i)| *i).collect();
+            let landed = self.store.vm_place_many(&items).await?;
+            let mut lost = Vec::new();
+            for ((v, item), ok) in batch.into_iter().zip(landed) {
+                if ok {
+                    placed += 1;
+                    self.landed(v, item.node_id);
+                } else {
+                    lost.push(v);
+                }
+            }
+            if !lost.is_empty() {
+                // The inventory counted placements that did not happen.
+                pass.nodes = None;
+                for v in lost {
+                    if self.place_in(v, &mut pass).await?.is_some() {
+                        placed += 1;
+                    }
+                }
             }
         }
         Ok(placed)
+    }
+}
+
+fn size_of(v: &vm::Model) -> Resources {
+    Resources {
+        vcpus: v.vcpus,
+        memory_mib: v.memory_mib,
+        disk_gib: v.disk_gib,
+    }
+}
+
+fn to_size(r: Resources) -> Size {
+    Size {
+        vcpus: r.vcpus,
+        memory_mib: r.memory_mib,
+        disk_gib: r.disk_gib,
     }
 }
 
@@ -168,4 +246,21 @@ impl App {
 struct Pass {
     nodes: Option<Vec<NodeInventory<Uuid>>>,
     arch: std::collections::HashMap<Uuid, String>,
+    /// Nodes chosen in this pass for each (project, anti-affinity group).
+    groups: std::collections::HashMap<(Uuid, String), Vec<Uuid>>,
+}
+
+impl Pass {
+    /// Counts a placement in the pass's copy of the node's reservation.
+    fn reserve(&mut self, node: Uuid, size: Resources) {
+        if let Some(n) = self
+            .nodes
+            .as_mut()
+            .and_then(|ns| ns.iter_mut().find(|n| n.id == node))
+        {
+            n.reserved.vcpus += size.vcpus;
+            n.reserved.memory_mib += size.memory_mib;
+            n.reserved.disk_gib += size.disk_gib;
+        }
+    }
 }
