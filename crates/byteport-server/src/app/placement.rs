@@ -15,6 +15,9 @@ use uuid::Uuid;
 const RACE_RETRIES: usize = 3;
 /// Placements committed together by a placement pass.
 const BATCH: usize = 64;
+/// VMs one placement pass takes on, all decided on one inventory read
+/// (re-read only after a lost race).
+const PASS: u64 = 2000;
 
 /// A node row as the scheduler sees it.
 pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
@@ -174,7 +177,7 @@ impl App {
     pub async fn place_pending(&self) -> AppResult<usize> {
         let mut placed = 0;
         let mut pass = Pass::default();
-        let waiting = self.store.vm_list_unplaced(500).await?;
+        let waiting = self.store.vm_list_unplaced(PASS).await?;
         for chunk in waiting.chunks(BATCH) {
             let mut batch: Vec<(&vm::Model, PlaceItem)> = Vec::with_capacity(chunk.len());
             for v in chunk {
