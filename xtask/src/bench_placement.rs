@@ -565,6 +565,7 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
             has_agent: false,
             status: "ready".into(),
             created_at: now,
+            login_user: None,
         })
         .await?;
     let img = store
@@ -724,6 +725,7 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                             compute_held: false,
                             metadata_token_hash: None,
                             cloud_init: None,
+                            ssh_user: None,
                         },
                         &[],
                     )

@@ -172,6 +172,7 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
         boot: "kernel".into(),
         cmdline: "console=ttyS0 quiet".into(),
         has_agent: true,
+        login_user: None,
         files: vec![file_entry(&vmlinuz)?, file_entry(&initrd)?],
     };
     write_manifest(&ctx.out, &manifest)?;
@@ -370,6 +371,8 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
         boot: "kernel".into(),
         cmdline: "console=ttyS0 root=/dev/vda".into(),
         has_agent: true,
+        // cloud-init's default user in Debian's cloud.cfg.
+        login_user: Some("debian".into()),
         files: vec![
             file_entry(&vmlinuz)?,
             file_entry(&initrd)?,
@@ -474,7 +477,9 @@ struct Manifest {
     boot: String,
     cmdline: String,
     has_agent: bool,
-    /// The kernel first, then the initrd.
+    /// The user an SSH key logs in as, when the image has one.
+    login_user: Option<String>,
+    /// The kernel first, then the initrd, then the disk (if any).
     files: Vec<FileEntry>,
 }
 
@@ -520,6 +525,7 @@ fn write_manifest(out: &Path, m: &Manifest) -> anyhow::Result<()> {
         "disk": m.files.get(2).map(|f| &f.name),
         "cmdline": m.cmdline,
         "has_agent": m.has_agent,
+        "login_user": m.login_user,
         "agent_port": if m.has_agent { Some(AGENT_PORT_NAME) } else { None },
         "files": files,
     });

@@ -815,14 +815,14 @@ fn ports_long(p: &[PortForward]) -> String {
 }
 
 /// The command that reaches the guest's SSH port, if it is forwarded.
-fn ssh_line(p: &[PortForward]) -> Option<String> {
+fn ssh_line(user: &str, p: &[PortForward]) -> Option<String> {
     let f = p.iter().find(|f| f.guest_port == 22)?;
     // A forward on every address: the node's own address is what to use.
     let host = match f.host.as_str() {
         "0.0.0.0" | "::" | "" => "NODE-ADDRESS",
         h => h,
     };
-    Some(format!("ssh -p {} root@{host}", f.host_port))
+    Some(format!("ssh -p {} {user}@{host}", f.host_port))
 }
 
 fn vm_table(vms: &[Vm]) {
@@ -900,7 +900,7 @@ fn vm_details(v: &Vm) {
         ),
         ("ports", ports_long(&v.ports)),
     ];
-    if let Some(ssh) = ssh_line(&v.ports) {
+    if let Some(ssh) = ssh_line(&v.ssh_user, &v.ports) {
         fields.push(("ssh", ssh));
     }
     fields.push(("created", ts!(v.created_at)));

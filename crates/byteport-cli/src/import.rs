@@ -32,6 +32,7 @@ struct Manifest {
     image: Option<String>,
     cmdline: Option<String>,
     has_agent: Option<bool>,
+    login_user: Option<String>,
 }
 
 /// One file to upload, under the role the server knows it by.
@@ -53,6 +54,7 @@ pub struct Plan {
     pub boot: Boot,
     pub cmdline: Option<String>,
     pub has_agent: bool,
+    pub login_user: Option<String>,
     /// The `image` file first.
     pub files: Vec<PlannedFile>,
 }
@@ -165,6 +167,7 @@ pub fn plan(a: ImportArgs) -> Result<Plan> {
         boot,
         cmdline: a.cmdline.or(m.cmdline),
         has_agent: a.has_agent.or(m.has_agent).unwrap_or(false),
+        login_user: a.login_user.or(m.login_user),
         files,
     })
 }
@@ -243,6 +246,7 @@ pub fn run(c: &Client, plan: &Plan, quiet: bool) -> Result<Value> {
         "initrd_sha256": initrd_sha,
         "cmdline": plan.cmdline,
         "has_agent": plan.has_agent,
+        "login_user": plan.login_user,
     });
     match c.value(Method::Post, "/v1/images", &[], Some(&body)) {
         Ok(_) => {

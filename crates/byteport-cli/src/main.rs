@@ -289,6 +289,10 @@ pub struct ImportArgs {
     /// override a manifest).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub has_agent: Option<bool>,
+    /// The user an SSH key logs in as in this image (cloud-init's default
+    /// user, such as debian).
+    #[arg(long)]
+    pub login_user: Option<String>,
 }
 
 #[derive(Args, Debug)]

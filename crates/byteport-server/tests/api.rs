@@ -1233,6 +1233,37 @@ async fn the_metadata_service_gives_each_vm_its_own_documents_only() {
         assert_eq!(st, StatusCode::ACCEPTED, "{a}");
         let (_, bvm) = create_vm(&s, &t, "default", "b").await;
         let (a_id, b_id) = (a["id"].as_str().unwrap(), bvm["id"].as_str().unwrap());
+        // Who the keys log in as: root unless the image names its user.
+        assert_eq!(a["ssh_user"], "root", "{a}");
+        let img = |user: &str| {
+            json!({"name": "deb", "os_family": "debian", "os_version": "12", "format": "qcow2",
+                "size_bytes": 1, "sha256": "cd".repeat(32), "login_user": user})
+        };
+        for bad in ["Root", "rm -rf", "", "9lives", &"u".repeat(33)] {
+            let (st, e) = s.call(POST, "/v1/images", Some(&t), Some(img(bad))).await;
+            assert_eq!(
+                (st, e["error"]["code"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("invalid_login_user")),
+                "{bad:?}: {e}"
+            );
+        }
+        let (st, i) = s
+            .call(POST, "/v1/images", Some(&t), Some(img("debian")))
+            .await;
+        assert_eq!(
+            (st, i["login_user"].as_str()),
+            (StatusCode::CREATED, Some("debian")),
+            "{i}"
+        );
+        let (_, d) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(json!({"name": "d", "image": "deb", "flavor": "m1.tiny"})),
+            )
+            .await;
+        assert_eq!(d["ssh_user"], "debian", "{d}");
         assert!(
             !a.to_string().contains("metadata_token"),
             "the API never shows the token: {a}"

@@ -150,6 +150,8 @@ pub mod image {
         pub has_agent: bool,
         pub status: String,
         pub created_at: DateTimeUtc,
+        /// The user an SSH key logs in as (cloud-init's default user).
+        pub login_user: Option<String>,
     }
     no_relations!();
 }
@@ -204,6 +206,8 @@ pub mod vm {
         /// What the guest reported of cloud-init: `running`, `done`,
         /// `error` or `absent`.
         pub cloud_init: Option<String>,
+        /// Who to SSH in as: the image's login user when it was created.
+        pub ssh_user: Option<String>,
     }
     no_relations!();
 }

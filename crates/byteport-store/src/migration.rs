@@ -385,8 +385,8 @@ impl MigrationTrait for M0004ComputeHeld {
     }
 }
 
-/// The metadata service: each VM's token (stored hashed) and what the guest
-/// reported of cloud-init.
+/// The metadata service: each VM's token (stored hashed), what the guest
+/// reported of cloud-init, and who an SSH key logs in as.
 struct M0005Metadata;
 
 impl MigrationName for M0005Metadata {
@@ -400,7 +400,11 @@ impl MigrationTrait for M0005Metadata {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
         use sea_orm::EntityName;
         // One column per statement: SQLite alters one at a time.
-        for col in [vm::Column::MetadataTokenHash, vm::Column::CloudInit] {
+        for col in [
+            vm::Column::MetadataTokenHash,
+            vm::Column::CloudInit,
+            vm::Column::SshUser,
+        ] {
             m.alter_table(
                 Table::alter()
                     .table(vm::Entity.table_ref())
@@ -409,6 +413,13 @@ impl MigrationTrait for M0005Metadata {
             )
             .await?;
         }
+        m.alter_table(
+            Table::alter()
+                .table(image::Entity.table_ref())
+                .add_column(string_null(image::Column::LoginUser).to_owned())
+                .to_owned(),
+        )
+        .await?;
         Ok(())
     }
 }

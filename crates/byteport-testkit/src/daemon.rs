@@ -399,6 +399,7 @@ impl Daemon {
                     "sha256": sha(&main), "boot": m["boot"], "kernel_sha256": sha(&kernel),
                     "initrd_sha256": if initramfs { Value::Null } else { json!(sha(&file("initrd"))) },
                     "cmdline": m["cmdline"], "has_agent": m["has_agent"],
+                    "login_user": m["login_user"],
                 }),
             )
             .expect("registering the image");

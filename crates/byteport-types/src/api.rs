@@ -272,6 +272,9 @@ pub struct Image {
     pub cmdline: Option<String>,
     /// Whether the guest agent is installed in the image.
     pub has_agent: bool,
+    /// The user an SSH key logs in as (cloud-init's default user), if the
+    /// image says; `root` otherwise.
+    pub login_user: Option<String>,
     /// `registered` until its files are uploaded, then `available`.
     pub status: String,
     pub created_at: DateTime<Utc>,
@@ -295,6 +298,9 @@ pub struct ImageCreate {
     pub cmdline: Option<String>,
     #[serde(default)]
     pub has_agent: bool,
+    /// The user an SSH key logs in as, such as `debian`.
+    #[serde(default)]
+    pub login_user: Option<String>,
 }
 
 fn default_arch() -> String {
@@ -329,6 +335,8 @@ pub struct Vm {
     pub hostname: String,
     pub labels: BTreeMap<String, String>,
     pub ssh_keys: Vec<String>,
+    /// Who the SSH keys log in as (the image's login user, else `root`).
+    pub ssh_user: String,
     pub has_user_data: bool,
     /// The public state, derived from `desired_state` and the node's reports.
     pub state: VmState,

@@ -137,6 +137,7 @@ fn cloud_init_configures_a_debian_vm_from_the_metadata_service_and_ssh_works() {
 
     // SSH through the VM's forwarded port with the injected key, as the
     // CLI's `ssh -p PORT debian@HOST` line says.
+    assert_eq!(v["ssh_user"], "debian", "the image's login user: {v}");
     let port = v["ports"][0]["host_port"]
         .as_u64()
         .expect("a forwarded port");
@@ -155,7 +156,7 @@ fn cloud_init_configures_a_debian_vm_from_the_metadata_service_and_ssh_works() {
             "UserKnownHostsFile=/dev/null",
             "-o",
             "ConnectTimeout=30",
-            "debian@127.0.0.1",
+            &format!("{}@127.0.0.1", v["ssh_user"].as_str().unwrap_or("debian")),
             "hostname; sudo -n cat /var/lib/byteport-test/secret",
         ])
         .output()

@@ -90,6 +90,7 @@ pub(crate) fn image_view(i: &image::Model) -> AppResult<Image> {
         initrd_sha256: i.initrd_sha256.clone(),
         cmdline: i.cmdline.clone(),
         has_agent: i.has_agent,
+        login_user: i.login_user.clone(),
         status: i.status.clone(),
         created_at: i.created_at,
     })
@@ -217,6 +218,22 @@ impl App {
                 "cmdline must be at most 1024 characters without control characters",
             ));
         }
+        if let Some(u) = &req.login_user {
+            let mut b = u.bytes();
+            let first_ok = b
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == b'_');
+            if !first_ok
+                || u.len() > 32
+                || !b
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
+            {
+                return Err(AppError::bad(
+                    "invalid_login_user",
+                    "login_user must be a user name: 1-32 of a-z, 0-9, '_' and '-', starting with a letter or '_'",
+                ));
+            }
+        }
         let i = self
             .store
             .image_insert(image::Model {
@@ -240,6 +257,7 @@ impl App {
                 has_agent: req.has_agent,
                 status: "registered".into(),
                 created_at: Utc::now(),
+                login_user: req.login_user,
             })
             .await?;
         ctx.target("image", i.id, None);

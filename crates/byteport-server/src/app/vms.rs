@@ -225,6 +225,7 @@ impl App {
             compute_held: false,
             metadata_token_hash: Some(self.metadata_token_hash(id)),
             cloud_init: None,
+            ssh_user: image.login_user.clone(),
             placement_group: req.placement.group.as_ref().map(|g| g.to_string()),
             placement: Some(serde_json::to_string(&req.placement).map_err(AppError::internal)?),
         };
@@ -469,6 +470,7 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
         hostname: v.hostname.clone(),
         labels,
         ssh_keys,
+        ssh_user: v.ssh_user.clone().unwrap_or_else(|| "root".into()),
         has_user_data: v.user_data.is_some(),
         state: parse(&v.state)?,
         state_reason: v.state_reason.clone(),
