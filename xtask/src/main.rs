@@ -9,6 +9,7 @@ mod bench_placement;
 pub(crate) mod image;
 mod pg;
 mod up;
+mod web;
 
 use anyhow::{Context, bail};
 use std::path::PathBuf;
@@ -31,7 +32,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn usage() -> anyhow::Result<()> {
-    eprintln!("usage: cargo xtask up | test | openapi | bench api | image build NAME");
+    eprintln!(
+        "usage: cargo xtask up | test | openapi | bench api|boot|placement|web | web build | image build NAME"
+    );
     bail!("unknown task")
 }
 
@@ -58,6 +61,8 @@ fn main() -> anyhow::Result<()> {
         ["bench", "api", rest @ ..] => bench_api::run(&root(), rest),
         ["bench", "boot", rest @ ..] => bench_boot::run(&root(), rest),
         ["bench", "placement", rest @ ..] => bench_placement::run(&root(), rest),
+        ["bench", "web", rest @ ..] => web::bench(&root(), rest),
+        ["web", "build"] => web::build(&root()),
         ["image", rest @ ..] => image::run(&root(), rest),
         _ => usage(),
     }
@@ -78,6 +83,9 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The console: npm ci, generated client, svelte-check, Vitest, build.
+    // Its browser test runs below with the other real-guest tests.
+    web::test(&root).context("the web console")?;
     // The real-guest tests boot the tiny image; they fail, not skip, here.
     if !root.join("build/images/tiny/manifest.json").exists() {
         image::run(&root, &["build", "tiny"]).context("building the tiny guest image")?;
@@ -97,7 +105,8 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
         .args(extra)
         .env("BYTEPORT_TEST_PG_URL", &pg.url)
         .env("BYTEPORT_REQUIRE_PG", "1")
-        .env("BYTEPORT_REQUIRE_QEMU", "1");
+        .env("BYTEPORT_REQUIRE_QEMU", "1")
+        .env("BYTEPORT_REQUIRE_WEB", "1");
     let res = run(&mut cmd);
     drop(pg);
     res
