@@ -4,7 +4,8 @@
 // makes the users and projects below, and runs this with:
 //   BYTEPORT_URL      the daemon's URL
 //   BYTEPORT_E2E_B_VM id of a VM in project team-b, which alice and vera must never see
-// Users: alice (member of team-a), vera (viewer of team-a); password "user-password".
+// Users: alice (member of team-a), vera (viewer of team-a); password
+// "user-password"; admin with "admin-password".
 // Screenshots go to web/test-results/screenshots (or BYTEPORT_SCREENSHOTS).
 import { mkdirSync } from 'node:fs';
 import { resolve } from 'node:path';
@@ -32,7 +33,7 @@ mkdirSync(SHOTS, { recursive: true });
 const errors = [];
 const browser = await launch();
 
-async function session(user, viewport) {
+async function session(user, viewport, password = PASSWORD) {
 	const context = await browser.newContext({ viewport, baseURL: URL });
 	watchErrors(context, errors);
 	const page = await context.newPage();
@@ -40,7 +41,7 @@ async function session(user, viewport) {
 	await page.goto('/');
 	await page.waitForURL('**/login');
 	await page.getByLabel('User name').fill(user);
-	await page.getByLabel('Password').fill(PASSWORD);
+	await page.getByLabel('Password').fill(password);
 	await page.getByRole('button', { name: 'Log in' }).click();
 	await page.getByRole('heading', { name: 'Dashboard' }).waitFor();
 	await page.getByTestId('whoami').filter({ hasText: user }).first().waitFor({ state: 'attached' });
@@ -139,6 +140,17 @@ try {
 	await phone.page.keyboard.press('Enter');
 	await phone.page.getByRole('link', { name: 'Projects' }).waitFor();
 	await phone.context.close();
+
+	step('the admin\'s dashboard shows the node with its capacity bars, and cordon works');
+	const admin = await session('admin', DESKTOP, 'admin-password');
+	await admin.page.getByTestId('node-card').first().waitFor();
+	await admin.page.getByRole('meter', { name: 'Memory reserved' }).first().waitFor();
+	await shot(admin.page, 'dashboard-admin-desktop');
+	await admin.page.getByRole('link', { name: 'Nodes' }).click();
+	await admin.page.getByRole('button', { name: 'Cordon' }).click();
+	await admin.page.getByRole('button', { name: 'Uncordon' }).click();
+	await admin.page.getByRole('button', { name: 'Cordon' }).waitFor();
+	await admin.context.close();
 
 	step('a viewer sees the VM without any action, and a direct API mutation fails');
 	const viewer = await session('vera', DESKTOP);

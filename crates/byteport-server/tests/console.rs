@@ -129,6 +129,15 @@ async fn events_carry_what_each_caller_may_see_from_any_replica() {
         assert_eq!(st, StatusCode::ACCEPTED, "{va}");
         let (ida, idb) = (va["id"].clone(), vb["id"].clone());
 
+        // The dashboard's counts: each caller's own VMs only.
+        let (st, c) = s.call(GET, "/v1/vm-states", Some(&alice), None).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(c, json!([{"state": "pending", "count": 1}]));
+        let (_, c) = s.call(GET, "/v1/vm-states", Some(&s.admin), None).await;
+        assert_eq!(c, json!([{"state": "pending", "count": 2}]));
+        let (st, _) = s.call(GET, "/v1/vm-states", None, None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+
         let seen = admin.vm("bob's VM", |v| v["id"] == idb).await;
         assert_eq!(seen["project"], "team-b");
         admin.vm("alice's VM", |v| v["id"] == ida).await;

@@ -26,4 +26,22 @@ impl DataStore {
         }
         Ok(q.all(&self.db).await?)
     }
+
+    /// Live (not deleted) VMs by state, in the given projects (`None`:
+    /// every project).
+    pub async fn vm_count_by_state_in(
+        &self,
+        projects: Option<&[Uuid]>,
+    ) -> Result<Vec<(String, i64)>> {
+        let mut q = vm::Entity::find()
+            .select_only()
+            .column(vm::Column::State)
+            .column_as(vm::Column::Id.count(), "n")
+            .filter(vm::Column::DeletedAt.is_null())
+            .group_by(vm::Column::State);
+        if let Some(ps) = projects {
+            q = q.filter(vm::Column::ProjectId.is_in(ps.iter().copied()));
+        }
+        Ok(q.into_tuple().all(&self.db).await?)
+    }
 }

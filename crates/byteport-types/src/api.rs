@@ -663,3 +663,10 @@ pub enum Event {
 pub struct SessionState {
     pub whoami: Option<Whoami>,
 }
+
+/// How many of the caller's VMs are in one state.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VmStateCount {
+    pub state: VmState,
+    pub count: u64,
+}

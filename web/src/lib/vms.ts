@@ -39,10 +39,3 @@ export const STATES: VmState[] = [
 	'unknown',
 	'deleted'
 ];
-
-/** Counts by state, in the order of STATES, without zeros. */
-export function countByState(vms: { state: string }[]): [string, number][] {
-	const m = new Map<string, number>();
-	for (const v of vms) m.set(v.state, (m.get(v.state) ?? 0) + 1);
-	return STATES.filter((s) => m.has(s)).map((s) => [s, m.get(s)!]);
-}

@@ -17,7 +17,7 @@
 
 use super::{App, Ctx};
 use crate::error::AppResult;
-use byteport_types::api::Event;
+use byteport_types::api::{Event, VmStateCount};
 use chrono::{DateTime, TimeDelta, Utc};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -146,6 +146,37 @@ impl App {
                 }
             }
         }
+        Ok(out)
+    }
+}
+
+impl App {
+    /// The caller's live VMs by state (every project for admins), for the
+    /// dashboard: one query, however many VMs there are.
+    pub async fn vm_state_counts(&self, ctx: &Ctx) -> AppResult<Vec<VmStateCount>> {
+        let (me, admin) = ctx.user()?;
+        let projects: Option<Vec<Uuid>> = if admin {
+            None
+        } else {
+            Some(
+                self.store
+                    .memberships(me.0)
+                    .await?
+                    .into_iter()
+                    .map(|(p, _)| p.id)
+                    .collect(),
+            )
+        };
+        let mut out = Vec::new();
+        for (state, n) in self.store.vm_count_by_state_in(projects.as_deref()).await? {
+            out.push(VmStateCount {
+                state: state.parse().map_err(|_| {
+                    crate::error::AppError::internal(format!("bad stored state {state:?}"))
+                })?,
+                count: super::to_u64(n),
+            });
+        }
+        out.sort_by_key(|c| c.state as u8);
         Ok(out)
     }
 }

@@ -384,6 +384,14 @@ pub async fn vm_list(
     Ok(Json(app.vm_list(&ctx, q).await?))
 }
 
+/// The caller's VMs (not deleted) counted by state, across every project
+/// they see.
+#[utoipa::path(get, path = "/v1/vm-states", tag = "vms",
+    responses((status = 200, body = Vec<VmStateCount>), (status = 401, body = ErrorBody)))]
+pub async fn vm_state_counts(State(app): State<App>, ctx: Ctx) -> Resp<Vec<VmStateCount>> {
+    Ok(Json(app.vm_state_counts(&ctx).await?))
+}
+
 /// Show a VM.
 #[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path)),
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]

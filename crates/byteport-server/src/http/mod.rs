@@ -111,6 +111,7 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::node_drain))
         .routes(routes!(h::audit_list))
         .routes(routes!(st::events))
+        .routes(routes!(h::vm_state_counts))
 }
 
 /// The OpenAPI document, as committed at `openapi/byteport.json`.

@@ -581,6 +581,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vm-states": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The caller's VMs (not deleted) counted by state, across every project
+         *     they see.
+         */
+        get: operations["vm_state_counts"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/vms": {
         parameters: {
             query?: never;
@@ -1397,6 +1417,12 @@ export interface components {
          * @enum {string}
          */
         VmState: "pending" | "provisioning" | "running" | "paused" | "stopping" | "stopped" | "rebooting" | "deleting" | "deleted" | "error" | "unknown";
+        /** @description How many of the caller's VMs are in one state. */
+        VmStateCount: {
+            /** Format: int64 */
+            count: number;
+            state: components["schemas"]["VmState"];
+        };
         Whoami: {
             memberships: components["schemas"]["Membership"][];
             user: components["schemas"]["User"];
@@ -2530,6 +2556,33 @@ export interface operations {
                 content?: never;
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_state_counts: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VmStateCount"][];
+                };
+            };
+            401: {
                 headers: {
                     [name: string]: unknown;
                 };
