@@ -7,7 +7,9 @@ const config = {
 	kit: {
 		// A single-page app: byteportd serves index.html for every console route.
 		adapter: adapter({ fallback: 'index.html', precompress: true, strict: true }),
-		version: { pollInterval: 0 }
+		version: { pollInterval: 0 },
+		// One script and one stylesheet: no waterfall of chunks before the first render.
+		output: { bundleStrategy: 'single' }
 	}
 };
 

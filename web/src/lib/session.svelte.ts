@@ -1,5 +1,6 @@
 // Who is logged in (from /v1/auth/whoami), and what they may do where.
 import { api, call, type Role, type Whoami } from './api/client';
+import { takeSession } from './prefetch';
 
 export const session = $state<{ me: Whoami | null; checked: boolean; notice: string }>({
 	me: null,
@@ -10,6 +11,12 @@ export const session = $state<{ me: Whoami | null; checked: boolean; notice: str
 /** Asks the server who the cookie belongs to; `null` when nobody. */
 export async function loadSession(): Promise<Whoami | null> {
 	try {
+		const early = await takeSession();
+		if (early !== undefined && early !== null) {
+			session.me = early.whoami ?? null;
+			session.checked = true;
+			return session.me;
+		}
 		const r = await api.GET('/v1/auth/session');
 		session.me = r.response.ok && r.data?.whoami ? r.data.whoami : null;
 	} catch {
