@@ -57,6 +57,8 @@ async function shot(page, name) {
 }
 
 let ok = false;
+let vmId;
+let dump = async () => {};
 try {
 	step('alice logs in; the dashboard shows VMs by state');
 	const { context, page } = await session('alice', DESKTOP);
@@ -82,7 +84,11 @@ try {
 	await page.getByLabel('Labels (key=value, one per line)').fill('suite=e2e');
 	await page.getByRole('button', { name: 'Create VM' }).click();
 	await page.waitForURL(/\/vms\/[0-9a-f-]{36}$/);
-	const vmId = page.url().split('/').pop();
+	vmId = page.url().split('/').pop();
+	dump = async () => {
+		const r = await context.request.get(`/v1/vms/${vmId}`).catch((e) => e);
+		console.error(`the VM now: ${r.status?.()} ${await r.text?.()}`);
+	};
 	// A marker that a reload would wipe.
 	await page.evaluate(() => (window.__noReload = true));
 	await state(page, 'running');
@@ -213,6 +219,9 @@ try {
 	check(errors.length === 0, `browser console errors:\n${errors.join('\n')}`);
 	ok = true;
 	console.log(`web console end-to-end: ok (screenshots in ${SHOTS})`);
+} catch (e) {
+	await dump().catch(() => undefined);
+	throw e;
 } finally {
 	await browser.close();
 	if (!ok && errors.length) console.error(`browser console errors:\n${errors.join('\n')}`);
