@@ -1,5 +1,5 @@
-//! The web console's tasks: install its npm packages (`npm ci`, from the
-//! committed lock file), check it (generated API types up to date,
+//! The web console's tasks: install its npm packages (from the committed
+//! lock file), check it (generated API types up to date,
 //! svelte-check), unit tests (Vitest), build it to `web/build`, and
 //! `cargo xtask bench web` (size and time to first render in Chromium).
 
@@ -23,8 +23,18 @@ pub fn install(root: &Path) -> anyhow::Result<()> {
         (Ok(l), Ok(i)) => i.modified()? >= l.modified()?,
         _ => false,
     };
-    if !fresh {
-        npm(&web, &["ci", "--no-audit", "--no-fund"])?;
+    if fresh {
+        return Ok(());
+    }
+    if npm(&web, &["ci", "--no-audit", "--no-fund"]).is_err() {
+        // `npm ci` refuses a lock file that lacks another platform's
+        // optional native package (esbuild, rollup, tailwind's oxide) when
+        // the registry it was made against did not serve one. This installs
+        // the same locked versions without rewriting the lock file.
+        eprintln!(
+            "npm ci refused the lock file; installing its versions with npm install --no-save"
+        );
+        npm(&web, &["install", "--no-save", "--no-audit", "--no-fund"])?;
     }
     Ok(())
 }
