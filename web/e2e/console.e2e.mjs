@@ -54,6 +54,12 @@ async function state(page, s, timeout = BOOT) {
 
 async function shot(page, name) {
 	await page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
+	// Nothing may stick out sideways (a phone would scroll the whole page).
+	const [scroll, width] = await page.evaluate(() => [
+		document.documentElement.scrollWidth,
+		window.innerWidth
+	]);
+	check(scroll <= width, `${name}: the page is ${scroll} px wide in a ${width} px window`);
 }
 
 let ok = false;
