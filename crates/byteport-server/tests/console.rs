@@ -308,13 +308,14 @@ async fn the_console_is_served_beside_the_api() {
     std::fs::write(web.join("_app/version.json"), "{}").unwrap();
     let r = router_with_console(Some(&web)).await;
 
+    let html = [("accept", "text/html,application/xhtml+xml,*/*;q=0.8")];
     for path in [
         "/",
         "/vms",
         "/vms/0190f0aa-0000-7000-8000-000000000000",
         "/login",
     ] {
-        let (st, h, body) = get(&r, path, &[]).await;
+        let (st, h, body) = get(&r, path, &html).await;
         assert_eq!(st, StatusCode::OK, "{path}");
         assert_eq!(h["content-type"], "text/html; charset=utf-8", "{path}");
         assert_eq!(h["cache-control"], "no-cache", "{path}");
@@ -329,6 +330,16 @@ async fn the_console_is_served_beside_the_api() {
     let (_, h, body) = get(&r, asset, &[("accept-encoding", "gzip, deflate")]).await;
     assert_eq!(h["content-encoding"], "gzip");
     assert_eq!(body, b"\x1f\x8b-gz");
+    // A client that does not ask for HTML gets a 404 for a path that names
+    // no file, never the page (cloud-init probing for vendor-data, say).
+    let (st, h, _) = get(&r, "/some/data/vendor-data", &[]).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(h["content-type"], "application/json");
+    let (st, _, body) = get(&r, "/", &[]).await;
+    assert_eq!(
+        (st, body.as_slice()),
+        (StatusCode::OK, &b"<!doctype html><p>console</p>"[..])
+    );
     // Not hashed: revalidated.
     let (st, h, _) = get(&r, "/_app/version.json", &[]).await;
     assert_eq!(
@@ -344,7 +355,7 @@ async fn the_console_is_served_beside_the_api() {
         "/.hidden",
         "/%2e%2e/x",
     ] {
-        let (st, _, body) = get(&r, bad, &[]).await;
+        let (st, _, body) = get(&r, bad, &html).await;
         assert!(
             st == StatusCode::NOT_FOUND || body == b"<!doctype html><p>console</p>",
             "{bad}: {st}"
@@ -394,7 +405,7 @@ async fn the_console_is_served_beside_the_api() {
     let (st, _, body) = get(&r, "/", &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert!(String::from_utf8_lossy(&body).contains("npm run build"));
-    let (st, _, _) = get(&r, "/vms", &[]).await;
+    let (st, _, _) = get(&r, "/vms", &html).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     let _ = std::fs::remove_dir_all(&web);
 }

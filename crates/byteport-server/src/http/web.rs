@@ -1,6 +1,7 @@
 //! The web console: the static files of its build (`web/build`, made by
 //! `npm run build` in `web/`) served at `/`. Paths that name no file get
-//! `index.html`, so the console's own routes (`/vms/...`) load it; the API
+//! `index.html` when the client accepts HTML (a browser navigating), so the
+//! console's own routes (`/vms/...`) load it; other clients get a 404. The API
 //! keeps `/v1` (an unknown `/v1/...` path is still the API's JSON 404),
 //! and `/docs`, `/metrics` and `/healthz` are routed before this.
 //!
@@ -71,18 +72,27 @@ pub async fn serve(State(dir): State<WebDir>, req: Request) -> Response {
         }
         return AppError::not_found("route", "for this path").into_response();
     };
-    let accept = req
-        .headers()
-        .get(header::ACCEPT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let headers = req.headers();
+    let header_of = |h| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let accept = header_of(header::ACCEPT_ENCODING);
+    // Only a browser navigating (it accepts HTML) gets the page for a path
+    // that names no file: another client asking for a file that is not
+    // there (cloud-init probing for optional data, say) gets a 404.
+    let wants_page = path == "/" || header_of(header::ACCEPT).contains("text/html");
+    drop(req);
     let file = match resolve(root, &path) {
         Some(f) if f.is_file() => f,
         Some(_) if path.starts_with("/_app/") => {
             return (StatusCode::NOT_FOUND, "no such file in the web console\n").into_response();
         }
-        Some(_) => root.join("index.html"),
+        Some(_) if wants_page => root.join("index.html"),
+        Some(_) => return AppError::not_found("route", "for this path").into_response(),
         None => return (StatusCode::NOT_FOUND, "not found\n").into_response(),
     };
     let cache = if path.starts_with("/_app/immutable/") {
