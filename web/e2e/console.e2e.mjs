@@ -52,6 +52,21 @@ async function state(page, s, timeout = BOOT) {
 	await page.locator(`[data-testid=vm-state] [data-state=${s}]`).waitFor({ timeout });
 }
 
+/**
+ * Runs `f`, which provokes a refusal by the API on purpose. Chromium logs
+ * every refused request as "Failed to load resource: ... status of N":
+ * those (and only those) are expected here; anything else still fails.
+ */
+async function expectRefusal(status, f) {
+	const before = errors.length;
+	await f();
+	const seen = errors.splice(before);
+	check(
+		seen.every((e) => e.includes(`Failed to load resource: the server responded with a status of ${status}`)),
+		`unexpected browser errors:\n${seen.join('\n')}`
+	);
+}
+
 async function shot(page, name) {
 	await page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
 	// Nothing may stick out sideways (a phone would scroll the whole page).
@@ -94,6 +109,11 @@ try {
 	dump = async () => {
 		const r = await context.request.get(`/v1/vms/${vmId}`).catch((e) => e);
 		console.error(`the VM now: ${r.status?.()} ${await r.text?.()}`);
+		for (const p of context.pages()) {
+			const nav = await p.locator('nav').innerText().catch(() => '');
+			const badge = await p.getByTestId('vm-state').innerText().catch(() => '');
+			console.error(`page ${p.url()}: state badge "${badge}", nav: ${nav.replace(/\s+/g, ' ')}`);
+		}
 	};
 	// A marker that a reload would wipe.
 	await page.evaluate(() => (window.__noReload = true));
@@ -119,6 +139,16 @@ try {
 	check(await page.locator('button[data-action=pause]').isDisabled(), 'pause is enabled on a paused VM');
 	await page.locator('button[data-action=resume]').click();
 	await state(page, 'running', 60_000);
+
+	step('a refusal by the API is shown in its own words');
+	await page.goto('/vms/new');
+	await page.getByLabel('Name').fill('web-e2e');
+	await page.getByLabel('Project').selectOption('team-a');
+	await expectRefusal(409, async () => {
+		await page.getByRole('button', { name: 'Create VM' }).click();
+		await page.getByRole('alert').filter({ hasText: 'a VM named web-e2e already exists in project' }).waitFor();
+	});
+	check(page.url().endsWith('/vms/new'), 'the form left after a refusal');
 
 	step('the VM list shows it with its badge, and never team-b\'s VM');
 	await page.goto('/vms');
@@ -195,19 +225,13 @@ try {
 	await viewer.context.close();
 
 	step('an expired session sends the browser to the login page with a message');
-	const before = errors.length;
 	await context.clearCookies();
-	// A click inside the app (no reload): its next request is refused.
-	await page.getByRole('link', { name: 'Images' }).click();
-	await page.waitForURL('**/login', { timeout: 15_000 });
-	await page.getByText('Your session has expired. Log in again to continue.').waitFor();
-	// The refused request itself is logged by Chromium as a failed load:
-	// expected here, and only here.
-	const expiry = errors.splice(before);
-	check(
-		expiry.every((e) => /401/.test(e)),
-		`unexpected errors while the session expired:\n${expiry.join('\n')}`
-	);
+	await expectRefusal(401, async () => {
+		// A click inside the app (no reload): its next request is refused.
+		await page.getByRole('link', { name: 'Images' }).click();
+		await page.waitForURL('**/login', { timeout: 15_000 });
+		await page.getByText('Your session has expired. Log in again to continue.').waitFor();
+	});
 
 	step('logging out ends the session');
 	await page.getByLabel('User name').fill('alice');

@@ -3,7 +3,11 @@
 // failed reconnect asks whether the session is still valid.
 import type { Event, Node, Vm } from './api/client';
 
-type Listener = { vm?: (v: Vm) => void; node?: (n: Node) => void };
+/**
+ * `resync` runs when the stream comes back after a break: changes made
+ * while it was away may be missed, so pages read their data again.
+ */
+type Listener = { vm?: (v: Vm) => void; node?: (n: Node) => void; resync?: () => void };
 
 const listeners = new Set<Listener>();
 let source: EventSource | null = null;
@@ -30,7 +34,12 @@ export function connect(lost: () => void): void {
 	onLost = lost;
 	if (source || typeof EventSource === 'undefined') return;
 	source = new EventSource('/v1/events');
-	source.onopen = () => (live.connected = true);
+	let opened = false;
+	source.onopen = () => {
+		live.connected = true;
+		if (opened) for (const l of listeners) l.resync?.();
+		opened = true;
+	};
 	source.onmessage = (m) => dispatch(m.data);
 	source.onerror = () => {
 		live.connected = false;

@@ -18,9 +18,12 @@ export async function loadSession(): Promise<Whoami | null> {
 			return session.me;
 		}
 		const r = await api.GET('/v1/auth/session');
-		session.me = r.response.ok && r.data?.whoami ? r.data.whoami : null;
+		// Only the server's own "nobody" logs the browser out; a failed
+		// request (a restart, a busy database) keeps what was known.
+		if (r.response.ok) session.me = r.data?.whoami ?? null;
+		else if (!session.checked) session.me = null;
 	} catch {
-		session.me = null;
+		if (!session.checked) session.me = null;
 	}
 	session.checked = true;
 	return session.me;

@@ -271,10 +271,9 @@ pub async fn events(State(app): State<App>, ctx: Ctx) -> AppResult<Response> {
                         .ok()
                         .map(|d| SseEvent::default().data(d))
                 })),
-                Err(e) => {
-                    tracing::warn!(error = %e, "event stream ends");
-                    return None;
-                }
+                // A busy database now and then must not end every stream:
+                // the cursor is unchanged, the next poll reads the same window.
+                Err(e) => tracing::warn!(error = %e, "event poll failed; retrying"),
             }
         }
     });
