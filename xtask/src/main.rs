@@ -10,6 +10,7 @@ mod bench_placement;
 pub(crate) mod image;
 mod pg;
 mod up;
+mod web;
 
 use anyhow::{Context, bail};
 use std::path::PathBuf;
@@ -68,7 +69,7 @@ fn release_daemon(
 
 fn usage() -> anyhow::Result<()> {
     eprintln!(
-        "usage: cargo xtask up | test | openapi | bench api|boot|placement|metadata | image build NAME"
+        "usage: cargo xtask up | test | openapi | bench api|boot|placement|metadata|web | web build | image build NAME"
     );
     bail!("unknown task")
 }
@@ -97,6 +98,8 @@ fn main() -> anyhow::Result<()> {
         ["bench", "boot", rest @ ..] => bench_boot::run(&root(), rest),
         ["bench", "placement", rest @ ..] => bench_placement::run(&root(), rest),
         ["bench", "metadata", rest @ ..] => bench_metadata::run(&root(), rest),
+        ["bench", "web", rest @ ..] => web::bench(&root(), rest),
+        ["web", "build"] => web::build(&root()),
         ["image", rest @ ..] => image::run(&root(), rest),
         _ => usage(),
     }
@@ -117,6 +120,9 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The console: npm ci, generated client, svelte-check, Vitest, build.
+    // Its browser test runs below with the other real-guest tests.
+    web::test(&root).context("the web console")?;
     // The real-guest tests boot these images; they fail, not skip, here.
     for name in ["tiny", "debian-12"] {
         if !root
@@ -144,7 +150,8 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
         .args(extra)
         .env("BYTEPORT_TEST_PG_URL", &pg.url)
         .env("BYTEPORT_REQUIRE_PG", "1")
-        .env("BYTEPORT_REQUIRE_QEMU", "1");
+        .env("BYTEPORT_REQUIRE_QEMU", "1")
+        .env("BYTEPORT_REQUIRE_WEB", "1");
     let res = run(&mut cmd);
     drop(pg);
     res

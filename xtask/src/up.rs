@@ -78,6 +78,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         "-p",
         "byteport-cli",
     ]))?;
+    crate::web::build(root).context("building the web console")?;
     let bin = root.join("target/release");
     let data = root.join(".byteport");
     std::fs::create_dir_all(&data)?;
@@ -112,6 +113,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let mut server = Command::new(bin.join("byteportd"))
         .args(["all-in-one", "--listen", LISTEN, "--data-dir"])
         .arg(&data)
+        .arg("--web-dir")
+        .arg(root.join("web/build"))
         .spawn()
         .context("starting byteportd")?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -191,6 +194,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let _ = cli(&["vm", "exec", "hello", "--", "uname", "-a"]);
     println!();
     println!("BytePort is running at http://{LISTEN} (API docs: http://{LISTEN}/docs)");
+    println!("  web console: http://{LISTEN}/ (log in as admin)");
     println!("  admin password: in {}", password_file.display());
     println!("  CLI:  export BYTEPORT_CONFIG={}", config.display());
     println!("        {}/byteport vm list", bin.display());

@@ -4,6 +4,7 @@
 //! must hold under concurrency (quotas, unique names, generations); it knows
 //! nothing of HTTP or of who may do what.
 
+mod changes;
 pub mod entities;
 mod fleet;
 mod migration;

@@ -310,6 +310,11 @@ impl Daemon {
         if let Some(u) = &self.database_url {
             cmd.arg("--database-url").arg(u);
         }
+        // The built web console, when there is one.
+        let web = workspace_root().join("web/build");
+        if web.join("index.html").is_file() {
+            cmd.env("BYTEPORT_WEB_DIR", web);
+        }
         let child = cmd
             .env("BYTEPORT_DATA_DIR", &self.dir)
             .env("RUST_LOG", "info")

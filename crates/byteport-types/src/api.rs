@@ -3,7 +3,7 @@
 
 use crate::ids::*;
 use crate::name::Name;
-use crate::vm_state::{DesiredState, ObservedState, VmState};
+use crate::vm_state::{DesiredState, ObservedState, VmAction, VmState};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -358,6 +358,8 @@ pub struct Vm {
     pub cloud_init: Option<CloudInit>,
     /// The placement wishes it was created with.
     pub placement: Placement,
+    /// Each lifecycle action, and whether the state machine allows it now.
+    pub actions: Vec<VmActionCheck>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -402,6 +404,15 @@ impl CloudInit {
     pub fn is_final(self) -> bool {
         self != CloudInit::Running
     }
+}
+
+/// Whether a lifecycle action is allowed on a VM right now.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VmActionCheck {
+    pub action: VmAction,
+    pub allowed: bool,
+    /// Why not: the message of the 409 the action would get.
+    pub reason: Option<String>,
 }
 
 /// What `running` waits for.
@@ -698,4 +709,31 @@ pub struct AuditQuery {
     pub project: Option<String>,
     pub limit: Option<u32>,
     pub cursor: Option<String>,
+}
+
+// ---------- events ----------
+
+/// One message of the `/v1/events` stream (the `data` of a server-sent
+/// event): the current record of something that changed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A VM the caller may see changed (state, ports, deletion, ...).
+    Vm(Box<Vm>),
+    /// A node's status, capacity or usage changed (admins only).
+    Node(Box<Node>),
+}
+
+/// Whether the caller has a session, for a browser that cannot read its
+/// HTTP-only cookie: `whoami` is absent when nobody is logged in.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SessionState {
+    pub whoami: Option<Whoami>,
+}
+
+/// How many of the caller's VMs are in one state.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VmStateCount {
+    pub state: VmState,
+    pub count: u64,
 }

@@ -81,6 +81,26 @@ struct ServerArgs {
     /// Memory that may be reserved per MiB of host memory.
     #[arg(long, env = "BYTEPORT_MEMORY_OVERCOMMIT", default_value_t = 1.0)]
     memory_overcommit: f64,
+    /// The built web console to serve at `/` (`npm run build` in `web/`);
+    /// `web/build` under the working directory when absent and present.
+    #[arg(long, env = "BYTEPORT_WEB_DIR")]
+    web_dir: Option<PathBuf>,
+}
+
+/// The web console's build directory: the one asked for (which must hold
+/// `index.html`), or `web/build` here if it was built.
+fn web_dir(asked: Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
+    match asked {
+        Some(d) if d.join("index.html").is_file() => Ok(Some(d)),
+        Some(d) => bail!(
+            "--web-dir {} has no index.html: build the console with `npm ci && npm run build` in web/",
+            d.display()
+        ),
+        None => {
+            let d = PathBuf::from("web/build");
+            Ok(d.join("index.html").is_file().then_some(d))
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -318,7 +338,13 @@ async fn serve_with(
             bail!("{flag} {v} is outside 0.1-100");
         }
     }
+    let web_dir = web_dir(args.web_dir.clone())?;
+    match &web_dir {
+        Some(d) => tracing::info!(dir = %d.display(), "serving the web console"),
+        None => tracing::info!("no web console built; / says how to build it"),
+    }
     let settings = Settings {
+        web_dir,
         secure_cookies: args.tls_cert.is_some(),
         image_dir: dir.join("images"),
         placement_policy,

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod auth;
 pub mod catalog;
+pub mod events;
 pub mod guest;
 pub mod hub;
 pub mod image_files;
@@ -41,6 +42,8 @@ pub struct Settings {
     pub placement_policy: byteport_scheduler::Policy,
     /// How far reservations may exceed a node's capacity.
     pub overcommit: byteport_scheduler::Overcommit,
+    /// The built web console (`index.html` and `_app/`), served at `/`.
+    pub web_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -53,6 +56,7 @@ impl Default for Settings {
             image_dir: std::env::temp_dir().join("byteport-images"),
             placement_policy: byteport_scheduler::Policy::Spread,
             overcommit: byteport_scheduler::Overcommit::default(),
+            web_dir: None,
         }
     }
 }

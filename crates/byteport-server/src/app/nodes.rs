@@ -27,7 +27,7 @@ fn check_capacity(c: &Capacity) -> AppResult<()> {
     Ok(())
 }
 
-fn node_view(n: &node::Model) -> AppResult<Node> {
+pub(crate) fn node_view(n: &node::Model) -> AppResult<Node> {
     Ok(Node {
         id: NodeId(n.id),
         name: Name::parse(&n.name).map_err(AppError::internal)?,

@@ -6,7 +6,9 @@ use super::projects::DEFAULT_PROJECT;
 use super::{App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{VmFilter, vm};
-use byteport_types::api::{CloudInit, Page, PortForward, ReadyBy, Role, Vm, VmCreate, VmListQuery};
+use byteport_types::api::{
+    CloudInit, Page, PortForward, ReadyBy, Role, Vm, VmActionCheck, VmCreate, VmListQuery,
+};
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmAction, VmState};
 use byteport_types::{Name, NodeId, ProjectId, VmId};
 use chrono::Utc;
@@ -447,7 +449,30 @@ impl App {
     }
 }
 
+/// What the state machine allows now, action by action.
+fn action_checks(state: VmState, desired: DesiredState, placed: bool) -> Vec<VmActionCheck> {
+    VmAction::ALL
+        .iter()
+        .map(
+            |&action| match vm_state::plan(state, desired, placed, action) {
+                Ok(_) => VmActionCheck {
+                    action,
+                    allowed: true,
+                    reason: None,
+                },
+                Err(e) => VmActionCheck {
+                    action,
+                    allowed: false,
+                    reason: Some(e.to_string()),
+                },
+            },
+        )
+        .collect()
+}
+
 pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
+    let state: VmState = parse(&v.state)?;
+    let desired: DesiredState = parse(&v.desired_state)?;
     let labels: BTreeMap<String, String> =
         serde_json::from_str(&v.labels).map_err(AppError::internal)?;
     let ssh_keys: Vec<String> = serde_json::from_str(&v.ssh_keys).map_err(AppError::internal)?;
@@ -472,9 +497,9 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
         ssh_keys,
         ssh_user: v.ssh_user.clone().unwrap_or_else(|| "root".into()),
         has_user_data: v.user_data.is_some(),
-        state: parse(&v.state)?,
+        state,
         state_reason: v.state_reason.clone(),
-        desired_state: parse(&v.desired_state)?,
+        desired_state: desired,
         desired_generation: to_u64(v.desired_generation),
         observed_state: v
             .observed_state
@@ -496,6 +521,7 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
             .as_deref()
             .and_then(|p| serde_json::from_str(p).ok())
             .unwrap_or_default(),
+        actions: action_checks(state, desired, v.node_id.is_some()),
         created_at: v.created_at,
         updated_at: v.updated_at,
     })

@@ -108,6 +108,19 @@ pub async fn auth_whoami(State(app): State<App>, ctx: Ctx) -> Resp<Whoami> {
     Ok(Json(app.whoami(&ctx).await?))
 }
 
+/// The caller's session, if any: unlike `whoami`, a caller with no (or an
+/// expired) session gets 200 with no `whoami`, so the web console can ask
+/// at load without a failed request.
+#[utoipa::path(get, path = "/v1/auth/session", tag = "auth",
+    responses((status = 200, body = SessionState)))]
+pub async fn auth_session(State(app): State<App>, ctx: Ctx) -> Resp<SessionState> {
+    let whoami = match ctx.actor {
+        crate::app::Actor::User { .. } => Some(app.whoami(&ctx).await?),
+        _ => None,
+    };
+    Ok(Json(SessionState { whoami }))
+}
+
 /// Create the first admin with the one-time token printed at first start.
 #[utoipa::path(post, path = "/v1/bootstrap", tag = "auth", request_body = BootstrapRequest,
     responses((status = 201, body = User), (status = 401, body = ErrorBody)))]
@@ -369,6 +382,14 @@ pub async fn vm_list(
     ApiQuery(q): ApiQuery<VmListQuery>,
 ) -> Resp<Page<Vm>> {
     Ok(Json(app.vm_list(&ctx, q).await?))
+}
+
+/// The caller's VMs (not deleted) counted by state, across every project
+/// they see.
+#[utoipa::path(get, path = "/v1/vm-states", tag = "vms",
+    responses((status = 200, body = Vec<VmStateCount>), (status = 401, body = ErrorBody)))]
+pub async fn vm_state_counts(State(app): State<App>, ctx: Ctx) -> Resp<Vec<VmStateCount>> {
+    Ok(Json(app.vm_state_counts(&ctx).await?))
 }
 
 /// Show a VM.

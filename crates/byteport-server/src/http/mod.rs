@@ -6,6 +6,7 @@ pub mod extract;
 pub mod handlers;
 pub mod middleware;
 pub mod streams;
+pub mod web;
 
 use crate::app::App;
 use crate::metrics::Metrics;
@@ -35,6 +36,7 @@ use utoipa_axum::routes;
         (name = "vms", description = "Virtual machines and their lifecycle"),
         (name = "nodes", description = "Hosts that run VMs"),
         (name = "audit"),
+        (name = "events", description = "Live changes for the web console"),
     )
 )]
 struct ApiDoc;
@@ -70,6 +72,7 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::auth_refresh))
         .routes(routes!(h::auth_logout))
         .routes(routes!(h::auth_whoami))
+        .routes(routes!(h::auth_session))
         .routes(routes!(h::bootstrap))
         .routes(routes!(h::user_create, h::user_list))
         .routes(routes!(h::user_show, h::user_delete))
@@ -108,6 +111,8 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::node_drain))
         .routes(routes!(h::node_metadata))
         .routes(routes!(h::audit_list))
+        .routes(routes!(st::events))
+        .routes(routes!(h::vm_state_counts))
 }
 
 /// The OpenAPI document, as committed at `openapi/byteport.json`.
@@ -139,6 +144,7 @@ pub fn router(app: App) -> Router {
         app: app.clone(),
         ops: Arc::new(operations(&doc)),
     };
+    let web_dir = app.settings.web_dir.clone();
     let doc_json = Arc::new(serde_json::to_string(&doc).unwrap_or_default());
     // `route_layer`s run after routing (so they see the matched route), the
     // last added outermost: metrics, then auth, audit, idempotency.
@@ -172,7 +178,8 @@ pub fn router(app: App) -> Router {
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/v1/openapi-swagger.json", doc))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text).with_state((app, metrics)))
-        .fallback(not_found)
+        .fallback(web::serve)
+        .with_state(web::WebDir(Arc::new(web_dir)))
         .layer(DefaultBodyLimit::max(middleware::BODY_LIMIT))
 }
 
@@ -181,10 +188,6 @@ async fn healthz() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         "{\"status\":\"ok\"}",
     )
-}
-
-async fn not_found() -> crate::error::AppError {
-    crate::error::AppError::not_found("route", "for this path")
 }
 
 async fn metrics_text(State((app, m)): State<(App, Arc<Metrics>)>) -> impl IntoResponse {
