@@ -59,18 +59,13 @@ pub fn test(root: &Path) -> anyhow::Result<()> {
 /// then `web/bench/bench.mjs` starts the daemon with 1,000 VMs and
 /// measures in Chromium.
 pub fn bench(root: &Path, args: &[&str]) -> anyhow::Result<()> {
-    crate::run(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--release",
-        "-p",
-        "byteportd",
-    ]))?;
+    let daemon = crate::release_daemon(root, true, None)?;
     build(root)?;
     crate::run(
         Command::new("node")
             .current_dir(root.join("web"))
             .arg("bench/bench.mjs")
             .args(args)
-            .env("BYTEPORTD", root.join("target/release/byteportd")),
+            .env("BYTEPORTD", daemon),
     )
 }
