@@ -44,7 +44,7 @@
 
 use anyhow::{Context, bail, ensure};
 use byteport_scheduler::{Decision, NodeInventory, Overcommit, Policy, Request, Resources};
-use byteport_server::app::placement::inventory;
+use byteport_server::app::placement::{inventory, to_size};
 use byteport_server::{App, Settings};
 use byteport_store::{DataStore, Size, VmFilter, image, join_token, node, project, vm};
 use chrono::Utc;
@@ -533,14 +533,6 @@ fn size_of(v: &vm::Model) -> Size {
         vcpus: v.vcpus,
         memory_mib: v.memory_mib,
         disk_gib: v.disk_gib,
-    }
-}
-
-fn to_size(r: Resources) -> Size {
-    Size {
-        vcpus: r.vcpus,
-        memory_mib: r.memory_mib,
-        disk_gib: r.disk_gib,
     }
 }
 

@@ -236,7 +236,8 @@ fn size_of(v: &vm::Model) -> Resources {
     }
 }
 
-fn to_size(r: Resources) -> Size {
+/// The store's form of the scheduler's resources.
+pub fn to_size(r: Resources) -> Size {
     Size {
         vcpus: r.vcpus,
         memory_mib: r.memory_mib,
