@@ -46,27 +46,8 @@ impl App {
     /// see are fixed now (a stream ends after a while and the browser
     /// reconnects, which checks the credential again).
     pub async fn events_open(&self, ctx: &Ctx) -> AppResult<EventCursor> {
-        let (me, admin) = ctx.user()?;
-        let mut names = BTreeMap::new();
-        let projects = if admin {
-            names.extend(
-                self.store
-                    .project_list(None)
-                    .await?
-                    .into_iter()
-                    .map(|p| (p.id, p.name)),
-            );
-            None
-        } else {
-            names.extend(
-                self.store
-                    .memberships(me.0)
-                    .await?
-                    .into_iter()
-                    .map(|(p, _)| (p.id, p.name)),
-            );
-            Some(names.keys().copied().collect())
-        };
+        let (_, admin) = ctx.user()?;
+        let (projects, names) = self.visible_projects(ctx).await?;
         Ok(EventCursor {
             admin,
             projects,
@@ -154,19 +135,7 @@ impl App {
     /// The caller's live VMs by state (every project for admins), for the
     /// dashboard: one query, however many VMs there are.
     pub async fn vm_state_counts(&self, ctx: &Ctx) -> AppResult<Vec<VmStateCount>> {
-        let (me, admin) = ctx.user()?;
-        let projects: Option<Vec<Uuid>> = if admin {
-            None
-        } else {
-            Some(
-                self.store
-                    .memberships(me.0)
-                    .await?
-                    .into_iter()
-                    .map(|(p, _)| p.id)
-                    .collect(),
-            )
-        };
+        let (projects, _) = self.visible_projects(ctx).await?;
         let mut out = Vec::new();
         for (state, n) in self.store.vm_count_by_state_in(projects.as_deref()).await? {
             out.push(VmStateCount {

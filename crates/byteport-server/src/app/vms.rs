@@ -248,7 +248,7 @@ impl App {
     }
 
     pub async fn vm_list(&self, ctx: &Ctx, q: VmListQuery) -> AppResult<Page<Vm>> {
-        let (me, admin) = ctx.user()?;
+        ctx.user()?;
         let limit = q.limit.unwrap_or(100);
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(AppError::bad(
@@ -275,33 +275,12 @@ impl App {
             None => None,
         };
         // Names of every project in the result, to fill in each VM.
-        let mut names: BTreeMap<Uuid, String> = BTreeMap::new();
-        let projects = match &q.project {
+        let (projects, names) = match &q.project {
             Some(key) => {
                 let p = self.project_resolve(ctx, key, Role::Viewer).await?;
-                names.insert(p.id, p.name);
-                Some(names.keys().copied().collect())
+                (Some(vec![p.id]), BTreeMap::from([(p.id, p.name)]))
             }
-            None if admin => {
-                names.extend(
-                    self.store
-                        .project_list(None)
-                        .await?
-                        .into_iter()
-                        .map(|p| (p.id, p.name)),
-                );
-                None
-            }
-            None => {
-                names.extend(
-                    self.store
-                        .memberships(me.0)
-                        .await?
-                        .into_iter()
-                        .map(|(p, _)| (p.id, p.name)),
-                );
-                Some(names.keys().copied().collect())
-            }
+            None => self.visible_projects(ctx).await?,
         };
         let rows = self
             .store
