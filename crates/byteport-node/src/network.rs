@@ -100,7 +100,9 @@ mod tests {
 
     #[test]
     fn ports_never_collide_and_come_back() {
-        let net = UserNet::new("127.0.0.1".into(), 41000..=41009);
+        // Above Linux's ephemeral range (32768-60999): no outgoing
+        // connection of another test can be holding one of these.
+        let net = UserNet::new("127.0.0.1".into(), 61000..=61009);
         let mut seen = std::collections::HashSet::new();
         let vms: Vec<VmId> = (0..5).map(|_| VmId::new()).collect();
         for vm in &vms {
