@@ -245,6 +245,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ca-certificates",
     "wget",
+    // The kernel runs modprobe for file systems (a NoCloud ISO seed).
+    "kmod",
 ];
 
 /// The disk's size; cloud-init grows the filesystem to the VM's disk.

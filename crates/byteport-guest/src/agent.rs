@@ -26,6 +26,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
@@ -34,8 +35,8 @@ use std::thread;
 use std::time::Duration;
 
 use crate::proto::{
-    CONTROL_STREAM, Decoder, ExecError, ExecRequest, Exit, Frame, Kind, MAX_PAYLOAD, Message,
-    Ready, write_frame,
+    CLOUD_INIT_RUN, CONTROL_STREAM, CloudInitStatus, Decoder, ExecError, ExecRequest, Exit, Frame,
+    Kind, MAX_PAYLOAD, Message, Ready, write_frame,
 };
 
 /// The agent's version, sent in Ready.
@@ -477,6 +478,7 @@ pub fn ready() -> Ready {
         hostname,
         uptime_ms,
         instance: format!("{}-{}", boot_id.trim(), std::process::id()),
+        cloud_init: Some(CloudInitStatus::read(Path::new(CLOUD_INIT_RUN))),
     }
 }
 

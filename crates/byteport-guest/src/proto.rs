@@ -283,6 +283,58 @@ pub struct Ready {
     /// the same connection means the agent restarted and its processes are gone.
     #[serde(default)]
     pub instance: String,
+    /// Where cloud-init is on this boot, read from its files by the agent
+    /// itself (no process started). Absent from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitStatus>,
+}
+
+/// Where cloud-init is in the guest on this boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloudInitStatus {
+    /// Enabled and not finished.
+    Running,
+    /// Finished every stage without errors.
+    Done,
+    /// Finished with errors.
+    Error,
+    /// Not installed, or disabled on this boot.
+    Absent,
+}
+
+/// Where cloud-init keeps the state of the current boot (a tmpfs).
+pub const CLOUD_INIT_RUN: &str = "/run/cloud-init";
+
+impl CloudInitStatus {
+    /// Reads cloud-init's run directory (normally [`CLOUD_INIT_RUN`]).
+    ///
+    /// Its systemd generator leaves `enabled` or `disabled` there before
+    /// any unit starts, and its last stage writes `result.json` with the
+    /// errors of the run. No directory means no cloud-init.
+    pub fn read(run_dir: &std::path::Path) -> CloudInitStatus {
+        if let Ok(json) = std::fs::read(run_dir.join("result.json"))
+            && let Some(s) = CloudInitStatus::from_result(&json)
+        {
+            return s;
+        }
+        if !run_dir.is_dir() || run_dir.join("disabled").exists() {
+            return CloudInitStatus::Absent;
+        }
+        CloudInitStatus::Running
+    }
+
+    /// cloud-init's `result.json`: `{"v1": {"datasource": ..., "errors":
+    /// [...]}}`. None if it cannot be read (half written: look again).
+    pub fn from_result(json: &[u8]) -> Option<CloudInitStatus> {
+        let v: serde_json::Value = serde_json::from_slice(json).ok()?;
+        let errors = v.get("v1")?.get("errors")?.as_array()?;
+        Some(if errors.is_empty() {
+            CloudInitStatus::Done
+        } else {
+            CloudInitStatus::Error
+        })
+    }
 }
 
 /// A process to start in the guest.
@@ -416,6 +468,35 @@ impl Message {
 mod tests {
     use super::*;
 
+    #[test]
+    fn cloud_init_status_comes_from_its_run_directory() {
+        let tmp = std::env::temp_dir().join(format!("bp-ci-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let read = || CloudInitStatus::read(&tmp);
+        assert_eq!(read(), CloudInitStatus::Absent, "no directory");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::write(tmp.join("disabled"), "").unwrap();
+        assert_eq!(read(), CloudInitStatus::Absent, "disabled");
+        std::fs::remove_file(tmp.join("disabled")).unwrap();
+        std::fs::write(tmp.join("enabled"), "").unwrap();
+        assert_eq!(read(), CloudInitStatus::Running);
+        std::fs::write(tmp.join("result.json"), r#"{"v1": {"datas"#).unwrap();
+        assert_eq!(read(), CloudInitStatus::Running, "half written");
+        std::fs::write(
+            tmp.join("result.json"),
+            r#"{"v1": {"datasource": "DataSourceNoCloudNet", "errors": []}}"#,
+        )
+        .unwrap();
+        assert_eq!(read(), CloudInitStatus::Done);
+        std::fs::write(
+            tmp.join("result.json"),
+            r#"{"v1": {"datasource": null, "errors": ["('scripts_user', RuntimeError())"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(read(), CloudInitStatus::Error);
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
     fn samples() -> Vec<(u32, Message)> {
         vec![
             (0, Message::Hello),
@@ -426,6 +507,7 @@ mod tests {
                     hostname: "tiny".into(),
                     uptime_ms: 3600,
                     instance: "b00t-42".into(),
+                    cloud_init: Some(CloudInitStatus::Running),
                 }),
             ),
             (
