@@ -716,6 +716,7 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                             placement_group: None,
                             compute_held: false,
                             metadata_token_hash: None,
+                            environment_id: None,
                             cloud_init: None,
                             ssh_user: None,
                         },

@@ -9,6 +9,8 @@ use byteport_types::api::*;
 use byteport_types::{VmId, VmState};
 use serde_json::{Value, json};
 
+mod environments;
+
 /// The longest wait the server grants in one request.
 const MAX_SERVER_WAIT: u64 = 600;
 
@@ -257,6 +259,7 @@ fn dispatch(env: &Env, cmd: Cmd) -> Result<()> {
         Cmd::Flavor(c) => flavor(env, c),
         Cmd::Image(c) => image(env, c),
         Cmd::Vm(a) => vm(env, a),
+        Cmd::Env(a) => environments::run(env, a),
         Cmd::Node(c) => node(env, c),
         Cmd::Audit { project, limit } => audit(env, project, limit),
     }

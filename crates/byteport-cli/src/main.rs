@@ -75,6 +75,8 @@ pub enum Cmd {
     Image(ImageCmd),
     /// Manage virtual machines.
     Vm(VmArgs),
+    /// Groups of VMs, one per matching image, to run a command on all.
+    Env(EnvArgs),
     /// Show nodes (admins).
     #[command(subcommand)]
     Node(NodeCmd),
@@ -303,6 +305,95 @@ pub struct VmArgs {
     pub project: Option<String>,
     #[command(subcommand)]
     pub cmd: VmCmd,
+}
+
+#[derive(Args, Debug)]
+pub struct EnvArgs {
+    /// The project (name or id) to create in or look names up in
+    /// (`default` when absent).
+    #[arg(long, global = true)]
+    pub project: Option<String>,
+    #[command(subcommand)]
+    pub cmd: EnvCmd,
+}
+
+/// Parses a lifetime: seconds, or a number with s, m, h or d.
+fn parse_lifetime(s: &str) -> Result<u64, String> {
+    let (n, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("expected a lifetime such as 90s, 30m, 2h or 1d, got {s:?}"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EnvCmd {
+    /// Create an environment: one VM per image whose name starts with one
+    /// of the prefixes (--wait: until every VM runs).
+    Add {
+        name: String,
+        /// Image-name prefixes, comma-separated (debian,alpine).
+        #[arg(long, value_delimiter = ',', required = true)]
+        os_prefix: Vec<String>,
+        #[arg(long)]
+        flavor: Option<String>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        disk_gib: Option<u64>,
+        /// A cloud-init user-data file for every VM.
+        #[arg(long)]
+        user_data: Option<PathBuf>,
+        /// A file of SSH public keys, one per line (repeatable).
+        #[arg(long)]
+        ssh_key: Vec<PathBuf>,
+        /// Delete it after this long (90s, 30m, 2h, 1d).
+        #[arg(long, value_parser = parse_lifetime)]
+        lifetime: Option<u64>,
+        /// Wait until every VM is running.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait with --wait.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// List environments.
+    List,
+    /// Show an environment and its VMs.
+    Show { env: String },
+    /// Run a command on every VM at once and print each VM's output.
+    ///
+    /// Exits 0 when it exited 0 on every VM, 1 otherwise.
+    Run {
+        env: String,
+        /// Kill the command after this many seconds (default 300).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// The program and its arguments, after `--`; no shell.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Delete an environment and all its VMs (--wait: until they are gone).
+    Del {
+        env: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 /// Parses `key=value`.

@@ -805,3 +805,113 @@ async fn cli_shows_port_forwards_of_placed_vms() {
         let _ = std::fs::remove_dir_all(cfg.parent().and_then(Path::parent).expect("dir"));
     }
 }
+
+/// `env add/list/show/run/del` against the server (no node: the VMs wait
+/// to be placed, so a run reports per VM that they are not running).
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_manages_environments() {
+    for backend in byteport_testkit::backends() {
+        let s = byteport_testkit::TestServer::start(backend).await;
+        let cfg = temp_config();
+        let c = cfg.as_path();
+        let o = run(
+            c,
+            &[
+                "login",
+                "--url",
+                &s.url,
+                "--user",
+                "admin",
+                "--password-stdin",
+            ],
+            Some("admin-password\n"),
+        )
+        .await;
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        s.image("tiny-a").await;
+        s.image("tiny-b").await;
+
+        let out = ok(
+            c,
+            &[
+                "env",
+                "add",
+                "compat",
+                "--os-prefix",
+                "tiny-a,tiny-b",
+                "--flavor",
+                "m1.tiny",
+                "--lifetime",
+                "2h",
+            ],
+        )
+        .await;
+        assert!(out.contains("state:"), "{out}");
+        for vm in ["compat-tiny-a", "compat-tiny-b"] {
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with(vm) && l.contains("pending")),
+                "{vm} in {out}"
+            );
+        }
+        let out = ok(c, &["env", "list"]).await;
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("compat"))
+            .expect("a row");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cells[..4], ["compat", "default", "creating", "2"], "{out}");
+
+        let out = ok(c, &["env", "show", "compat", "--output", "json"]).await;
+        let e: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(e["os_prefixes"], serde_json::json!(["tiny-a", "tiny-b"]));
+
+        // Not running yet: each VM says so, and the exit status is 1.
+        let o = run(c, &["env", "run", "compat", "--", "uname", "-a"], None).await;
+        assert_eq!(o.code, 1);
+        assert_eq!(
+            o.stdout
+                .lines()
+                .filter(
+                    |l| l.starts_with("== compat-tiny-") && l.contains("error: the VM is pending")
+                )
+                .count(),
+            2,
+            "{}",
+            o.stdout
+        );
+        assert!(o.stderr.contains("failed on 2 of 2 VMs"), "{}", o.stderr);
+
+        let o = fails(
+            c,
+            &["env", "add", "x", "--os-prefix", "tiny", "--lifetime", "5x"],
+        )
+        .await;
+        assert!(o.stderr.contains("unknown unit"), "{}", o.stderr);
+        let o = fails(
+            c,
+            &[
+                "env",
+                "add",
+                "x",
+                "--os-prefix",
+                "fedora",
+                "--flavor",
+                "m1.tiny",
+            ],
+        )
+        .await;
+        assert!(
+            o.stderr.contains("no image name starts with"),
+            "{}",
+            o.stderr
+        );
+        let o = fails(c, &["env", "show", "nope"]).await;
+        assert!(o.stderr.contains("not found"), "{}", o.stderr);
+
+        let out = ok(c, &["env", "del", "compat", "--wait"]).await;
+        assert!(out.contains("deleted"), "{out}");
+        let out = ok(c, &["env", "list"]).await;
+        assert!(!out.contains("compat"), "{out}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Background work of the control plane: reconcilers that are idempotent
 //! and safe to run at any time, on any replica: placing the VMs that wait
-//! for a node, and marking silent nodes offline.
+//! for a node, marking silent nodes offline, and deleting environments
+//! whose lifetime ended.
 
 use crate::app::App;
 use std::time::Duration;
@@ -24,6 +25,11 @@ pub fn spawn_with(app: App, node_timeout: Duration) -> tokio::task::JoinHandle<(
             tick.tick().await;
             if let Err(e) = app.nodes_mark_stale(node_timeout).await {
                 tracing::warn!(error = %e, "offline check failed");
+            }
+            match app.env_reap().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "deleted expired environments"),
+                Err(e) => tracing::warn!(error = %e, "environment lifetime check failed"),
             }
             match app.place_pending().await {
                 Ok(0) => {}

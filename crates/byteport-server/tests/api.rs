@@ -1472,3 +1472,230 @@ async fn a_placement_pass_commits_a_batch_within_capacity_and_anti_affinity() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn environments_are_made_whole_within_quota_and_removed_whole() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        for name in ["debian-11", "debian-12", "alpine-3"] {
+            s.image(name).await;
+        }
+        let t = s.admin.clone();
+        let body = |name: &str, prefixes: &[&str]| json!({"name": name, "os_prefixes": prefixes, "flavor": "m1.tiny", "lifetime_secs": 3600});
+
+        // One VM per matching image, labelled, in the environment.
+        let (st, e) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(body("compat", &["debian", "alpine"])),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+        let names: Vec<&str> = e["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["compat-alpine-3", "compat-debian-11", "compat-debian-12"]
+        );
+        assert_eq!(e["state"], "creating", "no node yet: {e}");
+        assert_eq!(e["vms"][0]["labels"]["environment"], "compat");
+        assert_eq!(e["vms"][0]["environment_id"], e["id"]);
+        let expires =
+            chrono::DateTime::parse_from_rfc3339(e["expires_at"].as_str().unwrap()).unwrap();
+        let created =
+            chrono::DateTime::parse_from_rfc3339(e["created_at"].as_str().unwrap()).unwrap();
+        assert_eq!((expires - created).num_seconds(), 3600);
+        let id = e["id"].as_str().unwrap().to_owned();
+
+        // Bad input changes nothing.
+        let bad = [
+            (body("x", &["fedora"]), "unknown_image"),
+            (body("x", &[]), "invalid_os_prefixes"),
+            (body("x", &["Debian"]), "invalid_os_prefixes"),
+            (
+                json!({"name": "x", "os_prefixes": ["debian"], "flavor": "m1.tiny", "lifetime_secs": 5}),
+                "invalid_lifetime",
+            ),
+            (
+                json!({"name": "x", "os_prefixes": ["debian"], "flavor": "m1.tiny", "user_data": "\u{1}"}),
+                "invalid_user_data",
+            ),
+            (
+                json!({"name": "x", "os_prefixes": ["debian"]}),
+                "missing_size",
+            ),
+            (
+                json!({"name": "x", "os_prefixes": ["debian"], "flavor": "m1.tiny", "bogus": 1}),
+                "invalid_body",
+            ),
+        ];
+        for (req, code) in bad {
+            let (st, v) = s
+                .call(POST, "/v1/environments", Some(&t), Some(req.clone()))
+                .await;
+            assert!(st.is_client_error(), "{req} -> {st} {v}");
+            assert_eq!(v["error"]["code"], code, "{req} -> {v}");
+        }
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(body("compat", &["alpine"])),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CONFLICT, "{v}");
+        // All or nothing: two more VMs do not fit a quota of four.
+        let (st, _) = s
+            .call(
+                PUT,
+                "/v1/projects/default/quota",
+                Some(&t),
+                Some(json!({"max_vms": 4, "max_vcpus": 100, "max_memory_mib": 65536, "max_disk_gib": 1000})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(body("more", &["debian"])),
+            )
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+        assert_eq!(
+            v["error"]["message"],
+            "quota max_vms exceeded: this needs 2, the project uses 3 of 4"
+        );
+        assert_eq!(s.count("vms").await, 3);
+        assert_eq!(s.count("environments").await, 1);
+
+        // Roles: a viewer sees it and cannot change it; an outsider sees nothing.
+        let viewer = s.user("vera").await;
+        let outsider = s.user("otto").await;
+        let (st, _) = s
+            .call(
+                PUT,
+                "/v1/projects/default/members/vera",
+                Some(&t),
+                Some(json!({"role": "viewer"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, v) = s
+            .call(GET, "/v1/environments/compat", Some(&viewer), None)
+            .await;
+        assert_eq!((st, v["id"].as_str()), (StatusCode::OK, Some(id.as_str())));
+        for (m, path) in [
+            (POST, "/v1/environments/compat/run".to_owned()),
+            (DELETE, "/v1/environments/compat".to_owned()),
+        ] {
+            let (st, _) = s
+                .call(m, &path, Some(&viewer), Some(json!({"argv": ["true"]})))
+                .await;
+            assert_eq!(st, StatusCode::FORBIDDEN, "viewer {path}");
+        }
+        for path in [
+            format!("/v1/environments/{id}"),
+            "/v1/environments/compat".into(),
+        ] {
+            let (st, _) = s.call(GET, &path, Some(&outsider), None).await;
+            assert_eq!(st, StatusCode::NOT_FOUND, "outsider {path}");
+        }
+        let (_, list) = s.call(GET, "/v1/environments", Some(&outsider), None).await;
+        assert_eq!(list, json!([]));
+        let (_, list) = s.call(GET, "/v1/environments", Some(&viewer), None).await;
+        assert_eq!(list.as_array().unwrap().len(), 1);
+
+        // A run on VMs that are not running says so per VM; a bad command is a 400.
+        let (st, r) = s
+            .call(
+                POST,
+                "/v1/environments/compat/run",
+                Some(&t),
+                Some(json!({"argv": ["uname"]})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{r}");
+        let results = r["results"].as_array().unwrap();
+        assert_eq!(results.len(), 3);
+        for x in results {
+            assert!(
+                x["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("exec needs it running"),
+                "{x}"
+            );
+            assert!(x["exit_code"].is_null());
+        }
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/environments/compat/run",
+                Some(&t),
+                Some(json!({"argv": []})),
+            )
+            .await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_argv"))
+        );
+
+        // Delete: every VM goes, the name is free again, the id still shows it.
+        let (st, e) = s
+            .call(DELETE, "/v1/environments/compat", Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+        assert_eq!(e["state"], "deleted", "unplaced VMs go at once: {e}");
+        let (st, _) = s.call(GET, "/v1/environments/compat", Some(&t), None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, e) = s
+            .call(GET, &format!("/v1/environments/{id}"), Some(&t), None)
+            .await;
+        assert_eq!((st, e["state"].as_str()), (StatusCode::OK, Some("deleted")));
+        let (_, p) = s.call(GET, "/v1/projects/default", Some(&t), None).await;
+        assert_eq!(p["usage"]["vms"], 0);
+
+        // A lifetime ends: the background pass deletes it and says so in the audit log.
+        let (st, e) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(body("compat", &["alpine"])),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+        assert_eq!(s.app.env_reap().await.unwrap(), 0, "not yet");
+        s.sql("UPDATE environments SET expires_at = created_at")
+            .await;
+        assert_eq!(s.app.env_reap().await.unwrap(), 1);
+        let (_, e) = s
+            .call(
+                GET,
+                &format!("/v1/environments/{}", e["id"].as_str().unwrap()),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(e["state"], "deleted", "{e}");
+        let (_, audit) = s.call(GET, "/v1/audit?limit=50", Some(&t), None).await;
+        let actions: Vec<&str> = audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a["action"].as_str())
+            .collect();
+        for a in ["environment_expired", "env_create", "env_delete"] {
+            assert!(actions.contains(&a), "{a} in {actions:?}");
+        }
+    }
+}

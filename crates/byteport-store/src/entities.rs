@@ -208,6 +208,29 @@ pub mod vm {
         pub cloud_init: Option<String>,
         /// Who to SSH in as: the image's login user when it was created.
         pub ssh_user: Option<String>,
+        /// The environment the VM was made for, if any.
+        pub environment_id: Option<Uuid>,
+    }
+    no_relations!();
+}
+
+pub mod environment {
+    use sea_orm::entity::prelude::*;
+    /// A group of VMs made together, one per matching image, removed
+    /// together (at `expires_at` at the latest).
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "environments")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub project_id: Uuid,
+        pub name: String,
+        /// JSON array of the image-name prefixes asked for.
+        pub os_prefixes: String,
+        pub flavor_name: Option<String>,
+        pub expires_at: Option<DateTimeUtc>,
+        pub created_at: DateTimeUtc,
+        pub deleted_at: Option<DateTimeUtc>,
     }
     no_relations!();
 }

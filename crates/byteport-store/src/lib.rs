@@ -666,24 +666,54 @@ impl DataStore {
     /// is read and the row written in one transaction, with the project row
     /// locked on PostgreSQL and the writer lock held on SQLite.
     pub async fn vm_insert(&self, v: vm::Model, labels: &[(String, String)]) -> Result<vm::Model> {
+        let mut made = self.vms_insert(None, vec![(v, labels.to_vec())]).await?;
+        made.pop().ok_or(StoreError::NotFound)
+    }
+
+    /// Inserts VMs of one project, and the environment they form if one is
+    /// given, in one transaction. The project's quota is checked for all of
+    /// them together: either every VM is made or none is.
+    pub async fn vms_insert(
+        &self,
+        env: Option<environment::Model>,
+        vms: Vec<(vm::Model, Vec<(String, String)>)>,
+    ) -> Result<Vec<vm::Model>> {
+        let Some(project_id) = env
+            .as_ref()
+            .map(|e| e.project_id)
+            .or_else(|| vms.first().map(|(v, _)| v.project_id))
+        else {
+            return Ok(Vec::new());
+        };
+        if vms.iter().any(|(v, _)| v.project_id != project_id) {
+            return Err(StoreError::Conflict(
+                "the VMs of one insert must share a project".into(),
+            ));
+        }
         let _w = self.serialize().await;
         let tx = self.db.begin().await?;
-        lock_project(&tx, v.project_id).await?;
-        let p = project::Entity::find_by_id(v.project_id)
+        lock_project(&tx, project_id).await?;
+        let p = project::Entity::find_by_id(project_id)
             .one(&tx)
             .await?
             .ok_or(StoreError::NotFound)?;
         let used = self.project_usage(&tx, p.id).await?;
+        let sum = |f: fn(&vm::Model) -> i64| vms.iter().map(|(v, _)| f(v)).sum::<i64>();
         let checks: [(&'static str, i64, i64, i64); 4] = [
-            ("max_vms", p.max_vms, used.vms, 1),
-            ("max_vcpus", p.max_vcpus, used.vcpus, v.vcpus),
+            ("max_vms", p.max_vms, used.vms, vms.len() as i64),
+            ("max_vcpus", p.max_vcpus, used.vcpus, sum(|v| v.vcpus)),
             (
                 "max_memory_mib",
                 p.max_memory_mib,
                 used.memory_mib,
-                v.memory_mib,
+                sum(|v| v.memory_mib),
             ),
-            ("max_disk_gib", p.max_disk_gib, used.disk_gib, v.disk_gib),
+            (
+                "max_disk_gib",
+                p.max_disk_gib,
+                used.disk_gib,
+                sum(|v| v.disk_gib),
+            ),
         ];
         for (quota, limit, used, requested) in checks {
             if used + requested > limit {
@@ -695,35 +725,115 @@ impl DataStore {
                 });
             }
         }
-        let taken = vm::Entity::find()
-            .filter(vm::Column::ProjectId.eq(v.project_id))
-            .filter(vm::Column::Name.eq(v.name.clone()))
-            .filter(vm::Column::DeletedAt.is_null())
-            .count(&tx)
-            .await?;
-        if taken > 0 {
-            return Err(StoreError::Conflict(format!(
-                "a VM named {} already exists in project {}",
-                v.name, p.name
-            )));
-        }
-        let v = v
-            .into_active_model()
-            .insert(&tx)
-            .await
-            .map_err(unique_conflict("VM"))?;
-        for (k, val) in labels {
-            vm_label::Model {
-                vm_id: v.id,
-                key: k.clone(),
-                value: val.clone(),
+        if let Some(e) = env {
+            let taken = environment::Entity::find()
+                .filter(environment::Column::ProjectId.eq(project_id))
+                .filter(environment::Column::Name.eq(e.name.clone()))
+                .filter(environment::Column::DeletedAt.is_null())
+                .count(&tx)
+                .await?;
+            if taken > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "an environment named {} already exists in project {}",
+                    e.name, p.name
+                )));
             }
-            .into_active_model()
-            .insert(&tx)
-            .await?;
+            e.into_active_model().insert(&tx).await?;
+        }
+        let mut made = Vec::with_capacity(vms.len());
+        for (v, labels) in vms {
+            let taken = vm::Entity::find()
+                .filter(vm::Column::ProjectId.eq(v.project_id))
+                .filter(vm::Column::Name.eq(v.name.clone()))
+                .filter(vm::Column::DeletedAt.is_null())
+                .count(&tx)
+                .await?;
+            if taken > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "a VM named {} already exists in project {}",
+                    v.name, p.name
+                )));
+            }
+            let v = v
+                .into_active_model()
+                .insert(&tx)
+                .await
+                .map_err(unique_conflict("VM"))?;
+            for (k, val) in labels {
+                vm_label::Model {
+                    vm_id: v.id,
+                    key: k,
+                    value: val,
+                }
+                .into_active_model()
+                .insert(&tx)
+                .await?;
+            }
+            made.push(v);
         }
         tx.commit().await?;
-        Ok(v)
+        Ok(made)
+    }
+
+    pub async fn env_fetch(&self, id: Uuid) -> Result<environment::Model> {
+        environment::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// The live environment of that name in the project.
+    pub async fn env_fetch_by_name(
+        &self,
+        project_id: Uuid,
+        name: &str,
+    ) -> Result<Option<environment::Model>> {
+        Ok(environment::Entity::find()
+            .filter(environment::Column::ProjectId.eq(project_id))
+            .filter(environment::Column::Name.eq(name))
+            .filter(environment::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Live environments of these projects, oldest first.
+    pub async fn env_list(&self, projects: &[Uuid]) -> Result<Vec<environment::Model>> {
+        Ok(environment::Entity::find()
+            .filter(environment::Column::ProjectId.is_in(projects.iter().copied()))
+            .filter(environment::Column::DeletedAt.is_null())
+            .order_by_asc(environment::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Live environments whose lifetime ended before `now`.
+    pub async fn env_expired(&self, now: DateTime<Utc>) -> Result<Vec<environment::Model>> {
+        Ok(environment::Entity::find()
+            .filter(environment::Column::DeletedAt.is_null())
+            .filter(environment::Column::ExpiresAt.lt(now))
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Marks an environment deleted; false if it already was (another
+    /// request or replica got there first).
+    pub async fn env_mark_deleted(&self, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
+        let r = environment::Entity::update_many()
+            .col_expr(environment::Column::DeletedAt, Expr::value(now))
+            .filter(environment::Column::Id.eq(id))
+            .filter(environment::Column::DeletedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected == 1)
+    }
+
+    /// The VMs made for an environment (deleted ones too), in creation order.
+    pub async fn env_vms(&self, id: Uuid) -> Result<Vec<vm::Model>> {
+        Ok(vm::Entity::find()
+            .filter(vm::Column::EnvironmentId.eq(id))
+            .order_by_asc(vm::Column::Id)
+            .all(&self.db)
+            .await?)
     }
 
     pub async fn vm_fetch(&self, id: Uuid) -> Result<vm::Model> {

@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0003Placement),
             Box::new(M0004ComputeHeld),
             Box::new(M0005Metadata),
+            Box::new(M0006Environments),
         ]
     }
 }
@@ -420,6 +421,70 @@ impl MigrationTrait for M0005Metadata {
                 .to_owned(),
         )
         .await?;
+        Ok(())
+    }
+}
+
+/// Environments (groups of VMs made and removed together), and an index
+/// for the event stream's look at what changed lately.
+struct M0006Environments;
+
+impl MigrationName for M0006Environments {
+    fn name(&self) -> &str {
+        "m0006_environments"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0006Environments {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        m.create_table(
+            Table::create()
+                .table(environment::Entity.table_ref())
+                .if_not_exists()
+                .col(uuid(environment::Column::Id).primary_key())
+                .col(uuid(environment::Column::ProjectId))
+                .col(string(environment::Column::Name))
+                .col(text(environment::Column::OsPrefixes))
+                .col(string_null(environment::Column::FlavorName))
+                .col(ts_null(environment::Column::ExpiresAt))
+                .col(ts(environment::Column::CreatedAt))
+                .col(ts_null(environment::Column::DeletedAt))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .name("environments_project_name")
+                .table(environment::Entity.table_ref())
+                .col(environment::Column::ProjectId)
+                .col(environment::Column::Name)
+                .if_not_exists()
+                .to_owned(),
+        )
+        .await?;
+        m.alter_table(
+            Table::alter()
+                .table(vm::Entity.table_ref())
+                .add_column(uuid_null(vm::Column::EnvironmentId).to_owned())
+                .to_owned(),
+        )
+        .await?;
+        for (name, col) in [
+            ("vms_environment", vm::Column::EnvironmentId),
+            ("vms_updated_at", vm::Column::UpdatedAt),
+        ] {
+            m.create_index(
+                Index::create()
+                    .name(name)
+                    .table(vm::Entity.table_ref())
+                    .col(col)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        }
         Ok(())
     }
 }

@@ -376,9 +376,17 @@ impl Daemon {
     /// files it names): an initramfs image, or a disk with kernel and
     /// initrd.
     pub fn import_image(&self, dir: &Path) {
-        let m: Value =
+        self.import_image_as(dir, None);
+    }
+
+    /// [`Daemon::import_image`] under another name than the manifest's.
+    pub fn import_image_as(&self, dir: &Path, name: Option<&str>) {
+        let mut m: Value =
             serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
                 .expect("manifest JSON");
+        if let Some(n) = name {
+            m["name"] = json!(n);
+        }
         let file = |k: &str| dir.join(m[k].as_str().expect("a file name"));
         let sha = |p: &Path| {
             use sha2::Digest;

@@ -276,6 +276,17 @@ impl TestServer {
         }
     }
 
+    /// Runs one SQL statement on the server's database (to age a row, say).
+    pub async fn sql(&self, statement: &str) {
+        use sea_orm::ConnectionTrait;
+        self.app
+            .store
+            .connection()
+            .execute_unprepared(statement)
+            .await
+            .expect(statement);
+    }
+
     /// Counts rows of a table, to prove a rejected request changed nothing.
     pub async fn count(&self, table: &str) -> i64 {
         let db = self.app.store.connection();

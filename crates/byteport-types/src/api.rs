@@ -358,6 +358,8 @@ pub struct Vm {
     pub cloud_init: Option<CloudInit>,
     /// The placement wishes it was created with.
     pub placement: Placement,
+    /// The environment it was made for, if any.
+    pub environment_id: Option<EnvironmentId>,
     /// Each lifecycle action, and whether the state machine allows it now.
     pub actions: Vec<VmActionCheck>,
     pub created_at: DateTime<Utc>,
@@ -424,7 +426,7 @@ pub enum ReadyBy {
 }
 
 /// A command to run in a VM through its guest agent.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// The program and its arguments; passed as is, never through a shell.
@@ -736,4 +738,97 @@ pub struct SessionState {
 pub struct VmStateCount {
     pub state: VmState,
     pub count: u64,
+}
+
+// ---------- environments ----------
+
+/// A group of VMs, one per image whose name starts with one of
+/// `os_prefixes`, made together within the project's quota (all or none).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentCreate {
+    pub name: Name,
+    /// The project's name or id; `default` when absent.
+    pub project: Option<String>,
+    /// Image-name prefixes, such as `debian` and `alpine`: every image
+    /// whose name starts with one gets a VM. Each must match an image.
+    pub os_prefixes: Vec<String>,
+    /// A flavor name; or give `vcpus`, `memory_mib` and `disk_gib`.
+    pub flavor: Option<Name>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_gib: Option<u64>,
+    /// cloud-init user-data for every VM, at most 64 KiB of text.
+    pub user_data: Option<String>,
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// Deleted this many seconds after creation (60 to 30 days); kept
+    /// until deleted when absent.
+    pub lifetime_secs: Option<u64>,
+}
+
+/// An environment and its VMs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Environment {
+    pub id: EnvironmentId,
+    pub name: Name,
+    pub project: Name,
+    pub project_id: ProjectId,
+    pub os_prefixes: Vec<String>,
+    pub flavor: Option<Name>,
+    /// `creating` while a VM is on its way up, `ready` when every VM runs,
+    /// `degraded` when one is in `error` or stopped, `deleting` after a
+    /// delete until every VM is gone, then `deleted`.
+    pub state: EnvironmentState,
+    pub vms: Vec<Vm>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvironmentState {
+    Creating,
+    Ready,
+    Degraded,
+    Deleting,
+    Deleted,
+}
+
+/// Which project an environment named in the path is in.
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentQuery {
+    /// The project's name or id, when the path names the environment by
+    /// name; `default` when absent.
+    pub project: Option<String>,
+}
+
+/// What one VM of an environment made of a command run on all of them.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct VmRunResult {
+    pub vm_id: VmId,
+    pub vm_name: Name,
+    pub image: Name,
+    /// The exit code, when the command ran and exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did (a timeout kills it).
+    pub signal: Option<i32>,
+    /// Standard output as text (invalid UTF-8 replaced), at most 1 MiB.
+    pub stdout: String,
+    pub stderr: String,
+    /// Whether output beyond 1 MiB per stream was dropped.
+    pub truncated: bool,
+    /// Why the command did not run or did not finish on this VM.
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// The results of a command run on every VM of an environment, in the
+/// order of the environment's VMs.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnvironmentRunResult {
+    pub environment: Name,
+    pub results: Vec<VmRunResult>,
 }

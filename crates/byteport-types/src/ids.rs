@@ -64,4 +64,6 @@ typed_id!(
     TokenId,
     /// An audit event.
     EventId,
+    /// An environment (a group of VMs made and removed together).
+    EnvironmentId,
 );

@@ -527,3 +527,102 @@ fn three_real_nodes_spread_a_group_and_survive_one_agent_dying() {
     }
     assert_eq!(qemus_under(&d.dir).len(), 3, "three guests, no duplicate");
 }
+
+#[test]
+fn an_environment_runs_one_command_on_every_guest_and_goes_away_whole() {
+    let Some(img) = tiny_or_skip("environment") else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    // Two "systems": the same guest under two image names.
+    d.import_image_as(&img, Some("tiny-one"));
+    d.import_image_as(&img, Some("tiny-two"));
+    let e = d
+        .api
+        .post(
+            "/v1/environments",
+            json!({"name": "compat", "os_prefixes": ["tiny-"], "flavor": "m1.tiny",
+                   "lifetime_secs": 3600}),
+        )
+        .expect("create the environment");
+    let id = e["id"].as_str().expect("an id").to_owned();
+    let names: Vec<&str> = e["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["compat-tiny-one", "compat-tiny-two"]);
+    let deadline = Instant::now() + Duration::from_secs(BOOT_SECS * 2);
+    loop {
+        let e = d.api.get(&format!("/v1/environments/{id}")).expect("show");
+        if e["state"] == "ready" {
+            break;
+        }
+        assert_ne!(e["state"], "degraded", "{e}");
+        assert!(Instant::now() < deadline, "never ready: {e}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // One command, every VM, each with its own answer.
+    let r = d
+        .api
+        .post(
+            "/v1/environments/compat/run",
+            json!({"argv": ["sh", "-c", "cat /proc/sys/kernel/hostname; echo oops >&2; exit 7"]}),
+        )
+        .expect("run");
+    let results = r["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{r}");
+    for (res, name) in results.iter().zip(["compat-tiny-one", "compat-tiny-two"]) {
+        assert_eq!(res["vm_name"], name, "{r}");
+        assert_eq!(res["stdout"].as_str().unwrap().trim(), name, "{r}");
+        assert_eq!(res["stderr"], "oops\n", "{r}");
+        assert_eq!(res["exit_code"], 7, "{r}");
+        assert!(res["error"].is_null(), "{r}");
+    }
+    // The runs overlap: together they take far less than one after the other
+    // would with a command that sleeps.
+    let t0 = Instant::now();
+    let r = d
+        .api
+        .post(
+            "/v1/environments/compat/run",
+            json!({"argv": ["sleep", "3"]}),
+        )
+        .expect("run");
+    assert!(
+        r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["exit_code"] == 0),
+        "{r}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "two 3 s runs took {:?}: not in parallel",
+        t0.elapsed()
+    );
+
+    // Deleting it removes every VM and its QEMU.
+    d.api
+        .delete("/v1/environments/compat")
+        .expect("delete the environment");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let e = d.api.get(&format!("/v1/environments/{id}")).expect("show");
+        if e["state"] == "deleted" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never deleted: {e}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !qemus_under(&d.dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(qemus_under(&d.dir).is_empty(), "no QEMU left");
+    let list = d.api.get("/v1/environments").expect("list");
+    assert_eq!(list, json!([]));
+}

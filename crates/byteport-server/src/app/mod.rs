@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod auth;
 pub mod catalog;
+pub mod environments;
 pub mod events;
 pub mod guest;
 pub mod hub;

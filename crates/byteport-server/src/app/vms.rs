@@ -141,7 +141,6 @@ impl App {
             project_key,
         )
         .await?;
-
         let image = self
             .store
             .image_fetch_by_name(req.image.as_str())
@@ -152,6 +151,32 @@ impl App {
                     format!("there is no image named {}", req.image),
                 )
             })?;
+        let (model, labels) = self.vm_model(project.id, &image, req, None).await?;
+        let v = self.store.vm_insert(model, &labels).await?;
+        ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
+        let v = self.vm_created(v).await?;
+        vm_view(&v, &project.name)
+    }
+
+    /// Tells watchers about a new VM and places it now if a node has room
+    /// (the background loop retries otherwise).
+    pub(crate) async fn vm_created(&self, v: vm::Model) -> AppResult<vm::Model> {
+        let _ = self.vm_changes.send(v.id);
+        if let Err(e) = self.place_vm(&v).await {
+            tracing::warn!(vm = %v.id, error = %e, "placement failed; will retry");
+            return Ok(v);
+        }
+        Ok(self.store.vm_fetch(v.id).await?)
+    }
+
+    /// Checks a create request and makes the VM's row (not stored yet).
+    pub(crate) async fn vm_model(
+        &self,
+        project_id: Uuid,
+        image: &byteport_store::image::Model,
+        req: VmCreate,
+        environment: Option<Uuid>,
+    ) -> AppResult<(vm::Model, Vec<(String, String)>)> {
         let flavor = match &req.flavor {
             Some(f) => Some(
                 self.store
@@ -198,7 +223,7 @@ impl App {
         let id = Uuid::now_v7();
         let model = vm::Model {
             id,
-            project_id: project.id,
+            project_id,
             name: req.name.to_string(),
             image_id: image.id,
             image_name: image.name.clone(),
@@ -230,21 +255,9 @@ impl App {
             ssh_user: image.login_user.clone(),
             placement_group: req.placement.group.as_ref().map(|g| g.to_string()),
             placement: Some(serde_json::to_string(&req.placement).map_err(AppError::internal)?),
+            environment_id: environment,
         };
-        let labels: Vec<_> = req.labels.into_iter().collect();
-        let v = self.store.vm_insert(model, &labels).await?;
-        ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
-        let _ = self.vm_changes.send(v.id);
-        // Place it now if a node has room; the background loop retries.
-        let v = match self.place_vm(&v).await {
-            Ok(Some(_)) => self.store.vm_fetch(v.id).await?,
-            Ok(None) => self.store.vm_fetch(v.id).await?,
-            Err(e) => {
-                tracing::warn!(vm = %v.id, error = %e, "placement failed; will retry");
-                v
-            }
-        };
-        vm_view(&v, &project.name)
+        Ok((model, req.labels.into_iter().collect()))
     }
 
     pub async fn vm_list(&self, ctx: &Ctx, q: VmListQuery) -> AppResult<Page<Vm>> {
@@ -316,6 +329,12 @@ impl App {
     /// and the action, and changes nothing.
     pub async fn vm_act(&self, ctx: &Ctx, id: &str, action: VmAction) -> AppResult<Vm> {
         let v = self.vm_resolve(ctx, id, Role::Member).await?;
+        let v = self.vm_apply(v, action).await?;
+        self.vm_view(&v).await
+    }
+
+    /// Carries out a lifecycle action the caller may take on this VM.
+    pub(crate) async fn vm_apply(&self, v: vm::Model, action: VmAction) -> AppResult<vm::Model> {
         let state: VmState = parse(&v.state)?;
         let desired: DesiredState = parse(&v.desired_state)?;
         let plan = vm_state::plan(state, desired, v.node_id.is_some(), action)?;
@@ -372,7 +391,7 @@ impl App {
         if let Some(node) = v.node_id {
             self.hub.poke(node);
         }
-        self.vm_view(&v).await
+        Ok(v)
     }
 
     /// Blocks until the VM is in `target` or `timeout` passes. Reaching a
@@ -500,6 +519,7 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
             .as_deref()
             .and_then(|p| serde_json::from_str(p).ok())
             .unwrap_or_default(),
+        environment_id: v.environment_id.map(byteport_types::EnvironmentId),
         actions: action_checks(state, desired, v.node_id.is_some()),
         created_at: v.created_at,
         updated_at: v.updated_at,

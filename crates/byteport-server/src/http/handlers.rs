@@ -410,6 +410,72 @@ pub async fn vm_delete(
     accepted(app.vm_act(&ctx, &id, VmAction::Delete).await?)
 }
 
+// ---------- environments ----------
+
+/// Create an environment: one VM per image whose name starts with one of
+/// `os_prefixes`, all within the project's quota or none.
+#[utoipa::path(post, path = "/v1/environments", tag = "environments", request_body = EnvironmentCreate,
+    params(("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key and body returns the first response")),
+    responses((status = 202, body = Environment), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn env_create(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(req): ApiJson<EnvironmentCreate>,
+) -> AppResult<(StatusCode, Json<Environment>)> {
+    accepted(app.env_create(&ctx, req).await?)
+}
+
+/// List the environments of every project the caller sees.
+#[utoipa::path(get, path = "/v1/environments", tag = "environments",
+    responses((status = 200, body = Vec<Environment>), (status = 401, body = ErrorBody)))]
+pub async fn env_list(State(app): State<App>, ctx: Ctx) -> Resp<Vec<Environment>> {
+    Ok(Json(app.env_list(&ctx).await?))
+}
+
+/// Show an environment (by id, or by name with `project`) and its VMs.
+#[utoipa::path(get, path = "/v1/environments/{env}", tag = "environments",
+    params(("env" = String, Path, description = "id or name"), EnvironmentQuery),
+    responses((status = 200, body = Environment), (status = 404, body = ErrorBody)))]
+pub async fn env_show(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(env): Path<String>,
+    ApiQuery(q): ApiQuery<EnvironmentQuery>,
+) -> Resp<Environment> {
+    Ok(Json(app.env_show(&ctx, &env, q.project.as_deref()).await?))
+}
+
+/// Delete an environment and every VM in it.
+#[utoipa::path(delete, path = "/v1/environments/{env}", tag = "environments",
+    params(("env" = String, Path, description = "id or name"), EnvironmentQuery),
+    responses((status = 202, body = Environment), (status = 404, body = ErrorBody)))]
+pub async fn env_delete(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(env): Path<String>,
+    ApiQuery(q): ApiQuery<EnvironmentQuery>,
+) -> AppResult<(StatusCode, Json<Environment>)> {
+    accepted(app.env_delete(&ctx, &env, q.project.as_deref()).await?)
+}
+
+/// Run a command on every VM of an environment at once, through their
+/// guest agents, and get each VM's output and exit code.
+#[utoipa::path(post, path = "/v1/environments/{env}/run", tag = "environments",
+    params(("env" = String, Path, description = "id or name"), EnvironmentQuery),
+    request_body = ExecRequest,
+    responses((status = 200, body = EnvironmentRunResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn env_run(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(env): Path<String>,
+    ApiQuery(q): ApiQuery<EnvironmentQuery>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> Resp<EnvironmentRunResult> {
+    Ok(Json(
+        app.env_run(&ctx, &env, q.project.as_deref(), req).await?,
+    ))
+}
+
 macro_rules! vm_action {
     ($fn:ident, $path:literal, $action:expr, $doc:literal) => {
         #[doc = $doc]

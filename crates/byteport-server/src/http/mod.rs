@@ -34,6 +34,7 @@ use utoipa_axum::routes;
         (name = "users"), (name = "tokens"), (name = "projects"),
         (name = "catalog", description = "Flavors and images"),
         (name = "vms", description = "Virtual machines and their lifecycle"),
+        (name = "environments", description = "Groups of VMs made, run on and removed together"),
         (name = "nodes", description = "Hosts that run VMs"),
         (name = "audit"),
         (name = "events", description = "Live changes for the web console"),
@@ -101,6 +102,9 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::vm_pause))
         .routes(routes!(h::vm_resume))
         .routes(routes!(h::vm_wait))
+        .routes(routes!(h::env_create, h::env_list))
+        .routes(routes!(h::env_show, h::env_delete))
+        .routes(routes!(h::env_run))
         .routes(routes!(h::join_token_create))
         .routes(routes!(h::node_register))
         .routes(routes!(h::node_heartbeat))

@@ -131,6 +131,65 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/environments": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List the environments of every project the caller sees. */
+        get: operations["env_list"];
+        put?: never;
+        /**
+         * Create an environment: one VM per image whose name starts with one of
+         *     `os_prefixes`, all within the project's quota or none.
+         */
+        post: operations["env_create"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/environments/{env}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Show an environment (by id, or by name with `project`) and its VMs. */
+        get: operations["env_show"];
+        put?: never;
+        post?: never;
+        /** Delete an environment and every VM in it. */
+        delete: operations["env_delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/environments/{env}/run": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Run a command on every VM of an environment at once, through their
+         *     guest agents, and get each VM's output and exit code.
+         */
+        post: operations["env_run"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/events": {
         parameters: {
             query?: never;
@@ -909,6 +968,71 @@ export interface components {
             /** Format: int32 */
             vcpus: number;
         };
+        /** @description An environment and its VMs. */
+        Environment: {
+            /** Format: date-time */
+            created_at: string;
+            /** Format: date-time */
+            expires_at?: string | null;
+            flavor?: components["schemas"]["Name"] | null;
+            id: components["schemas"]["EnvironmentId"];
+            name: components["schemas"]["Name"];
+            os_prefixes: string[];
+            project: components["schemas"]["Name"];
+            project_id: components["schemas"]["ProjectId"];
+            /**
+             * @description `creating` while a VM is on its way up, `ready` when every VM runs,
+             *     `degraded` when one is in `error` or stopped, `deleting` after a
+             *     delete until every VM is gone, then `deleted`.
+             */
+            state: components["schemas"]["EnvironmentState"];
+            vms: components["schemas"]["Vm"][];
+        };
+        /**
+         * @description A group of VMs, one per image whose name starts with one of
+         *     `os_prefixes`, made together within the project's quota (all or none).
+         */
+        EnvironmentCreate: {
+            /** Format: int64 */
+            disk_gib?: number | null;
+            flavor?: components["schemas"]["Name"] | null;
+            /**
+             * Format: int64
+             * @description Deleted this many seconds after creation (60 to 30 days); kept
+             *     until deleted when absent.
+             */
+            lifetime_secs?: number | null;
+            /** Format: int64 */
+            memory_mib?: number | null;
+            name: components["schemas"]["Name"];
+            /**
+             * @description Image-name prefixes, such as `debian` and `alpine`: every image
+             *     whose name starts with one gets a VM. Each must match an image.
+             */
+            os_prefixes: string[];
+            /** @description The project's name or id; `default` when absent. */
+            project?: string | null;
+            ssh_keys?: string[];
+            /** @description cloud-init user-data for every VM, at most 64 KiB of text. */
+            user_data?: string | null;
+            /** Format: int32 */
+            vcpus?: number | null;
+        };
+        /**
+         * Format: uuid
+         * @description An environment (a group of VMs made and removed together).
+         */
+        EnvironmentId: string;
+        /**
+         * @description The results of a command run on every VM of an environment, in the
+         *     order of the environment's VMs.
+         */
+        EnvironmentRunResult: {
+            environment: components["schemas"]["Name"];
+            results: components["schemas"]["VmRunResult"][];
+        };
+        /** @enum {string} */
+        EnvironmentState: "creating" | "ready" | "degraded" | "deleting" | "deleted";
         /** @description The error body every failing request returns. */
         ErrorBody: {
             error: components["schemas"]["ErrorDetail"];
@@ -1195,6 +1319,7 @@ export interface components {
                 desired_state: components["schemas"]["DesiredState"];
                 /** Format: int64 */
                 disk_gib: number;
+                environment_id?: components["schemas"]["EnvironmentId"] | null;
                 flavor?: components["schemas"]["Name"] | null;
                 has_user_data: boolean;
                 hostname: string;
@@ -1358,6 +1483,7 @@ export interface components {
             desired_state: components["schemas"]["DesiredState"];
             /** Format: int64 */
             disk_gib: number;
+            environment_id?: components["schemas"]["EnvironmentId"] | null;
             flavor?: components["schemas"]["Name"] | null;
             has_user_data: boolean;
             hostname: string;
@@ -1454,6 +1580,31 @@ export interface components {
             ports?: components["schemas"]["PortForward"][];
             reason?: string | null;
             state: components["schemas"]["ObservedState"];
+        };
+        /** @description What one VM of an environment made of a command run on all of them. */
+        VmRunResult: {
+            /** Format: int64 */
+            duration_ms: number;
+            /** @description Why the command did not run or did not finish on this VM. */
+            error?: string | null;
+            /**
+             * Format: int32
+             * @description The exit code, when the command ran and exited.
+             */
+            exit_code?: number | null;
+            image: components["schemas"]["Name"];
+            /**
+             * Format: int32
+             * @description The signal that ended it, if one did (a timeout kills it).
+             */
+            signal?: number | null;
+            stderr: string;
+            /** @description Standard output as text (invalid UTF-8 replaced), at most 1 MiB. */
+            stdout: string;
+            /** @description Whether output beyond 1 MiB per stream was dropped. */
+            truncated: boolean;
+            vm_id: components["schemas"]["VmId"];
+            vm_name: components["schemas"]["Name"];
         };
         /**
          * @description The public state of a VM.
@@ -1654,6 +1805,203 @@ export interface operations {
                 };
             };
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_list: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Environment"][];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_create: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description a retry with the same key and body returns the first response */
+                "Idempotency-Key"?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["EnvironmentCreate"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Environment"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_show: {
+        parameters: {
+            query?: {
+                /**
+                 * @description The project's name or id, when the path names the environment by
+                 *     name; `default` when absent.
+                 */
+                project?: string;
+            };
+            header?: never;
+            path: {
+                /** @description id or name */
+                env: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Environment"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_delete: {
+        parameters: {
+            query?: {
+                /**
+                 * @description The project's name or id, when the path names the environment by
+                 *     name; `default` when absent.
+                 */
+                project?: string;
+            };
+            header?: never;
+            path: {
+                /** @description id or name */
+                env: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Environment"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_run: {
+        parameters: {
+            query?: {
+                /**
+                 * @description The project's name or id, when the path names the environment by
+                 *     name; `default` when absent.
+                 */
+                project?: string;
+            };
+            header?: never;
+            path: {
+                /** @description id or name */
+                env: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ExecRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnvironmentRunResult"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -1,0 +1,276 @@
+//! `byteport env`: groups of VMs, and one command run on all of them.
+
+use super::{Env, Exit, print_json, read_ssh_keys};
+use crate::client::{Method, decode, seg};
+use crate::table::{Table, print_fields};
+use crate::{EnvArgs, EnvCmd};
+use anyhow::{Context, Result, bail};
+use byteport_types::api::{Environment, EnvironmentRunResult, EnvironmentState};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
+    let c = &env.client;
+    let query: Vec<(&str, String)> = args
+        .project
+        .iter()
+        .map(|p| ("project", p.clone()))
+        .collect();
+    let path = |name: &str| format!("/v1/environments/{}", seg(name));
+    match args.cmd {
+        EnvCmd::Add {
+            name,
+            os_prefix,
+            flavor,
+            vcpus,
+            memory_mib,
+            disk_gib,
+            user_data,
+            ssh_key,
+            lifetime,
+            wait,
+            timeout,
+        } => {
+            let mut body = json!({"name": name, "os_prefixes": os_prefix});
+            let fields = [
+                ("project", args.project.clone().map(Value::from)),
+                ("flavor", flavor.map(Value::from)),
+                ("vcpus", vcpus.map(Value::from)),
+                ("memory_mib", memory_mib.map(Value::from)),
+                ("disk_gib", disk_gib.map(Value::from)),
+                ("lifetime_secs", lifetime.map(Value::from)),
+            ];
+            for (k, v) in fields {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            if let Some(f) = user_data {
+                let ud = std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read the user-data file {}", f.display()))?;
+                body["user_data"] = json!(ud);
+            }
+            let keys = read_ssh_keys(&ssh_key)?;
+            if !keys.is_empty() {
+                body["ssh_keys"] = json!(keys);
+            }
+            let v = c.value(Method::Post, "/v1/environments", &[], Some(&body))?;
+            let e: Environment = decode(&v)?;
+            let v = if wait {
+                if !env.json() {
+                    println!(
+                        "created {} with {} VMs; waiting for them to run",
+                        e.name,
+                        e.vms.len()
+                    );
+                }
+                wait_until(env, &e.id.to_string(), timeout, |s| {
+                    s == EnvironmentState::Ready
+                })?
+            } else {
+                v
+            };
+            print_env(env, &v)
+        }
+        EnvCmd::List => {
+            let v = c.get("/v1/environments", &[])?;
+            if env.json() {
+                return print_json(&v);
+            }
+            let es: Vec<Environment> = decode(&v)?;
+            let mut t = Table::new(&["NAME", "PROJECT", "STATE", "VMS", "EXPIRES", "ID"]);
+            for e in &es {
+                t.row(vec![
+                    e.name.to_string(),
+                    e.project.to_string(),
+                    state_str(e.state).into(),
+                    e.vms.len().to_string(),
+                    e.expires_at
+                        .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
+                    e.id.to_string(),
+                ]);
+            }
+            t.print();
+            Ok(())
+        }
+        EnvCmd::Show { env: name } => {
+            let v = c.get(&path(&name), &query)?;
+            print_env(env, &v)
+        }
+        EnvCmd::Run {
+            env: name,
+            timeout,
+            argv,
+        } => {
+            let mut body = json!({"argv": argv});
+            if let Some(t) = timeout {
+                body["timeout_secs"] = json!(t);
+            }
+            let v = c.value(
+                Method::Post,
+                &format!("{}/run", path(&name)),
+                &query,
+                Some(&body),
+            )?;
+            let r: EnvironmentRunResult = decode(&v)?;
+            if env.json() {
+                print_json(&v)?;
+            } else {
+                for x in &r.results {
+                    let how = match (&x.error, x.exit_code, x.signal) {
+                        (Some(e), _, _) => format!("error: {e}"),
+                        (None, Some(c), _) => format!("exit {c}"),
+                        (None, None, Some(s)) => format!("killed by signal {s}"),
+                        (None, None, None) => "no exit status".into(),
+                    };
+                    println!(
+                        "== {} ({}): {how}, {} ms{}",
+                        x.vm_name,
+                        x.image,
+                        x.duration_ms,
+                        if x.truncated {
+                            ", output truncated"
+                        } else {
+                            ""
+                        }
+                    );
+                    print!("{}", x.stdout);
+                    if !x.stdout.is_empty() && !x.stdout.ends_with('\n') {
+                        println!();
+                    }
+                    eprint!("{}", x.stderr);
+                    if !x.stderr.is_empty() && !x.stderr.ends_with('\n') {
+                        eprintln!();
+                    }
+                }
+            }
+            let failed = r
+                .results
+                .iter()
+                .filter(|x| x.error.is_some() || x.exit_code != Some(0))
+                .count();
+            if failed > 0 {
+                if !env.json() {
+                    eprintln!("failed on {failed} of {} VMs", r.results.len());
+                }
+                return Err(Exit(1).into());
+            }
+            Ok(())
+        }
+        EnvCmd::Del {
+            env: name,
+            wait,
+            timeout,
+        } => {
+            let v = c.value(Method::Delete, &path(&name), &query, None)?;
+            let e: Environment = decode(&v)?;
+            let v = if wait {
+                wait_until(env, &e.id.to_string(), timeout, |s| {
+                    s == EnvironmentState::Deleted
+                })?
+            } else {
+                v
+            };
+            print_env(env, &v)
+        }
+    }
+}
+
+fn state_str(s: EnvironmentState) -> &'static str {
+    match s {
+        EnvironmentState::Creating => "creating",
+        EnvironmentState::Ready => "ready",
+        EnvironmentState::Degraded => "degraded",
+        EnvironmentState::Deleting => "deleting",
+        EnvironmentState::Deleted => "deleted",
+    }
+}
+
+/// Polls the environment until `done` says yes about its state.
+fn wait_until(
+    env: &Env,
+    id: &str,
+    timeout: u64,
+    done: impl Fn(EnvironmentState) -> bool,
+) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        let v = env
+            .client
+            .get(&format!("/v1/environments/{}", seg(id)), &[])?;
+        let e: Environment = decode(&v)?;
+        if done(e.state) {
+            return Ok(v);
+        }
+        if e.state == EnvironmentState::Degraded {
+            bail!(
+                "environment {} is degraded: {}",
+                e.name,
+                e.vms
+                    .iter()
+                    .filter(|v| !matches!(v.state, byteport_types::VmState::Running))
+                    .map(|v| format!(
+                        "{} is {}{}",
+                        v.name,
+                        v.state,
+                        v.state_reason
+                            .as_deref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        if start.elapsed() > Duration::from_secs(timeout) {
+            bail!(
+                "environment {} is still {} after {timeout} s",
+                e.name,
+                state_str(e.state)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn print_env(env: &Env, v: &Value) -> Result<()> {
+    if env.json() {
+        return print_json(v);
+    }
+    let e: Environment = decode(v)?;
+    print_fields(&[
+        ("name", e.name.to_string()),
+        ("id", e.id.to_string()),
+        ("project", e.project.to_string()),
+        ("state", state_str(e.state).into()),
+        ("os prefixes", e.os_prefixes.join(",")),
+        (
+            "flavor",
+            e.flavor.map_or_else(|| "-".into(), |f| f.to_string()),
+        ),
+        (
+            "expires",
+            e.expires_at
+                .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
+        ),
+    ]);
+    let mut t = Table::new(&["VM", "IMAGE", "STATE", "NODE", "SSH", "ID"]);
+    for v in &e.vms {
+        let ssh = v
+            .ports
+            .iter()
+            .find(|p| p.guest_port == 22)
+            .map_or_else(|| "-".into(), |p| format!("{}:{}", p.host, p.host_port));
+        t.row(vec![
+            v.name.to_string(),
+            v.image.to_string(),
+            v.state.to_string(),
+            v.node_id.map_or_else(|| "-".into(), |n| n.to_string()),
+            ssh,
+            v.id.to_string(),
+        ]);
+    }
+    println!();
+    t.print();
+    Ok(())
+}

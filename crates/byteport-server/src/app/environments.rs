@@ -1,0 +1,454 @@
+//! Environments: groups of VMs for compatibility testing. One VM per image
+//! whose name starts with one of the asked prefixes, made in one
+//! transaction within the project's quota, a command run on all of them in
+//! parallel, and removal of the whole group, by hand or when its lifetime
+//! ends.
+
+use super::projects::DEFAULT_PROJECT;
+use super::{App, Ctx};
+use crate::error::{AppError, AppResult};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use byteport_store::{environment, vm};
+use byteport_types::api::{
+    Environment, EnvironmentCreate, EnvironmentRunResult, EnvironmentState, ExecEvent, ExecRequest,
+    Role, VmCreate, VmRunResult,
+};
+use byteport_types::{EnvironmentId, Name, ProjectId, VmAction, VmState};
+use chrono::Utc;
+use std::collections::BTreeMap;
+use std::time::Instant;
+use uuid::Uuid;
+
+/// At most this many prefixes, and VMs, in one environment.
+const MAX_PREFIXES: usize = 16;
+const MAX_VMS: usize = 32;
+/// Lifetimes from a minute to 30 days.
+const MIN_LIFETIME: u64 = 60;
+const MAX_LIFETIME: u64 = 30 * 24 * 3600;
+/// Output kept per stream and VM of a run.
+const MAX_RUN_OUTPUT: usize = 1 << 20;
+/// The label every VM of an environment carries, with its name.
+pub const ENV_LABEL: &str = "environment";
+
+fn check_prefixes(prefixes: &[String]) -> AppResult<()> {
+    if prefixes.is_empty() || prefixes.len() > MAX_PREFIXES {
+        return Err(AppError::bad(
+            "invalid_os_prefixes",
+            format!("give 1 to {MAX_PREFIXES} os_prefixes, such as [\"debian\", \"alpine\"]"),
+        ));
+    }
+    for p in prefixes {
+        if p.is_empty()
+            || p.len() > 63
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(AppError::bad(
+                "invalid_os_prefixes",
+                format!(
+                    "os prefix {p:?} must be 1-63 lowercase letters, digits, '-' or '.' (the start of image names)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The state of an environment from its VMs' states.
+fn env_state(deleted: bool, states: &[VmState]) -> EnvironmentState {
+    let all = |f: fn(&VmState) -> bool| states.iter().all(f);
+    if deleted {
+        return if all(|s| *s == VmState::Deleted) {
+            EnvironmentState::Deleted
+        } else {
+            EnvironmentState::Deleting
+        };
+    }
+    if states
+        .iter()
+        .any(|s| matches!(s, VmState::Error | VmState::Stopped | VmState::Deleted))
+    {
+        EnvironmentState::Degraded
+    } else if all(|s| *s == VmState::Running) {
+        EnvironmentState::Ready
+    } else {
+        EnvironmentState::Creating
+    }
+}
+
+impl App {
+    pub async fn env_create(&self, ctx: &Ctx, req: EnvironmentCreate) -> AppResult<Environment> {
+        let project_key = req.project.as_deref().unwrap_or(DEFAULT_PROJECT);
+        let project = self.project_resolve(ctx, project_key, Role::Viewer).await?;
+        self.require(
+            ctx,
+            ProjectId(project.id),
+            Role::Member,
+            "project",
+            project_key,
+        )
+        .await?;
+        check_prefixes(&req.os_prefixes)?;
+        let lifetime = match req.lifetime_secs {
+            Some(s) if !(MIN_LIFETIME..=MAX_LIFETIME).contains(&s) => {
+                return Err(AppError::bad(
+                    "invalid_lifetime",
+                    format!(
+                        "lifetime_secs is {s}; it must be between {MIN_LIFETIME} and {MAX_LIFETIME}"
+                    ),
+                ));
+            }
+            l => l,
+        };
+        // One VM per matching image, in name order, each image once.
+        let images = self.store.image_list().await?;
+        let mut chosen: BTreeMap<String, byteport_store::image::Model> = BTreeMap::new();
+        for p in &req.os_prefixes {
+            let matching: Vec<_> = images
+                .iter()
+                .filter(|i| i.name.starts_with(p.as_str()))
+                .collect();
+            if matching.is_empty() {
+                return Err(AppError::bad(
+                    "unknown_image",
+                    format!("no image name starts with {p:?}"),
+                ));
+            }
+            for i in matching {
+                chosen.insert(i.name.clone(), i.clone());
+            }
+        }
+        if chosen.len() > MAX_VMS {
+            return Err(AppError::bad(
+                "too_many_vms",
+                format!(
+                    "the prefixes match {} images; an environment has at most {MAX_VMS} VMs",
+                    chosen.len()
+                ),
+            ));
+        }
+        let now = Utc::now();
+        let env = environment::Model {
+            id: Uuid::now_v7(),
+            project_id: project.id,
+            name: req.name.to_string(),
+            os_prefixes: serde_json::to_string(&req.os_prefixes).map_err(AppError::internal)?,
+            flavor_name: req.flavor.as_ref().map(|f| f.to_string()),
+            expires_at: lifetime.map(|s| now + chrono::Duration::seconds(s as i64)),
+            created_at: now,
+            deleted_at: None,
+        };
+        let mut vms = Vec::with_capacity(chosen.len());
+        for image in chosen.values() {
+            let vm_name = format!("{}-{}", req.name, image.name);
+            let name = Name::parse(&vm_name).map_err(|e| {
+                AppError::bad(
+                    "invalid_name",
+                    format!("the VM name {vm_name:?} (environment-image) is not valid: {e}; use a shorter environment name"),
+                )
+            })?;
+            let labels = BTreeMap::from([(ENV_LABEL.to_owned(), req.name.to_string())]);
+            let vm_req = VmCreate {
+                name,
+                project: None,
+                image: Name::parse(&image.name).map_err(AppError::internal)?,
+                flavor: req.flavor.clone(),
+                vcpus: req.vcpus,
+                memory_mib: req.memory_mib,
+                disk_gib: req.disk_gib,
+                user_data: req.user_data.clone(),
+                ssh_keys: req.ssh_keys.clone(),
+                labels,
+                hostname: None,
+                placement: Default::default(),
+            };
+            vms.push(
+                self.vm_model(project.id, image, vm_req, Some(env.id))
+                    .await?,
+            );
+        }
+        let env_id = env.id;
+        let made = self.store.vms_insert(Some(env), vms).await?;
+        ctx.target("environment", env_id, Some(ProjectId(project.id)));
+        for v in made {
+            self.vm_created(v).await?;
+        }
+        self.env_view(&self.store.env_fetch(env_id).await?, &project.name)
+            .await
+    }
+
+    /// An environment by id (deleted ones too, to watch them go), or a
+    /// live one by name in the `project` (the default project when
+    /// absent), if the caller has at least `need` in its project; 404 as
+    /// for one that never was otherwise.
+    pub(crate) async fn env_resolve(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        project: Option<&str>,
+        need: Role,
+    ) -> AppResult<environment::Model> {
+        let nf = || AppError::not_found("environment", key);
+        let e = match key.parse::<EnvironmentId>() {
+            Ok(id) => self.store.env_fetch(id.0).await.ok(),
+            Err(_) => {
+                let p = self
+                    .project_resolve(ctx, project.unwrap_or(DEFAULT_PROJECT), Role::Viewer)
+                    .await
+                    .map_err(|_| nf())?;
+                self.store.env_fetch_by_name(p.id, key).await?
+            }
+        }
+        .ok_or_else(nf)?;
+        self.require(ctx, ProjectId(e.project_id), need, "environment", key)
+            .await?;
+        ctx.target("environment", e.id, Some(ProjectId(e.project_id)));
+        Ok(e)
+    }
+
+    async fn env_view(&self, e: &environment::Model, project: &str) -> AppResult<Environment> {
+        let vms = self.store.env_vms(e.id).await?;
+        let mut views = Vec::with_capacity(vms.len());
+        for v in &vms {
+            views.push(super::vms::vm_view(v, project)?);
+        }
+        let states: Vec<VmState> = views.iter().map(|v| v.state).collect();
+        Ok(Environment {
+            id: EnvironmentId(e.id),
+            name: Name::parse(&e.name).map_err(AppError::internal)?,
+            project: Name::parse(project).map_err(AppError::internal)?,
+            project_id: ProjectId(e.project_id),
+            os_prefixes: serde_json::from_str(&e.os_prefixes).unwrap_or_default(),
+            flavor: e.flavor_name.as_deref().and_then(|f| Name::parse(f).ok()),
+            state: env_state(e.deleted_at.is_some(), &states),
+            vms: views,
+            expires_at: e.expires_at,
+            created_at: e.created_at,
+        })
+    }
+
+    pub async fn env_show(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        project: Option<&str>,
+    ) -> AppResult<Environment> {
+        let e = self.env_resolve(ctx, key, project, Role::Viewer).await?;
+        let p = self.store.project_fetch(e.project_id).await?;
+        self.env_view(&e, &p.name).await
+    }
+
+    /// The live environments of every project the caller sees.
+    pub async fn env_list(&self, ctx: &Ctx) -> AppResult<Vec<Environment>> {
+        let (filter, names) = self.visible_projects(ctx).await?;
+        let projects: Vec<Uuid> = match filter {
+            Some(ids) => ids,
+            None => names.keys().copied().collect(),
+        };
+        let mut out = Vec::new();
+        for e in self.store.env_list(&projects).await? {
+            let project = names.get(&e.project_id).cloned().unwrap_or_default();
+            out.push(self.env_view(&e, &project).await?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes an environment and every VM in it (they go `deleting`, then
+    /// `deleted` as their nodes remove them).
+    pub async fn env_delete(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        project: Option<&str>,
+    ) -> AppResult<Environment> {
+        let e = self.env_resolve(ctx, key, project, Role::Member).await?;
+        if e.deleted_at.is_none() {
+            self.env_remove(&e).await?;
+        }
+        let p = self.store.project_fetch(e.project_id).await?;
+        let e = self.store.env_fetch(e.id).await?;
+        self.env_view(&e, &p.name).await
+    }
+
+    async fn env_remove(&self, e: &environment::Model) -> AppResult<()> {
+        self.store.env_mark_deleted(e.id, Utc::now()).await?;
+        for v in self.store.env_vms(e.id).await? {
+            if v.deleted_at.is_some() || v.desired_state == "deleted" {
+                continue;
+            }
+            let id = v.id;
+            if let Err(err) = self.vm_apply(v, VmAction::Delete).await {
+                tracing::warn!(vm = %id, error = %err, "could not delete a VM of an environment");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the environments whose lifetime has ended; how many.
+    pub async fn env_reap(&self) -> AppResult<usize> {
+        let expired = self.store.env_expired(Utc::now()).await?;
+        for e in &expired {
+            tracing::info!(environment = %e.name, id = %e.id, "lifetime ended; deleting");
+            self.env_remove(e).await?;
+            let ctx = Ctx::new(super::Actor::Anonymous);
+            ctx.target("environment", e.id, Some(ProjectId(e.project_id)));
+            self.audit_record(&ctx, "environment_expired", 200, "deleted")
+                .await;
+        }
+        Ok(expired.len())
+    }
+
+    /// Runs one command on every running VM of the environment at once and
+    /// gathers each one's output, exit code and time. A VM that is not
+    /// running gets an error in its result; the others still run.
+    pub async fn env_run(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        project: Option<&str>,
+        req: ExecRequest,
+    ) -> AppResult<EnvironmentRunResult> {
+        let e = self.env_resolve(ctx, key, project, Role::Member).await?;
+        if e.deleted_at.is_some() {
+            return Err(AppError::not_found("environment", key));
+        }
+        if req.stdin_base64.is_some() {
+            return Err(AppError::bad(
+                "invalid_stdin",
+                "a run on an environment takes no stdin",
+            ));
+        }
+        let vms: Vec<vm::Model> = self
+            .store
+            .env_vms(e.id)
+            .await?
+            .into_iter()
+            .filter(|v| v.deleted_at.is_none())
+            .collect();
+        let runs = vms.iter().map(|v| {
+            let req = ExecRequest {
+                argv: req.argv.clone(),
+                env: req.env.clone(),
+                cwd: req.cwd.clone(),
+                stdin_base64: None,
+                timeout_secs: req.timeout_secs,
+            };
+            self.run_one(ctx, v, req)
+        });
+        let results = futures_util::future::join_all(runs).await;
+        // A bad request is the same on every VM: say it once, as a 4xx.
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            out.push(r?);
+        }
+        Ok(EnvironmentRunResult {
+            environment: Name::parse(&e.name).map_err(AppError::internal)?,
+            results: out,
+        })
+    }
+
+    async fn run_one(&self, ctx: &Ctx, v: &vm::Model, req: ExecRequest) -> AppResult<VmRunResult> {
+        let started = Instant::now();
+        let mut r = VmRunResult {
+            vm_id: byteport_types::VmId(v.id),
+            vm_name: Name::parse(&v.name).map_err(AppError::internal)?,
+            image: Name::parse(&v.image_name).map_err(AppError::internal)?,
+            exit_code: None,
+            signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+            error: None,
+            duration_ms: 0,
+        };
+        let mut rx = match self.vm_exec(ctx, &v.id.to_string(), req).await {
+            Ok(rx) => rx,
+            Err(e @ AppError::BadRequest { .. }) => return Err(e),
+            Err(e) => {
+                r.error = Some(e.to_string());
+                return Ok(r);
+            }
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let keep = |buf: &mut Vec<u8>, data: &str, truncated: &mut bool| {
+            let bytes = B64.decode(data).unwrap_or_default();
+            let room = MAX_RUN_OUTPUT.saturating_sub(buf.len());
+            if bytes.len() > room {
+                *truncated = true;
+            }
+            buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        };
+        let mut truncated = false;
+        loop {
+            match rx.recv().await {
+                Some(ExecEvent::Stdout(d)) => keep(&mut out, &d, &mut truncated),
+                Some(ExecEvent::Stderr(d)) => keep(&mut err, &d, &mut truncated),
+                Some(ExecEvent::Exit { code, signal }) => {
+                    r.exit_code = code;
+                    r.signal = signal;
+                    break;
+                }
+                Some(ExecEvent::Error(m)) => {
+                    r.error = Some(m);
+                    break;
+                }
+                None => {
+                    r.error = Some("the run ended without an exit status".into());
+                    break;
+                }
+            }
+        }
+        r.stdout = String::from_utf8_lossy(&out).into_owned();
+        r.stderr = String::from_utf8_lossy(&err).into_owned();
+        r.truncated = truncated;
+        r.duration_ms = started.elapsed().as_millis() as u64;
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_environment_is_ready_when_every_vm_runs() {
+        use VmState::*;
+        assert_eq!(
+            env_state(false, &[Running, Running]),
+            EnvironmentState::Ready
+        );
+        assert_eq!(
+            env_state(false, &[Running, Provisioning]),
+            EnvironmentState::Creating
+        );
+        assert_eq!(env_state(false, &[Pending]), EnvironmentState::Creating);
+        assert_eq!(
+            env_state(false, &[Running, Error]),
+            EnvironmentState::Degraded
+        );
+        assert_eq!(
+            env_state(true, &[Deleting, Deleted]),
+            EnvironmentState::Deleting
+        );
+        assert_eq!(
+            env_state(true, &[Deleted, Deleted]),
+            EnvironmentState::Deleted
+        );
+    }
+
+    #[test]
+    fn prefixes_are_image_name_starts() {
+        assert!(check_prefixes(&["debian".into(), "alpine-3".into()]).is_ok());
+        for bad in [
+            vec![],
+            vec!["".into()],
+            vec!["Debian".into()],
+            vec!["a b".into()],
+            vec!["../x".into()],
+        ] {
+            assert!(check_prefixes(&bad).is_err(), "{bad:?}");
+        }
+    }
+}
