@@ -224,6 +224,25 @@ try {
 	);
 	await viewer.context.close();
 
+	step('an environment made from the form runs one command on every VM, then goes');
+	await page.goto('/environments');
+	await page.getByLabel('Name', { exact: true }).fill('compat');
+	await page.getByLabel('Image-name prefixes (comma-separated)').fill('tiny');
+	await page.getByRole('button', { name: 'Create environment' }).click();
+	await page.waitForURL(/\/environments\/[0-9a-f-]{36}$/);
+	await page.locator('[data-testid=env-state] [data-state=ready]').waitFor({ timeout: BOOT });
+	await page.getByLabel('Command').fill("sh -c 'uname -s; exit 3'");
+	await page.getByRole('button', { name: 'Run', exact: true }).click();
+	const result = page.locator('[data-result="compat-tiny"]');
+	await result.locator('[data-outcome=failed]').waitFor({ timeout: 60_000 });
+	check((await result.locator('[data-outcome]').innerText()).trim() === 'exit 3', 'the exit code');
+	check((await result.locator('[data-stream=stdout]').innerText()).trim() === 'Linux', 'the output');
+	await shot(page, 'environment-run');
+	await page.getByRole('button', { name: 'Delete environment' }).click();
+	await page.locator('[data-testid=env-state] [data-state=deleted]').waitFor({ timeout: BOOT });
+	await page.goto('/environments');
+	await page.getByText('No environments yet.').waitFor();
+
 	step('an expired session sends the browser to the login page with a message');
 	await context.clearCookies();
 	await expectRefusal(401, async () => {

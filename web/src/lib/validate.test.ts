@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { labelsError, nameError, sizeError, sshKeyError, userDataError } from './validate';
+import { labelsError, nameError, prefixesError, sizeError, sshKeyError, userDataError } from './validate';
 
 // The messages are the API's own (crates/byteport-types/src/name.rs,
 // crates/byteport-server/src/app/{vms,catalog}.rs).
@@ -37,5 +37,14 @@ describe('create-VM validation', () => {
 		expect(labelsError({ 'bad key': 'x' })).toBe(
 			`label key "bad key" must be 1-63 characters of letters, digits, '.', '-', '_' and '/'`
 		);
+	});
+});
+
+describe('environment validation', () => {
+	it('prefixes', () => {
+		expect(prefixesError('debian, alpine')).toBeNull();
+		expect(prefixesError(' , ')).toBe('give at least one prefix, such as debian');
+		expect(prefixesError('Debian')).toBe('"Debian" must be lowercase letters, digits, "-" or "."');
+		expect(prefixesError('a b')).toBe('"a b" must be lowercase letters, digits, "-" or "."');
 	});
 });

@@ -70,3 +70,13 @@ export function labelsError(labels: Record<string, string>): string | null {
 	}
 	return null;
 }
+
+/** Why a comma-separated list of image-name prefixes is not acceptable, or null. */
+export function prefixesError(text: string): string | null {
+	const ps = text.split(',').map((p) => p.trim()).filter(Boolean);
+	if (ps.length === 0) return 'give at least one prefix, such as debian';
+	if (ps.length > 16) return 'at most 16 prefixes';
+	const bad = ps.find((p) => !/^[a-z0-9.-]{1,63}$/.test(p));
+	if (bad) return `"${bad}" must be lowercase letters, digits, "-" or "."`;
+	return null;
+}

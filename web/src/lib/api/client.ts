@@ -19,6 +19,8 @@ export type AuditEvent = Schemas['AuditEvent'];
 export type Whoami = Schemas['Whoami'];
 export type Role = Schemas['Role'];
 export type Event = Schemas['Event'];
+export type Environment = Schemas['Environment'];
+export type EnvironmentRunResult = Schemas['EnvironmentRunResult'];
 
 /** An API error, carrying the server's own message. */
 export class ApiError extends Error {
