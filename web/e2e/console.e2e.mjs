@@ -120,6 +120,11 @@ try {
 	await state(page, 'running');
 	check(await page.evaluate(() => window.__noReload === true), 'the page reloaded');
 
+	step('the VM page shows the figures its node measured');
+	await page.getByTestId('vm-figures').waitFor({ timeout: 30_000 });
+	const memText = await page.getByTestId('vm-memory').innerText();
+	check(/^\d+(\.\d+)? (MiB|GiB)$/.test(memText.trim()), `memory figure: ${memText}`);
+
 	step('the console shows the boot, and typing reaches the guest');
 	await page.getByRole('button', { name: 'Open console' }).click();
 	const term = page.getByTestId('console');

@@ -641,6 +641,7 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                             reserved_vcpus: 0,
                             reserved_memory_mib: 0,
                             reserved_disk_gib: 0,
+                            vm_stats: None,
                             last_heartbeat_at: Some(now),
                             created_at: now,
                         },

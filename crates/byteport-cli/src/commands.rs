@@ -1178,6 +1178,51 @@ fn vm(env: &Env, args: VmArgs) -> Result<()> {
             let v = c.get(&format!("/v1/vms/{}", seg(&id)), &[])?;
             print_vm(env, &v, true)
         }
+        VmCmd::Stats { vm } => {
+            let id = resolve_vm(env, project, &vm)?;
+            let v = c.get(&format!("/v1/vms/{}/stats", seg(&id)), &[])?;
+            if env.json() {
+                return print_json(&v);
+            }
+            let view: VmStatsView = decode(&v)?;
+            let Some(f) = view.measured else {
+                println!(
+                    "no figures: {}",
+                    view.note.as_deref().unwrap_or("not measured yet")
+                );
+                return Ok(());
+            };
+            print_fields(&[
+                ("measured", ts!(f.at)),
+                (
+                    "cpu",
+                    match f.cpu_percent {
+                        Some(p) => format!("{p:.1} % of a host core ({} vCPU given)", view.vcpus),
+                        None => "- (one more sample needed)".into(),
+                    },
+                ),
+                (
+                    "cpu time",
+                    format!("{:.1} s", f.cpu_time_ms as f64 / 1000.0),
+                ),
+                (
+                    "memory",
+                    format!(
+                        "{} MiB resident of {} MiB",
+                        f.memory_rss_mib, view.memory_mib
+                    ),
+                ),
+                (
+                    "disk",
+                    format!(
+                        "{} MiB used on the host of {} GiB",
+                        f.disk_used_mib, view.disk_gib
+                    ),
+                ),
+                ("process up", format!("{} s", f.uptime_secs)),
+            ]);
+            Ok(())
+        }
         VmCmd::Wait {
             vm,
             state,

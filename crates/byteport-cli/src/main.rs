@@ -476,6 +476,9 @@ pub enum VmCmd {
     },
     /// Show a VM by name or id.
     Show { vm: String },
+    /// A running VM's figures as its node measures them: CPU, resident
+    /// memory, the disk space it takes on the host.
+    Stats { vm: String },
     /// Start a stopped VM (--wait: until running).
     Start(ActionArgs),
     /// Stop a VM (--wait: until stopped).

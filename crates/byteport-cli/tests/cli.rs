@@ -745,6 +745,27 @@ async fn cli_shows_port_forwards_of_placed_vms() {
         );
         assert!(out.contains(&format!("node:           {node}")), "{out}");
 
+        // The node's figures for it.
+        let (st, v) = api(
+            &s.url,
+            "POST",
+            &format!("/v1/nodes/{node}/heartbeat"),
+            &cred,
+            serde_json::json!({"capacity": capacity, "vm_stats": [{"id": id, "cpu_percent": 12.5,
+                "cpu_time_ms": 4200, "memory_rss_mib": 97, "disk_used_mib": 3, "uptime_secs": 30}]}),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        let out = ok(c, &["vm", "stats", "web-1"]).await;
+        for want in [
+            "12.5 % of a host core (1 vCPU given)",
+            "4.2 s",
+            "97 MiB resident of 512 MiB",
+            "3 MiB used on the host of 5 GiB",
+        ] {
+            assert!(out.contains(want), "{want} in {out}");
+        }
+
         let out = ok(c, &["vm", "list"]).await;
         let row = out.lines().find(|l| l.starts_with("web-1")).expect("web-1");
         assert!(row.ends_with("22→20022,80→20080"), "{out}");

@@ -15,6 +15,7 @@ pub mod driver;
 pub mod images;
 pub mod metadata;
 pub mod network;
+pub mod stats;
 pub mod vm;
 
 use byteport_guest::host::GuestConn;
@@ -297,7 +298,9 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
     tokio::spawn(channel::run(shared.clone()));
     tokio::spawn(metadata::serve(shared.clone(), relay));
     let mut backoff = Duration::from_millis(200);
+    let mut sampler = stats::Sampler::default();
     loop {
+        let vm_stats = sampler.sample(&shared.vms_dir, tasks.keys().copied());
         let reports: Vec<VmReport> = shared
             .reports
             .lock()
@@ -308,6 +311,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
             capacity: cap,
             usage,
             vms: reports,
+            vm_stats,
         };
         match cp.heartbeat(ident.id, &ident.credential, hb).await {
             Ok(resp) => {

@@ -1699,3 +1699,75 @@ async fn environments_are_made_whole_within_quota_and_removed_whole() {
         }
     }
 }
+
+async fn stats_of(s: &TestServer, id: &str, token: &str) -> (StatusCode, Value) {
+    s.call(GET, &format!("/v1/vms/{id}/stats"), Some(token), None)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_shows_the_figures_its_node_measured() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        let (n, cred) = sim_node(&s, "node-1", 4096).await;
+        let (st, v) = create_vm(&s, &t, "default", "web-1").await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        assert_eq!(v["node_id"].as_str(), Some(n.as_str()), "placed: {v}");
+        // Nothing measured yet: no figures, and why.
+        let (st, e) = stats_of(&s, &id, &t).await;
+        assert_eq!(st, StatusCode::OK, "{e}");
+        assert!(e["measured"].is_null(), "{e}");
+        assert!(e["note"].as_str().unwrap().contains("no figures"), "{e}");
+
+        let capacity = json!({"vcpus": 2, "memory_mib": 4096, "disk_gib": 100});
+        let figures = json!({"id": id, "cpu_percent": 37.5, "cpu_time_ms": 12340,
+            "memory_rss_mib": 180, "disk_used_mib": 12, "uptime_secs": 61});
+        let hb = json!({"capacity": capacity, "vms": [], "vm_stats": [figures]});
+        let path = format!("/v1/nodes/{n}/heartbeat");
+        let (st, r) = s.call(POST, &path, Some(&cred), Some(hb)).await;
+        assert_eq!(st, StatusCode::OK, "{r}");
+        let (st, v) = stats_of(&s, &id, &t).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert!(v["note"].is_null(), "{v}");
+        let f = &v["measured"];
+        let got = (
+            f["cpu_percent"].as_f64(),
+            f["cpu_time_ms"].as_u64(),
+            f["memory_rss_mib"].as_u64(),
+            f["disk_used_mib"].as_u64(),
+            f["uptime_secs"].as_u64(),
+        );
+        assert_eq!(
+            got,
+            (Some(37.5), Some(12340), Some(180), Some(12), Some(61))
+        );
+        assert!(f["at"].is_string());
+        // Beside what the VM was given, to compare with.
+        let sizes = (
+            v["vcpus"].as_u64(),
+            v["memory_mib"].as_u64(),
+            v["disk_gib"].as_u64(),
+        );
+        assert_eq!(sizes, (Some(1), Some(512), Some(5)));
+
+        // Another project's user cannot see them.
+        let outsider = s.user("otto").await;
+        let (st, _) = stats_of(&s, &id, &outsider).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        // A heartbeat without the VM's figures: none any more.
+        let (st, _) = s
+            .call(
+                POST,
+                &path,
+                Some(&cred),
+                Some(json!({"capacity": capacity})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, v) = stats_of(&s, &id, &t).await;
+        assert_eq!((st, v["measured"].is_null()), (StatusCode::OK, true), "{v}");
+    }
+}

@@ -276,6 +276,9 @@ pub mod node {
         pub reserved_disk_gib: i64,
         pub last_heartbeat_at: Option<DateTimeUtc>,
         pub created_at: DateTimeUtc,
+        /// JSON of the latest per-VM figures the node sent (`VmStats`
+        /// list), from its last heartbeat.
+        pub vm_stats: Option<String>,
     }
     no_relations!();
 }

@@ -1025,6 +1025,7 @@ impl DataStore {
         id: Uuid,
         cap: [i64; 3],
         used: [i64; 3],
+        vm_stats: Option<String>,
     ) -> Result<node::Model> {
         let mut n = self.node_fetch(id).await?;
         let status = if n.status == "cordoned" {
@@ -1042,6 +1043,7 @@ impl DataStore {
         a.used_memory_mib = Set(used[1]);
         a.used_disk_gib = Set(used[2]);
         a.last_heartbeat_at = Set(Some(Utc::now()));
+        a.vm_stats = Set(vm_stats);
         Ok(a.update(&self.db).await?)
     }
 

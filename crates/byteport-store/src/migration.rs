@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0004ComputeHeld),
             Box::new(M0005Metadata),
             Box::new(M0006Environments),
+            Box::new(M0007VmStats),
         ]
     }
 }
@@ -485,6 +486,31 @@ impl MigrationTrait for M0006Environments {
             )
             .await?;
         }
+        Ok(())
+    }
+}
+
+/// Per-VM figures: each node's latest, kept on its row (one write per
+/// heartbeat whatever the number of VMs).
+struct M0007VmStats;
+
+impl MigrationName for M0007VmStats {
+    fn name(&self) -> &str {
+        "m0007_vm_stats"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0007VmStats {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        m.alter_table(
+            Table::alter()
+                .table(node::Entity.table_ref())
+                .add_column(text_null(node::Column::VmStats).to_owned())
+                .to_owned(),
+        )
+        .await?;
         Ok(())
     }
 }

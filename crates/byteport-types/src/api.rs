@@ -635,6 +635,58 @@ pub struct Heartbeat {
     pub usage: Capacity,
     #[serde(default)]
     pub vms: Vec<VmReport>,
+    /// Host-side figures of the VMs with a running process.
+    #[serde(default)]
+    pub vm_stats: Vec<VmStats>,
+}
+
+/// One VM's figures as its node measures them from outside the guest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmStats {
+    pub id: VmId,
+    /// CPU used by the VM's hypervisor process since the node's previous
+    /// sample, in percent of one host core (200 is two cores busy); absent
+    /// on the first sample.
+    pub cpu_percent: Option<f32>,
+    /// CPU time the process has used since it started, in milliseconds.
+    pub cpu_time_ms: u64,
+    /// Resident memory of the hypervisor process (guest RAM it touched,
+    /// plus the hypervisor's own), in MiB.
+    pub memory_rss_mib: u64,
+    /// Bytes the VM's disk file takes on the host (its copy-on-write
+    /// overlay), in MiB.
+    pub disk_used_mib: u64,
+    /// How long the process has been running, in seconds.
+    pub uptime_secs: u64,
+}
+
+/// A VM's latest figures, with the sizes they compare to.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct VmStatsView {
+    pub vm_id: VmId,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    /// What the node measured last; absent while there is nothing to
+    /// measure (the VM is not running on a node, or was not measured yet).
+    pub measured: Option<VmMeasured>,
+    /// Why `measured` is absent.
+    pub note: Option<String>,
+}
+
+/// One measurement of a VM from its host.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct VmMeasured {
+    /// When the node measured it.
+    pub at: DateTime<Utc>,
+    /// CPU in percent of one host core since the node's previous sample;
+    /// absent on the first.
+    pub cpu_percent: Option<f32>,
+    pub cpu_time_ms: u64,
+    pub memory_rss_mib: u64,
+    pub disk_used_mib: u64,
+    pub uptime_secs: u64,
 }
 
 /// How a node boots an image, and the files it needs (by sha256).

@@ -62,6 +62,31 @@ fn a_real_guest_runs_execs_pauses_restarts_stops_and_is_deleted_cleanly() {
         .expect("exec with stdin");
     assert_eq!(out, "hello stdin");
 
+    // The node's figures for it: the QEMU process's own, from the host.
+    let pid = d.qemu_pid(&id).expect("QEMU's pid");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let f = loop {
+        if let Ok(v) = d.api.get(&format!("/v1/vms/{id}/stats"))
+            && v["measured"]["cpu_percent"].is_number()
+        {
+            break v["measured"].clone();
+        }
+        assert!(Instant::now() < deadline, "no figures for a running VM");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let rss = f["memory_rss_mib"].as_u64().unwrap();
+    // A 256 MiB guest: QEMU holds what the guest touched plus its own.
+    assert!((16..=512).contains(&rss), "resident memory {rss} MiB: {f}");
+    let cpu_ms = f["cpu_time_ms"].as_u64().unwrap();
+    assert!(
+        cpu_ms > 0 && cpu_ms <= cpu_ticks(pid) * 10,
+        "CPU time {cpu_ms} ms against /proc's {} ms: {f}",
+        cpu_ticks(pid) * 10
+    );
+    let pct = f["cpu_percent"].as_f64().unwrap();
+    assert!((0.0..=200.0).contains(&pct), "{f}");
+    assert!(f["uptime_secs"].as_u64().unwrap() < 600, "{f}");
+
     // The console shows the guest's boot through the API.
     let console = d
         .api

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { ago, bytes, mib, parseLabels, percent, sshCommand } from './format';
+import { ago, bytes, mib, parseLabels, percent, sparkline, sshCommand } from './format';
 
 describe('format', () => {
 	it('sizes', () => {
@@ -30,5 +30,15 @@ describe('format', () => {
 	it('labels', () => {
 		expect(parseLabels('env=dev\nteam = a,tier=web')).toEqual({ env: 'dev', team: 'a', tier: 'web' });
 		expect(() => parseLabels('oops')).toThrow('label "oops" is not key=value');
+	});
+});
+
+describe('sparkline', () => {
+	it('scales values into the box, 0 at the bottom', () => {
+		expect(sparkline([], 100, 20)).toBe('');
+		expect(sparkline([0, 50, 100], 100, 20, 100)).toBe('0,20 50,10 100,0');
+		// The largest value sets the top when it exceeds max.
+		expect(sparkline([0, 200], 10, 10, 100)).toBe('0,10 10,0');
+		expect(sparkline([5], 10, 10, 10)).toBe('0,5');
 	});
 });

@@ -63,3 +63,17 @@ export function parseLabels(text: string): Record<string, string> {
 	}
 	return out;
 }
+
+/**
+ * The points of an SVG polyline drawing `values` left to right in a
+ * `width` x `height` box, 0 at the bottom and `max` (at least the largest
+ * value) at the top.
+ */
+export function sparkline(values: number[], width: number, height: number, max = 0): string {
+	if (values.length === 0) return '';
+	const top = Math.max(max, ...values, 1e-9);
+	const step = values.length > 1 ? width / (values.length - 1) : 0;
+	return values
+		.map((v, i) => `${+(i * step).toFixed(1)},${+(height - (Math.max(v, 0) / top) * height).toFixed(1)}`)
+		.join(' ');
+}

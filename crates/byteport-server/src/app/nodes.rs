@@ -124,6 +124,7 @@ impl App {
                     reserved_vcpus: 0,
                     reserved_memory_mib: 0,
                     reserved_disk_gib: 0,
+                    vm_stats: None,
                     last_heartbeat_at: Some(now),
                     created_at: now,
                 },
@@ -148,7 +149,7 @@ impl App {
         &self,
         ctx: &Ctx,
         id: &str,
-        hb: Heartbeat,
+        mut hb: Heartbeat,
     ) -> AppResult<HeartbeatResponse> {
         let node_id = match &ctx.actor {
             Actor::Node { id: nid, .. } if nid.to_string() == id => *nid,
@@ -161,6 +162,16 @@ impl App {
         };
         check_capacity(&hb.capacity)?;
         check_capacity(&hb.usage)?;
+        if hb.vm_stats.len() > MAX_VM_STATS {
+            return Err(AppError::bad(
+                "invalid_heartbeat",
+                format!("at most {MAX_VM_STATS} vm_stats in one heartbeat"),
+            ));
+        }
+        let stats = NodeVmStats {
+            at: chrono::Utc::now(),
+            vms: std::mem::take(&mut hb.vm_stats),
+        };
         self.store
             .node_heartbeat(
                 node_id.0,
@@ -174,6 +185,7 @@ impl App {
                     hb.usage.memory_mib as i64,
                     hb.usage.disk_gib as i64,
                 ],
+                Some(serde_json::to_string(&stats).map_err(AppError::internal)?),
             )
             .await?;
         for r in hb.vms {
@@ -395,5 +407,65 @@ impl App {
         ctx.target("node", n.id, None);
         self.store.node_remove(n.id).await?;
         Ok(())
+    }
+}
+
+/// At most this many VM figures in one heartbeat.
+const MAX_VM_STATS: usize = 10_000;
+
+/// What a node's row keeps of its latest figures.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NodeVmStats {
+    at: chrono::DateTime<chrono::Utc>,
+    vms: Vec<byteport_types::api::VmStats>,
+}
+
+impl App {
+    /// A VM's latest figures from its node, or why there are none (not
+    /// placed, not running, or not measured yet).
+    pub async fn vm_stats(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+    ) -> AppResult<byteport_types::api::VmStatsView> {
+        let v = self
+            .vm_resolve(ctx, id, byteport_types::api::Role::Viewer)
+            .await?;
+        let measured = match v.node_id {
+            Some(n) => {
+                let n = self.store.node_fetch(n).await?;
+                n.vm_stats
+                    .as_deref()
+                    .and_then(|j| serde_json::from_str::<NodeVmStats>(j).ok())
+                    .and_then(|all| {
+                        let at = all.at;
+                        all.vms.into_iter().find(|s| s.id.0 == v.id).map(|s| {
+                            byteport_types::api::VmMeasured {
+                                at,
+                                cpu_percent: s.cpu_percent,
+                                cpu_time_ms: s.cpu_time_ms,
+                                memory_rss_mib: s.memory_rss_mib,
+                                disk_used_mib: s.disk_used_mib,
+                                uptime_secs: s.uptime_secs,
+                            }
+                        })
+                    })
+            }
+            None => None,
+        };
+        let note = measured.is_none().then(|| {
+            format!(
+                "the VM is {}: its node has no figures for it (they are measured while it runs)",
+                v.state
+            )
+        });
+        Ok(byteport_types::api::VmStatsView {
+            vm_id: VmId(v.id),
+            vcpus: to_u32(v.vcpus),
+            memory_mib: to_u64(v.memory_mib),
+            disk_gib: to_u64(v.disk_gib),
+            measured,
+            note,
+        })
     }
 }

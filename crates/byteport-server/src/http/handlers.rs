@@ -410,6 +410,19 @@ pub async fn vm_delete(
     accepted(app.vm_act(&ctx, &id, VmAction::Delete).await?)
 }
 
+/// A VM's latest figures as its node measures them from the host: CPU,
+/// resident memory and the disk space its overlay takes (`measured`), or
+/// why there are none (`note`).
+#[utoipa::path(get, path = "/v1/vms/{id}/stats", tag = "vms", params(("id" = String, Path)),
+    responses((status = 200, body = VmStatsView), (status = 404, body = ErrorBody)))]
+pub async fn vm_stats(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Resp<VmStatsView> {
+    Ok(Json(app.vm_stats(&ctx, &id).await?))
+}
+
 // ---------- environments ----------
 
 /// Create an environment: one VM per image whose name starts with one of

@@ -102,6 +102,7 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::vm_pause))
         .routes(routes!(h::vm_resume))
         .routes(routes!(h::vm_wait))
+        .routes(routes!(h::vm_stats))
         .routes(routes!(h::env_create, h::env_list))
         .routes(routes!(h::env_show, h::env_delete))
         .routes(routes!(h::env_run))

@@ -845,6 +845,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vms/{id}/stats": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * A VM's latest figures as its node measures them from the host: CPU,
+         *     resident memory and the disk space its overlay takes (`measured`), or
+         *     why there are none (`note`).
+         */
+        get: operations["vm_stats"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/vms/{id}/stop": {
         parameters: {
             query?: never;
@@ -1121,6 +1142,8 @@ export interface components {
         Heartbeat: {
             capacity: components["schemas"]["Capacity"];
             usage?: components["schemas"]["Capacity"];
+            /** @description Host-side figures of the VMs with a running process. */
+            vm_stats?: components["schemas"]["VmStats"][];
             vms?: components["schemas"]["VmReport"][];
         };
         HeartbeatResponse: {
@@ -1561,6 +1584,28 @@ export interface components {
          * @description A virtual machine.
          */
         VmId: string;
+        /** @description One measurement of a VM from its host. */
+        VmMeasured: {
+            /**
+             * Format: date-time
+             * @description When the node measured it.
+             */
+            at: string;
+            /**
+             * Format: float
+             * @description CPU in percent of one host core since the node's previous sample;
+             *     absent on the first.
+             */
+            cpu_percent?: number | null;
+            /** Format: int64 */
+            cpu_time_ms: number;
+            /** Format: int64 */
+            disk_used_mib: number;
+            /** Format: int64 */
+            memory_rss_mib: number;
+            /** Format: int64 */
+            uptime_secs: number;
+        };
         /** @description What a node saw of one VM. */
         VmReport: {
             /** @description The guest agent's version, once it said ready. */
@@ -1616,6 +1661,52 @@ export interface components {
             /** Format: int64 */
             count: number;
             state: components["schemas"]["VmState"];
+        };
+        /** @description One VM's figures as its node measures them from outside the guest. */
+        VmStats: {
+            /**
+             * Format: float
+             * @description CPU used by the VM's hypervisor process since the node's previous
+             *     sample, in percent of one host core (200 is two cores busy); absent
+             *     on the first sample.
+             */
+            cpu_percent?: number | null;
+            /**
+             * Format: int64
+             * @description CPU time the process has used since it started, in milliseconds.
+             */
+            cpu_time_ms: number;
+            /**
+             * Format: int64
+             * @description Bytes the VM's disk file takes on the host (its copy-on-write
+             *     overlay), in MiB.
+             */
+            disk_used_mib: number;
+            id: components["schemas"]["VmId"];
+            /**
+             * Format: int64
+             * @description Resident memory of the hypervisor process (guest RAM it touched,
+             *     plus the hypervisor's own), in MiB.
+             */
+            memory_rss_mib: number;
+            /**
+             * Format: int64
+             * @description How long the process has been running, in seconds.
+             */
+            uptime_secs: number;
+        };
+        /** @description A VM's latest figures, with the sizes they compare to. */
+        VmStatsView: {
+            /** Format: int64 */
+            disk_gib: number;
+            measured?: components["schemas"]["VmMeasured"] | null;
+            /** Format: int64 */
+            memory_mib: number;
+            /** @description Why `measured` is absent. */
+            note?: string | null;
+            /** Format: int32 */
+            vcpus: number;
+            vm_id: components["schemas"]["VmId"];
         };
         Whoami: {
             memberships: components["schemas"]["Membership"][];
@@ -3437,6 +3528,35 @@ export interface operations {
                 };
             };
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_stats: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VmStatsView"];
+                };
+            };
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
