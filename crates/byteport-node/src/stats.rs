@@ -13,10 +13,24 @@ use std::time::Instant;
 /// Linux reports process CPU time in USER_HZ ticks, 100 a second.
 const TICK_MS: u64 = 10;
 
+/// A rate needs at least this long between readings: CPU time comes in
+/// 10 ms ticks, and heartbeats can follow each other within milliseconds.
+const MIN_INTERVAL_MS: u64 = 1000;
+
+/// What the previous reading of a VM was, for a rate.
+#[derive(Clone, Copy)]
+struct Reading {
+    pid: u32,
+    ticks: u64,
+    at: Instant,
+    /// The rate computed when this reading was taken.
+    percent: Option<f32>,
+}
+
 /// Remembers each VM's previous CPU reading, for a rate.
 #[derive(Default)]
 pub struct Sampler {
-    last: HashMap<VmId, (u32, u64, Instant)>,
+    last: HashMap<VmId, Reading>,
 }
 
 /// What /proc says of one process: CPU ticks, resident KiB, start time in
@@ -61,6 +75,30 @@ fn uptime_ticks() -> Option<u64> {
     Some((secs * 1000.0) as u64 / TICK_MS)
 }
 
+/// The reading after `prev`: a rate only against the same process (a
+/// restart is a new pid) and over at least [`MIN_INTERVAL_MS`]; sooner,
+/// the previous reading and its rate stand.
+fn next_reading(prev: Option<Reading>, pid: u32, ticks: u64, now: Instant) -> Reading {
+    let fresh = Reading {
+        pid,
+        ticks,
+        at: now,
+        percent: None,
+    };
+    let Some(r) = prev.filter(|r| r.pid == pid && ticks >= r.ticks) else {
+        return fresh;
+    };
+    let wall = now.duration_since(r.at).as_millis() as u64;
+    if wall < MIN_INTERVAL_MS {
+        return r;
+    }
+    let pct = ((ticks - r.ticks) * TICK_MS * 100) as f32 / wall as f32;
+    Reading {
+        percent: Some((pct * 10.0).round() / 10.0),
+        ..fresh
+    }
+}
+
 impl Sampler {
     /// Figures for each VM in `vms_dir` among `ids` that has a live QEMU.
     pub fn sample(&mut self, vms_dir: &Path, ids: impl IntoIterator<Item = VmId>) -> Vec<VmStats> {
@@ -79,21 +117,15 @@ impl Sampler {
             let Some(p) = read_proc(pid, &dir) else {
                 continue;
             };
-            // A rate only against the same process (a restart is a new pid).
-            let cpu_percent = match self.last.get(&id) {
-                Some(&(last_pid, ticks, at)) if last_pid == pid && p.ticks >= ticks => {
-                    let wall = now.duration_since(at).as_millis() as u64;
-                    (wall > 0).then(|| ((p.ticks - ticks) * TICK_MS * 100) as f32 / wall as f32)
-                }
-                _ => None,
-            };
-            seen.insert(id, (pid, p.ticks, now));
+            let reading = next_reading(self.last.get(&id).copied(), pid, p.ticks, now);
+            seen.insert(id, reading);
+            let cpu_percent = reading.percent;
             let disk_used = std::fs::metadata(dir.join(files::DISK))
                 .map(|m| m.blocks() * 512)
                 .unwrap_or(0);
             out.push(VmStats {
                 id,
-                cpu_percent: cpu_percent.map(|c| (c * 10.0).round() / 10.0),
+                cpu_percent,
                 cpu_time_ms: p.ticks * TICK_MS,
                 memory_rss_mib: p.rss_kib / 1024,
                 disk_used_mib: disk_used >> 20,
@@ -128,6 +160,26 @@ mod tests {
         assert!(s.sample(tmp.path(), [id]).is_empty());
         std::fs::write(dir.join(files::PIDFILE), "not a pid").unwrap();
         assert!(s.sample(tmp.path(), [id]).is_empty());
+    }
+
+    #[test]
+    fn a_rate_needs_the_same_process_and_a_second() {
+        let t0 = Instant::now();
+        let first = next_reading(None, 7, 100, t0);
+        assert_eq!(first.percent, None);
+        // 50 ticks (500 ms of CPU) in 2 s: 25 %.
+        let two_s = t0 + std::time::Duration::from_secs(2);
+        let r = next_reading(Some(first), 7, 150, two_s);
+        assert_eq!(r.percent, Some(25.0));
+        // 30 ms later, 3 ticks more: too short to say; the 25 % stands.
+        let soon = two_s + std::time::Duration::from_millis(30);
+        let s = next_reading(Some(r), 7, 153, soon);
+        assert_eq!((s.percent, s.ticks), (Some(25.0), 150));
+        // Another pid (QEMU restarted): no rate yet.
+        assert_eq!(next_reading(Some(r), 8, 5, soon).percent, None);
+        // Two busy threads for a second: 200 %.
+        let later = two_s + std::time::Duration::from_secs(1);
+        assert_eq!(next_reading(Some(r), 7, 350, later).percent, Some(200.0));
     }
 
     #[test]
