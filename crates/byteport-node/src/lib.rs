@@ -9,6 +9,7 @@
 //! It owns drivers, disks, networks and the VM directories; it does not own
 //! placement (the scheduler's) or the API (the control plane's).
 
+pub mod cgroup;
 pub mod channel;
 pub mod client;
 pub mod driver;
@@ -55,6 +56,10 @@ pub struct NodeConfig {
     /// The metadata relay's port on 127.0.0.1; 0 keeps the one used
     /// before, or takes a free one.
     pub metadata_port: u16,
+    /// The program QEMU runs per guest connection to the metadata address,
+    /// with its arguments; the relay's address is added last. This
+    /// daemon's own `metadata-pipe` unless set.
+    pub metadata_pipe: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +96,9 @@ impl NodeConfig {
             accel: AccelChoice::Auto,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             metadata_port: 0,
+            metadata_pipe: std::env::current_exe()
+                .map(|p| vec![p.display().to_string(), "metadata-pipe".into()])
+                .unwrap_or_default(),
         }
     }
 }
@@ -120,11 +128,14 @@ pub struct Shared<D: Driver> {
     pub identity: Identity,
     pub images: ImageCache,
     pub net: UserNet,
+    /// Each VM's cgroup.
+    pub cgroups: cgroup::Cgroups,
     pub accel: Accel,
     pub vms_dir: PathBuf,
     pub stop_timeout: Duration,
-    /// Where the metadata relay listens (guests see it at 10.0.2.2).
-    pub metadata_port: u16,
+    /// What QEMU runs per guest connection to 10.0.2.254:80: a pipe
+    /// to the node's metadata relay (see [`network::pipe_stdio`]).
+    pub metadata_pipe: Vec<String>,
     /// The latest observation of each VM, sent with every heartbeat.
     pub reports: Mutex<HashMap<VmId, VmReport>>,
     /// Connected, ready guest agents.
@@ -265,16 +276,30 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         .map_err(|e| NodeError::Setup(format!("cannot listen for metadata requests: {e}")))?;
     let metadata_port = relay.local_addr().map(|a| a.port()).unwrap_or(0);
     tracing::info!(port = metadata_port, "metadata relay on 127.0.0.1");
+    let mut metadata_pipe = cfg.metadata_pipe.clone();
+    if metadata_pipe.is_empty() {
+        return Err(NodeError::Setup("no metadata pipe program is set".into()));
+    }
+    metadata_pipe.push(format!("127.0.0.1:{metadata_port}"));
+    // QEMU splits the command itself; a quote would change its words.
+    if metadata_pipe.iter().any(|w| w.contains('\'')) {
+        return Err(NodeError::Setup(format!(
+            "the metadata pipe program's path may not hold a quote: {metadata_pipe:?}"
+        )));
+    }
+    let cgroups = cgroup::Cgroups::detect(ident.id);
+    tracing::info!(cgroups = cgroups.describe(), "one cgroup per VM");
     let shared = Arc::new(Shared {
         driver,
         cp: cp.clone(),
         identity: ident.clone(),
         images,
         net: UserNet::new(cfg.forward_host.clone(), cfg.forward_ports.clone()),
+        cgroups,
         accel,
         vms_dir: cfg.data_dir.join("vms"),
         stop_timeout: cfg.stop_timeout,
-        metadata_port,
+        metadata_pipe,
         reports: Mutex::default(),
         guests: Mutex::default(),
         wake: Notify::new(),
@@ -295,12 +320,17 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         let id = p.spec.id;
         tasks.insert(id, spawn_vm(&shared, p.spec));
     }
+    shared.cgroups.sweep(&|vm| tasks.contains_key(&vm));
     tokio::spawn(channel::run(shared.clone()));
     tokio::spawn(metadata::serve(shared.clone(), relay));
     let mut backoff = Duration::from_millis(200);
     let mut sampler = stats::Sampler::default();
     loop {
-        let vm_stats = sampler.sample(&shared.vms_dir, tasks.keys().copied());
+        let mut vm_stats = sampler.sample(&shared.vms_dir, tasks.keys().copied());
+        for s in &mut vm_stats {
+            s.cgroup_memory_mib = shared.cgroups.memory_bytes(s.id).map(|b| b >> 20);
+            s.cgroup_memory_limit_mib = shared.cgroups.memory_limit(s.id).map(|b| b >> 20);
+        }
         let reports: Vec<VmReport> = shared
             .reports
             .lock()

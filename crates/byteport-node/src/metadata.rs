@@ -2,12 +2,13 @@
 //! its NoCloud documents from, passed on to the control plane with this
 //! node's credential.
 //!
-//! Under user-mode networking a guest reaches the host's loopback at
-//! 10.0.2.2, so the relay listens on 127.0.0.1 and each VM's data source
-//! is `http://10.0.2.2:PORT/VM/TOKEN/` (in its SMBIOS serial). The relay
-//! answers only for VMs on this node and keeps nothing: the control plane
-//! checks the token, rate-limits and audits. With a bridge, the same
-//! listener would bind the bridge's address.
+//! Every VM's data source is `http://10.0.2.254/VM/TOKEN/` (in its SMBIOS
+//! serial; see [`crate::network::USER_METADATA_ADDR`] for why not
+//! 169.254.169.254). The relay listens on 127.0.0.1; under user-mode
+//! networking QEMU hands each guest connection to that address to a pipe
+//! program (`byteportd metadata-pipe`) that joins it to the relay, the
+//! only way out of a restricted guest. The relay answers only for VMs on this node and keeps
+//! nothing: the control plane checks the token, rate-limits and audits.
 
 use crate::Shared;
 use crate::driver::Driver;
@@ -18,9 +19,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use byteport_types::VmId;
 use std::sync::Arc;
-
-/// The address a guest under user-mode networking reaches the host at.
-pub const GUEST_HOST_ADDR: &str = "10.0.2.2";
 
 /// Binds the relay on `127.0.0.1:port`; port 0 takes the port this node
 /// used before (kept in `metadata.port` in its data directory, since
@@ -49,8 +47,11 @@ pub async fn bind(
 }
 
 /// The data source URL of a VM, for its SMBIOS serial.
-pub fn seed_url(port: u16, vm: VmId, token: &str) -> String {
-    format!("http://{GUEST_HOST_ADDR}:{port}/{vm}/{token}/")
+pub fn seed_url(vm: VmId, token: &str) -> String {
+    format!(
+        "http://{}/{vm}/{token}/",
+        crate::network::USER_METADATA_ADDR
+    )
 }
 
 /// Serves the relay until the process ends.

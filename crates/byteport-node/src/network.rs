@@ -1,14 +1,58 @@
-//! VM networking. The default mode is QEMU's user-mode NAT: the guest
-//! reaches out through the host, and chosen guest ports are forwarded from
-//! host ports that this allocator hands out without collisions across the
-//! node's VMs. A bridge/tap/nftables mode implements the same trait.
+//! VM networking. Under QEMU's user-mode network a guest is restricted:
+//! it reaches neither the host nor the outside, only the metadata address
+//! (relayed by [`pipe_stdio`] to the node) and what QEMU itself answers
+//! (DHCP, DNS); chosen guest ports are forwarded from host ports that this
+//! allocator hands out without collisions across the node's VMs.
 
 use byteport_types::VmId;
 use byteport_types::api::PortForward;
 use std::collections::HashMap;
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
+
+/// Where a guest under user-mode networking reaches the node's metadata
+/// relay, port 80. QEMU forwards a guest's connections only to addresses
+/// inside its virtual network (10.0.2.0/24, not its host or DNS address),
+/// so the cloud's usual 169.254.169.254 cannot be used there.
+pub const USER_METADATA_ADDR: &str = "10.0.2.254";
+
+/// Joins standard input and output to a TCP connection to `addr` until
+/// both sides are done: what QEMU runs for each guest connection to the
+/// metadata address (`guestfwd=...-cmd:`), with the guest's connection as
+/// its standard input and output.
+pub fn pipe_stdio(addr: &str) -> std::io::Result<()> {
+    let up = TcpStream::connect(addr)?;
+    let mut down = up.try_clone()?;
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let _ = std::io::copy(&mut stdin, &mut down);
+        // The guest is done sending. No half-close towards the relay: its
+        // HTTP server drops a half-closed connection without answering.
+        // The answer has until the grace ends; then the pipe goes, so a
+        // kept-alive connection never leaves a process behind.
+        std::thread::sleep(PIPE_GRACE);
+        std::process::exit(0);
+    });
+    let mut from = up;
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stdout.write_all(&buf[..n])?;
+        stdout.flush()?;
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    Ok(())
+}
+
+/// How long a metadata pipe waits for the relay's answer once the guest
+/// has closed its side.
+const PIPE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How VMs are connected.
 pub trait Network: Send + Sync + 'static {

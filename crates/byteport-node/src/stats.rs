@@ -132,6 +132,8 @@ impl Sampler {
                 uptime_secs: boot
                     .map(|b| b.saturating_sub(p.start_ticks) * TICK_MS / 1000)
                     .unwrap_or(0),
+                cgroup_memory_mib: None,
+                cgroup_memory_limit_mib: None,
             });
         }
         self.last = seen;

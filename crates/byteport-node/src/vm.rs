@@ -398,6 +398,7 @@ impl<D: Driver> VmTask<D> {
                 self.forget_guest();
                 let _ = tokio::fs::remove_dir_all(&self.dir).await;
                 self.shared.net.release(self.id);
+                self.shared.cgroups.remove(self.id);
                 self.p.applied = want_gen;
                 self.set(ObservedState::Deleted, None);
                 Next::Done
@@ -426,6 +427,7 @@ impl<D: Driver> VmTask<D> {
                 self.inst = None;
                 self.stop_deadline = None;
                 self.forget_guest();
+                self.shared.cgroups.remove(self.id);
                 self.p.applied = want_gen;
                 self.p.failed = None;
                 self.set(ObservedState::Stopped, None);
@@ -449,6 +451,7 @@ impl<D: Driver> VmTask<D> {
                 // It went away by itself while it should run.
                 self.inst = None;
                 self.forget_guest();
+                self.shared.cgroups.remove(self.id);
                 self.p.applied = want_gen;
                 self.p.failed = Some(want_gen);
                 if clean {
@@ -576,12 +579,14 @@ impl<D: Driver> VmTask<D> {
         cmdline.push_str(&format!(" byteport.hostname={}", spec.hostname));
         // The NoCloud data source: `nocloud-net`, so that cloud-init runs
         // its network stages (plain `nocloud` skips them).
-        let smbios_serial = spec.metadata_token.as_deref().map(|t| {
-            format!(
-                "ds=nocloud-net;s={}",
-                crate::metadata::seed_url(s.metadata_port, spec.id, t)
-            )
-        });
+        let smbios_serial = spec
+            .metadata_token
+            .as_deref()
+            .map(|t| format!("ds=nocloud-net;s={}", crate::metadata::seed_url(spec.id, t)));
+        let metadata_pipe = spec
+            .metadata_token
+            .as_ref()
+            .map(|_| s.metadata_pipe.clone());
         let launch = LaunchSpec {
             dir: self.dir.clone(),
             name: spec.name.to_string(),
@@ -594,12 +599,21 @@ impl<D: Driver> VmTask<D> {
             initrd,
             ports: self.p.ports.clone(),
             smbios_serial,
+            metadata_pipe,
             mac: guest_mac(spec.id),
             accel: s.accel,
         };
         self.save();
+        s.cgroups.create(self.id, spec.vcpus, spec.memory_mib)?;
         let started = Instant::now();
         let inst = s.driver.start(&launch).await.map_err(|e| e.to_string())?;
+        if let Some(pid) = inst.pid()
+            && let Err(e) = s.cgroups.attach(self.id, pid)
+        {
+            // A VM outside its limits is not started.
+            let _ = inst.kill().await;
+            return Err(format!("cannot put QEMU in the VM's cgroup: {e}"));
+        }
         tracing::info!(vm = %self.id, pid = ?inst.pid(), ms = started.elapsed().as_millis() as u64, "VM started");
         self.inst = Some(inst);
         self.watch_guest();
@@ -637,10 +651,11 @@ pub(crate) mod tests {
             },
             images: ImageCache::new(dir.join("images")),
             net: UserNet::new("127.0.0.1".into(), 42000..=42099),
+            cgroups: crate::cgroup::Cgroups::none(NodeId::new()),
             accel: crate::driver::Accel::Tcg,
             vms_dir: dir.join("vms"),
             stop_timeout: Duration::from_millis(200),
-            metadata_port: 8123,
+            metadata_pipe: vec!["metadata-pipe".into(), "127.0.0.1:8123".into()],
             reports: Mutex::default(),
             guests: Mutex::default(),
             wake: tokio::sync::Notify::new(),

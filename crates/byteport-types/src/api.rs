@@ -659,6 +659,13 @@ pub struct VmStats {
     pub disk_used_mib: u64,
     /// How long the process has been running, in seconds.
     pub uptime_secs: u64,
+    /// Memory charged to the VM's cgroup (QEMU and its helpers), in MiB;
+    /// absent where the node runs VMs without one.
+    #[serde(default)]
+    pub cgroup_memory_mib: Option<u64>,
+    /// The cgroup's memory limit (the VM's RAM plus QEMU's allowance), in MiB.
+    #[serde(default)]
+    pub cgroup_memory_limit_mib: Option<u64>,
 }
 
 /// A VM's latest figures, with the sizes they compare to.
@@ -687,6 +694,10 @@ pub struct VmMeasured {
     pub memory_rss_mib: u64,
     pub disk_used_mib: u64,
     pub uptime_secs: u64,
+    /// Memory charged to the VM's cgroup on its node, in MiB.
+    pub cgroup_memory_mib: Option<u64>,
+    /// The limit of that cgroup, in MiB.
+    pub cgroup_memory_limit_mib: Option<u64>,
 }
 
 /// How a node boots an image, and the files it needs (by sha256).

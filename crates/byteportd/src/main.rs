@@ -129,7 +129,7 @@ struct NodeOpts {
     #[arg(long, env = "BYTEPORT_QEMU", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
     /// The metadata relay's port on 127.0.0.1 (guests reach it at
-    /// 10.0.2.2); 0 keeps the port used before, or takes a free one.
+    /// 10.0.2.254:80); 0 keeps the port used before, or takes a free one.
     #[arg(long, env = "BYTEPORT_METADATA_PORT", default_value_t = 0)]
     metadata_port: u16,
 }
@@ -437,8 +437,25 @@ async fn shutdown() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // What QEMU runs per guest connection to the metadata address: plain
+    // threads and blocking I/O, before any runtime starts, since it runs
+    // under QEMU's seccomp filter.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, cmd, addr] = args.as_slice()
+        && cmd == "metadata-pipe"
+    {
+        return byteport_node::network::pipe_stdio(addr)
+            .with_context(|| format!("relaying to {addr}"));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(daemon())
+}
+
+async fn daemon() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -118,7 +118,7 @@ fn cloud_init_configures_a_debian_vm_from_the_metadata_service_and_ssh_works() {
     assert_eq!(result["v1"]["errors"], json!([]), "{result}");
     let source = result["v1"]["datasource"].as_str().unwrap_or_default();
     assert!(
-        source.contains("NoCloud") && source.contains("10.0.2.2"),
+        source.contains("NoCloud") && source.contains("10.0.2.254"),
         "{result}"
     );
 

@@ -56,6 +56,10 @@ pub struct LaunchSpec {
     pub ports: Vec<PortForward>,
     /// `-smbios type=1,serial=...` (the metadata data source), if any.
     pub smbios_serial: Option<String>,
+    /// The program (and its arguments) QEMU runs for each guest connection
+    /// to the metadata address under user-mode networking; its standard
+    /// input and output are that connection. `None`: no metadata service.
+    pub metadata_pipe: Option<Vec<String>>,
     /// The first NIC's MAC address.
     pub mac: String,
     pub accel: Accel,

@@ -74,16 +74,8 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         "-device",
         "virtio-blk-pci,drive=disk0,bootindex=1",
     ]);
-    let mut netdev = String::from("user,id=net0");
-    for p in &spec.ports {
-        netdev.push_str(&format!(
-            ",hostfwd=tcp:{}:{}-:{}",
-            p.host, p.host_port, p.guest_port
-        ));
-    }
+    push(&["-netdev", &user_netdev(spec)]);
     push(&[
-        "-netdev",
-        &netdev,
         "-device",
         &format!("virtio-net-pci,netdev=net0,mac={}", spec.mac),
     ]);
@@ -121,7 +113,40 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         ]);
     }
     push(&["-pidfile", &d(files::PIDFILE)]);
+    // seccomp: QEMU's own filter, obsolete system calls denied. Spawning
+    // and setsid stay allowed: the metadata forward runs a program per
+    // connection, and QEMU's user-mode network calls setsid() in that
+    // child (`elevateprivileges=deny` kills it there).
+    push(&["-sandbox", "on,obsolete=deny"]);
     a
+}
+
+/// The user-mode network of a VM. `restrict=on` cuts the guest off from
+/// the host and the outside: without it QEMU maps 10.0.2.2 to the host's
+/// loopback, where the API and every VM's forwarded ports listen. What
+/// stays: DHCP and DNS answered inside QEMU, the forwards into the guest
+/// (`hostfwd`, on the operator's address), and the metadata address
+/// (`guestfwd` to a pipe program that relays one connection to the node).
+fn user_netdev(spec: &LaunchSpec) -> String {
+    let mut netdev = String::from("user,id=net0,restrict=on");
+    for p in &spec.ports {
+        netdev.push_str(&format!(
+            ",hostfwd=tcp:{}:{}-:{}",
+            p.host, p.host_port, p.guest_port
+        ));
+    }
+    if let Some(pipe) = &spec.metadata_pipe {
+        // QEMU splits the command like a shell would (without running
+        // one): each word single-quoted; a comma is doubled for QEMU's
+        // option parser.
+        let cmd: Vec<String> = pipe.iter().map(|w| format!("'{w}'")).collect();
+        netdev.push_str(&format!(
+            ",guestfwd=tcp:{}:80-cmd:{}",
+            crate::network::USER_METADATA_ADDR,
+            cmd.join(" ").replace(',', ",,")
+        ));
+    }
+    netdev
 }
 
 /// Why a process ended, from what the agent could see.
@@ -492,7 +517,12 @@ mod tests {
             initrd: None,
             cmdline: None,
             ports: Vec::new(),
-            smbios_serial: Some("ds=nocloud-net;s=http://10.0.2.2:7/v/t,x/".into()),
+            smbios_serial: Some("ds=nocloud-net;s=http://10.0.2.254/v/t,x/".into()),
+            metadata_pipe: Some(vec![
+                "/opt/by,te/byteportd".into(),
+                "metadata-pipe".into(),
+                "127.0.0.1:7".into(),
+            ]),
             mac: "52:54:00:aa:bb:cc".into(),
             accel: Accel::Tcg,
         };
@@ -501,8 +531,14 @@ mod tests {
         // QEMU's option syntax doubles a comma inside a value.
         assert_eq!(
             a[at + 1],
-            "type=1,serial=ds=nocloud-net;s=http://10.0.2.2:7/v/t,,x/"
+            "type=1,serial=ds=nocloud-net;s=http://10.0.2.254/v/t,,x/"
         );
+        let at = a.iter().position(|x| x == "-netdev").expect("-netdev");
+        assert_eq!(
+            a[at + 1],
+            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.254:80-cmd:'/opt/by,,te/byteportd' 'metadata-pipe' '127.0.0.1:7'"
+        );
+        assert!(a.contains(&"-sandbox".to_string()), "{a:?}");
         assert!(
             a.contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc".to_string()),
             "{a:?}"

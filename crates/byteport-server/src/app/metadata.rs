@@ -3,8 +3,8 @@
 //! `network-config`).
 //!
 //! A guest never talks to the control plane: it asks the metadata relay of
-//! the node it runs on (`http://10.0.2.2:PORT/VM/TOKEN/` under user-mode
-//! networking), and the node asks here with its own credential. A document
+//! the node it runs on (`http://10.0.2.254/VM/TOKEN/`), and the node
+//! asks here with its own credential. A document
 //! is served only when the node is the VM's node, the VM is not deleted,
 //! and the token is the VM's; anything else is the same 404, so a guest
 //! learns nothing about other VMs. Each VM's token is an HMAC of its id

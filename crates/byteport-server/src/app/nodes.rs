@@ -447,6 +447,8 @@ impl App {
                                 memory_rss_mib: s.memory_rss_mib,
                                 disk_used_mib: s.disk_used_mib,
                                 uptime_secs: s.uptime_secs,
+                                cgroup_memory_mib: s.cgroup_memory_mib,
+                                cgroup_memory_limit_mib: s.cgroup_memory_limit_mib,
                             }
                         })
                     })

@@ -1592,6 +1592,16 @@ export interface components {
              */
             at: string;
             /**
+             * Format: int64
+             * @description The limit of that cgroup, in MiB.
+             */
+            cgroup_memory_limit_mib?: number | null;
+            /**
+             * Format: int64
+             * @description Memory charged to the VM's cgroup on its node, in MiB.
+             */
+            cgroup_memory_mib?: number | null;
+            /**
              * Format: float
              * @description CPU in percent of one host core since the node's previous sample;
              *     absent on the first.
@@ -1664,6 +1674,17 @@ export interface components {
         };
         /** @description One VM's figures as its node measures them from outside the guest. */
         VmStats: {
+            /**
+             * Format: int64
+             * @description The cgroup's memory limit (the VM's RAM plus QEMU's allowance), in MiB.
+             */
+            cgroup_memory_limit_mib?: number | null;
+            /**
+             * Format: int64
+             * @description Memory charged to the VM's cgroup (QEMU and its helpers), in MiB;
+             *     absent where the node runs VMs without one.
+             */
+            cgroup_memory_mib?: number | null;
             /**
              * Format: float
              * @description CPU used by the VM's hypervisor process since the node's previous
