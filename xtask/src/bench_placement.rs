@@ -668,6 +668,7 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                     max_memory_mib: 1 << 50,
                     max_disk_gib: 1 << 50,
                     created_at: now,
+                    network_index: None,
                 },
                 None,
             )
@@ -718,6 +719,9 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                             compute_held: false,
                             metadata_token_hash: None,
                             environment_id: None,
+                            guest_ports: "[]".into(),
+                            egress: "allow".into(),
+                            network: None,
                             cloud_init: None,
                             ssh_user: None,
                         },

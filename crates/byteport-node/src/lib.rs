@@ -9,6 +9,7 @@
 //! It owns drivers, disks, networks and the VM directories; it does not own
 //! placement (the scheduler's) or the API (the control plane's).
 
+pub mod bridge;
 pub mod cgroup;
 pub mod channel;
 pub mod client;
@@ -56,6 +57,8 @@ pub struct NodeConfig {
     /// The metadata relay's port on 127.0.0.1; 0 keeps the one used
     /// before, or takes a free one.
     pub metadata_port: u16,
+    /// How VMs are connected.
+    pub network: NetworkChoice,
     /// The program QEMU runs per guest connection to the metadata address,
     /// with its arguments; the relay's address is added last. This
     /// daemon's own `metadata-pipe` unless set.
@@ -67,6 +70,30 @@ pub enum AccelChoice {
     Auto,
     Kvm,
     Tcg,
+}
+
+/// How a node connects its VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkChoice {
+    /// Bridged where the node can (root, `ip`, `nft`, `dnsmasq`), else
+    /// user-mode.
+    Auto,
+    /// QEMU's restricted user-mode network only.
+    User,
+    /// Bridged, or the node does not start.
+    Bridge,
+}
+
+impl std::str::FromStr for NetworkChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(NetworkChoice::Auto),
+            "user" => Ok(NetworkChoice::User),
+            "bridge" => Ok(NetworkChoice::Bridge),
+            _ => Err(format!("{s:?} is not auto, user or bridge")),
+        }
+    }
 }
 
 impl std::str::FromStr for AccelChoice {
@@ -96,6 +123,7 @@ impl NodeConfig {
             accel: AccelChoice::Auto,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             metadata_port: 0,
+            network: NetworkChoice::Auto,
             metadata_pipe: std::env::current_exe()
                 .map(|p| vec![p.display().to_string(), "metadata-pipe".into()])
                 .unwrap_or_default(),
@@ -128,6 +156,8 @@ pub struct Shared<D: Driver> {
     pub identity: Identity,
     pub images: ImageCache,
     pub net: UserNet,
+    /// Bridged networks, when the node runs them.
+    pub bridge: Option<bridge::BridgeNet>,
     /// Each VM's cgroup.
     pub cgroups: cgroup::Cgroups,
     pub accel: Accel,
@@ -287,6 +317,24 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
             "the metadata pipe program's path may not hold a quote: {metadata_pipe:?}"
         )));
     }
+    let bridge = match (cfg.network, bridge::unavailable()) {
+        (NetworkChoice::User, _) => None,
+        (NetworkChoice::Bridge, Some(why)) => {
+            return Err(NodeError::Setup(format!("bridged networking: {why}")));
+        }
+        (NetworkChoice::Auto, Some(why)) => {
+            tracing::info!("user-mode networking: {why}");
+            None
+        }
+        (_, None) => Some(
+            bridge::BridgeNet::new(cfg.data_dir.join("net"), metadata_port, &cfg.forward_host)
+                .map_err(|e| NodeError::Setup(format!("bridged networking: {e}")))?,
+        ),
+    };
+    tracing::info!(
+        network = if bridge.is_some() { "bridge" } else { "user" },
+        "VM networking"
+    );
     let cgroups = cgroup::Cgroups::detect(ident.id);
     tracing::info!(cgroups = cgroups.describe(), "one cgroup per VM");
     let shared = Arc::new(Shared {
@@ -295,6 +343,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         identity: ident.clone(),
         images,
         net: UserNet::new(cfg.forward_host.clone(), cfg.forward_ports.clone()),
+        bridge,
         cgroups,
         accel,
         vms_dir: cfg.data_dir.join("vms"),
@@ -306,6 +355,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
     });
     let mut tasks: HashMap<VmId, Handle> = HashMap::new();
     // Re-adopt what was here before a restart.
+    let mut before = Vec::new();
     for e in std::fs::read_dir(&shared.vms_dir)
         .into_iter()
         .flatten()
@@ -317,8 +367,17 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         let Ok(p) = serde_json::from_slice::<vm::Persisted>(&b) else {
             continue;
         };
-        let id = p.spec.id;
-        tasks.insert(id, spawn_vm(&shared, p.spec));
+        before.push(p);
+    }
+    // The firewall first, from what the VMs held: their port maps and
+    // isolation hold again before any task runs.
+    if let Some(b) = &shared.bridge {
+        b.restore(before.iter().filter_map(|p| p.net.clone()).collect())
+            .map_err(NodeError::Setup)?;
+        b.sweep();
+    }
+    for p in before {
+        tasks.insert(p.spec.id, spawn_vm(&shared, p.spec));
     }
     shared.cgroups.sweep(&|vm| tasks.contains_key(&vm));
     tokio::spawn(channel::run(shared.clone()));
@@ -342,6 +401,11 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
             usage,
             vms: reports,
             vm_stats,
+            networks: shared
+                .bridge
+                .as_ref()
+                .map(|b| b.networks())
+                .unwrap_or_default(),
         };
         match cp.heartbeat(ident.id, &ident.credential, hb).await {
             Ok(resp) => {
@@ -466,6 +530,7 @@ fn report_gone<D: Driver>(shared: &Arc<Shared<D>>, id: VmId, want_gen: u64) {
                 ports: Vec::new(),
                 agent_version: None,
                 cloud_init: None,
+                network: None,
             },
         );
         shared.wake.notify_one();

@@ -2,12 +2,14 @@
 //! its NoCloud documents from, passed on to the control plane with this
 //! node's credential.
 //!
-//! Every VM's data source is `http://10.0.2.254/VM/TOKEN/` (in its SMBIOS
-//! serial; see [`crate::network::USER_METADATA_ADDR`] for why not
-//! 169.254.169.254). The relay listens on 127.0.0.1; under user-mode
-//! networking QEMU hands each guest connection to that address to a pipe
-//! program (`byteportd metadata-pipe`) that joins it to the relay, the
-//! only way out of a restricted guest. The relay answers only for VMs on this node and keeps
+//! A VM's data source (in its SMBIOS serial) is
+//! `http://169.254.169.254/VM/TOKEN/` on a bridged network, where the
+//! node's nftables DNAT that address to the relay on 127.0.0.1, and
+//! `http://10.0.2.254/VM/TOKEN/` under user-mode networking (see
+//! [`crate::network::USER_METADATA_ADDR`] for why not the usual address),
+//! where QEMU hands each guest connection to a pipe program (`byteportd
+//! metadata-pipe`) that joins it to the relay, the only way out of a
+//! restricted guest. The relay answers only for VMs on this node and keeps
 //! nothing: the control plane checks the token, rate-limits and audits.
 
 use crate::Shared;
@@ -46,12 +48,10 @@ pub async fn bind(
     Ok(listener)
 }
 
-/// The data source URL of a VM, for its SMBIOS serial.
-pub fn seed_url(vm: VmId, token: &str) -> String {
-    format!(
-        "http://{}/{vm}/{token}/",
-        crate::network::USER_METADATA_ADDR
-    )
+/// The data source URL of a VM, for its SMBIOS serial: the metadata
+/// address of its network mode.
+pub fn seed_url(addr: &str, vm: VmId, token: &str) -> String {
+    format!("http://{addr}/{vm}/{token}/")
 }
 
 /// Serves the relay until the process ends.

@@ -13,12 +13,15 @@
 //! ```
 
 use crate::Shared;
+use crate::bridge::{Attachment, tap_name};
 use crate::driver::{Driver, Instance, LaunchSpec, RunState, files};
 use crate::network::Network;
 use byteport_guest::host::{ExecRequest, GuestConn, GuestError};
 use byteport_guest::proto::{CLOUD_INIT_RUN, CloudInitStatus};
 use byteport_types::VmId;
-use byteport_types::api::{BootMode, CloudInit, DesiredVm, PortForward, VmReport, guest_mac};
+use byteport_types::api::{
+    BootMode, CloudInit, DesiredVm, PortForward, VmNetwork, VmReport, guest_mac,
+};
 use byteport_types::vm_state::{DesiredState, ObservedState};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -43,6 +46,9 @@ pub struct Persisted {
     pub failed: Option<u64>,
     pub observed: ObservedState,
     pub reason: Option<String>,
+    /// Its place on its project's bridge, when bridged.
+    #[serde(default)]
+    pub net: Option<Attachment>,
 }
 
 pub struct VmTask<D: Driver> {
@@ -171,6 +177,7 @@ impl<D: Driver> VmTask<D> {
                 failed: None,
                 observed: ObservedState::Provisioning,
                 reason: None,
+                net: None,
             });
         let (tx, rx) = watch::channel(None);
         let mut t = VmTask {
@@ -214,6 +221,7 @@ impl<D: Driver> VmTask<D> {
             ports: self.p.ports.clone(),
             agent_version: self.ready.borrow().as_ref().map(|r| r.version.clone()),
             cloud_init: self.ready.borrow().as_ref().map(|r| r.cloud_init),
+            network: self.network(),
         };
         let mut reports = match self.shared.reports.lock() {
             Ok(r) => r,
@@ -226,6 +234,7 @@ impl<D: Driver> VmTask<D> {
                 || old.agent_version != report.agent_version
                 || old.cloud_init != report.cloud_init
                 || old.ports.len() != report.ports.len()
+                || old.network != report.network
         });
         if changed {
             self.generation = now_micros().max(self.generation + 1);
@@ -242,6 +251,24 @@ impl<D: Driver> VmTask<D> {
         }
     }
 
+    /// How the VM is connected, once it was started here.
+    fn network(&self) -> Option<VmNetwork> {
+        if let Some(a) = &self.p.net {
+            return Some(VmNetwork {
+                mode: Some("bridge".into()),
+                addresses: vec![a.address.to_string()],
+                bridge: byteport_types::net::Subnet::parse(&a.cidr)
+                    .map(|s| crate::bridge::bridge_name(&s)),
+            });
+        }
+        (!self.p.ports.is_empty()).then(|| VmNetwork {
+            mode: Some("user".into()),
+            // QEMU's DHCP gives a user-mode guest its first address.
+            addresses: vec!["10.0.2.15".into()],
+            bridge: None,
+        })
+    }
+
     fn set(&mut self, observed: ObservedState, reason: Option<String>) {
         self.p.observed = observed;
         self.p.reason = reason;
@@ -249,6 +276,11 @@ impl<D: Driver> VmTask<D> {
 
     /// Runs until the VM is deleted, or the agent drops the sender.
     pub async fn run(mut self, mut rx: watch::Receiver<DesiredVm>) {
+        if let (Some(b), Some(a)) = (&self.shared.bridge, &self.p.net)
+            && let Err(e) = b.attach(a.clone())
+        {
+            tracing::warn!(vm = %self.id, error = %e, "cannot restore the VM's network");
+        }
         if self.dir.join(files::STATE).exists() {
             if let Some(i) = self.shared.driver.adopt(&self.dir).await {
                 tracing::info!(vm = %self.id, pid = ?i.pid(), "re-adopted a running VM");
@@ -399,6 +431,11 @@ impl<D: Driver> VmTask<D> {
                 let _ = tokio::fs::remove_dir_all(&self.dir).await;
                 self.shared.net.release(self.id);
                 self.shared.cgroups.remove(self.id);
+                if let (Some(b), Some(_)) = (&self.shared.bridge, self.p.net.take())
+                    && let Err(e) = b.detach(self.id)
+                {
+                    tracing::warn!(vm = %self.id, error = %e, "cannot remove the VM's network");
+                }
                 self.p.applied = want_gen;
                 self.set(ObservedState::Deleted, None);
                 Next::Done
@@ -569,8 +606,37 @@ impl<D: Driver> VmTask<D> {
             crate::images::create_disk(&disk, base, spec.disk_gib).await?;
         }
         if self.p.ports.is_empty() {
-            self.p.ports = s.net.allocate(self.id, FORWARDED)?;
+            let mut wanted = FORWARDED.to_vec();
+            wanted.extend(spec.guest_ports.iter().filter(|p| !FORWARDED.contains(p)));
+            self.p.ports = s.net.allocate(self.id, &wanted)?;
         }
+        // Its project's bridge where the node runs them; QEMU's restricted
+        // user-mode network otherwise.
+        let (tap, metadata_addr) = match (&s.bridge, &spec.network_cidr) {
+            (Some(b), Some(cidr)) => {
+                let address = match &self.p.net {
+                    Some(a) if a.cidr == *cidr => a.address,
+                    _ => std::net::Ipv4Addr::UNSPECIFIED,
+                };
+                let a = Attachment {
+                    vm: self.id,
+                    project: spec
+                        .project_id
+                        .unwrap_or(byteport_types::ProjectId(uuid::Uuid::nil())),
+                    cidr: cidr.clone(),
+                    address,
+                    mac: guest_mac(spec.id),
+                    tap: tap_name(self.id),
+                    ports: self.p.ports.clone(),
+                    egress: spec.egress,
+                };
+                let a = b.attach(a)?;
+                self.p.net = Some(a);
+                self.save();
+                (Some(tap_name(self.id)), crate::bridge::METADATA_ADDR)
+            }
+            _ => (None, crate::network::USER_METADATA_ADDR),
+        };
         let mut cmdline = spec
             .image
             .cmdline
@@ -579,13 +645,16 @@ impl<D: Driver> VmTask<D> {
         cmdline.push_str(&format!(" byteport.hostname={}", spec.hostname));
         // The NoCloud data source: `nocloud-net`, so that cloud-init runs
         // its network stages (plain `nocloud` skips them).
-        let smbios_serial = spec
-            .metadata_token
-            .as_deref()
-            .map(|t| format!("ds=nocloud-net;s={}", crate::metadata::seed_url(spec.id, t)));
+        let smbios_serial = spec.metadata_token.as_deref().map(|t| {
+            format!(
+                "ds=nocloud-net;s={}",
+                crate::metadata::seed_url(metadata_addr, spec.id, t)
+            )
+        });
         let metadata_pipe = spec
             .metadata_token
             .as_ref()
+            .filter(|_| tap.is_none())
             .map(|_| s.metadata_pipe.clone());
         let launch = LaunchSpec {
             dir: self.dir.clone(),
@@ -600,6 +669,7 @@ impl<D: Driver> VmTask<D> {
             ports: self.p.ports.clone(),
             smbios_serial,
             metadata_pipe,
+            tap,
             mac: guest_mac(spec.id),
             accel: s.accel,
         };
@@ -651,6 +721,7 @@ pub(crate) mod tests {
             },
             images: ImageCache::new(dir.join("images")),
             net: UserNet::new("127.0.0.1".into(), 42000..=42099),
+            bridge: None,
             cgroups: crate::cgroup::Cgroups::none(NodeId::new()),
             accel: crate::driver::Accel::Tcg,
             vms_dir: dir.join("vms"),
@@ -684,6 +755,10 @@ pub(crate) mod tests {
                 has_agent: false,
             },
             metadata_token: Some("tok-1".into()),
+            project_id: None,
+            network_cidr: None,
+            guest_ports: Vec::new(),
+            egress: Default::default(),
         }
     }
 

@@ -92,6 +92,9 @@ pub mod project {
         pub max_memory_mib: i64,
         pub max_disk_gib: i64,
         pub created_at: DateTimeUtc,
+        /// Which /24 of the bridged address plan is the project's (see
+        /// `byteport_types::net`); unique, given at insert.
+        pub network_index: Option<i64>,
     }
     no_relations!();
 }
@@ -210,6 +213,12 @@ pub mod vm {
         pub ssh_user: Option<String>,
         /// The environment the VM was made for, if any.
         pub environment_id: Option<Uuid>,
+        /// JSON array of guest ports to map (besides 22).
+        pub guest_ports: String,
+        /// `allow` or `deny`: outbound connections.
+        pub egress: String,
+        /// JSON of how its node connected it (`VmNetwork`).
+        pub network: Option<String>,
     }
     no_relations!();
 }

@@ -108,6 +108,8 @@ pub struct Observation<'a> {
     pub agent_version: Option<&'a str>,
     /// What the guest said of cloud-init, when it has said anything.
     pub cloud_init: Option<&'a str>,
+    /// JSON of how the node connected the VM, when it said.
+    pub network: Option<String>,
 }
 
 /// The outcome of claiming an idempotency key.
@@ -383,6 +385,17 @@ impl DataStore {
             )));
         }
         let tx = self.db.begin().await?;
+        // The next free network index. Two replicas making projects at
+        // once can pick the same one: the unique index refuses the second,
+        // which is a conflict the caller may retry.
+        let last: Option<Option<i64>> = project::Entity::find()
+            .select_only()
+            .column_as(project::Column::NetworkIndex.max(), "m")
+            .into_tuple()
+            .one(&tx)
+            .await?;
+        let mut p = p;
+        p.network_index = Some(last.flatten().map_or(0, |m| m + 1));
         let p = p
             .into_active_model()
             .insert(&tx)
@@ -940,6 +953,9 @@ impl DataStore {
         }
         if let Some(c) = o.cloud_init {
             u = u.col_expr(vm::Column::CloudInit, Expr::value(c));
+        }
+        if let Some(n) = &o.network {
+            u = u.col_expr(vm::Column::Network, Expr::value(n.clone()));
         }
         if deleted {
             u = u.col_expr(vm::Column::DeletedAt, Expr::value(now));

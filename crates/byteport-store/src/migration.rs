@@ -18,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0005Metadata),
             Box::new(M0006Environments),
             Box::new(M0007VmStats),
+            Box::new(M0008Networks),
         ]
     }
 }
@@ -511,6 +512,64 @@ impl MigrationTrait for M0007VmStats {
                 .to_owned(),
         )
         .await?;
+        Ok(())
+    }
+}
+
+/// Networks: each project's index in the bridged address plan (existing
+/// projects numbered in the order they were made), and per VM the guest
+/// ports to map, the outbound policy and what its node reported of its
+/// network.
+struct M0008Networks;
+
+impl MigrationName for M0008Networks {
+    fn name(&self) -> &str {
+        "m0008_networks"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0008Networks {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        m.alter_table(
+            Table::alter()
+                .table(project::Entity.table_ref())
+                .add_column(big_integer_null(project::Column::NetworkIndex).to_owned())
+                .to_owned(),
+        )
+        .await?;
+        // Portable SQL: both databases number the rows the same way.
+        m.get_connection()
+            .execute_unprepared(
+                "UPDATE projects SET network_index = (SELECT COUNT(*) FROM projects p2 \
+                 WHERE p2.created_at < projects.created_at \
+                 OR (p2.created_at = projects.created_at AND p2.id < projects.id))",
+            )
+            .await?;
+        m.create_index(
+            Index::create()
+                .name("projects_network_index")
+                .table(project::Entity.table_ref())
+                .col(project::Column::NetworkIndex)
+                .unique()
+                .if_not_exists()
+                .to_owned(),
+        )
+        .await?;
+        for col in [
+            text(vm::Column::GuestPorts).default("[]").to_owned(),
+            string(vm::Column::Egress).default("allow").to_owned(),
+            text_null(vm::Column::Network).to_owned(),
+        ] {
+            m.alter_table(
+                Table::alter()
+                    .table(vm::Entity.table_ref())
+                    .add_column(col)
+                    .to_owned(),
+            )
+            .await?;
+        }
         Ok(())
     }
 }

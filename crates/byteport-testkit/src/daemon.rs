@@ -102,7 +102,103 @@ pub struct Daemon {
     pub api: Api,
     /// `--database-url`, when not the SQLite file of the data directory.
     pub database_url: Option<String>,
+    /// `--network` of its node: `user` unless a test asks (a bridged
+    /// node changes the host's network, so it runs in a namespace).
+    pub network: String,
+    /// The network namespace it runs in, if any.
+    pub netns: Option<NetNs>,
     keep: bool,
+}
+
+/// A network namespace of a test's own with one veth to the host: the
+/// host side is `10.251.N.1/30`, the namespace side `10.251.N.2/30` and
+/// its default route, so the host stands in for "the outside". Dropping
+/// it kills every process left in it and deletes it, and with it every
+/// link and nftables table made inside.
+pub struct NetNs {
+    pub name: String,
+    /// The host's address on the veth (the namespace's "internet").
+    pub host_addr: String,
+    /// The namespace's own address.
+    pub ns_addr: String,
+}
+
+impl NetNs {
+    /// Makes a namespace, or `None` (saying why) where this process may
+    /// not (not root, no `ip`).
+    pub fn new() -> Option<NetNs> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n =
+            (std::process::id() % 200) * 8 + NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let n = n % 16000;
+        let name = format!("bptest{n}");
+        let (hi, lo) = (n / 64, (n % 64) * 4);
+        let host_addr = format!("10.251.{hi}.{}", lo + 1);
+        let ns_addr = format!("10.251.{hi}.{}", lo + 2);
+        let (host_if, ns_if) = (format!("vbph{n}"), format!("vbpn{n}"));
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        let _ = ip(&["netns", "del", &name]);
+        let _ = ip(&["link", "del", &host_if]);
+        if !ip(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = NetNs {
+            name: name.clone(),
+            host_addr: host_addr.clone(),
+            ns_addr: ns_addr.clone(),
+        };
+        let ok = ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]) && ip(&["link", "set", &ns_if, "netns", &name])
+            && ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_if])
+            && ip(&["link", "set", &host_if, "up"])
+            && ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{ns_addr}/30"),
+                "dev",
+                &ns_if,
+            ])
+            && ip(&["-n", &name, "link", "set", &ns_if, "up"])
+            && ip(&["-n", &name, "link", "set", "lo", "up"])
+            && ip(&["-n", &name, "route", "add", "default", "via", &host_addr]);
+        ok.then_some(ns)
+    }
+
+    /// Runs a command inside, for its output.
+    pub fn run(&self, argv: &[&str]) -> String {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
 
 impl Daemon {
@@ -115,6 +211,21 @@ impl Daemon {
         Daemon::launch(bin, mode, None, true)
     }
 
+    /// Starts `bin all-in-one` with bridged networking inside a network
+    /// namespace of its own (see [`NetNs`]), listening on the namespace's
+    /// address; `None`, saying why, where namespaces cannot be made.
+    pub fn start_bridged(bin: &Path) -> Option<Daemon> {
+        let ns = NetNs::new()?;
+        Some(Daemon::launch_with(
+            bin,
+            "all-in-one",
+            None,
+            true,
+            "bridge",
+            Some(ns),
+        ))
+    }
+
     /// Starts `bin server` on a shared database. The first replica
     /// (`first`) bootstraps the admin; the others log in as it.
     pub fn start_replica(bin: &Path, database_url: &str, first: bool) -> Daemon {
@@ -124,23 +235,39 @@ impl Daemon {
     /// Starts `bin MODE` on a fresh data directory (and `database_url`, or
     /// its own SQLite), bootstraps the admin if asked, and logs in as it.
     fn launch(bin: &Path, mode: &str, database_url: Option<&str>, bootstrap: bool) -> Daemon {
+        Daemon::launch_with(bin, mode, database_url, bootstrap, "user", None)
+    }
+
+    fn launch_with(
+        bin: &Path,
+        mode: &str,
+        database_url: Option<&str>,
+        bootstrap: bool,
+        network: &str,
+        netns: Option<NetNs>,
+    ) -> Daemon {
         let dir = std::env::temp_dir().join(format!("bp-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let port = free_port();
         // A forward range of our own, so parallel tests never collide.
         let base = 30000 + (port % 300) * 100;
+        let host = netns
+            .as_ref()
+            .map_or("127.0.0.1".to_owned(), |n| n.ns_addr.clone());
         let mut d = Daemon {
             bin: bin.to_owned(),
             dir,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{host}:{port}"),
             port,
             forward_ports: (base, base + 99),
             child: None,
             node: None,
             extra: Vec::new(),
             node_token: None,
-            api: Api::new(&format!("http://127.0.0.1:{port}"), None),
+            api: Api::new(&format!("http://{host}:{port}"), None),
             database_url: database_url.map(str::to_owned),
+            network: network.into(),
+            netns,
             keep: std::env::var_os("BYTEPORT_KEEP_TEST_DIRS").is_some(),
         };
         d.spawn_mode(mode);
@@ -269,6 +396,8 @@ impl Daemon {
             .arg("10")
             .arg("--heartbeat-secs")
             .arg("1")
+            .arg("--network")
+            .arg(&self.network)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log));
@@ -294,10 +423,22 @@ impl Daemon {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .expect("log file");
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let listen = if self.netns.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         cmd.arg(mode)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port));
+            .arg(format!("{listen}:{}", self.port));
         if mode == "server" {
             cmd.arg("--node-timeout").arg(NODE_TIMEOUT_SECS.to_string());
         }
@@ -305,7 +446,13 @@ impl Daemon {
             cmd.arg("--forward-ports")
                 .arg(format!("{}-{}", self.forward_ports.0, self.forward_ports.1))
                 .arg("--stop-timeout")
-                .arg("10");
+                .arg("10")
+                .arg("--network")
+                .arg(&self.network);
+            if self.netns.is_some() {
+                // Port maps answer on the namespace's own address.
+                cmd.arg("--forward-host").arg("0.0.0.0");
+            }
         }
         if let Some(u) = &self.database_url {
             cmd.arg("--database-url").arg(u);

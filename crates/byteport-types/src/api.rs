@@ -190,6 +190,10 @@ pub struct Project {
     pub description: String,
     pub quota: Quota,
     pub usage: Usage,
+    /// The addresses its VMs get on bridged nodes (the same /24 on every
+    /// node); absent for a project made before networks were planned and
+    /// not yet given one.
+    pub network_cidr: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -314,7 +318,7 @@ fn default_boot() -> BootMode {
 // ---------- VMs ----------
 
 /// Where a guest port is reachable on the node's host.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PortForward {
     pub guest_port: u16,
     pub host_port: u16,
@@ -347,7 +351,14 @@ pub struct Vm {
     pub observed_state: Option<ObservedState>,
     pub observed_generation: u64,
     pub node_id: Option<NodeId>,
+    /// The port maps from the node's host ports to the guest's.
     pub ports: Vec<PortForward>,
+    /// Guest ports asked to be opened (22 always is).
+    pub guest_ports: Vec<u16>,
+    /// Its outbound policy.
+    pub egress: Egress,
+    /// Its network and addresses, as its node reported them.
+    pub network: VmNetwork,
     /// What `running` means for this VM: `agent` (the guest agent said
     /// ready) or `process` (the image has no agent: the hypervisor is up).
     pub ready_by: ReadyBy,
@@ -489,6 +500,58 @@ pub struct VmCreate {
     /// Where the VM may go; the server's defaults when absent.
     #[serde(default)]
     pub placement: Placement,
+    /// Guest TCP ports to open to the outside through the node (port 22
+    /// always is); at most 16.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Whether the guest may open connections to the outside; `allow`
+    /// when absent.
+    #[serde(default)]
+    pub egress: Egress,
+}
+
+/// A VM's outbound policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Egress {
+    /// It reaches the outside through the node's NAT.
+    #[default]
+    Allow,
+    /// Only what the node itself serves it (DHCP, DNS, metadata) and the
+    /// VMs of its own project.
+    Deny,
+}
+
+impl Egress {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Egress::Allow => "allow",
+            Egress::Deny => "deny",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Egress> {
+        match s {
+            "allow" => Some(Egress::Allow),
+            "deny" => Some(Egress::Deny),
+            _ => None,
+        }
+    }
+}
+
+/// How a VM is connected, as its node set it up.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmNetwork {
+    /// `bridge` (its project's network on the node) or `user` (QEMU's
+    /// restricted user-mode network); absent until a node started it.
+    pub mode: Option<String>,
+    /// The guest's addresses.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The node's bridge for its project, in bridge mode.
+    #[serde(default)]
+    pub bridge: Option<String>,
 }
 
 /// Placement wishes for one VM.
@@ -564,6 +627,9 @@ pub struct Node {
     pub reserved: Capacity,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// The networks it runs for projects (bridged nodes), as of its
+    /// latest heartbeat.
+    pub networks: Vec<NodeNetwork>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -625,6 +691,9 @@ pub struct VmReport {
     /// cloud-init's progress in the guest, once the agent said ready.
     #[serde(default)]
     pub cloud_init: Option<CloudInit>,
+    /// How the node connected it.
+    #[serde(default)]
+    pub network: Option<VmNetwork>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -638,6 +707,23 @@ pub struct Heartbeat {
     /// Host-side figures of the VMs with a running process.
     #[serde(default)]
     pub vm_stats: Vec<VmStats>,
+    /// The node's networks (bridged mode).
+    #[serde(default)]
+    pub networks: Vec<NodeNetwork>,
+}
+
+/// One network a node runs for a project.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeNetwork {
+    /// The Linux bridge.
+    pub bridge: String,
+    pub project_id: ProjectId,
+    pub cidr: String,
+    /// The node's address on it.
+    pub gateway: String,
+    /// VMs attached.
+    pub vms: u32,
 }
 
 /// One VM's figures as its node measures them from outside the guest.
@@ -733,6 +819,17 @@ pub struct DesiredVm {
     /// The secret the guest presents to the node's metadata relay.
     #[serde(default)]
     pub metadata_token: Option<String>,
+    /// Its project, whose network it joins on a bridged node.
+    #[serde(default)]
+    pub project_id: Option<ProjectId>,
+    /// That project's network (`a.b.c.0/24`).
+    #[serde(default)]
+    pub network_cidr: Option<String>,
+    /// Guest ports to map from host ports (besides 22).
+    #[serde(default)]
+    pub guest_ports: Vec<u16>,
+    #[serde(default)]
+    pub egress: Egress,
 }
 
 /// The MAC address of a VM's first NIC: fixed by its id, so the

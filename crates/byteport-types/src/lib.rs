@@ -6,6 +6,7 @@
 pub mod api;
 pub mod ids;
 pub mod name;
+pub mod net;
 pub mod node_proto;
 pub mod vm_state;
 

@@ -132,6 +132,11 @@ struct NodeOpts {
     /// 10.0.2.254:80); 0 keeps the port used before, or takes a free one.
     #[arg(long, env = "BYTEPORT_METADATA_PORT", default_value_t = 0)]
     metadata_port: u16,
+    /// How VMs are connected: bridge (a network per project, nftables),
+    /// user (QEMU's restricted user-mode network), or auto (bridge when
+    /// running as root with ip, nft and dnsmasq).
+    #[arg(long, env = "BYTEPORT_NETWORK", default_value = "auto")]
+    network: String,
 }
 
 #[derive(Args)]
@@ -250,6 +255,10 @@ fn node_config(
         .map_err(|e: String| anyhow::anyhow!("--accel: {e}"))?;
     c.qemu_binary = o.qemu.clone();
     c.metadata_port = o.metadata_port;
+    c.network = o
+        .network
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--network: {e}"))?;
     Ok(c)
 }
 

@@ -60,6 +60,9 @@ pub struct LaunchSpec {
     /// to the metadata address under user-mode networking; its standard
     /// input and output are that connection. `None`: no metadata service.
     pub metadata_pipe: Option<Vec<String>>,
+    /// The tap device (on its project's bridge) the NIC uses; QEMU's
+    /// restricted user-mode network when absent.
+    pub tap: Option<String>,
     /// The first NIC's MAC address.
     pub mac: String,
     pub accel: Accel,

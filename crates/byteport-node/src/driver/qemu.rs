@@ -74,7 +74,13 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         "-device",
         "virtio-blk-pci,drive=disk0,bootindex=1",
     ]);
-    push(&["-netdev", &user_netdev(spec)]);
+    match &spec.tap {
+        Some(tap) => push(&[
+            "-netdev",
+            &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+        ]),
+        None => push(&["-netdev", &user_netdev(spec)]),
+    }
     push(&[
         "-device",
         &format!("virtio-net-pci,netdev=net0,mac={}", spec.mac),
@@ -523,6 +529,7 @@ mod tests {
                 "metadata-pipe".into(),
                 "127.0.0.1:7".into(),
             ]),
+            tap: None,
             mac: "52:54:00:aa:bb:cc".into(),
             accel: Accel::Tcg,
         };

@@ -163,6 +163,8 @@ impl App {
                 labels,
                 hostname: None,
                 placement: Default::default(),
+                ports: Vec::new(),
+                egress: Default::default(),
             };
             vms.push(
                 self.vm_model(project.id, image, vm_req, Some(env.id))

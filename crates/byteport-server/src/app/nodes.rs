@@ -8,11 +8,11 @@ use super::{Actor, App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{Observation, join_token, node};
 use byteport_types::api::{
-    BootMode, Capacity, CloudInit, DesiredVm, Heartbeat, HeartbeatResponse, JoinToken,
+    BootMode, Capacity, CloudInit, DesiredVm, Egress, Heartbeat, HeartbeatResponse, JoinToken,
     JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered,
 };
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmState};
-use byteport_types::{Name, NodeId, VmId};
+use byteport_types::{Name, NodeId, ProjectId, VmId};
 use chrono::{Duration as ChronoDuration, Utc};
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -53,6 +53,12 @@ pub(crate) fn node_view(n: &node::Model) -> AppResult<Node> {
         },
         last_heartbeat_at: n.last_heartbeat_at,
         created_at: n.created_at,
+        networks: n
+            .vm_stats
+            .as_deref()
+            .and_then(|s| serde_json::from_str::<NodeVmStats>(s).ok())
+            .map(|s| s.networks)
+            .unwrap_or_default(),
     })
 }
 
@@ -168,9 +174,16 @@ impl App {
                 format!("at most {MAX_VM_STATS} vm_stats in one heartbeat"),
             ));
         }
+        if hb.networks.len() > MAX_VM_STATS {
+            return Err(AppError::bad(
+                "invalid_heartbeat",
+                format!("at most {MAX_VM_STATS} networks in one heartbeat"),
+            ));
+        }
         let stats = NodeVmStats {
             at: chrono::Utc::now(),
             vms: std::mem::take(&mut hb.vm_stats),
+            networks: std::mem::take(&mut hb.networks),
         };
         self.store
             .node_heartbeat(
@@ -249,6 +262,12 @@ impl App {
                         deleted: state == VmState::Deleted,
                         agent_version: r.agent_version.as_deref(),
                         cloud_init: r.cloud_init.map(CloudInit::as_str),
+                        network: r
+                            .network
+                            .as_ref()
+                            .map(serde_json::to_string)
+                            .transpose()
+                            .map_err(AppError::internal)?,
                     },
                 )
                 .await?;
@@ -266,6 +285,7 @@ impl App {
         }
         let mut vms = Vec::new();
         let mut images: HashMap<Uuid, NodeImage> = HashMap::new();
+        let mut networks: HashMap<Uuid, Option<String>> = HashMap::new();
         for v in self.store.vm_list_for_node(node_id.0).await? {
             let image = match images.get(&v.image_id) {
                 Some(i) => i.clone(),
@@ -303,6 +323,24 @@ impl App {
                     .metadata_token_hash
                     .as_ref()
                     .map(|_| self.metadata_token(v.id)),
+                project_id: Some(ProjectId(v.project_id)),
+                network_cidr: match networks.get(&v.project_id) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n = self
+                            .store
+                            .project_fetch(v.project_id)
+                            .await?
+                            .network_index
+                            .and_then(|i| u32::try_from(i).ok())
+                            .and_then(byteport_types::net::Subnet::of_index)
+                            .map(|n| n.cidr());
+                        networks.insert(v.project_id, n.clone());
+                        n
+                    }
+                },
+                guest_ports: serde_json::from_str(&v.guest_ports).unwrap_or_default(),
+                egress: Egress::parse(&v.egress).unwrap_or_default(),
             });
         }
         Ok(HeartbeatResponse { vms })
@@ -418,6 +456,9 @@ const MAX_VM_STATS: usize = 10_000;
 struct NodeVmStats {
     at: chrono::DateTime<chrono::Utc>,
     vms: Vec<byteport_types::api::VmStats>,
+    /// The node's networks as of that heartbeat.
+    #[serde(default)]
+    networks: Vec<byteport_types::api::NodeNetwork>,
 }
 
 impl App {

@@ -39,6 +39,7 @@ pub(crate) async fn seed_default(app: &App) -> AppResult<()> {
                     max_memory_mib: q.max_memory_mib as i64,
                     max_disk_gib: q.max_disk_gib as i64,
                     created_at: Utc::now(),
+                    network_index: None,
                 },
                 None,
             )
@@ -101,6 +102,11 @@ impl App {
                 max_memory_mib: to_u64(p.max_memory_mib),
                 max_disk_gib: to_u64(p.max_disk_gib),
             },
+            network_cidr: p
+                .network_index
+                .and_then(|i| u32::try_from(i).ok())
+                .and_then(byteport_types::net::Subnet::of_index)
+                .map(|n| n.cidr()),
             usage: Usage {
                 vms: to_u32(u.vms),
                 vcpus: to_u32(u.vcpus),
@@ -149,6 +155,7 @@ impl App {
                     max_memory_mib: quota.max_memory_mib as i64,
                     max_disk_gib: quota.max_disk_gib as i64,
                     created_at: Utc::now(),
+                    network_index: None,
                 },
                 Some(owner),
             )

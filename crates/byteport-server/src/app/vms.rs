@@ -7,7 +7,7 @@ use super::{App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{VmFilter, vm};
 use byteport_types::api::{
-    CloudInit, Page, PortForward, ReadyBy, Role, Vm, VmActionCheck, VmCreate, VmListQuery,
+    CloudInit, Egress, Page, PortForward, ReadyBy, Role, Vm, VmActionCheck, VmCreate, VmListQuery,
 };
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmAction, VmState};
 use byteport_types::{Name, NodeId, ProjectId, VmId};
@@ -208,6 +208,7 @@ impl App {
         }
         check_ssh_keys(&req.ssh_keys)?;
         check_labels(&req.labels)?;
+        check_guest_ports(&req.ports)?;
         if let Some(r) = &req.placement.region
             && (r.is_empty()
                 || r.len() > 63
@@ -256,6 +257,9 @@ impl App {
             placement_group: req.placement.group.as_ref().map(|g| g.to_string()),
             placement: Some(serde_json::to_string(&req.placement).map_err(AppError::internal)?),
             environment_id: environment,
+            guest_ports: serde_json::to_string(&req.ports).map_err(AppError::internal)?,
+            egress: req.egress.as_str().into(),
+            network: None,
         };
         Ok((model, req.labels.into_iter().collect()))
     }
@@ -468,6 +472,28 @@ fn action_checks(state: VmState, desired: DesiredState, placed: bool) -> Vec<VmA
         .collect()
 }
 
+/// At most this many extra guest ports per VM.
+const MAX_GUEST_PORTS: usize = 16;
+
+fn check_guest_ports(ports: &[u16]) -> AppResult<()> {
+    if ports.len() > MAX_GUEST_PORTS {
+        return Err(AppError::bad(
+            "invalid_ports",
+            format!("at most {MAX_GUEST_PORTS} ports; {} given", ports.len()),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for &p in ports {
+        if p == 0 || p == 22 || !seen.insert(p) {
+            return Err(AppError::bad(
+                "invalid_ports",
+                format!("port {p} is 0, 22 (always open) or given twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
     let state: VmState = parse(&v.state)?;
     let desired: DesiredState = parse(&v.desired_state)?;
@@ -507,6 +533,13 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
         observed_generation: to_u64(v.observed_generation),
         node_id: v.node_id.map(NodeId),
         ports,
+        guest_ports: serde_json::from_str(&v.guest_ports).map_err(AppError::internal)?,
+        egress: Egress::parse(&v.egress).unwrap_or_default(),
+        network: v
+            .network
+            .as_deref()
+            .and_then(|n| serde_json::from_str(n).ok())
+            .unwrap_or_default(),
         ready_by: if v.has_agent {
             ReadyBy::Agent
         } else {

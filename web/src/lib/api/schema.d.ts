@@ -976,6 +976,9 @@ export interface components {
             desired_state: components["schemas"]["DesiredState"];
             /** Format: int64 */
             disk_gib: number;
+            egress?: components["schemas"]["Egress"];
+            /** @description Guest ports to map from host ports (besides 22). */
+            guest_ports?: number[];
             hostname: string;
             id: components["schemas"]["VmId"];
             image: components["schemas"]["NodeImage"];
@@ -984,11 +987,19 @@ export interface components {
             /** @description The secret the guest presents to the node's metadata relay. */
             metadata_token?: string | null;
             name: components["schemas"]["Name"];
+            /** @description That project's network (`a.b.c.0/24`). */
+            network_cidr?: string | null;
+            project_id?: components["schemas"]["ProjectId"] | null;
             /** @description A restart was asked for at `desired_generation` and is not done yet. */
             restart?: boolean;
             /** Format: int32 */
             vcpus: number;
         };
+        /**
+         * @description A VM's outbound policy.
+         * @enum {string}
+         */
+        Egress: "allow" | "deny";
         /** @description An environment and its VMs. */
         Environment: {
             /** Format: date-time */
@@ -1141,6 +1152,8 @@ export interface components {
         FlavorId: string;
         Heartbeat: {
             capacity: components["schemas"]["Capacity"];
+            /** @description The node's networks (bridged mode). */
+            networks?: components["schemas"]["NodeNetwork"][];
             usage?: components["schemas"]["Capacity"];
             /** @description Host-side figures of the VMs with a running process. */
             vm_stats?: components["schemas"]["VmStats"][];
@@ -1258,6 +1271,11 @@ export interface components {
             /** Format: date-time */
             last_heartbeat_at?: string | null;
             name: components["schemas"]["Name"];
+            /**
+             * @description The networks it runs for projects (bridged nodes), as of its
+             *     latest heartbeat.
+             */
+            networks: components["schemas"]["NodeNetwork"][];
             region: string;
             /** @description What placements hold on it. */
             reserved: components["schemas"]["Capacity"];
@@ -1283,6 +1301,20 @@ export interface components {
             name: components["schemas"]["Name"];
             /** @description Of the disk (or initramfs) file. */
             sha256: string;
+        };
+        /** @description One network a node runs for a project. */
+        NodeNetwork: {
+            /** @description The Linux bridge. */
+            bridge: string;
+            cidr: string;
+            /** @description The node's address on it. */
+            gateway: string;
+            project_id: components["schemas"]["ProjectId"];
+            /**
+             * Format: int32
+             * @description VMs attached.
+             */
+            vms: number;
         };
         NodeRegister: {
             arch?: string;
@@ -1342,8 +1374,12 @@ export interface components {
                 desired_state: components["schemas"]["DesiredState"];
                 /** Format: int64 */
                 disk_gib: number;
+                /** @description Its outbound policy. */
+                egress: components["schemas"]["Egress"];
                 environment_id?: components["schemas"]["EnvironmentId"] | null;
                 flavor?: components["schemas"]["Name"] | null;
+                /** @description Guest ports asked to be opened (22 always is). */
+                guest_ports: number[];
                 has_user_data: boolean;
                 hostname: string;
                 id: components["schemas"]["VmId"];
@@ -1354,12 +1390,15 @@ export interface components {
                 /** Format: int64 */
                 memory_mib: number;
                 name: components["schemas"]["Name"];
+                /** @description Its network and addresses, as its node reported them. */
+                network: components["schemas"]["VmNetwork"];
                 node_id?: components["schemas"]["NodeId"] | null;
                 /** Format: int64 */
                 observed_generation: number;
                 observed_state?: components["schemas"]["ObservedState"] | null;
                 /** @description The placement wishes it was created with. */
                 placement: components["schemas"]["Placement"];
+                /** @description The port maps from the node's host ports to the guest's. */
                 ports: components["schemas"]["PortForward"][];
                 project: components["schemas"]["Name"];
                 project_id: components["schemas"]["ProjectId"];
@@ -1409,6 +1448,12 @@ export interface components {
             description: string;
             id: components["schemas"]["ProjectId"];
             name: components["schemas"]["Name"];
+            /**
+             * @description The addresses its VMs get on bridged nodes (the same /24 on every
+             *     node); absent for a project made before networks were planned and
+             *     not yet given one.
+             */
+            network_cidr?: string | null;
             quota: components["schemas"]["Quota"];
             usage: components["schemas"]["Usage"];
         };
@@ -1506,8 +1551,12 @@ export interface components {
             desired_state: components["schemas"]["DesiredState"];
             /** Format: int64 */
             disk_gib: number;
+            /** @description Its outbound policy. */
+            egress: components["schemas"]["Egress"];
             environment_id?: components["schemas"]["EnvironmentId"] | null;
             flavor?: components["schemas"]["Name"] | null;
+            /** @description Guest ports asked to be opened (22 always is). */
+            guest_ports: number[];
             has_user_data: boolean;
             hostname: string;
             id: components["schemas"]["VmId"];
@@ -1518,12 +1567,15 @@ export interface components {
             /** Format: int64 */
             memory_mib: number;
             name: components["schemas"]["Name"];
+            /** @description Its network and addresses, as its node reported them. */
+            network: components["schemas"]["VmNetwork"];
             node_id?: components["schemas"]["NodeId"] | null;
             /** Format: int64 */
             observed_generation: number;
             observed_state?: components["schemas"]["ObservedState"] | null;
             /** @description The placement wishes it was created with. */
             placement: components["schemas"]["Placement"];
+            /** @description The port maps from the node's host ports to the guest's. */
             ports: components["schemas"]["PortForward"][];
             project: components["schemas"]["Name"];
             project_id: components["schemas"]["ProjectId"];
@@ -1559,6 +1611,11 @@ export interface components {
         VmCreate: {
             /** Format: int64 */
             disk_gib?: number | null;
+            /**
+             * @description Whether the guest may open connections to the outside; `allow`
+             *     when absent.
+             */
+            egress?: components["schemas"]["Egress"];
             flavor?: components["schemas"]["Name"] | null;
             hostname?: components["schemas"]["Name"] | null;
             /** @description The image's name. */
@@ -1571,6 +1628,11 @@ export interface components {
             name: components["schemas"]["Name"];
             /** @description Where the VM may go; the server's defaults when absent. */
             placement?: components["schemas"]["Placement"];
+            /**
+             * @description Guest TCP ports to open to the outside through the node (port 22
+             *     always is); at most 16.
+             */
+            ports?: number[];
             /** @description The project's name or id; `default` when absent. */
             project?: string | null;
             ssh_keys?: string[];
@@ -1616,6 +1678,18 @@ export interface components {
             /** Format: int64 */
             uptime_secs: number;
         };
+        /** @description How a VM is connected, as its node set it up. */
+        VmNetwork: {
+            /** @description The guest's addresses. */
+            addresses?: string[];
+            /** @description The node's bridge for its project, in bridge mode. */
+            bridge?: string | null;
+            /**
+             * @description `bridge` (its project's network on the node) or `user` (QEMU's
+             *     restricted user-mode network); absent until a node started it.
+             */
+            mode?: string | null;
+        };
         /** @description What a node saw of one VM. */
         VmReport: {
             /** @description The guest agent's version, once it said ready. */
@@ -1632,6 +1706,7 @@ export interface components {
              */
             generation: number;
             id: components["schemas"]["VmId"];
+            network?: components["schemas"]["VmNetwork"] | null;
             ports?: components["schemas"]["PortForward"][];
             reason?: string | null;
             state: components["schemas"]["ObservedState"];
