@@ -120,6 +120,12 @@ try {
 	await state(page, 'running');
 	check(await page.evaluate(() => window.__noReload === true), 'the page reloaded');
 
+	step('the VM page shows its network, address and port maps');
+	const net = await page.getByTestId('network').innerText();
+	check(/user\s+10\.0\.2\.15/.test(net), `network: ${net}`);
+	await page.getByRole('heading', { name: 'Port maps' }).waitFor();
+	check((await page.locator('td', { hasText: /^22$/ }).count()) === 1, 'port 22 is mapped');
+
 	step('the VM page shows the figures its node measured');
 	await page.getByTestId('vm-figures').waitFor({ timeout: 30_000 });
 	const memText = await page.getByTestId('vm-memory').innerText();

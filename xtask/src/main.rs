@@ -6,6 +6,7 @@
 mod bench_api;
 mod bench_boot;
 mod bench_metadata;
+mod bench_net;
 mod bench_placement;
 pub(crate) mod image;
 mod pg;
@@ -69,7 +70,7 @@ fn release_daemon(
 
 fn usage() -> anyhow::Result<()> {
     eprintln!(
-        "usage: cargo xtask up | test | openapi | bench api|boot|placement|metadata|web | web build | image build NAME"
+        "usage: cargo xtask up | test | openapi | bench api|boot|placement|metadata|net|web | web build | image build NAME"
     );
     bail!("unknown task")
 }
@@ -98,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", "boot", rest @ ..] => bench_boot::run(&root(), rest),
         ["bench", "placement", rest @ ..] => bench_placement::run(&root(), rest),
         ["bench", "metadata", rest @ ..] => bench_metadata::run(&root(), rest),
+        ["bench", "net", rest @ ..] => bench_net::run(&root(), rest),
         ["bench", "web", rest @ ..] => web::bench(&root(), rest),
         ["web", "build"] => web::build(&root()),
         ["image", rest @ ..] => image::run(&root(), rest),

@@ -23,9 +23,23 @@ fn on_path(cmd: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
 }
 
+/// What bridged networking needs; installed only as root (an unprivileged
+/// node uses QEMU's user-mode network and needs none of them).
+const NETWORK_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("dnsmasq", "dnsmasq-base"),
+];
+
 fn ensure_packages() -> anyhow::Result<()> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let network: &[(&str, &str)] = if root { NETWORK_PACKAGES } else { &[] };
     let missing: Vec<&str> = PACKAGES
         .iter()
+        .chain(network)
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
@@ -38,10 +52,6 @@ fn ensure_packages() -> anyhow::Result<()> {
     if missing.is_empty() && lists {
         return Ok(());
     }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     if !root {
         bail!(
             "missing Debian packages: run `sudo apt-get update && sudo apt-get install -y --no-install-recommends {}`",

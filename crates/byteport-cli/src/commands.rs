@@ -341,6 +341,7 @@ fn show_project(p: &Project) {
             format!("{}/{} MiB", u.memory_mib, q.max_memory_mib),
         ),
         ("disk", format!("{}/{} GiB", u.disk_gib, q.max_disk_gib)),
+        ("network", opt(&p.network_cidr)),
         ("created", ts!(p.created_at)),
     ]);
 }
@@ -901,6 +902,8 @@ fn vm_details(v: &Vm) {
             "cloud-init",
             v.cloud_init.map_or("-", CloudInit::as_str).into(),
         ),
+        ("network", network_line(v)),
+        ("egress", v.egress.as_str().into()),
         ("ports", ports_long(&v.ports)),
     ];
     if let Some(ssh) = ssh_line(&v.ssh_user, &v.ports) {
@@ -909,6 +912,18 @@ fn vm_details(v: &Vm) {
     fields.push(("created", ts!(v.created_at)));
     fields.push(("updated", ts!(v.updated_at)));
     print_fields(&fields);
+}
+
+/// How a VM is connected: `bridge bpn0 10.80.0.10`, `user 10.0.2.15`.
+fn network_line(v: &Vm) -> String {
+    let n = &v.network;
+    let Some(mode) = &n.mode else {
+        return "-".into();
+    };
+    let mut parts = vec![mode.clone()];
+    parts.extend(n.bridge.clone());
+    parts.extend(n.addresses.iter().cloned());
+    parts.join(" ")
 }
 
 /// A VM's id from its id or name (in `project`, if given).
@@ -1062,10 +1077,18 @@ fn vm(env: &Env, args: VmArgs) -> Result<()> {
             group,
             region,
             policy,
+            ports,
+            no_egress,
             wait,
             timeout,
         } => {
             let mut body = json!({"name": name, "image": image});
+            if !ports.is_empty() {
+                body["ports"] = json!(ports);
+            }
+            if no_egress {
+                body["egress"] = json!("deny");
+            }
             let mut placement = serde_json::Map::new();
             for (k, v) in [("group", group), ("region", region), ("policy", policy)] {
                 if let Some(v) = v {
@@ -1400,6 +1423,20 @@ fn node(env: &Env, cmd: NodeCmd) -> Result<()> {
                 ("last heartbeat", opt_ts!(n.last_heartbeat_at)),
                 ("created", ts!(n.created_at)),
             ]);
+            if !n.networks.is_empty() {
+                println!();
+                let mut t = Table::new(&["BRIDGE", "NETWORK", "GATEWAY", "PROJECT", "VMS"]);
+                for net in &n.networks {
+                    t.row(vec![
+                        net.bridge.clone(),
+                        net.cidr.clone(),
+                        net.gateway.clone(),
+                        net.project_id.to_string(),
+                        net.vms.to_string(),
+                    ]);
+                }
+                t.print();
+            }
             Ok(())
         }
         NodeCmd::Cordon { ref id } | NodeCmd::Uncordon { ref id } | NodeCmd::Drain { ref id } => {

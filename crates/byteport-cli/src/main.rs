@@ -451,6 +451,13 @@ pub enum VmCmd {
         /// spread or pack, instead of the server's policy.
         #[arg(long)]
         policy: Option<String>,
+        /// A guest TCP port to map from a host port (repeatable; 22 always is).
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// No outbound connections from the guest (DHCP, DNS, metadata and
+        /// its project's VMs stay reachable).
+        #[arg(long)]
+        no_egress: bool,
         /// Wait until the VM is running.
         #[arg(long)]
         wait: bool,
