@@ -239,9 +239,16 @@ fn bridged_guests_are_isolated_per_project_and_keep_their_rules_across_a_node_cr
         "the VM reached another project"
     );
 
-    // A port map from the node's address reaches a listener in the guest.
+    // A port map from the node's address reaches a listener in the guest,
+    // but never from another project's guest.
     let host_port = v1["ports"][0]["host_port"].as_u64().unwrap() as u16;
     listen(&d, &a1, 22, "through-the-map");
+    for addr in [ns_addr.as_str(), gateway.as_str()] {
+        assert!(
+            !connects(&d, &b1, addr, host_port),
+            "another project's VM reached a1's SSH map at {addr}"
+        );
+    }
     assert!(read_greeting(&ns_addr, host_port).contains("through-the-map"));
 
     // kill -9 the node (all in one) and start it again.

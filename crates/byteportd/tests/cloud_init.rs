@@ -52,7 +52,37 @@ fn cloud_init_configures_a_debian_vm_from_the_metadata_service_and_ssh_works() {
         return;
     };
     let d = Daemon::start(Path::new(BIN));
-    d.import_image(&img);
+    // User-mode: the metadata at 10.0.2.254, SSH through the forward on
+    // the host's loopback.
+    configures_and_ssh_works(&d, &img, "10.0.2.254", "127.0.0.1");
+}
+
+#[test]
+fn on_a_bridge_cloud_init_reads_169_254_169_254_and_ssh_goes_through_the_port_map() {
+    let Some(img) = image_or_skip("debian-12", "cloud-init on a bridge") else {
+        return;
+    };
+    let bridged = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
+    if !bridged {
+        assert!(
+            std::env::var("BYTEPORT_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "cloud-init on a bridge needs root, and BYTEPORT_REQUIRE_QEMU=1"
+        );
+        eprintln!(
+            "SKIP cloud-init on a bridge: needs root (network namespaces); run `cargo xtask test` as root"
+        );
+        return;
+    }
+    let d = Daemon::start_bridged(Path::new(BIN)).expect("a network namespace");
+    let addr = d.netns.as_ref().expect("netns").ns_addr.clone();
+    configures_and_ssh_works(&d, &img, "169.254.169.254", &addr);
+}
+
+/// Boots debian-12 with user-data and a key; checks what cloud-init did,
+/// that its data came from `metadata_addr`, and SSH to `ssh_host`.
+fn configures_and_ssh_works(d: &Daemon, img: &Path, metadata_addr: &str, ssh_host: &str) {
+    d.import_image(img);
     let tmp = tempfile::tempdir().expect("tempdir");
     let (key, public) = ssh_keygen(tmp.path());
     let secret = format!("secret-{}", std::process::id() * 7919);
@@ -76,7 +106,7 @@ fn cloud_init_configures_a_debian_vm_from_the_metadata_service_and_ssh_works() {
         .wait(&id, "running", BOOT_SECS)
         .expect("the VM reaches running");
     assert_eq!(v["ready_by"], "agent", "{v}");
-    let v = cloud_init_outcome(&d, &id, BOOT_SECS);
+    let v = cloud_init_outcome(d, &id, BOOT_SECS);
     if v["cloud_init"] != "done" {
         // What cloud-init itself says went wrong.
         let said = |argv: &[&str]| {
@@ -118,7 +148,7 @@ fn cloud_init_configures_a_debian_vm_from_the_metadata_service_and_ssh_works() {
     assert_eq!(result["v1"]["errors"], json!([]), "{result}");
     let source = result["v1"]["datasource"].as_str().unwrap_or_default();
     assert!(
-        source.contains("NoCloud") && source.contains("10.0.2.254"),
+        source.contains("NoCloud") && source.contains(metadata_addr),
         "{result}"
     );
 
@@ -156,7 +186,7 @@ fn cloud_init_configures_a_debian_vm_from_the_metadata_service_and_ssh_works() {
             "UserKnownHostsFile=/dev/null",
             "-o",
             "ConnectTimeout=30",
-            &format!("{}@127.0.0.1", v["ssh_user"].as_str().unwrap_or("debian")),
+            &format!("{}@{ssh_host}", v["ssh_user"].as_str().unwrap_or("debian")),
             "hostname; sudo -n cat /var/lib/byteport-test/secret",
         ])
         .output()
