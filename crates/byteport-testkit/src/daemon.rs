@@ -107,6 +107,8 @@ pub struct Daemon {
     pub network: String,
     /// The network namespace it runs in, if any.
     pub netns: Option<NetNs>,
+    /// More environment for the daemon (its `BYTEPORT_*` settings).
+    pub envs: Vec<(String, String)>,
     keep: bool,
 }
 
@@ -211,6 +213,16 @@ impl Daemon {
         Daemon::launch(bin, mode, None, true)
     }
 
+    /// Starts `bin all-in-one` with these `BYTEPORT_*` settings in its
+    /// environment (kept for restarts).
+    pub fn start_with_env(bin: &Path, envs: &[(&str, &str)]) -> Daemon {
+        let envs = envs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Daemon::launch_with(bin, "all-in-one", None, true, "user", None, envs)
+    }
+
     /// Starts `bin all-in-one` with bridged networking inside a network
     /// namespace of its own (see [`NetNs`]), listening on the namespace's
     /// address; `None`, saying why, where namespaces cannot be made.
@@ -223,6 +235,7 @@ impl Daemon {
             true,
             "bridge",
             Some(ns),
+            Vec::new(),
         ))
     }
 
@@ -235,7 +248,7 @@ impl Daemon {
     /// Starts `bin MODE` on a fresh data directory (and `database_url`, or
     /// its own SQLite), bootstraps the admin if asked, and logs in as it.
     fn launch(bin: &Path, mode: &str, database_url: Option<&str>, bootstrap: bool) -> Daemon {
-        Daemon::launch_with(bin, mode, database_url, bootstrap, "user", None)
+        Daemon::launch_with(bin, mode, database_url, bootstrap, "user", None, Vec::new())
     }
 
     fn launch_with(
@@ -245,6 +258,7 @@ impl Daemon {
         bootstrap: bool,
         network: &str,
         netns: Option<NetNs>,
+        envs: Vec<(String, String)>,
     ) -> Daemon {
         let dir = std::env::temp_dir().join(format!("bp-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -268,6 +282,7 @@ impl Daemon {
             database_url: database_url.map(str::to_owned),
             network: network.into(),
             netns,
+            envs,
             keep: std::env::var_os("BYTEPORT_KEEP_TEST_DIRS").is_some(),
         };
         d.spawn_mode(mode);
@@ -462,6 +477,7 @@ impl Daemon {
         if web.join("index.html").is_file() {
             cmd.env("BYTEPORT_WEB_DIR", web);
         }
+        cmd.envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = cmd
             .env("BYTEPORT_DATA_DIR", &self.dir)
             .env("RUST_LOG", "info")

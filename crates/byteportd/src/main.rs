@@ -128,6 +128,10 @@ struct NodeOpts {
     /// The QEMU binary.
     #[arg(long, env = "BYTEPORT_QEMU", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Run QEMU as this user once it has opened what it needs (`-runas`);
+    /// as the node's own user when absent.
+    #[arg(long, env = "BYTEPORT_QEMU_USER")]
+    qemu_user: Option<String>,
     /// The metadata relay's port on 127.0.0.1 (guests reach it at
     /// 10.0.2.254:80); 0 keeps the port used before, or takes a free one.
     #[arg(long, env = "BYTEPORT_METADATA_PORT", default_value_t = 0)]
@@ -262,6 +266,18 @@ fn node_config(
     Ok(c)
 }
 
+fn qemu_driver(o: &NodeOpts) -> anyhow::Result<byteport_node::driver::qemu::QemuDriver> {
+    if let Some(u) = &o.qemu_user
+        && !byteport_node::driver::qemu::valid_user(u)
+    {
+        bail!("--qemu-user {u:?} is not a user name (a-z, 0-9, _ and -)");
+    }
+    Ok(byteport_node::driver::qemu::QemuDriver {
+        binary: o.qemu.clone(),
+        run_as: o.qemu_user.clone(),
+    })
+}
+
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
     let dir = args
         .data_dir
@@ -269,7 +285,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| default_data_dir().join("node"));
     let cfg = node_config(&args.server, dir, args.join_token.clone(), &args.opts)?;
     tokio::select! {
-        r = byteport_node::run(cfg, byteport_node::driver::qemu::QemuDriver { binary: args.opts.qemu.clone() }) => {
+        r = byteport_node::run(cfg, qemu_driver(&args.opts)?) => {
             r.map_err(|e| anyhow::anyhow!("{e}"))
         }
         _ = shutdown() => Ok(()),
@@ -306,9 +322,7 @@ async fn all_in_one(args: AllInOneArgs) -> anyhow::Result<()> {
         )
     };
     let cfg = node_config(&url, node_dir, token, &node_opts)?;
-    let qemu = byteport_node::driver::qemu::QemuDriver {
-        binary: node_opts.qemu.clone(),
-    };
+    let qemu = qemu_driver(&node_opts)?;
     tokio::select! {
         r = serving => r.context("the control plane")?,
         r = byteport_node::run(cfg, qemu) => r.map_err(|e| anyhow::anyhow!("node agent: {e}")),

@@ -278,3 +278,47 @@ fn each_vm_runs_in_a_cgroup_of_its_size_that_goes_with_it() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn qemu_drops_to_the_configured_user_and_the_vm_still_works() {
+    let Some(img) = tiny_or_skip("QEMU as another user") else {
+        return;
+    };
+    if !is_root() {
+        eprintln!("SKIP QEMU as another user: needs root to start as one");
+        return;
+    }
+    let d = Daemon::start_with_env(Path::new(BIN), &[("BYTEPORT_QEMU_USER", "nobody")]);
+    d.import_tiny(&img);
+    let id = up(&d, "runas-1");
+    let pid = d.qemu_pid(&id).expect("QEMU's pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|u| u.split_whitespace().nth(1))
+        .unwrap();
+    assert_eq!(uid, "65534", "QEMU runs as nobody: {status}");
+    // The guest agent, the metadata pipe (spawned by QEMU, so as nobody
+    // too) and the console all still work.
+    let (out, code) = sh(&d, &id, "uname -s");
+    assert_eq!((out.trim(), code), ("Linux", Some(0)));
+    let (serial, _) = sh(&d, &id, "cat /sys/class/dmi/id/product_serial");
+    let url = serial
+        .trim()
+        .split_once(";s=")
+        .map(|(_, u)| u.to_owned())
+        .unwrap();
+    let path = url.trim_start_matches("http://10.0.2.254");
+    let (meta, _) = sh(
+        &d,
+        &id,
+        &format!("printf 'GET {path}meta-data HTTP/1.0\\r\\n\\r\\n' | nc -w 10 10.0.2.254 80"),
+    );
+    assert!(
+        meta.starts_with("HTTP/1.0 200"),
+        "metadata as nobody: {meta}"
+    );
+    d.api.delete(&format!("/v1/vms/{id}")).expect("delete");
+    d.wait(&id, "deleted", 60).expect("deleted");
+}

@@ -26,14 +26,28 @@ pub const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
 
 pub struct QemuDriver {
     pub binary: PathBuf,
+    /// The user QEMU drops to once it has opened its files, sockets and
+    /// tap (`-runas`); it stays root when absent.
+    pub run_as: Option<String>,
 }
 
 impl Default for QemuDriver {
     fn default() -> Self {
         QemuDriver {
             binary: PathBuf::from("qemu-system-x86_64"),
+            run_as: None,
         }
     }
+}
+
+/// Whether `name` can be a user QEMU runs as: a plain login name.
+pub fn valid_user(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// The argument vector for one VM. Every value is either ours (paths in
@@ -371,6 +385,9 @@ impl Driver for QemuDriver {
             .try_clone()
             .map_err(DriverError::io("cannot open the QEMU log"))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
+        if let Some(u) = &self.run_as {
+            cmd.args(["-runas", u]);
+        }
         cmd.args(command_line(spec))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
