@@ -18,6 +18,7 @@ pub mod images;
 pub mod metadata;
 pub mod network;
 pub mod stats;
+pub mod template;
 pub mod vm;
 
 use byteport_guest::host::GuestConn;

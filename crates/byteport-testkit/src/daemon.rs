@@ -145,8 +145,13 @@ impl NetNs {
                 .map(|s| s.success())
                 .unwrap_or(false)
         };
-        let _ = ip(&["netns", "del", &name]);
-        let _ = ip(&["link", "del", &host_if]);
+        // Leftovers of an earlier run that was killed, quietly.
+        for args in [vec!["netns", "del", &name], vec!["link", "del", &host_if]] {
+            let _ = Command::new("ip")
+                .args(&args)
+                .stderr(Stdio::null())
+                .status();
+        }
         if !ip(&["netns", "add", &name]) {
             return None;
         }

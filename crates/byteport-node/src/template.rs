@@ -1,0 +1,319 @@
+//! Templates and clones: fresh VMs from a memory snapshot, the start of
+//! run-code (and later of VM snapshots and forks).
+//!
+//! A template is a VM of a kernel-booted, diskless image (its root in the
+//! initramfs), booted once with its RAM in a shared file
+//! (`memory-backend-file,share=on`), stopped once its guest agent is ready,
+//! and saved with `x-ignore-shared`: the migration stream then holds only
+//! the device state (a few hundred KiB), the RAM stays in the file. A clone
+//! is a new QEMU with the same devices that maps that file privately
+//! (`share=off`: copy-on-write, so its writes are its own and the template
+//! is never changed), restores the device state (`-incoming defer`,
+//! `migrate-incoming`) and continues: it wakes where the template stopped,
+//! in well under a second instead of a boot. Each clone gets a fresh VM
+//! generation id (`vmgenid,guid=auto`), so Linux reseeds its random
+//! generator on restore; the guest agent is reached on the clone's own
+//! socket.
+//!
+//! QEMU 7.2 has no `file:` migration URI, so the state goes through
+//! `exec:cat`, which QEMU runs with `/bin/sh -c`: the only word in it is
+//! the node's own path, quoted; nothing a user sends reaches it.
+//!
+//! ```text
+//!  build:  spawn (share=on) ──agent Ready──► stop ──migrate x-ignore-shared──► state file; quit
+//!  clone:  spawn (share=off, -incoming defer) ──migrate-incoming──► cont ──agent Ready──► use; kill
+//! ```
+
+use crate::driver::Accel;
+use crate::driver::qemu::AGENT_PORT_NAME;
+use byteport_guest::host::GuestConn;
+use byteport_qmp::Qmp;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// How long a template's guest has to say ready after its boot.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a save or a restore may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a template boots.
+#[derive(Clone, Debug)]
+pub struct TemplateSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub accel: Accel,
+}
+
+/// A saved template: its RAM file and its device state.
+#[derive(Clone, Debug)]
+pub struct Template {
+    pub spec: TemplateSpec,
+    /// The template's RAM (under /dev/shm, so clones map it from memory).
+    pub memory: PathBuf,
+    /// The device state saved with `x-ignore-shared`.
+    pub state: PathBuf,
+    /// How long building it took.
+    pub built_in: Duration,
+}
+
+/// A running clone.
+pub struct Clone {
+    pub dir: PathBuf,
+    pub pid: u32,
+    pub qmp: Qmp,
+    pub agent: GuestConn,
+    /// From spawning QEMU to the restored guest running.
+    pub restored_in: Duration,
+    /// From spawning QEMU to the guest agent's Ready.
+    pub ready_in: Duration,
+    child: tokio::process::Child,
+}
+
+fn argv(spec: &TemplateSpec, dir: &Path, memory: &Path, shared: bool) -> Vec<String> {
+    let d = |f: &str| dir.join(f).display().to_string();
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let accel = match spec.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    push(&[
+        "-machine",
+        &format!("pc,accel={accel},memory-backend=mem0"),
+        "-object",
+        &format!(
+            "memory-backend-file,id=mem0,size={}M,mem-path={},share={}",
+            spec.memory_mib,
+            memory.display(),
+            if shared { "on" } else { "off" }
+        ),
+        "-m",
+        &format!("{}M", spec.memory_mib),
+        "-smp",
+        &spec.vcpus.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-kernel",
+        &spec.kernel.display().to_string(),
+        "-initrd",
+        &spec.initrd.display().to_string(),
+        "-append",
+        &spec.cmdline,
+        // A fresh generation id in every process: the guest reseeds its
+        // random generator when a clone wakes.
+        "-device",
+        "vmgenid,guid=auto",
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-chardev",
+        &format!(
+            "socket,id=agent0,path={},server=on,wait=off",
+            d("agent.sock")
+        ),
+        "-device",
+        &format!("virtserialport,chardev=agent0,name={AGENT_PORT_NAME}"),
+        "-chardev",
+        &format!("socket,id=qmp0,path={},server=on,wait=off", d("qmp.sock")),
+        "-mon",
+        "chardev=qmp0,mode=control",
+        "-serial",
+        &format!("file:{}", d("console.log")),
+        "-sandbox",
+        "on,obsolete=deny",
+    ]);
+    a
+}
+
+fn spawn(qemu: &Path, args: &[String], dir: &Path) -> Result<tokio::process::Child, String> {
+    let log = std::fs::File::create(dir.join("qemu.log"))
+        .map_err(|e| format!("cannot open the QEMU log: {e}"))?;
+    tokio::process::Command::new(qemu)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))
+}
+
+fn log_tail(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("qemu.log"))
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .rev()
+        .take(400)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect()
+}
+
+async fn qmp(dir: &Path) -> Result<Qmp, String> {
+    Qmp::connect_retry(&dir.join("qmp.sock"), Duration::from_secs(15))
+        .await
+        .map_err(|e| format!("QMP: {e}; QEMU said: {}", log_tail(dir)))
+}
+
+async fn agent(dir: &Path, within: Duration) -> Result<GuestConn, String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(c) = GuestConn::connect_unix(&dir.join("agent.sock")).await {
+            match c.hello(within.saturating_sub(start.elapsed())).await {
+                Ok(_) => return Ok(c),
+                Err(e) if start.elapsed() >= within => {
+                    return Err(format!("the guest agent did not answer: {e}"));
+                }
+                Err(_) => c.close(),
+            }
+        }
+        if start.elapsed() >= within {
+            return Err("the guest agent's socket did not open".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for a migration (out or in) to end; an error names its state.
+async fn migrated(q: &Qmp) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let v = q
+            .execute("query-migrate", None)
+            .await
+            .map_err(|e| format!("query-migrate: {e}"))?;
+        match v["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            s @ ("failed" | "cancelled") => {
+                return Err(format!(
+                    "the migration {s}: {}",
+                    v["error-desc"].as_str().unwrap_or("no reason given")
+                ));
+            }
+            _ if start.elapsed() > MIGRATE_TIMEOUT => return Err("the migration hangs".into()),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+async fn ignore_shared(q: &Qmp) -> Result<(), String> {
+    q.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| format!("x-ignore-shared: {e}"))
+}
+
+/// The `exec:` URI that writes or reads `state`. The path is ours (the
+/// node's own directory) and is quoted for the shell QEMU runs.
+fn exec_uri(write: bool, state: &Path) -> Result<String, String> {
+    let p = state.display().to_string();
+    if p.contains('\'') {
+        return Err(format!("the state path may not hold a quote: {p}"));
+    }
+    Ok(if write {
+        format!("exec:cat > '{p}'")
+    } else {
+        format!("exec:cat '{p}'")
+    })
+}
+
+/// Boots a template in `dir` with its RAM in `memory`, and saves it.
+pub async fn build(
+    qemu: &Path,
+    spec: TemplateSpec,
+    dir: &Path,
+    memory: &Path,
+) -> Result<Template, String> {
+    let started = Instant::now();
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let _ = std::fs::remove_file(memory);
+    let mut child = spawn(qemu, &argv(&spec, dir, memory, true), dir)?;
+    let q = qmp(dir).await?;
+    let conn = agent(dir, BOOT_TIMEOUT).await?;
+    // Let the guest settle (the agent's own start, DHCP-free init) before
+    // the snapshot; then freeze it.
+    conn.close();
+    q.stop().await.map_err(|e| format!("stop: {e}"))?;
+    ignore_shared(&q).await?;
+    let state = dir.join("state");
+    q.execute("migrate", Some(json!({"uri": exec_uri(true, &state)?})))
+        .await
+        .map_err(|e| format!("migrate: {e}"))?;
+    migrated(&q).await?;
+    let _ = q.quit().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    let _ = child.kill().await;
+    Ok(Template {
+        spec,
+        memory: memory.to_owned(),
+        state,
+        built_in: started.elapsed(),
+    })
+}
+
+impl Template {
+    /// Starts a clone in `dir` (its sockets and log), restored and running,
+    /// its guest agent connected.
+    pub async fn clone_into(&self, qemu: &Path, dir: &Path) -> Result<Clone, String> {
+        let t0 = Instant::now();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut args = argv(&self.spec, dir, &self.memory, false);
+        args.extend(["-incoming".to_owned(), "defer".to_owned()]);
+        let child = spawn(qemu, &args, dir)?;
+        let pid = child.id().unwrap_or(0);
+        let q = qmp(dir).await?;
+        ignore_shared(&q).await?;
+        q.execute(
+            "migrate-incoming",
+            Some(json!({"uri": exec_uri(false, &self.state)?})),
+        )
+        .await
+        .map_err(|e| format!("migrate-incoming: {e}"))?;
+        migrated(&q).await?;
+        q.cont().await.map_err(|e| format!("cont: {e}"))?;
+        let restored_in = t0.elapsed();
+        let agent = agent(dir, Duration::from_secs(30)).await?;
+        Ok(Clone {
+            dir: dir.to_owned(),
+            pid,
+            qmp: q,
+            agent,
+            restored_in,
+            ready_in: t0.elapsed(),
+            child,
+        })
+    }
+
+    /// Removes the template's files.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.memory);
+        let _ = std::fs::remove_file(&self.state);
+    }
+}
+
+impl Clone {
+    /// Ends the clone's QEMU and removes its directory.
+    pub async fn destroy(mut self) {
+        self.agent.close();
+        let _ = self.qmp.quit().await;
+        if tokio::time::timeout(Duration::from_secs(3), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

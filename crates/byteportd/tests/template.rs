@@ -1,0 +1,92 @@
+//! Fresh VMs from a memory snapshot, with real QEMU and the `tiny` image:
+//! a template booted once and saved, then clones that wake from it. Each
+//! clone answers through its own guest agent, reads its own random bytes
+//! (a fresh VM generation id reseeds the guest's generator), keeps what it
+//! writes to itself, and leaves nothing when destroyed. Prints how long a
+//! clone took to run and to answer. Skips, saying why, without QEMU or the
+//! image, unless `BYTEPORT_REQUIRE_QEMU=1` (set by `cargo xtask test`).
+
+use byteport_guest::host::ExecRequest;
+use byteport_node::driver::Accel;
+use byteport_node::template::{TemplateSpec, build};
+use byteport_testkit::daemon::tiny_or_skip;
+use std::path::Path;
+use std::time::Instant;
+
+async fn run(c: &byteport_node::template::Clone, script: &str) -> (String, Option<i32>) {
+    let out = c
+        .agent
+        .exec_output(ExecRequest::new(["sh", "-c", script]))
+        .await
+        .expect("exec in the clone");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), out.code)
+}
+
+#[tokio::test]
+async fn clones_of_a_template_wake_in_a_fraction_of_a_boot_each_with_its_own_state() {
+    let Some(img) = tiny_or_skip("templates and clones") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let memory = Path::new("/dev/shm").join(format!("bp-test-tpl-{}", std::process::id()));
+    let spec = TemplateSpec {
+        kernel: img.join("vmlinuz"),
+        initrd: img.join("initrd.img"),
+        cmdline: "console=ttyS0 quiet byteport.hostname=tpl".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        accel: Accel::Tcg,
+    };
+    let qemu = Path::new("qemu-system-x86_64");
+    let t = build(qemu, spec, &tmp.path().join("template"), &memory)
+        .await
+        .expect("a template");
+    let state = std::fs::metadata(&t.state).unwrap().len();
+    eprintln!(
+        "template built in {} ms; device state {} KiB",
+        t.built_in.as_millis(),
+        state / 1024
+    );
+    assert!(
+        state < 8 << 20,
+        "the RAM is not in the state file: {state} bytes"
+    );
+
+    let mut seen = Vec::new();
+    for i in 0..2 {
+        let t0 = Instant::now();
+        let c = t
+            .clone_into(qemu, &tmp.path().join(format!("clone-{i}")))
+            .await
+            .expect("a clone");
+        let (out, code) = run(&c, "echo hi").await;
+        let first = t0.elapsed();
+        assert_eq!((out.trim(), code), ("hi", Some(0)));
+        eprintln!(
+            "clone {i}: running after {} ms, agent ready after {} ms, first output after {} ms",
+            c.restored_in.as_millis(),
+            c.ready_in.as_millis(),
+            first.as_millis()
+        );
+        // What one clone writes, the next never sees (private RAM).
+        let (was, _) = run(
+            &c,
+            "cat /tmp/mark 2>/dev/null; echo clone-$RANDOM > /tmp/mark",
+        )
+        .await;
+        assert!(
+            was.trim().is_empty(),
+            "clone {i} saw an earlier clone's file: {was}"
+        );
+        let (random, _) = run(&c, "head -c 16 /dev/urandom | od -An -tx1").await;
+        seen.push(random.split_whitespace().collect::<String>());
+        let pid = c.pid;
+        let dir = c.dir.clone();
+        c.destroy().await;
+        assert!(!byteport_testkit::daemon::alive(pid), "QEMU {pid} is left");
+        assert!(!dir.exists(), "the clone's directory is left");
+    }
+    assert_ne!(seen[0], seen[1], "two clones read the same random bytes");
+    t.remove();
+    assert!(!memory.exists());
+}
