@@ -183,22 +183,27 @@ fn inbound(d: &Daemon, id: &str, addr: &str, mib: u64) -> anyhow::Result<(f64, f
     Ok((mib as f64 / secs, connect_ms))
 }
 
-/// MiB/s of `dd | nc` from the guest to `addr:port`, timed in the guest.
+/// MiB/s of `dd | nc` from the guest to `addr:port`, timed in the guest
+/// (its uptime before and after: busybox's date has no nanoseconds).
 fn outbound(d: &Daemon, id: &str, addr: &str, port: u16, mib: u64) -> anyhow::Result<f64> {
     let out = sh(
         d,
         id,
         &format!(
-            "a=$(date +%s%N); dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc -w 5 {addr} {port}; b=$(date +%s%N); echo $((b-a))",
+            "a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc -w 5 {addr} {port}; b=$(cut -d' ' -f1 /proc/uptime); echo \"$a $b\"",
             mib * 16
         ),
     )?;
-    let ns: f64 = out
+    let t: Vec<f64> = out
         .split_whitespace()
-        .last()
-        .and_then(|x| x.parse().ok())
-        .context("the guest's timing")?;
-    Ok(mib as f64 / (ns / 1e9))
+        .rev()
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let [b, a] = t[..] else {
+        bail!("the guest's timing: {out}");
+    };
+    Ok(mib as f64 / (b - a).max(0.01))
 }
 
 fn sink() -> anyhow::Result<(TcpListener, u16)> {

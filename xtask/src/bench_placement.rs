@@ -669,6 +669,7 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                     max_disk_gib: 1 << 50,
                     created_at: now,
                     network_index: None,
+                    max_concurrent_runs: 4,
                 },
                 None,
             )

@@ -30,7 +30,7 @@ const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Kept in step with `byteport_guest::proto::AGENT_PORT_NAME`.
 const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
 
-const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny or debian-12)";
+const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, debian-12, run-shell or run-python)";
 
 /// Entry point for `cargo xtask image ...`.
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -55,6 +55,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let manifest = match recipe {
         Recipe::Tiny => build_tiny(&ctx)?,
         Recipe::Debian12 => build_debian12(&ctx)?,
+        Recipe::Runtime(lang) => build_runtime(&ctx, lang)?,
     };
     println!(
         "image {name} ({}) built in {:.1}s: {}",
@@ -74,6 +75,42 @@ enum Recipe {
     Tiny,
     /// Debian bookworm with cloud-init on an ext4 disk.
     Debian12,
+    /// A run-code runtime: bookworm's minbase and a language's packages on
+    /// a read-only ext4 disk, the guest agent as the only service.
+    Runtime(Runtime),
+}
+
+/// The run-code runtimes, each an image `run-LANGUAGE`.
+#[derive(Clone, Copy, Debug)]
+enum Runtime {
+    Shell,
+    Python,
+}
+
+impl Runtime {
+    fn language(self) -> &'static str {
+        match self {
+            Runtime::Shell => "shell",
+            Runtime::Python => "python",
+        }
+    }
+
+    /// Packages beyond minbase (which has bash and coreutils).
+    fn packages(self) -> &'static [&'static str] {
+        match self {
+            Runtime::Shell => &[],
+            Runtime::Python => &["python3-minimal", "libpython3.11-stdlib"],
+        }
+    }
+
+    /// The command that runs a program given as one source text: the text
+    /// replaces `{code}`, the run's arguments follow.
+    fn command(self) -> &'static [&'static str] {
+        match self {
+            Runtime::Shell => &["bash", "-c", "{code}", "run"],
+            Runtime::Python => &["python3", "-c", "{code}"],
+        }
+    }
 }
 
 impl Recipe {
@@ -81,7 +118,11 @@ impl Recipe {
         match name {
             "tiny" => Ok(Recipe::Tiny),
             "debian-12" => Ok(Recipe::Debian12),
-            other => bail!("unknown image {other:?}; known images: tiny, debian-12"),
+            "run-shell" => Ok(Recipe::Runtime(Runtime::Shell)),
+            "run-python" => Ok(Recipe::Runtime(Runtime::Python)),
+            other => bail!(
+                "unknown image {other:?}; known images: tiny, debian-12, run-shell, run-python"
+            ),
         }
     }
 }
@@ -173,6 +214,7 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
         cmdline: "console=ttyS0 quiet".into(),
         has_agent: true,
         login_user: None,
+        runtime: None,
         files: vec![file_entry(&vmlinuz)?, file_entry(&initrd)?],
     };
     write_manifest(&ctx.out, &manifest)?;
@@ -375,6 +417,127 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
         has_agent: true,
         // cloud-init's default user in Debian's cloud.cfg.
         login_user: Some("debian".into()),
+        runtime: None,
+        files: vec![
+            file_entry(&vmlinuz)?,
+            file_entry(&initrd)?,
+            file_entry(&disk)?,
+        ],
+    };
+    write_manifest(&ctx.out, &manifest)?;
+    Ok(manifest)
+}
+
+/// A runtime's disk: minbase is about 200 MiB unpacked; the filesystem is
+/// mounted read-only, so this is room for the image's own files only.
+const RUNTIME_DISK_BYTES: u64 = 1 << 30;
+
+/// The `run-shell` and `run-python` recipes; see images/README.md.
+fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
+    let recipe_dir = ctx.root.join("images/run");
+    for tool in ["debootstrap", "mkfs.ext4", "qemu-img"] {
+        if crate::which(tool).is_none() {
+            bail!("{tool} is missing: apt-get install debootstrap e2fsprogs qemu-utils");
+        }
+    }
+    let kernel_deb = ctx.debs.fetch(&ctx.debs.kernel_package()?)?;
+    let busybox_deb = ctx.debs.fetch("busybox-static")?;
+    let agent = build_agent(&ctx.root)?;
+    let kernel_dir = ctx.work.path().join("kernel");
+    let busybox_dir = ctx.work.path().join("busybox");
+    extract_deb(&kernel_deb, &kernel_dir)?;
+    extract_deb(&busybox_deb, &busybox_dir)?;
+    let kver = kernel_version(&kernel_dir)?;
+
+    let rootfs = ctx.work.path().join("rootfs");
+    let cache = ctx.root.join("build/cache/debootstrap");
+    fs::create_dir_all(&cache)?;
+    let started = Instant::now();
+    let mut cmd = Command::new("debootstrap");
+    cmd.arg("--variant=minbase");
+    if !rt.packages().is_empty() {
+        cmd.arg(format!("--include={}", rt.packages().join(",")));
+    }
+    crate::run(
+        cmd.arg(format!("--cache-dir={}", cache.display()))
+            .arg("bookworm")
+            .arg(&rootfs)
+            .arg(debian_mirror())
+            .stdout(Stdio::null()),
+    )
+    .context("debootstrap (it needs root and Debian's package mirror)")?;
+    eprintln!("debootstrap took {:.0} s", started.elapsed().as_secs_f64());
+    copy_tree(&recipe_dir.join("files"), &rootfs)?;
+    let sbin = rootfs.join("usr/local/sbin");
+    fs::create_dir_all(&sbin)?;
+    fs::copy(&agent, sbin.join("byteport-guest"))?;
+    // What a runtime never needs: package caches and lists, documentation.
+    for dir in [
+        "var/cache/apt/archives",
+        "var/lib/apt/lists",
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/locale",
+        "usr/share/info",
+    ] {
+        let d = rootfs.join(dir);
+        if d.is_dir() {
+            fs::remove_dir_all(&d)?;
+            fs::create_dir_all(&d)?;
+        }
+    }
+    fs::write(rootfs.join("etc/machine-id"), "")?;
+    fs::write(rootfs.join("etc/hostname"), "run\n")?;
+    let os_version = fs::read_to_string(rootfs.join("etc/debian_version"))?
+        .trim()
+        .to_string();
+
+    let raw = ctx.work.path().join("disk.raw");
+    fs::File::create(&raw)?.set_len(RUNTIME_DISK_BYTES)?;
+    crate::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "root", "-d"])
+            .arg(&rootfs)
+            .arg(&raw),
+    )?;
+    let disk = ctx.out.join("disk.qcow2");
+    crate::run(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&disk),
+    )?;
+
+    let mut cpio = Cpio::new();
+    cpio.dir("dev", 0o755);
+    cpio.char_device("dev/console", 0o600, 5, 1);
+    for dir in ["proc", "sys", "newroot", "sbin", "usr/bin", "usr/sbin"] {
+        cpio.dir(dir, 0o755);
+    }
+    add_busybox(&mut cpio, &busybox_dir)?;
+    cpio.symlink("bin/sh", "busybox");
+    cpio.file("init", 0o755, fs::read(recipe_dir.join("init"))?);
+    add_modules(
+        &mut cpio,
+        &kernel_dir,
+        &kver,
+        &read_list(&recipe_dir.join("initrd-modules"))?,
+    )?;
+    let (vmlinuz, initrd) = write_boot_files(ctx, cpio, &kernel_dir, &kver)?;
+    let manifest = Manifest {
+        name: format!("run-{}", rt.language()),
+        os_family: "debian".into(),
+        os_version,
+        kernel_version: kver,
+        format: "qcow2".into(),
+        boot: "kernel".into(),
+        cmdline: "console=ttyS0 root=/dev/vda ro quiet".into(),
+        has_agent: true,
+        login_user: None,
+        runtime: Some((
+            rt.language().into(),
+            rt.command().iter().map(|s| s.to_string()).collect(),
+        )),
         files: vec![
             file_entry(&vmlinuz)?,
             file_entry(&initrd)?,
@@ -481,6 +644,8 @@ struct Manifest {
     has_agent: bool,
     /// The user an SSH key logs in as, when the image has one.
     login_user: Option<String>,
+    /// A run-code runtime's language and the command that runs a source.
+    runtime: Option<(String, Vec<String>)>,
     /// The kernel first, then the initrd, then the disk (if any).
     files: Vec<FileEntry>,
 }
@@ -529,6 +694,8 @@ fn write_manifest(out: &Path, m: &Manifest) -> anyhow::Result<()> {
         "has_agent": m.has_agent,
         "login_user": m.login_user,
         "agent_port": if m.has_agent { Some(AGENT_PORT_NAME) } else { None },
+        "language": m.runtime.as_ref().map(|r| &r.0),
+        "run_command": m.runtime.as_ref().map(|r| &r.1),
         "files": files,
     });
     let mut text = serde_json::to_string_pretty(&json)?;

@@ -10,6 +10,7 @@ use byteport_types::{VmId, VmState};
 use serde_json::{Value, json};
 
 mod environments;
+mod runs;
 
 /// The longest wait the server grants in one request.
 const MAX_SERVER_WAIT: u64 = 600;
@@ -260,6 +261,7 @@ fn dispatch(env: &Env, cmd: Cmd) -> Result<()> {
         Cmd::Image(c) => image(env, c),
         Cmd::Vm(a) => vm(env, a),
         Cmd::Env(a) => environments::run(env, a),
+        Cmd::Run(a) => runs::run(env, a),
         Cmd::Node(c) => node(env, c),
         Cmd::Audit { project, limit } => audit(env, project, limit),
     }
@@ -421,6 +423,7 @@ fn project(env: &Env, cmd: ProjectCmd) -> Result<()> {
             vcpus,
             memory_mib,
             disk_gib,
+            runs,
         } => {
             let path = format!("/v1/projects/{}", seg(&project));
             let p: Project = decode(&c.get(&path, &[])?)?;
@@ -429,6 +432,7 @@ fn project(env: &Env, cmd: ProjectCmd) -> Result<()> {
                 max_vcpus: vcpus.unwrap_or(p.quota.max_vcpus),
                 max_memory_mib: memory_mib.unwrap_or(p.quota.max_memory_mib),
                 max_disk_gib: disk_gib.unwrap_or(p.quota.max_disk_gib),
+                max_concurrent_runs: runs.unwrap_or(p.quota.max_concurrent_runs),
             };
             let v = c.value(
                 Method::Put,

@@ -77,6 +77,9 @@ pub enum Cmd {
     Vm(VmArgs),
     /// Groups of VMs, one per matching image, to run a command on all.
     Env(EnvArgs),
+    /// Run a program in a fresh VM of its own: `byteport run main.py`,
+    /// `byteport run --language shell -e 'echo hi'`; `run list|show|cancel`.
+    Run(RunArgs),
     /// Show nodes (admins).
     #[command(subcommand)]
     Node(NodeCmd),
@@ -118,6 +121,9 @@ pub enum ProjectCmd {
         memory_mib: Option<u64>,
         #[arg(long)]
         disk_gib: Option<u64>,
+        /// Runs (run-code) at once.
+        #[arg(long)]
+        runs: Option<u32>,
     },
     /// List a project's members.
     Members { project: String },
@@ -335,6 +341,51 @@ fn parse_lifetime(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RunArgs {
+    #[command(subcommand)]
+    pub cmd: Option<RunCmd>,
+    /// The program's source file (its extension names the language).
+    pub file: Option<PathBuf>,
+    /// The program itself, instead of a file.
+    #[arg(short = 'e', long = "eval")]
+    pub eval: Option<String>,
+    /// shell or python (from the file's extension when absent).
+    #[arg(long)]
+    pub language: Option<String>,
+    /// The project (default: default).
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Seconds before the run is killed (1-600; 30).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// The run's memory (128-4096 MiB; 256).
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Pass this command's standard input to the program.
+    #[arg(long)]
+    pub stdin: bool,
+    /// Arguments for the program (after --).
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RunCmd {
+    /// List runs, newest first.
+    List {
+        #[arg(long)]
+        language: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Show a run with its timings and kept output.
+    Show { id: String },
+    /// Cancel a running run.
+    Cancel { id: String },
 }
 
 #[derive(Subcommand, Debug)]

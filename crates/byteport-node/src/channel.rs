@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// Input for a stream: bytes, end of input, or close.
-enum Input {
+pub(crate) enum Input {
     Data(Vec<u8>),
     End,
     Close,
@@ -165,6 +165,20 @@ fn handle<D: Driver>(
                         not_found: false,
                     },
                 };
+                let _ = out.send(end).await;
+                if let Ok(mut m) = inputs.lock() {
+                    m.remove(&stream);
+                }
+            });
+        }
+        ToNode::Run { stream, spec } => {
+            let (tx, rx) = mpsc::channel(64);
+            if let Ok(mut m) = inputs.lock() {
+                m.insert(stream, tx);
+            }
+            let (shared, out, inputs) = (shared.clone(), out.clone(), inputs.clone());
+            tokio::spawn(async move {
+                let end = shared.runs.run(&shared, stream, spec, rx, &out).await;
                 let _ = out.send(end).await;
                 if let Ok(mut m) = inputs.lock() {
                     m.remove(&stream);

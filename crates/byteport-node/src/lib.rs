@@ -17,6 +17,7 @@ pub mod driver;
 pub mod images;
 pub mod metadata;
 pub mod network;
+pub mod runs;
 pub mod stats;
 pub mod template;
 pub mod vm;
@@ -161,6 +162,8 @@ pub struct Shared<D: Driver> {
     pub bridge: Option<bridge::BridgeNet>,
     /// Each VM's cgroup.
     pub cgroups: cgroup::Cgroups,
+    /// Run-code: templates and their clones.
+    pub runs: runs::Runs,
     pub accel: Accel,
     pub vms_dir: PathBuf,
     pub stop_timeout: Duration,
@@ -346,6 +349,12 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         net: UserNet::new(cfg.forward_host.clone(), cfg.forward_ports.clone()),
         bridge,
         cgroups,
+        runs: runs::Runs::new(
+            cfg.qemu_binary.clone(),
+            accel,
+            cfg.data_dir.join("runs"),
+            &ident.id.to_string(),
+        ),
         accel,
         vms_dir: cfg.data_dir.join("vms"),
         stop_timeout: cfg.stop_timeout,

@@ -44,6 +44,8 @@ pub struct TemplateSpec {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
+    /// A root disk, attached read-only (template and clones share it).
+    pub disk: Option<PathBuf>,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub accel: Accel,
@@ -106,6 +108,19 @@ fn argv(spec: &TemplateSpec, dir: &Path, memory: &Path, shared: bool) -> Vec<Str
         &spec.initrd.display().to_string(),
         "-append",
         &spec.cmdline,
+    ]);
+    if let Some(disk) = &spec.disk {
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=none,id=disk0,format=qcow2,readonly=on",
+                disk.display()
+            ),
+            "-device",
+            "virtio-blk-pci,drive=disk0",
+        ]);
+    }
+    push(&[
         // A fresh generation id in every process: the guest reseeds its
         // random generator when a clone wakes.
         "-device",
@@ -265,7 +280,7 @@ pub async fn build(
 impl Template {
     /// Starts a clone in `dir` (its sockets and log), restored and running,
     /// its guest agent connected.
-    pub async fn clone_into(&self, qemu: &Path, dir: &Path) -> Result<Clone, String> {
+    pub async fn start_clone(&self, qemu: &Path, dir: &Path) -> Result<Clone, String> {
         let t0 = Instant::now();
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

@@ -723,6 +723,12 @@ pub(crate) mod tests {
             net: UserNet::new("127.0.0.1".into(), 42000..=42099),
             bridge: None,
             cgroups: crate::cgroup::Cgroups::none(NodeId::new()),
+            runs: crate::runs::Runs::new(
+                "qemu-system-x86_64".into(),
+                crate::driver::Accel::Tcg,
+                dir.join("runs"),
+                "test",
+            ),
             accel: crate::driver::Accel::Tcg,
             vms_dir: dir.join("vms"),
             stop_timeout: Duration::from_millis(200),

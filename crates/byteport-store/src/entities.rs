@@ -95,6 +95,8 @@ pub mod project {
         /// Which /24 of the bridged address plan is the project's (see
         /// `byteport_types::net`); unique, given at insert.
         pub network_index: Option<i64>,
+        /// How many runs may run at once.
+        pub max_concurrent_runs: i64,
     }
     no_relations!();
 }
@@ -240,6 +242,38 @@ pub mod environment {
         pub expires_at: Option<DateTimeUtc>,
         pub created_at: DateTimeUtc,
         pub deleted_at: Option<DateTimeUtc>,
+    }
+    no_relations!();
+}
+
+pub mod run {
+    use sea_orm::entity::prelude::*;
+    /// One run of code in a VM of its own; kept after the VM is gone.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "runs")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub project_id: Uuid,
+        pub user_name: String,
+        pub language: String,
+        pub code_sha256: String,
+        /// `running`, then how it ended (`RunState`).
+        pub state: String,
+        pub exit_code: Option<i32>,
+        pub signal: Option<i32>,
+        pub message: Option<String>,
+        pub vcpus: i64,
+        pub memory_mib: i64,
+        pub timeout_secs: i64,
+        pub node_id: Option<Uuid>,
+        /// JSON `RunTimings`.
+        pub timings: String,
+        pub stdout: String,
+        pub stderr: String,
+        pub output_truncated: bool,
+        pub created_at: DateTimeUtc,
+        pub ended_at: Option<DateTimeUtc>,
     }
     no_relations!();
 }

@@ -8,8 +8,10 @@ mod changes;
 pub mod entities;
 mod fleet;
 mod migration;
+mod runs;
 
 pub use fleet::{PlaceItem, Size};
+pub use runs::RunFilter;
 
 use chrono::{DateTime, Utc};
 pub use entities::*;
@@ -438,12 +440,13 @@ impl DataStore {
         Ok(q.all(&self.db).await?)
     }
 
-    pub async fn project_update_quota(&self, id: Uuid, q: [i64; 4]) -> Result<project::Model> {
+    pub async fn project_update_quota(&self, id: Uuid, q: [i64; 5]) -> Result<project::Model> {
         let mut p = self.project_fetch(id).await?.into_active_model();
         p.max_vms = Set(q[0]);
         p.max_vcpus = Set(q[1]);
         p.max_memory_mib = Set(q[2]);
         p.max_disk_gib = Set(q[3]);
+        p.max_concurrent_runs = Set(q[4]);
         Ok(p.update(&self.db).await?)
     }
 
@@ -1160,7 +1163,7 @@ impl DataStore {
 /// on SQLite it makes the transaction a writer from its first statement, so
 /// its later reads can never be invalidated by another writer's commit
 /// (which SQLite reports as "database is locked" instead of waiting).
-async fn lock_project<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<()> {
+pub(crate) async fn lock_project<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<()> {
     project::Entity::update_many()
         .col_expr(project::Column::MaxVms, Expr::col(project::Column::MaxVms))
         .filter(project::Column::Id.eq(id))

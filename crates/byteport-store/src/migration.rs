@@ -19,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0006Environments),
             Box::new(M0007VmStats),
             Box::new(M0008Networks),
+            Box::new(M0009Runs),
         ]
     }
 }
@@ -570,6 +571,74 @@ impl MigrationTrait for M0008Networks {
             )
             .await?;
         }
+        Ok(())
+    }
+}
+
+/// Runs (run-code): their records, and how many a project may run at once.
+struct M0009Runs;
+
+impl MigrationName for M0009Runs {
+    fn name(&self) -> &str {
+        "m0009_runs"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0009Runs {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        m.create_table(
+            Table::create()
+                .table(run::Entity.table_ref())
+                .if_not_exists()
+                .col(uuid(run::Column::Id).primary_key())
+                .col(uuid(run::Column::ProjectId))
+                .col(string(run::Column::UserName))
+                .col(string(run::Column::Language))
+                .col(string(run::Column::CodeSha256))
+                .col(string(run::Column::State))
+                .col(integer_null(run::Column::ExitCode))
+                .col(integer_null(run::Column::Signal))
+                .col(text_null(run::Column::Message))
+                .col(big_integer(run::Column::Vcpus))
+                .col(big_integer(run::Column::MemoryMib))
+                .col(big_integer(run::Column::TimeoutSecs))
+                .col(uuid_null(run::Column::NodeId))
+                .col(text(run::Column::Timings))
+                .col(text(run::Column::Stdout))
+                .col(text(run::Column::Stderr))
+                .col(boolean(run::Column::OutputTruncated))
+                .col(ts(run::Column::CreatedAt))
+                .col(ts_null(run::Column::EndedAt))
+                .to_owned(),
+        )
+        .await?;
+        for (name, col) in [
+            ("runs_project", run::Column::ProjectId),
+            ("runs_state", run::Column::State),
+        ] {
+            m.create_index(
+                Index::create()
+                    .name(name)
+                    .table(run::Entity.table_ref())
+                    .col(col)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        }
+        m.alter_table(
+            Table::alter()
+                .table(project::Entity.table_ref())
+                .add_column(
+                    big_integer(project::Column::MaxConcurrentRuns)
+                        .default(4)
+                        .to_owned(),
+                )
+                .to_owned(),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -161,6 +161,13 @@ pub struct Quota {
     pub max_vcpus: u32,
     pub max_memory_mib: u64,
     pub max_disk_gib: u64,
+    /// Runs (run-code) at once; 4 when absent.
+    #[serde(default = "default_max_concurrent_runs")]
+    pub max_concurrent_runs: u32,
+}
+
+fn default_max_concurrent_runs() -> u32 {
+    4
 }
 
 impl Default for Quota {
@@ -170,6 +177,7 @@ impl Default for Quota {
             max_vcpus: 40,
             max_memory_mib: 64 * 1024,
             max_disk_gib: 1024,
+            max_concurrent_runs: default_max_concurrent_runs(),
         }
     }
 }
@@ -466,6 +474,172 @@ pub enum ExecEvent {
     },
     /// The command could not run, or the agent went away.
     Error(String),
+}
+
+// ---------- runs ----------
+
+/// Run a program in a fresh VM of its own (`POST /v1/runs`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunCreate {
+    /// The project's name or id; `default` when absent.
+    pub project: Option<String>,
+    /// `shell` or `python` (the runtime image `run-LANGUAGE`).
+    pub language: String,
+    /// The program: one source text, at most 65536 bytes of UTF-8.
+    pub code: String,
+    /// Arguments the program gets.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Standard input, text, at most 524288 bytes.
+    pub stdin: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Wall-clock limit, 1-600 s; 30 when absent.
+    pub timeout_secs: Option<u64>,
+    /// 1-4; 1 when absent.
+    pub vcpus: Option<u32>,
+    /// 128-4096 MiB; 256 when absent.
+    pub memory_mib: Option<u64>,
+}
+
+/// How a run stands or ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    /// The program exited (see `exit_code` and `signal`).
+    Exited,
+    /// It ran past `timeout_secs` and was killed.
+    Timeout,
+    /// It used more than the run's memory and was killed.
+    OutOfMemory,
+    /// It wrote more than the output limit and was killed.
+    OutputLimit,
+    /// `DELETE /v1/runs/{id}`, or the client went away.
+    Cancelled,
+    /// The run could not be carried out (see `message`).
+    Failed,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Exited => "exited",
+            RunState::Timeout => "timeout",
+            RunState::OutOfMemory => "out_of_memory",
+            RunState::OutputLimit => "output_limit",
+            RunState::Cancelled => "cancelled",
+            RunState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunState> {
+        [
+            RunState::Running,
+            RunState::Exited,
+            RunState::Timeout,
+            RunState::OutOfMemory,
+            RunState::OutputLimit,
+            RunState::Cancelled,
+            RunState::Failed,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+/// When the steps of a run happened, in milliseconds after the request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RunTimings {
+    /// The request was taken by a node.
+    pub queued_ms: u64,
+    /// Building the runtime's template, when this run had to wait for it.
+    pub template_build_ms: Option<u64>,
+    /// The run's VM was up, its guest agent ready.
+    pub vm_ready_ms: Option<u64>,
+    /// The first byte of output.
+    pub first_output_ms: Option<u64>,
+    /// The end.
+    pub end_ms: Option<u64>,
+    /// Whether the VM was a clone of a template (else a cold boot).
+    pub from_template: Option<bool>,
+}
+
+/// A run: who ran what, how it ended, and its output up to the kept cap.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Run {
+    pub id: RunId,
+    pub project: Name,
+    pub project_id: ProjectId,
+    /// Who asked for it.
+    pub user: String,
+    pub language: String,
+    /// SHA-256 of the code, hex.
+    pub code_sha256: String,
+    pub state: RunState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Why it failed or what limit ended it.
+    pub message: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub timeout_secs: u64,
+    pub node_id: Option<NodeId>,
+    pub timings: RunTimings,
+    /// Standard output and error as they came, up to 1 MiB each (UTF-8,
+    /// invalid bytes replaced).
+    pub stdout: String,
+    pub stderr: String,
+    /// Whether either was cut at the kept cap.
+    pub output_truncated: bool,
+    pub created_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// One line of `POST /v1/runs`'s `application/x-ndjson` answer: first
+/// `run` (the record as it starts), then output chunks in order, then
+/// `end` (the record as it ended).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunLine {
+    Run(Box<Run>),
+    /// Output: which stream, its offset in that stream, base64 bytes.
+    Output {
+        stream: OutputStream,
+        offset: u64,
+        data: String,
+    },
+    End(Box<Run>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RunCreateQuery {
+    /// `false`: answer once with the ended run (JSON) instead of a stream.
+    pub stream: Option<bool>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RunListQuery {
+    /// Only this project's runs (name or id).
+    pub project: Option<String>,
+    /// Only runs in this state.
+    pub state: Option<String>,
+    /// Only runs of this language.
+    pub language: Option<String>,
+    /// Page size, 1-500 (50).
+    pub limit: Option<u64>,
+    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, IntoParams)]

@@ -66,4 +66,6 @@ typed_id!(
     EventId,
     /// An environment (a group of VMs made and removed together).
     EnvironmentId,
+    /// A run of code in a VM of its own.
+    RunId,
 );

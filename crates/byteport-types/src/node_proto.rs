@@ -8,6 +8,7 @@
 //! same stream until it sends `End`, `Exit` or `Error`. Bytes travel as
 //! base64 so that every frame is text.
 
+use crate::api::NodeImage;
 use crate::ids::VmId;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +40,48 @@ pub enum ToNode {
     InputEnd { stream: u64 },
     /// The requester went away: stop the stream (an exec is killed).
     Close { stream: u64 },
+    /// Run a program in a fresh VM of its own, a clone of the runtime
+    /// image's template; answered with output, then `RunEnd`.
+    Run { stream: u64, spec: RunSpec },
+}
+
+/// One run for a node: what to start and its limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// The runtime image (diskless or read-only root, with the agent).
+    pub image: NodeImage,
+    /// The command in the guest (the runtime's, with the code in it).
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Standard input, base64; none closes it at once.
+    pub stdin: Option<String>,
+    pub timeout_secs: u64,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Bytes of output (stdout and stderr together) before the run is
+    /// stopped.
+    pub output_limit: u64,
+}
+
+/// How a run ended, as its node saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// `exited`, `timeout`, `out_of_memory`, `output_limit`, `cancelled`
+    /// or `failed` (the VM could not be made; see `message`).
+    pub outcome: String,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub message: Option<String>,
+    /// Whether the VM was a clone of a template (else a cold boot).
+    pub from_template: bool,
+    /// Building the template first, when this run had to.
+    pub template_build_ms: Option<u64>,
+    /// From the node taking the run to the VM's agent ready.
+    pub vm_ready_ms: u64,
+    /// To the first byte of output, if any came.
+    pub first_output_ms: Option<u64>,
+    /// To the end.
+    pub end_ms: u64,
 }
 
 /// Node to control plane.
@@ -75,6 +118,11 @@ pub enum FromNode {
     End {
         stream: u64,
     },
+    /// A run ended (its VM is gone).
+    RunEnd {
+        stream: u64,
+        result: RunResult,
+    },
 }
 
 impl FromNode {
@@ -86,6 +134,7 @@ impl FromNode {
             | FromNode::Stderr { stream, .. }
             | FromNode::Exit { stream, .. }
             | FromNode::Error { stream, .. }
+            | FromNode::RunEnd { stream, .. }
             | FromNode::End { stream } => *stream,
         }
     }
@@ -94,7 +143,10 @@ impl FromNode {
     pub fn is_last(&self) -> bool {
         matches!(
             self,
-            FromNode::Exit { .. } | FromNode::Error { .. } | FromNode::End { .. }
+            FromNode::Exit { .. }
+                | FromNode::Error { .. }
+                | FromNode::End { .. }
+                | FromNode::RunEnd { .. }
         )
     }
 }

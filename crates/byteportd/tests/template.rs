@@ -33,6 +33,7 @@ async fn clones_of_a_template_wake_in_a_fraction_of_a_boot_each_with_its_own_sta
         kernel: img.join("vmlinuz"),
         initrd: img.join("initrd.img"),
         cmdline: "console=ttyS0 quiet byteport.hostname=tpl".into(),
+        disk: None,
         vcpus: 1,
         memory_mib: 256,
         accel: Accel::Tcg,
@@ -56,7 +57,7 @@ async fn clones_of_a_template_wake_in_a_fraction_of_a_boot_each_with_its_own_sta
     for i in 0..2 {
         let t0 = Instant::now();
         let c = t
-            .clone_into(qemu, &tmp.path().join(format!("clone-{i}")))
+            .start_clone(qemu, &tmp.path().join(format!("clone-{i}")))
             .await
             .expect("a clone");
         let (out, code) = run(&c, "echo hi").await;
@@ -89,4 +90,61 @@ async fn clones_of_a_template_wake_in_a_fraction_of_a_boot_each_with_its_own_sta
     assert_ne!(seen[0], seen[1], "two clones read the same random bytes");
     t.remove();
     assert!(!memory.exists());
+}
+
+#[tokio::test]
+async fn a_runtime_image_clones_with_its_read_only_root_and_runs_python() {
+    let Some(img) = byteport_testkit::daemon::image_or_skip("run-python", "run-python clones")
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let memory = Path::new("/dev/shm").join(format!("bp-test-rtpl-{}", std::process::id()));
+    let spec = TemplateSpec {
+        kernel: img.join("vmlinuz"),
+        initrd: img.join("initrd.img"),
+        cmdline: "console=ttyS0 root=/dev/vda ro quiet".into(),
+        disk: Some(img.join("disk.qcow2")),
+        vcpus: 1,
+        memory_mib: 256,
+        accel: Accel::Tcg,
+    };
+    let qemu = Path::new("qemu-system-x86_64");
+    let t = build(qemu, spec, &tmp.path().join("template"), &memory)
+        .await
+        .expect("a template of run-python");
+    eprintln!("run-python template built in {} ms", t.built_in.as_millis());
+    for i in 0..2 {
+        let t0 = Instant::now();
+        let c = t
+            .start_clone(qemu, &tmp.path().join(format!("clone-{i}")))
+            .await
+            .expect("a clone");
+        let out = c
+            .agent
+            .exec_output(ExecRequest::new([
+                "python3",
+                "-c",
+                "import sys; print(sum(range(10)), sys.version_info[0])",
+            ]))
+            .await
+            .expect("python in the clone");
+        eprintln!(
+            "run-python clone {i}: first output after {} ms",
+            t0.elapsed().as_millis()
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "45 3");
+        // The root is read-only; the run's own directory is RAM.
+        let (w, code) = run(
+            &c,
+            "touch /usr/x 2>/dev/null; echo $?; echo hi > /run/code/f && cat /run/code/f",
+        )
+        .await;
+        assert_eq!(
+            (w.split_whitespace().collect::<Vec<_>>(), code),
+            (vec!["1", "hi"], Some(0))
+        );
+        c.destroy().await;
+    }
+    t.remove();
 }

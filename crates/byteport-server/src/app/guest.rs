@@ -195,7 +195,9 @@ async fn relay_exec(mut s: Stream, tx: mpsc::Sender<ExecEvent>) {
             Some(FromNode::Stderr { data, .. }) => ExecEvent::Stderr(data),
             Some(FromNode::Exit { code, signal, .. }) => ExecEvent::Exit { code, signal },
             Some(FromNode::Error { message, .. }) => ExecEvent::Error(message),
-            Some(FromNode::Console { .. } | FromNode::End { .. }) => continue,
+            Some(FromNode::Console { .. } | FromNode::End { .. } | FromNode::RunEnd { .. }) => {
+                continue;
+            }
             None => ExecEvent::Error("the node's channel closed".into()),
         };
         let last = matches!(ev, ExecEvent::Exit { .. } | ExecEvent::Error(_));

@@ -118,6 +118,14 @@ impl NodeHub {
         }
     }
 
+    /// The nodes connected to this replica.
+    pub fn connected(&self) -> Vec<Uuid> {
+        self.links
+            .lock()
+            .map(|l| l.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     pub fn is_connected(&self, node: Uuid) -> bool {
         self.links.lock().is_ok_and(|l| l.contains_key(&node))
     }

@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod nodes;
 pub mod placement;
 pub mod projects;
+pub mod runs;
 pub mod users;
 pub mod vms;
 
@@ -75,6 +76,8 @@ pub struct App {
     pub hub: Arc<hub::NodeHub>,
     pub(crate) metadata_key: Arc<metadata::TokenKey>,
     pub(crate) metadata_limits: Arc<metadata::RateLimits>,
+    /// Runs served by this replica, by id: a way to cancel each.
+    pub(crate) runs_live: Arc<runs::Live>,
 }
 
 /// Who is asking.
@@ -181,6 +184,7 @@ impl App {
             hub: Arc::default(),
             metadata_key: Arc::new(metadata_key),
             metadata_limits: Arc::default(),
+            runs_live: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;
         projects::seed_default(&app).await?;

@@ -290,20 +290,7 @@ impl App {
             let image = match images.get(&v.image_id) {
                 Some(i) => i.clone(),
                 None => {
-                    let i = self.store.image_fetch(v.image_id).await?;
-                    let ni = NodeImage {
-                        name: Name::parse(&i.name).map_err(AppError::internal)?,
-                        format: i.format,
-                        boot: match i.boot.as_str() {
-                            "kernel" => BootMode::Kernel,
-                            _ => BootMode::Disk,
-                        },
-                        sha256: i.sha256,
-                        kernel_sha256: i.kernel_sha256,
-                        initrd_sha256: i.initrd_sha256,
-                        cmdline: i.cmdline,
-                        has_agent: i.has_agent,
-                    };
+                    let ni = node_image(self.store.image_fetch(v.image_id).await?)?;
                     images.insert(v.image_id, ni.clone());
                     ni
                 }
@@ -446,6 +433,23 @@ impl App {
         self.store.node_remove(n.id).await?;
         Ok(())
     }
+}
+
+/// How a node is told to boot an image.
+pub(crate) fn node_image(i: byteport_store::image::Model) -> AppResult<NodeImage> {
+    Ok(NodeImage {
+        name: Name::parse(&i.name).map_err(AppError::internal)?,
+        format: i.format,
+        boot: match i.boot.as_str() {
+            "kernel" => BootMode::Kernel,
+            _ => BootMode::Disk,
+        },
+        sha256: i.sha256,
+        kernel_sha256: i.kernel_sha256,
+        initrd_sha256: i.initrd_sha256,
+        cmdline: i.cmdline,
+        has_agent: i.has_agent,
+    })
 }
 
 /// At most this many VM figures in one heartbeat.

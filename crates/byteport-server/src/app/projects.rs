@@ -17,6 +17,7 @@ const MAX_QUOTA: Quota = Quota {
     max_vcpus: 1_000_000,
     max_memory_mib: 1 << 40,
     max_disk_gib: 1 << 30,
+    max_concurrent_runs: 10_000,
 };
 
 pub(crate) async fn seed_default(app: &App) -> AppResult<()> {
@@ -40,6 +41,7 @@ pub(crate) async fn seed_default(app: &App) -> AppResult<()> {
                     max_disk_gib: q.max_disk_gib as i64,
                     created_at: Utc::now(),
                     network_index: None,
+                    max_concurrent_runs: i64::from(q.max_concurrent_runs),
                 },
                 None,
             )
@@ -68,6 +70,11 @@ fn check_quota(q: &Quota) -> AppResult<()> {
         ),
         ("max_memory_mib", q.max_memory_mib, MAX_QUOTA.max_memory_mib),
         ("max_disk_gib", q.max_disk_gib, MAX_QUOTA.max_disk_gib),
+        (
+            "max_concurrent_runs",
+            u64::from(q.max_concurrent_runs),
+            u64::from(MAX_QUOTA.max_concurrent_runs),
+        ),
     ];
     for (name, v, max) in fields {
         if v > max {
@@ -101,6 +108,7 @@ impl App {
                 max_vcpus: to_u32(p.max_vcpus),
                 max_memory_mib: to_u64(p.max_memory_mib),
                 max_disk_gib: to_u64(p.max_disk_gib),
+                max_concurrent_runs: to_u32(p.max_concurrent_runs),
             },
             network_cidr: p
                 .network_index
@@ -156,6 +164,7 @@ impl App {
                     max_disk_gib: quota.max_disk_gib as i64,
                     created_at: Utc::now(),
                     network_index: None,
+                    max_concurrent_runs: i64::from(quota.max_concurrent_runs),
                 },
                 Some(owner),
             )
@@ -208,6 +217,7 @@ impl App {
                     i64::from(q.max_vcpus),
                     q.max_memory_mib as i64,
                     q.max_disk_gib as i64,
+                    i64::from(q.max_concurrent_runs),
                 ],
             )
             .await?;

@@ -5,6 +5,7 @@
 pub mod extract;
 pub mod handlers;
 pub mod middleware;
+pub mod runs;
 pub mod streams;
 pub mod web;
 
@@ -106,6 +107,8 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::env_create, h::env_list))
         .routes(routes!(h::env_show, h::env_delete))
         .routes(routes!(h::env_run))
+        .routes(routes!(runs::run_create, runs::run_list))
+        .routes(routes!(runs::run_show, runs::run_cancel))
         .routes(routes!(h::join_token_create))
         .routes(routes!(h::node_register))
         .routes(routes!(h::node_heartbeat))

@@ -591,6 +591,48 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/runs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List runs the caller may see, newest first, a page at a time. */
+        get: operations["run_list"];
+        put?: never;
+        /**
+         * Run a program in a fresh VM of its own. The answer streams
+         *     (`application/x-ndjson`): one [`RunLine`] per line, `run` first, then
+         *     the output chunks in order (each with its stream and offset), then
+         *     `end` with the exit code or the limit that ended it and the timings.
+         *     With `stream=false` the answer is the ended [`Run`] alone, as JSON.
+         */
+        post: operations["run_create"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/runs/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Show a run: its state, exit code, timings and kept output. */
+        get: operations["run_show"];
+        put?: never;
+        post?: never;
+        /** Cancel a running run: its VM is destroyed and it ends `cancelled`. */
+        delete: operations["run_cancel"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/tokens": {
         parameters: {
             query?: never;
@@ -1335,6 +1377,8 @@ export interface components {
          * @enum {string}
          */
         ObservedState: "provisioning" | "running" | "paused" | "stopped" | "deleted" | "error";
+        /** @enum {string} */
+        OutputStream: "stdout" | "stderr";
         /** @description A page of results; pass `next_cursor` back as `cursor` for the next one. */
         Page_AuditEvent: {
             items: {
@@ -1355,6 +1399,48 @@ export interface components {
                 status: number;
                 target_id?: string | null;
                 target_kind?: string | null;
+            }[];
+            /** @description Absent on the last page. */
+            next_cursor?: string | null;
+        };
+        /** @description A page of results; pass `next_cursor` back as `cursor` for the next one. */
+        Page_Run: {
+            items: {
+                /** @description SHA-256 of the code, hex. */
+                code_sha256: string;
+                /** Format: date-time */
+                created_at: string;
+                /** Format: date-time */
+                ended_at?: string | null;
+                /** Format: int32 */
+                exit_code?: number | null;
+                id: components["schemas"]["RunId"];
+                language: string;
+                /** Format: int64 */
+                memory_mib: number;
+                /** @description Why it failed or what limit ended it. */
+                message?: string | null;
+                node_id?: components["schemas"]["NodeId"] | null;
+                /** @description Whether either was cut at the kept cap. */
+                output_truncated: boolean;
+                project: components["schemas"]["Name"];
+                project_id: components["schemas"]["ProjectId"];
+                /** Format: int32 */
+                signal?: number | null;
+                state: components["schemas"]["RunState"];
+                stderr: string;
+                /**
+                 * @description Standard output and error as they came, up to 1 MiB each (UTF-8,
+                 *     invalid bytes replaced).
+                 */
+                stdout: string;
+                /** Format: int64 */
+                timeout_secs: number;
+                timings: components["schemas"]["RunTimings"];
+                /** @description Who asked for it. */
+                user: string;
+                /** Format: int32 */
+                vcpus: number;
             }[];
             /** @description Absent on the last page. */
             next_cursor?: string | null;
@@ -1470,6 +1556,11 @@ export interface components {
         ProjectId: string;
         /** @description Limits of a project. Creating or resizing beyond one is a 403. */
         Quota: {
+            /**
+             * Format: int32
+             * @description Runs (run-code) at once; 4 when absent.
+             */
+            max_concurrent_runs?: number;
             /** Format: int64 */
             max_disk_gib: number;
             /** Format: int64 */
@@ -1489,6 +1580,133 @@ export interface components {
         };
         /** @enum {string} */
         Role: "viewer" | "member" | "owner";
+        /** @description A run: who ran what, how it ended, and its output up to the kept cap. */
+        Run: {
+            /** @description SHA-256 of the code, hex. */
+            code_sha256: string;
+            /** Format: date-time */
+            created_at: string;
+            /** Format: date-time */
+            ended_at?: string | null;
+            /** Format: int32 */
+            exit_code?: number | null;
+            id: components["schemas"]["RunId"];
+            language: string;
+            /** Format: int64 */
+            memory_mib: number;
+            /** @description Why it failed or what limit ended it. */
+            message?: string | null;
+            node_id?: components["schemas"]["NodeId"] | null;
+            /** @description Whether either was cut at the kept cap. */
+            output_truncated: boolean;
+            project: components["schemas"]["Name"];
+            project_id: components["schemas"]["ProjectId"];
+            /** Format: int32 */
+            signal?: number | null;
+            state: components["schemas"]["RunState"];
+            stderr: string;
+            /**
+             * @description Standard output and error as they came, up to 1 MiB each (UTF-8,
+             *     invalid bytes replaced).
+             */
+            stdout: string;
+            /** Format: int64 */
+            timeout_secs: number;
+            timings: components["schemas"]["RunTimings"];
+            /** @description Who asked for it. */
+            user: string;
+            /** Format: int32 */
+            vcpus: number;
+        };
+        /** @description Run a program in a fresh VM of its own (`POST /v1/runs`). */
+        RunCreate: {
+            /** @description Arguments the program gets. */
+            args?: string[];
+            /** @description The program: one source text, at most 65536 bytes of UTF-8. */
+            code: string;
+            env?: {
+                [key: string]: string;
+            };
+            /** @description `shell` or `python` (the runtime image `run-LANGUAGE`). */
+            language: string;
+            /**
+             * Format: int64
+             * @description 128-4096 MiB; 256 when absent.
+             */
+            memory_mib?: number | null;
+            /** @description The project's name or id; `default` when absent. */
+            project?: string | null;
+            /** @description Standard input, text, at most 524288 bytes. */
+            stdin?: string | null;
+            /**
+             * Format: int64
+             * @description Wall-clock limit, 1-600 s; 30 when absent.
+             */
+            timeout_secs?: number | null;
+            /**
+             * Format: int32
+             * @description 1-4; 1 when absent.
+             */
+            vcpus?: number | null;
+        };
+        /**
+         * Format: uuid
+         * @description A run of code in a VM of its own.
+         */
+        RunId: string;
+        /**
+         * @description One line of `POST /v1/runs`'s `application/x-ndjson` answer: first
+         *     `run` (the record as it starts), then output chunks in order, then
+         *     `end` (the record as it ended).
+         */
+        RunLine: {
+            run: components["schemas"]["Run"];
+        } | {
+            /** @description Output: which stream, its offset in that stream, base64 bytes. */
+            output: {
+                data: string;
+                /** Format: int64 */
+                offset: number;
+                stream: components["schemas"]["OutputStream"];
+            };
+        } | {
+            end: components["schemas"]["Run"];
+        };
+        /**
+         * @description How a run stands or ended.
+         * @enum {string}
+         */
+        RunState: "running" | "exited" | "timeout" | "out_of_memory" | "output_limit" | "cancelled" | "failed";
+        /** @description When the steps of a run happened, in milliseconds after the request. */
+        RunTimings: {
+            /**
+             * Format: int64
+             * @description The end.
+             */
+            end_ms?: number | null;
+            /**
+             * Format: int64
+             * @description The first byte of output.
+             */
+            first_output_ms?: number | null;
+            /** @description Whether the VM was a clone of a template (else a cold boot). */
+            from_template?: boolean | null;
+            /**
+             * Format: int64
+             * @description The request was taken by a node.
+             */
+            queued_ms: number;
+            /**
+             * Format: int64
+             * @description Building the runtime's template, when this run had to wait for it.
+             */
+            template_build_ms?: number | null;
+            /**
+             * Format: int64
+             * @description The run's VM was up, its guest agent ready.
+             */
+            vm_ready_ms?: number | null;
+        };
         /**
          * @description Whether the caller has a session, for a browser that cannot read its
          *     HTTP-only cookie: `whoami` is absent when nobody is logged in.
@@ -2994,6 +3212,167 @@ export interface operations {
                 };
             };
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    run_list: {
+        parameters: {
+            query?: {
+                /** @description Only this project's runs (name or id). */
+                project?: string;
+                /** @description Only runs in this state. */
+                state?: string;
+                /** @description Only runs of this language. */
+                language?: string;
+                /** @description Page size, 1-500 (50). */
+                limit?: number;
+                cursor?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Page_Run"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    run_create: {
+        parameters: {
+            query?: {
+                /** @description `false`: answer once with the ended run (JSON) instead of a stream. */
+                stream?: boolean;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RunCreate"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/x-ndjson": components["schemas"]["RunLine"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    run_show: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Run"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    run_cancel: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Run"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -1,0 +1,223 @@
+//! Run-code with real guests: `POST /v1/runs` on an all-in-one with the
+//! `run-shell` and `run-python` runtime images. Each run's program prints
+//! what it should, with its exit code; stdin reaches it; a run past its
+//! timeout is killed and says so; one run never sees another's files or
+//! random bytes; a run has no network device; a run can be cancelled; the
+//! runs are records; nothing of a run's VM is left. Skips, saying why,
+//! without QEMU or the images, unless `BYTEPORT_REQUIRE_QEMU=1` (set by
+//! `cargo xtask test`, which builds them first).
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use byteport_testkit::daemon::{Daemon, image_or_skip, qemus_under};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_byteportd");
+
+/// A run's stream: (stdout, stderr, the end record).
+fn run(d: &Daemon, body: Value) -> (String, String, Value) {
+    let lines = d.api.post_lines("/v1/runs", body).expect("a run");
+    assert!(
+        lines[0].get("run").is_some(),
+        "the stream starts with the run: {lines:?}"
+    );
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut end = Value::Null;
+    let (mut next_out, mut next_err) = (0, 0);
+    for l in &lines {
+        if let Some(o) = l.get("output") {
+            let b = B64.decode(o["data"].as_str().unwrap()).unwrap();
+            let (buf, next) = match o["stream"].as_str() {
+                Some("stdout") => (&mut out, &mut next_out),
+                _ => (&mut err, &mut next_err),
+            };
+            assert_eq!(o["offset"], *next, "output comes in order: {l}");
+            *next += b.len() as u64;
+            buf.extend(b);
+        } else if let Some(e) = l.get("end") {
+            end = e.clone();
+        }
+    }
+    assert!(
+        !end.is_null(),
+        "the stream ends with the run's end: {lines:?}"
+    );
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        end,
+    )
+}
+
+#[test]
+fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
+    let Some(shell) = image_or_skip("run-shell", "run-code") else {
+        return;
+    };
+    let Some(python) = image_or_skip("run-python", "run-code") else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    d.import_image(&shell);
+    d.import_image(&python);
+
+    // Shell: output on both streams, in order, and the exit code.
+    let (out, err, end) = run(
+        &d,
+        json!({"language": "shell", "code": "echo hello \"$1\"; echo oops >&2; exit 3", "args": ["world"]}),
+    );
+    assert_eq!((out.as_str(), err.as_str()), ("hello world\n", "oops\n"));
+    assert_eq!(
+        (end["state"].as_str(), end["exit_code"].as_i64()),
+        (Some("exited"), Some(3)),
+        "{end}"
+    );
+    let t = &end["timings"];
+    assert!(
+        t["vm_ready_ms"].as_u64().unwrap() <= t["end_ms"].as_u64().unwrap(),
+        "{t}"
+    );
+    eprintln!("shell run timings: {t}");
+
+    // Python, with stdin.
+    let (out, _, end) = run(
+        &d,
+        json!({"language": "python", "code": "import sys\nprint(sys.stdin.read().upper(), sum(range(10)))", "stdin": "abc"}),
+    );
+    assert_eq!(out, "ABC 45\n");
+    assert_eq!(end["exit_code"], 0, "{end}");
+    eprintln!("python run timings: {}", end["timings"]);
+
+    // Past its timeout: killed, and told so.
+    let t0 = Instant::now();
+    let (_, _, end) = run(
+        &d,
+        json!({"language": "shell", "code": "sleep 60", "timeout_secs": 2}),
+    );
+    assert_eq!(end["state"], "timeout", "{end}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the timeout held: {:?}",
+        t0.elapsed()
+    );
+
+    // Every run is a fresh VM: no file, no random bytes of another run.
+    let (_, _, first) = run(
+        &d,
+        json!({"language": "shell", "code": "echo mine > /tmp/mark; head -c 16 /dev/urandom | od -An -tx1"}),
+    );
+    let (out, _, second) = run(
+        &d,
+        json!({"language": "shell", "code": "cat /tmp/mark 2>/dev/null || echo absent; head -c 16 /dev/urandom | od -An -tx1"}),
+    );
+    assert!(
+        out.starts_with("absent\n"),
+        "a run saw another run's file: {out}"
+    );
+    assert_ne!(
+        first["stdout"], second["stdout"],
+        "two runs read the same random bytes"
+    );
+
+    // No network at all: only the loopback device.
+    let (out, _, _) = run(
+        &d,
+        json!({"language": "shell", "code": "ls /sys/class/net"}),
+    );
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"], "{out}");
+
+    // Bad input: 4xx, and no record made.
+    let before = d.api.get("/v1/runs").unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    for (body, want) in [
+        (
+            json!({"language": "cobol", "code": "x"}),
+            "not one of shell, python",
+        ),
+        (json!({"language": "shell", "code": ""}), "code is 0 bytes"),
+        (json!({"language": "shell", "code": "a\u{0}b"}), "NUL"),
+        (
+            json!({"language": "shell", "code": "x".repeat(70_000)}),
+            "code is 70000 bytes",
+        ),
+        (
+            json!({"language": "shell", "code": "true", "timeout_secs": 0}),
+            "timeout_secs is 0",
+        ),
+        (
+            json!({"language": "shell", "code": "true", "memory_mib": 64}),
+            "memory_mib is 64",
+        ),
+        (
+            json!({"language": "shell", "code": "true", "extra": 1}),
+            "extra",
+        ),
+    ] {
+        let e = d.api.post("/v1/runs", body).unwrap_err();
+        assert!(
+            (e.starts_with("400") || e.starts_with("422")) && e.contains(want),
+            "{want}: {e}"
+        );
+    }
+    let after = d.api.get("/v1/runs").unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(before, after, "a refused run left a record");
+
+    // Cancel a running one.
+    let api = d.api.clone();
+    let waiting = std::thread::spawn(move || {
+        api.post_lines(
+            "/v1/runs",
+            json!({"language": "shell", "code": "echo started; sleep 60"}),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let runs = d.api.get("/v1/runs?state=running").unwrap();
+        if let Some(r) = runs["items"].as_array().unwrap().first() {
+            break r["id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the run never showed as running");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    d.api.delete(&format!("/v1/runs/{id}")).expect("cancel");
+    let lines = waiting.join().unwrap().expect("the stream");
+    let end = &lines.last().unwrap()["end"];
+    assert_eq!(end["state"], "cancelled", "{lines:?}");
+
+    // Records: the run as it ended, its output kept.
+    let shown = d.api.get(&format!("/v1/runs/{id}")).unwrap();
+    assert_eq!(shown["state"], "cancelled");
+    assert_eq!(shown["stdout"], "started\n");
+    assert_eq!(shown["user"], "admin");
+    assert_eq!(shown["code_sha256"].as_str().unwrap().len(), 64);
+    let all = d.api.get("/v1/runs").unwrap();
+    assert_eq!(all["items"].as_array().unwrap().len(), 7, "{all}");
+
+    // Nothing left of the runs' VMs (the templates' QEMUs quit too).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !qemus_under(&d.dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMUs left: {:?}",
+            qemus_under(&d.dir)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let runs_dir = d.dir.join("node/runs");
+    let left: Vec<String> = std::fs::read_dir(&runs_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("run-"))
+        .collect();
+    assert!(left.is_empty(), "run directories left: {left:?}");
+}
