@@ -74,12 +74,41 @@ fn ensure_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The run-code runtimes `up` builds and imports (their debootstrap needs
+/// root).
+const RUNTIMES: &[&str] = &["run-shell", "run-python"];
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 pub fn run(root: &Path) -> anyhow::Result<()> {
     ensure_packages()?;
     let image = root.join("build/images/tiny");
     if !image.join("manifest.json").exists() {
         crate::image::run(root, &["build", "tiny"])?;
     }
+    let runtimes: Vec<&str> = if is_root() {
+        for name in RUNTIMES {
+            if !root
+                .join("build/images")
+                .join(name)
+                .join("manifest.json")
+                .exists()
+            {
+                crate::image::run(root, &["build", name])?;
+            }
+        }
+        RUNTIMES.to_vec()
+    } else {
+        eprintln!(
+            "not root: skipping the run-code images (build them as root with `cargo xtask image build run-shell`)"
+        );
+        Vec::new()
+    };
     crate::run(Command::new("cargo").current_dir(root).args([
         "build",
         "--release",
@@ -174,6 +203,13 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         let _ = server.kill();
         bail!("importing the tiny image failed");
     }
+    for name in &runtimes {
+        let m = root.join("build/images").join(name).join("manifest.json");
+        if !cli(&["image", "import", "--manifest", &m.display().to_string()])? {
+            let _ = server.kill();
+            bail!("importing the {name} image failed");
+        }
+    }
     let exists = Command::new(bin.join("byteport"))
         .args(["vm", "show", "hello"])
         .env("BYTEPORT_CONFIG", &config)
@@ -216,6 +252,12 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         "        {}/byteport vm console hello --follow",
         bin.display()
     );
+    if !runtimes.is_empty() {
+        println!(
+            "        {}/byteport run --language python -e 'print(6 * 7)'",
+            bin.display()
+        );
+    }
     println!("Press Ctrl-C to stop.");
     server.wait()?;
     Ok(())
