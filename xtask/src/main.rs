@@ -8,6 +8,7 @@ mod bench_boot;
 mod bench_metadata;
 mod bench_net;
 mod bench_placement;
+mod bench_run;
 pub(crate) mod image;
 mod pg;
 mod up;
@@ -70,7 +71,7 @@ fn release_daemon(
 
 fn usage() -> anyhow::Result<()> {
     eprintln!(
-        "usage: cargo xtask up | test | openapi | bench api|boot|placement|metadata|net|web | web build | image build NAME"
+        "usage: cargo xtask up | test | openapi | bench api|boot|placement|metadata|net|run|web | web build | image build NAME"
     );
     bail!("unknown task")
 }
@@ -100,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", "placement", rest @ ..] => bench_placement::run(&root(), rest),
         ["bench", "metadata", rest @ ..] => bench_metadata::run(&root(), rest),
         ["bench", "net", rest @ ..] => bench_net::run(&root(), rest),
+        ["bench", "run", rest @ ..] => bench_run::run(&root(), rest),
         ["bench", "web", rest @ ..] => web::bench(&root(), rest),
         ["web", "build"] => web::build(&root()),
         ["image", rest @ ..] => image::run(&root(), rest),

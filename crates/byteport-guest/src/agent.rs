@@ -264,6 +264,15 @@ impl Agent {
         let Some(program) = req.argv.first() else {
             return self.exec_error(stream, "empty argv".into());
         };
+        if let Some((secs, nanos)) = req.set_clock {
+            let t = rustix::time::Timespec {
+                tv_sec: secs,
+                tv_nsec: i64::from(nanos.min(999_999_999)),
+            };
+            if let Err(e) = rustix::time::clock_settime(rustix::time::ClockId::Realtime, t) {
+                eprintln!("byteport-guest: cannot set the clock: {e}");
+            }
+        }
         let mut cmd = Command::new(program);
         cmd.args(&req.argv[1..])
             .envs(req.env.iter().map(|(k, v)| (k, v)))

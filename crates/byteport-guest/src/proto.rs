@@ -351,6 +351,11 @@ pub struct ExecRequest {
     /// Whether the host will send stdin; when false the process reads /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Set the guest's clock to this time (seconds and nanoseconds since
+    /// the Unix epoch) before starting: a VM woken from a snapshot has the
+    /// snapshot's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_clock: Option<(i64, u32)>,
 }
 
 impl ExecRequest {
@@ -517,6 +522,7 @@ mod tests {
                     env: vec![("A".into(), "b".into())],
                     cwd: Some("/tmp".into()),
                     stdin: true,
+                    set_clock: None,
                 }),
             ),
             (7, Message::Stdin(b"input".to_vec())),

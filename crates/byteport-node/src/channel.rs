@@ -155,6 +155,7 @@ fn handle<D: Driver>(
                 env,
                 cwd,
                 stdin,
+                set_clock: None,
             };
             tokio::spawn(async move {
                 let end = match conn {

@@ -47,7 +47,9 @@ impl Runs {
     /// `dir` holds templates and clones; what a crash left there goes.
     pub fn new(qemu: PathBuf, accel: Accel, dir: PathBuf, node: &str) -> Runs {
         let _ = std::fs::remove_dir_all(&dir);
-        let shm_prefix = format!("byteport-{}-", &node[..node.len().min(8)]);
+        // The whole id: a node's id starts with the time it was made, so
+        // two nodes made together share any prefix of it.
+        let shm_prefix = format!("byteport-{}-", node.replace('-', ""));
         for e in std::fs::read_dir("/dev/shm")
             .into_iter()
             .flatten()
@@ -72,6 +74,7 @@ impl Runs {
         &self,
         shared: &Shared<D>,
         image: &NodeImage,
+        warmup: &[String],
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<(Arc<Template>, Option<Duration>), String> {
@@ -116,6 +119,7 @@ impl Runs {
                 .clone()
                 .unwrap_or_else(|| "console=ttyS0 quiet".into()),
             disk,
+            warmup: (!warmup.is_empty()).then(|| warmup.to_vec()),
             vcpus,
             memory_mib,
             accel: self.accel,
@@ -158,7 +162,13 @@ impl Runs {
             end_ms: 0,
         };
         let (template, built) = match self
-            .template(shared, &spec.image, spec.vcpus, spec.memory_mib)
+            .template(
+                shared,
+                &spec.image,
+                &spec.warmup,
+                spec.vcpus,
+                spec.memory_mib,
+            )
             .await
         {
             Ok(t) => t,
@@ -181,6 +191,11 @@ impl Runs {
             env: spec.env.clone(),
             cwd: Some("/run/code".into()),
             stdin: spec.stdin.is_some(),
+            // The clone woke with the template's clock.
+            set_clock: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| (d.as_secs() as i64, d.subsec_nanos())),
         };
         let ending = match clone.agent.exec(req).await {
             Err(e) => Ending::Failed(format!("the guest agent refused the run: {e}")),

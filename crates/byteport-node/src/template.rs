@@ -46,6 +46,10 @@ pub struct TemplateSpec {
     pub cmdline: String,
     /// A root disk, attached read-only (template and clones share it).
     pub disk: Option<PathBuf>,
+    /// A command run once in the template before it is saved, so that what
+    /// it reads (an interpreter, its libraries) is in the saved page cache
+    /// and clones need not read it from disk.
+    pub warmup: Option<Vec<String>>,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub accel: Accel,
@@ -256,8 +260,11 @@ pub async fn build(
     let mut child = spawn(qemu, &argv(&spec, dir, memory, true), dir)?;
     let q = qmp(dir).await?;
     let conn = agent(dir, BOOT_TIMEOUT).await?;
-    // Let the guest settle (the agent's own start, DHCP-free init) before
-    // the snapshot; then freeze it.
+    if let Some(argv) = &spec.warmup {
+        let _ = conn
+            .exec_output(byteport_guest::proto::ExecRequest::new(argv.clone()))
+            .await;
+    }
     conn.close();
     q.stop().await.map_err(|e| format!("stop: {e}"))?;
     ignore_shared(&q).await?;

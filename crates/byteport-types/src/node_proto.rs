@@ -61,6 +61,10 @@ pub struct RunSpec {
     /// Bytes of output (stdout and stderr together) before the run is
     /// stopped.
     pub output_limit: u64,
+    /// What the runtime's template runs once before it is saved (the
+    /// interpreter on an empty program), so clones start it from memory.
+    #[serde(default)]
+    pub warmup: Vec<String>,
 }
 
 /// How a run ended, as its node saw it.

@@ -68,7 +68,11 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
         &d,
         json!({"language": "shell", "code": "echo hello \"$1\"; echo oops >&2; exit 3", "args": ["world"]}),
     );
-    assert_eq!((out.as_str(), err.as_str()), ("hello world\n", "oops\n"));
+    assert_eq!(
+        (out.as_str(), err.as_str()),
+        ("hello world\n", "oops\n"),
+        "{end}"
+    );
     assert_eq!(
         (end["state"].as_str(), end["exit_code"].as_i64()),
         (Some("exited"), Some(3)),
@@ -119,6 +123,25 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
     assert_ne!(
         first["stdout"], second["stdout"],
         "two runs read the same random bytes"
+    );
+
+    // The clone's clock is the host's, not the template's.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let before = now();
+    let (out, _, _) = run(&d, json!({"language": "shell", "code": "date +%s.%N"}));
+    let after = now();
+    let guest: f64 = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("date: {out:?}"));
+    assert!(
+        guest > before - 1.0 && guest < after + 1.0,
+        "the guest's clock {guest} is off the host's {before}..{after}"
     );
 
     // No network at all: only the loopback device.
@@ -199,7 +222,7 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
     assert_eq!(shown["user"], "admin");
     assert_eq!(shown["code_sha256"].as_str().unwrap().len(), 64);
     let all = d.api.get("/v1/runs").unwrap();
-    assert_eq!(all["items"].as_array().unwrap().len(), 7, "{all}");
+    assert_eq!(all["items"].as_array().unwrap().len(), 8, "{all}");
 
     // Nothing left of the runs' VMs (the templates' QEMUs quit too).
     let deadline = Instant::now() + Duration::from_secs(10);

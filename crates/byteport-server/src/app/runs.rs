@@ -55,6 +55,14 @@ fn runtime_command(language: &str) -> Option<&'static [&'static str]> {
     }
 }
 
+/// A program that does nothing, to warm a runtime's template.
+fn warmup_code(language: &str) -> &'static str {
+    match language {
+        "python" => "pass",
+        _ => "true",
+    }
+}
+
 fn bad(code: &'static str, msg: impl Into<String>) -> AppError {
     AppError::bad(code, msg)
 }
@@ -259,6 +267,17 @@ impl App {
             })
             .collect();
         argv.extend(req.args.iter().cloned());
+        let warmup = runtime_command(&req.language)
+            .unwrap_or_default()
+            .iter()
+            .map(|w| {
+                if *w == "{code}" {
+                    warmup_code(&req.language).to_owned()
+                } else {
+                    (*w).to_owned()
+                }
+            })
+            .collect();
         let spec = RunSpec {
             image: node_image(image)?,
             argv,
@@ -268,6 +287,7 @@ impl App {
             vcpus,
             memory_mib,
             output_limit: OUTPUT_LIMIT,
+            warmup,
         };
         let stream = match self
             .hub

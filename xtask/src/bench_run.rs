@@ -1,0 +1,228 @@
+//! `cargo xtask bench run`: run-code, measured at the client, in one run:
+//!
+//! 1. **Cold**: the first run of each runtime waits for its template (a
+//!    boot to the guest agent's ready, then the save); that is what a run
+//!    costs without a template, and it is reported as `template_build_ms`.
+//! 2. **Clone**: `--runs` (30) runs each of a shell `echo` and a Python
+//!    `print`, one after the other: the time from sending `POST /v1/runs`
+//!    to the first output line arriving at the client; p50 and p99.
+//! 3. **Sustained**: Python runs from 4 clients at once for `--secs` (20);
+//!    runs per second (the project's `max_concurrent_runs` set to 8).
+//! 4. **Memory**: the private memory (`Private_Clean + Private_Dirty` of
+//!    `/proc/PID/smaps_rollup`) of a clone's QEMU while its program sleeps.
+//!
+//! Prints each figure and a `RESULT` line. Options: `--quick` (10 runs,
+//! 8 s), `--no-build`.
+
+use crate::bench_boot::Summary;
+use anyhow::{Context, bail};
+use byteport_testkit::daemon::{Daemon, qemus_under};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+struct Opts {
+    runs: usize,
+    secs: u64,
+    build: bool,
+}
+
+fn parse(args: &[&str]) -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        runs: 30,
+        secs: 20,
+        build: true,
+    };
+    for a in args {
+        match *a {
+            "--quick" => {
+                o.runs = 10;
+                o.secs = 8;
+            }
+            "--no-build" => o.build = false,
+            other => bail!("unknown option {other}; try --quick, --no-build"),
+        }
+    }
+    Ok(o)
+}
+
+/// One run over a plain HTTP/1.1 connection: (ms to the first output line,
+/// the end record).
+fn timed_run(addr: &str, token: &str, body: &Value) -> anyhow::Result<(Option<f64>, Value)> {
+    let body = serde_json::to_vec(body)?;
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    write!(
+        s,
+        "POST /v1/runs HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(&body)?;
+    let mut r = BufReader::new(s);
+    let mut first = None;
+    let mut end = Value::Null;
+    let mut line = String::new();
+    // Headers, then chunked NDJSON: chunk-size lines and data lines.
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            break;
+        }
+        let l = line.trim();
+        if !l.starts_with('{') {
+            if l.starts_with("HTTP/1.1") && !l.contains(" 200 ") {
+                bail!("the run was refused: {l}");
+            }
+            continue;
+        }
+        let v: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+        if v.get("output").is_some() && first.is_none() {
+            first = Some(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        if let Some(e) = v.get("end") {
+            end = e.clone();
+            break;
+        }
+    }
+    Ok((first, end))
+}
+
+fn private_mib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kb = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Some((kb("Private_Clean:") + kb("Private_Dirty:")) / 1024.0)
+}
+
+pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let o = parse(args)?;
+    let bin = crate::release_daemon(root, o.build, None)?;
+    for name in ["run-shell", "run-python"] {
+        if !root
+            .join("build/images")
+            .join(name)
+            .join("manifest.json")
+            .exists()
+        {
+            crate::image::run(root, &["build", name])?;
+        }
+    }
+    let d = Daemon::start(&bin);
+    for name in ["run-shell", "run-python"] {
+        d.import_image(&root.join("build/images").join(name));
+    }
+    d.api
+        .put(
+            "/v1/projects/default/quota",
+            json!({"max_vms": 20, "max_vcpus": 40, "max_memory_mib": 65536, "max_disk_gib": 1024, "max_concurrent_runs": 8}),
+        )
+        .map_err(anyhow::Error::msg)?;
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    let token = d.api.token.clone().context("a token")?;
+    let shell = json!({"language": "shell", "code": "echo hi"});
+    let python = json!({"language": "python", "code": "print('hi')"});
+
+    println!("== cold: the first run of each runtime builds its template");
+    let mut cold = Vec::new();
+    for (name, body) in [("shell", &shell), ("python", &python)] {
+        let (first, end) = timed_run(&addr, &token, body)?;
+        let build = end["timings"]["template_build_ms"].as_f64();
+        println!(
+            "  {name}: template {:.0} ms; first output at the client {:.0} ms",
+            build.unwrap_or(f64::NAN),
+            first.unwrap_or(f64::NAN)
+        );
+        cold.push(first.unwrap_or(f64::NAN));
+    }
+
+    println!(
+        "== clone: {} runs each, POST to the first output line",
+        o.runs
+    );
+    let mut p = Vec::new();
+    for (name, body) in [("shell", &shell), ("python", &python)] {
+        let mut v = Vec::new();
+        for _ in 0..o.runs {
+            let (first, end) = timed_run(&addr, &token, body)?;
+            if end["state"] != "exited" {
+                bail!("a {name} run ended {}", end);
+            }
+            v.push(first.unwrap_or(f64::NAN));
+        }
+        v.sort_by(f64::total_cmp);
+        let p99 = v[((v.len() as f64 * 0.99).ceil() as usize).min(v.len()) - 1];
+        let s = Summary::of(&v);
+        println!(
+            "  {name}: p50 {:.0} ms, p99 {p99:.0} ms (min {:.0}, max {:.0})",
+            s.median, s.min, s.max
+        );
+        p.push((s.median, p99));
+    }
+
+    println!("== sustained: Python runs from 4 clients for {} s", o.secs);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(o.secs);
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, token, body, done) =
+                (addr.clone(), token.clone(), python.clone(), done.clone());
+            std::thread::spawn(move || {
+                while Instant::now() < stop {
+                    if let Ok((_, end)) = timed_run(&addr, &token, &body)
+                        && end["state"] == "exited"
+                    {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        let _ = c.join();
+    }
+    let runs_per_s = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+    println!("  {runs_per_s:.2} runs/s");
+
+    println!("== memory of a running clone");
+    let (addr2, token2) = (addr.clone(), token.clone());
+    let sleeper = std::thread::spawn(move || {
+        timed_run(
+            &addr2,
+            &token2,
+            &json!({"language": "shell", "code": "echo up; sleep 6"}),
+        )
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let clone_mib: Vec<f64> = qemus_under(&d.dir)
+        .into_iter()
+        .filter_map(private_mib)
+        .collect();
+    let _ = sleeper.join();
+    let mem = clone_mib.first().copied().unwrap_or(f64::NAN);
+    println!(
+        "  private memory of the clone's QEMU: {mem:.1} MiB ({} clone(s) seen)",
+        clone_mib.len()
+    );
+
+    let clone_p50 = p[0].0.max(p[1].0);
+    let clone_p99 = p[0].1.max(p[1].1);
+    println!(
+        "RESULT clone_p50_ms={clone_p50:.0} clone_p99_ms={clone_p99:.0} shell_p50_ms={:.0} \
+         python_p50_ms={:.0} cold_p50_ms={:.0} runs_per_s={runs_per_s:.2} clone_private_mib={mem:.1}",
+        p[0].0,
+        p[1].0,
+        Summary::of(&cold).median
+    );
+    Ok(())
+}
