@@ -1771,3 +1771,82 @@ async fn a_vm_shows_the_figures_its_node_measured() {
         assert_eq!((st, v["measured"].is_null()), (StatusCode::OK, true), "{v}");
     }
 }
+
+#[tokio::test]
+async fn runs_refuse_bad_input_and_strangers_and_make_no_record() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let member = s.user("member").await;
+        let viewer = s.user("viewer").await;
+        let stranger = s.user("stranger").await;
+        s.project("alpha", &[("member", "member"), ("viewer", "viewer")])
+            .await;
+        let ok = json!({"project": "alpha", "language": "shell", "code": "echo hi"});
+        let with = |k: &str, v: Value| {
+            let mut b = ok.clone();
+            b[k] = v;
+            b
+        };
+        for (body, code) in [
+            (with("language", json!("cobol")), "unknown_language"),
+            (with("code", json!("")), "invalid_code"),
+            (with("code", json!("x".repeat(65 * 1024))), "invalid_code"),
+            (with("code", json!("echo \u{0}")), "invalid_code"),
+            (with("args", json!(["a\u{0}"])), "invalid_args"),
+            (with("env", json!({"1BAD": "x"})), "invalid_env"),
+            (with("stdin", json!("x".repeat(600 * 1024))), "invalid_stdin"),
+            (with("timeout_secs", json!(601)), "invalid_timeout"),
+            (with("vcpus", json!(9)), "invalid_size"),
+            (with("memory_mib", json!(100_000)), "invalid_size"),
+        ] {
+            let (st, v) = s.call(POST, "/v1/runs", Some(&member), Some(body)).await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{code}: {v}");
+            assert_eq!(v["error"]["code"], code, "{v}");
+        }
+        // An unknown field, and a body that is not JSON at all.
+        let (st, _) = s
+            .call(POST, "/v1/runs", Some(&member), Some(with("shell", json!(true))))
+            .await;
+        assert!(st.is_client_error(), "{st}");
+        // No runtime image yet: the error says how to get one.
+        let (st, v) = s.call(POST, "/v1/runs", Some(&member), Some(ok.clone())).await;
+        assert_eq!(st, StatusCode::CONFLICT, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("run-shell"),
+            "{v}"
+        );
+        // Roles: a viewer may not run, a stranger does not see the project.
+        let (st, _) = s.call(POST, "/v1/runs", Some(&viewer), Some(ok.clone())).await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        let (st, _) = s.call(POST, "/v1/runs", Some(&stranger), Some(ok.clone())).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, _) = s.call(POST, "/v1/runs", None, Some(ok.clone())).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        let missing = format!("/v1/runs/{}", uuid::Uuid::now_v7());
+        for tok in [&member, &s.admin] {
+            let (st, _) = s.call(GET, &missing, Some(tok), None).await;
+            assert_eq!(st, StatusCode::NOT_FOUND);
+            let (st, _) = s.call(DELETE, &missing, Some(tok), None).await;
+            assert_eq!(st, StatusCode::NOT_FOUND);
+        }
+        let (st, v) = s.call(GET, "/v1/runs?project=alpha", Some(&viewer), None).await;
+        assert_eq!((st, v["items"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)));
+        let (st, _) = s.call(GET, "/v1/runs?project=alpha", Some(&stranger), None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, _) = s.call(GET, "/v1/runs?state=sleepy", Some(&member), None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+        assert_eq!(s.count("runs").await, 0, "a refused run left a record");
+        // The quota of runs at once is the project's, and shown.
+        let (st, p) = s
+            .call(
+                PUT,
+                "/v1/projects/alpha/quota",
+                Some(&s.admin),
+                Some(json!({"max_vms": 5, "max_vcpus": 5, "max_memory_mib": 4096, "max_disk_gib": 50, "max_concurrent_runs": 2})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{p}");
+        assert_eq!(p["quota"]["max_concurrent_runs"], 2);
+        assert!(p["network_cidr"].as_str().unwrap().ends_with(".0/24"), "{p}");
+    }
+}
