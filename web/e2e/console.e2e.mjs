@@ -254,6 +254,17 @@ try {
 	await page.goto('/environments');
 	await page.getByText('No environments yet.').waitFor();
 
+	step('a Python snippet run from the Run page streams its output and ends with its exit code');
+	await page.getByRole('link', { name: 'Run code' }).click();
+	await page.getByLabel('Language').selectOption('python');
+	await page.getByLabel('Code').fill('import sys\nprint(6 * 7)\nprint("to stderr", file=sys.stderr)');
+	await page.getByRole('button', { name: 'Run', exact: true }).click();
+	await page.getByTestId('run-output').filter({ hasText: '42' }).waitFor({ timeout: BOOT });
+	await page.getByTestId('run-state').filter({ hasText: 'exited (exit code 0)' }).waitFor({ timeout: 60_000 });
+	check((await page.getByTestId('run-output').innerText()).includes('to stderr'), 'stderr is shown');
+	await page.locator('tr[data-run]').first().waitFor();
+	await shot(page, 'run-code');
+
 	step('an expired session sends the browser to the login page with a message');
 	await context.clearCookies();
 	await expectRefusal(401, async () => {

@@ -1794,7 +1794,10 @@ async fn runs_refuse_bad_input_and_strangers_and_make_no_record() {
             (with("code", json!("echo \u{0}")), "invalid_code"),
             (with("args", json!(["a\u{0}"])), "invalid_args"),
             (with("env", json!({"1BAD": "x"})), "invalid_env"),
-            (with("stdin", json!("x".repeat(600 * 1024))), "invalid_stdin"),
+            (
+                with("stdin", json!("x".repeat(600 * 1024))),
+                "invalid_stdin",
+            ),
             (with("timeout_secs", json!(601)), "invalid_timeout"),
             (with("vcpus", json!(9)), "invalid_size"),
             (with("memory_mib", json!(100_000)), "invalid_size"),
@@ -1805,20 +1808,34 @@ async fn runs_refuse_bad_input_and_strangers_and_make_no_record() {
         }
         // An unknown field, and a body that is not JSON at all.
         let (st, _) = s
-            .call(POST, "/v1/runs", Some(&member), Some(with("shell", json!(true))))
+            .call(
+                POST,
+                "/v1/runs",
+                Some(&member),
+                Some(with("shell", json!(true))),
+            )
             .await;
         assert!(st.is_client_error(), "{st}");
         // No runtime image yet: the error says how to get one.
-        let (st, v) = s.call(POST, "/v1/runs", Some(&member), Some(ok.clone())).await;
+        let (st, v) = s
+            .call(POST, "/v1/runs", Some(&member), Some(ok.clone()))
+            .await;
         assert_eq!(st, StatusCode::CONFLICT, "{v}");
         assert!(
-            v["error"]["message"].as_str().unwrap().contains("run-shell"),
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("run-shell"),
             "{v}"
         );
         // Roles: a viewer may not run, a stranger does not see the project.
-        let (st, _) = s.call(POST, "/v1/runs", Some(&viewer), Some(ok.clone())).await;
+        let (st, _) = s
+            .call(POST, "/v1/runs", Some(&viewer), Some(ok.clone()))
+            .await;
         assert_eq!(st, StatusCode::FORBIDDEN);
-        let (st, _) = s.call(POST, "/v1/runs", Some(&stranger), Some(ok.clone())).await;
+        let (st, _) = s
+            .call(POST, "/v1/runs", Some(&stranger), Some(ok.clone()))
+            .await;
         assert_eq!(st, StatusCode::NOT_FOUND);
         let (st, _) = s.call(POST, "/v1/runs", None, Some(ok.clone())).await;
         assert_eq!(st, StatusCode::UNAUTHORIZED);
@@ -1829,11 +1846,20 @@ async fn runs_refuse_bad_input_and_strangers_and_make_no_record() {
             let (st, _) = s.call(DELETE, &missing, Some(tok), None).await;
             assert_eq!(st, StatusCode::NOT_FOUND);
         }
-        let (st, v) = s.call(GET, "/v1/runs?project=alpha", Some(&viewer), None).await;
-        assert_eq!((st, v["items"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)));
-        let (st, _) = s.call(GET, "/v1/runs?project=alpha", Some(&stranger), None).await;
+        let (st, v) = s
+            .call(GET, "/v1/runs?project=alpha", Some(&viewer), None)
+            .await;
+        assert_eq!(
+            (st, v["items"].as_array().map(Vec::len)),
+            (StatusCode::OK, Some(0))
+        );
+        let (st, _) = s
+            .call(GET, "/v1/runs?project=alpha", Some(&stranger), None)
+            .await;
         assert_eq!(st, StatusCode::NOT_FOUND);
-        let (st, _) = s.call(GET, "/v1/runs?state=sleepy", Some(&member), None).await;
+        let (st, _) = s
+            .call(GET, "/v1/runs?state=sleepy", Some(&member), None)
+            .await;
         assert_eq!(st, StatusCode::BAD_REQUEST);
         assert_eq!(s.count("runs").await, 0, "a refused run left a record");
         // The quota of runs at once is the project's, and shown.
@@ -1847,6 +1873,9 @@ async fn runs_refuse_bad_input_and_strangers_and_make_no_record() {
             .await;
         assert_eq!(st, StatusCode::OK, "{p}");
         assert_eq!(p["quota"]["max_concurrent_runs"], 2);
-        assert!(p["network_cidr"].as_str().unwrap().ends_with(".0/24"), "{p}");
+        assert!(
+            p["network_cidr"].as_str().unwrap().ends_with(".0/24"),
+            "{p}"
+        );
     }
 }

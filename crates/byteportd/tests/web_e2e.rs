@@ -7,7 +7,7 @@
 //! console's npm packages or its build are missing, unless
 //! `BYTEPORT_REQUIRE_WEB=1` (set by `cargo xtask test`), where it fails.
 
-use byteport_testkit::daemon::{Daemon, tiny_or_skip, workspace_root};
+use byteport_testkit::daemon::{Daemon, image_or_skip, tiny_or_skip, workspace_root};
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
@@ -51,8 +51,12 @@ fn the_console_drives_a_real_guest_in_chromium() {
     let Some(img) = tiny_or_skip("web console end-to-end") else {
         return;
     };
+    let Some(python) = image_or_skip("run-python", "web console end-to-end (its Run page)") else {
+        return;
+    };
     let d = Daemon::start(Path::new(BIN));
     d.import_tiny(&img);
+    d.import_image(&python);
     for user in ["alice", "vera", "bob"] {
         d.api
             .post(

@@ -278,10 +278,16 @@ impl App {
                 }
             })
             .collect();
+        let mut env: Vec<(String, String)> = Vec::new();
+        if req.language == "python" && !req.env.contains_key("PYTHONUNBUFFERED") {
+            // Output as it is printed, in order across stdout and stderr.
+            env.push(("PYTHONUNBUFFERED".into(), "1".into()));
+        }
+        env.extend(req.env);
         let spec = RunSpec {
             image: node_image(image)?,
             argv,
-            env: req.env.into_iter().collect(),
+            env,
             stdin: req.stdin.map(|s| B64.encode(s.as_bytes())),
             timeout_secs,
             vcpus,
