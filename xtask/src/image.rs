@@ -30,7 +30,7 @@ const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Kept in step with `byteport_guest::proto::AGENT_PORT_NAME`.
 const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
 
-const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, debian-12, run-shell or run-python)";
+const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, debian-12, run-shell, run-python or run-node)";
 
 /// Entry point for `cargo xtask image ...`.
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -85,6 +85,7 @@ enum Recipe {
 enum Runtime {
     Shell,
     Python,
+    Node,
 }
 
 impl Runtime {
@@ -92,6 +93,7 @@ impl Runtime {
         match self {
             Runtime::Shell => "shell",
             Runtime::Python => "python",
+            Runtime::Node => "node",
         }
     }
 
@@ -100,6 +102,7 @@ impl Runtime {
         match self {
             Runtime::Shell => &[],
             Runtime::Python => &["python3-minimal", "libpython3.11-stdlib"],
+            Runtime::Node => &["nodejs"],
         }
     }
 
@@ -109,6 +112,7 @@ impl Runtime {
         match self {
             Runtime::Shell => &["bash", "-c", "{code}", "run"],
             Runtime::Python => &["python3", "-c", "{code}"],
+            Runtime::Node => &["node", "-e", "{code}"],
         }
     }
 }
@@ -120,8 +124,9 @@ impl Recipe {
             "debian-12" => Ok(Recipe::Debian12),
             "run-shell" => Ok(Recipe::Runtime(Runtime::Shell)),
             "run-python" => Ok(Recipe::Runtime(Runtime::Python)),
+            "run-node" => Ok(Recipe::Runtime(Runtime::Node)),
             other => bail!(
-                "unknown image {other:?}; known images: tiny, debian-12, run-shell, run-python"
+                "unknown image {other:?}; known images: tiny, debian-12, run-shell, run-python, run-node"
             ),
         }
     }

@@ -353,7 +353,7 @@ pub struct RunArgs {
     /// The program itself, instead of a file.
     #[arg(short = 'e', long = "eval")]
     pub eval: Option<String>,
-    /// shell or python (from the file's extension when absent).
+    /// shell, python or node (from the file's extension when absent).
     #[arg(long)]
     pub language: Option<String>,
     /// The project (default: default).

@@ -484,7 +484,7 @@ pub enum ExecEvent {
 pub struct RunCreate {
     /// The project's name or id; `default` when absent.
     pub project: Option<String>,
-    /// `shell` or `python` (the runtime image `run-LANGUAGE`).
+    /// `shell`, `python` or `node` (the runtime image `run-LANGUAGE`).
     pub language: String,
     /// The program: one source text, at most 65536 bytes of UTF-8.
     pub code: String,

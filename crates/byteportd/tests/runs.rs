@@ -59,9 +59,13 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
     let Some(python) = image_or_skip("run-python", "run-code") else {
         return;
     };
+    let Some(node) = image_or_skip("run-node", "run-code") else {
+        return;
+    };
     let d = Daemon::start(Path::new(BIN));
     d.import_image(&shell);
     d.import_image(&python);
+    d.import_image(&node);
 
     // Shell: output on both streams, in order, and the exit code.
     let (out, err, end) = run(
@@ -93,6 +97,14 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
     assert_eq!(out, "ABC 45\n");
     assert_eq!(end["exit_code"], 0, "{end}");
     eprintln!("python run timings: {}", end["timings"]);
+
+    // Node.
+    let (out, _, end) = run(
+        &d,
+        json!({"language": "node", "code": "console.log([1, 2, 3].map(x => x * 2).join(','), process.argv.slice(1))", "args": ["a"]}),
+    );
+    assert_eq!(out, "2,4,6 [ 'a' ]\n", "{end}");
+    assert_eq!(end["exit_code"], 0, "{end}");
 
     // Past its timeout: killed, and told so.
     let t0 = Instant::now();
@@ -159,7 +171,7 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
     for (body, want) in [
         (
             json!({"language": "cobol", "code": "x"}),
-            "not one of shell, python",
+            "not one of shell, python, node",
         ),
         (json!({"language": "shell", "code": ""}), "code is 0 bytes"),
         (json!({"language": "shell", "code": "a\u{0}b"}), "NUL"),
@@ -222,7 +234,7 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
     assert_eq!(shown["user"], "admin");
     assert_eq!(shown["code_sha256"].as_str().unwrap().len(), 64);
     let all = d.api.get("/v1/runs").unwrap();
-    assert_eq!(all["items"].as_array().unwrap().len(), 8, "{all}");
+    assert_eq!(all["items"].as_array().unwrap().len(), 9, "{all}");
 
     // Nothing left of the runs' VMs (the templates' QEMUs quit too).
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -19,6 +19,7 @@ pub(crate) fn language_of(path: &Path) -> Option<&'static str> {
     match path.extension()?.to_str()? {
         "py" => Some("python"),
         "sh" | "bash" => Some("shell"),
+        "js" | "mjs" => Some("node"),
         _ => None,
     }
 }
@@ -61,7 +62,7 @@ fn start(env: &Env, a: RunArgs) -> Result<()> {
     let language = match (&a.language, from_file.and_then(language_of)) {
         (Some(l), _) => l.clone(),
         (None, Some(l)) => l.to_owned(),
-        (None, None) => bail!("cannot tell the language: give --language shell|python"),
+        (None, None) => bail!("cannot tell the language: give --language shell|python|node"),
     };
     let mut body = json!({"language": language, "code": code, "args": a.args});
     if let Some(p) = &a.project {

@@ -51,6 +51,7 @@ fn runtime_command(language: &str) -> Option<&'static [&'static str]> {
     match language {
         "shell" => Some(&["bash", "-c", "{code}", "run"]),
         "python" => Some(&["python3", "-c", "{code}"]),
+        "node" => Some(&["node", "-e", "{code}"]),
         _ => None,
     }
 }
@@ -59,6 +60,7 @@ fn runtime_command(language: &str) -> Option<&'static [&'static str]> {
 fn warmup_code(language: &str) -> &'static str {
     match language {
         "python" => "pass",
+        "node" => "",
         _ => "true",
     }
 }
@@ -71,7 +73,10 @@ fn check(req: &RunCreate) -> AppResult<()> {
     if runtime_command(&req.language).is_none() {
         return Err(bad(
             "unknown_language",
-            format!("language {:?} is not one of shell, python", req.language),
+            format!(
+                "language {:?} is not one of shell, python, node",
+                req.language
+            ),
         ));
     }
     if req.code.is_empty() || req.code.len() > MAX_CODE {

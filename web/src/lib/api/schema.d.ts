@@ -1627,7 +1627,7 @@ export interface components {
             env?: {
                 [key: string]: string;
             };
-            /** @description `shell` or `python` (the runtime image `run-LANGUAGE`). */
+            /** @description `shell`, `python` or `node` (the runtime image `run-LANGUAGE`). */
             language: string;
             /**
              * Format: int64
