@@ -61,6 +61,8 @@ pub struct NodeConfig {
     pub metadata_port: u16,
     /// How VMs are connected.
     pub network: NetworkChoice,
+    /// Run-code clones to keep restored and waiting, per template.
+    pub run_pool: usize,
     /// The program QEMU runs per guest connection to the metadata address,
     /// with its arguments; the relay's address is added last. This
     /// daemon's own `metadata-pipe` unless set.
@@ -126,6 +128,7 @@ impl NodeConfig {
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             metadata_port: 0,
             network: NetworkChoice::Auto,
+            run_pool: 1,
             metadata_pipe: std::env::current_exe()
                 .map(|p| vec![p.display().to_string(), "metadata-pipe".into()])
                 .unwrap_or_default(),
@@ -354,6 +357,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
             accel,
             cfg.data_dir.join("runs"),
             &ident.id.to_string(),
+            cfg.run_pool,
         ),
         accel,
         vms_dir: cfg.data_dir.join("vms"),

@@ -11,7 +11,7 @@
 use crate::Shared;
 use crate::channel::Input;
 use crate::driver::{Accel, Driver};
-use crate::template::{Template, TemplateSpec, build};
+use crate::template::{Clone, Template, TemplateSpec, build};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use byteport_guest::host::ExecEvent;
@@ -32,6 +32,38 @@ pub struct Runs {
     /// Prefix of the templates' RAM files in /dev/shm.
     shm_prefix: String,
     templates: tokio::sync::Mutex<HashMap<String, Arc<Template>>>,
+    /// Clones already restored and waiting, by template.
+    pool: Arc<std::sync::Mutex<HashMap<String, Vec<Clone>>>>,
+    /// How many restored clones to keep waiting per template.
+    pool_size: usize,
+}
+
+/// The key of a template: its image and size.
+fn template_key(image: &NodeImage, vcpus: u32, memory_mib: u64) -> String {
+    format!(
+        "{}-{vcpus}-{memory_mib}",
+        &image.sha256[..16.min(image.sha256.len())]
+    )
+}
+
+/// Kills the QEMUs of clones under `dir` that a crash of the node left
+/// running (pooled clones wait there).
+fn kill_leftovers(dir: &std::path::Path) {
+    let needle = dir.display().to_string();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    }
 }
 
 /// How a run is ending, before its result is written.
@@ -45,7 +77,8 @@ enum Ending {
 
 impl Runs {
     /// `dir` holds templates and clones; what a crash left there goes.
-    pub fn new(qemu: PathBuf, accel: Accel, dir: PathBuf, node: &str) -> Runs {
+    pub fn new(qemu: PathBuf, accel: Accel, dir: PathBuf, node: &str, pool_size: usize) -> Runs {
+        kill_leftovers(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         // The whole id: a node's id starts with the time it was made, so
         // two nodes made together share any prefix of it.
@@ -65,7 +98,78 @@ impl Runs {
             dir,
             shm_prefix,
             templates: tokio::sync::Mutex::default(),
+            pool: Arc::default(),
+            pool_size,
         }
+    }
+
+    /// A restored clone of `template`: one waiting in the pool, else a new
+    /// one; the pool is topped up in the background either way.
+    async fn take_clone(
+        &self,
+        key: &str,
+        template: &Arc<Template>,
+    ) -> Result<(Clone, bool), String> {
+        let pooled = self
+            .pool
+            .lock()
+            .ok()
+            .and_then(|mut p| p.get_mut(key).and_then(|v| v.pop()));
+        let got = match pooled {
+            Some(c) if !c.agent.is_closed() => (c, true),
+            other => {
+                if let Some(c) = other {
+                    c.destroy().await;
+                }
+                let dir = self.clone_dir();
+                match template.start_clone(&self.qemu, &dir).await {
+                    Ok(c) => (c, false),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        self.refill(key, template);
+        Ok(got)
+    }
+
+    fn clone_dir(&self) -> PathBuf {
+        self.dir
+            .join(format!("run-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// Restores clones until the template's pool is full again.
+    fn refill(&self, key: &str, template: &Arc<Template>) {
+        let have = self
+            .pool
+            .lock()
+            .map(|p| p.get(key).map_or(0, Vec::len))
+            .unwrap_or(usize::MAX);
+        if have >= self.pool_size {
+            return;
+        }
+        let (pool, qemu, template, key) = (
+            self.pool.clone(),
+            self.qemu.clone(),
+            template.clone(),
+            key.to_owned(),
+        );
+        let dir = self.clone_dir();
+        tokio::spawn(async move {
+            match template.start_clone(&qemu, &dir).await {
+                Ok(c) => {
+                    if let Ok(mut p) = pool.lock() {
+                        p.entry(key).or_default().push(c);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot restore a clone for the pool");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        });
     }
 
     /// The template for this image and size, built if missing (and the
@@ -78,10 +182,7 @@ impl Runs {
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<(Arc<Template>, Option<Duration>), String> {
-        let key = format!(
-            "{}-{vcpus}-{memory_mib}",
-            &image.sha256[..16.min(image.sha256.len())]
-        );
+        let key = template_key(image, vcpus, memory_mib);
         let mut templates = self.templates.lock().await;
         if let Some(t) = templates.get(&key) {
             return Ok((t.clone(), None));
@@ -156,6 +257,7 @@ impl Runs {
             signal: None,
             message: None,
             from_template: true,
+            from_pool: false,
             template_build_ms: None,
             vm_ready_ms: 0,
             first_output_ms: None,
@@ -175,15 +277,13 @@ impl Runs {
             Err(e) => return end(stream, result, Ending::Failed(e), t0),
         };
         result.template_build_ms = built.map(|d| d.as_millis() as u64);
-        let dir = self
-            .dir
-            .join(format!("run-{stream}-{}", uuid::Uuid::new_v4().simple()));
-        let clone = match template.start_clone(&self.qemu, &dir).await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return end(stream, result, Ending::Failed(e), t0);
+        let key = template_key(&spec.image, spec.vcpus, spec.memory_mib);
+        let clone = match self.take_clone(&key, &template).await {
+            Ok((c, pooled)) => {
+                result.from_pool = pooled;
+                c
             }
+            Err(e) => return end(stream, result, Ending::Failed(e), t0),
         };
         result.vm_ready_ms = t0.elapsed().as_millis() as u64;
         let req = ExecRequest {

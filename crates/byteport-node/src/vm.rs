@@ -728,6 +728,7 @@ pub(crate) mod tests {
                 crate::driver::Accel::Tcg,
                 dir.join("runs"),
                 "test",
+                0,
             ),
             accel: crate::driver::Accel::Tcg,
             vms_dir: dir.join("vms"),

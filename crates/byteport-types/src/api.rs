@@ -565,6 +565,9 @@ pub struct RunTimings {
     pub end_ms: Option<u64>,
     /// Whether the VM was a clone of a template (else a cold boot).
     pub from_template: Option<bool>,
+    /// Whether that clone was restored before the run came (the node's pool).
+    #[serde(default)]
+    pub from_pool: Option<bool>,
 }
 
 /// A run: who ran what, how it ended, and its output up to the kept cap.

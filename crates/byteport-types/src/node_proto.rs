@@ -78,6 +78,9 @@ pub struct RunResult {
     pub message: Option<String>,
     /// Whether the VM was a clone of a template (else a cold boot).
     pub from_template: bool,
+    /// Whether the clone was restored ahead of the run, in the node's pool.
+    #[serde(default)]
+    pub from_pool: bool,
     /// Building the template first, when this run had to.
     pub template_build_ms: Option<u64>,
     /// From the node taking the run to the VM's agent ready.

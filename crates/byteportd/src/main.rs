@@ -141,6 +141,10 @@ struct NodeOpts {
     /// running as root with ip, nft and dnsmasq).
     #[arg(long, env = "BYTEPORT_NETWORK", default_value = "auto")]
     network: String,
+    /// Run-code clones kept restored and waiting per runtime template
+    /// (each holds its RAM); 0 restores each run's clone when it comes.
+    #[arg(long, env = "BYTEPORT_RUN_POOL", default_value_t = 1)]
+    run_pool: usize,
 }
 
 #[derive(Args)]
@@ -259,6 +263,7 @@ fn node_config(
         .map_err(|e: String| anyhow::anyhow!("--accel: {e}"))?;
     c.qemu_binary = o.qemu.clone();
     c.metadata_port = o.metadata_port;
+    c.run_pool = o.run_pool.min(64);
     c.network = o
         .network
         .parse()

@@ -235,17 +235,21 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
     assert_eq!(shown["code_sha256"].as_str().unwrap().len(), 64);
     let all = d.api.get("/v1/runs").unwrap();
     assert_eq!(all["items"].as_array().unwrap().len(), 9, "{all}");
+    // Later runs of a runtime found a clone restored ahead in the pool.
+    assert!(
+        all["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["timings"]["from_pool"] == true),
+        "no run came from the pool: {all}"
+    );
 
-    // Nothing left of the runs' VMs (the templates' QEMUs quit too).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !qemus_under(&d.dir).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "QEMUs left: {:?}",
-            qemus_under(&d.dir)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // Nothing left of the runs' VMs: what still runs is the node's pool,
+    // one restored clone per runtime waiting for the next run (the
+    // templates' own QEMUs quit once saved).
+    std::thread::sleep(Duration::from_secs(2));
+    let qemus = qemus_under(&d.dir);
     let runs_dir = d.dir.join("node/runs");
     let left: Vec<String> = std::fs::read_dir(&runs_dir)
         .into_iter()
@@ -254,5 +258,13 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("run-"))
         .collect();
-    assert!(left.is_empty(), "run directories left: {left:?}");
+    assert!(
+        qemus.len() <= 3,
+        "more QEMUs than the pool holds: {qemus:?}"
+    );
+    assert_eq!(
+        left.len(),
+        qemus.len(),
+        "clone directories {left:?} beside QEMUs {qemus:?}"
+    );
 }

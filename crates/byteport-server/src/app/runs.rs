@@ -403,6 +403,7 @@ impl App {
                         signal: None,
                         message: Some(message),
                         from_template: false,
+                        from_pool: false,
                         template_build_ms: None,
                         vm_ready_ms: 0,
                         first_output_ms: None,
@@ -447,6 +448,7 @@ impl App {
                     first_output_ms: r.first_output_ms.map(at),
                     end_ms: Some(at(r.end_ms)),
                     from_template: Some(r.from_template),
+                    from_pool: Some(r.from_pool),
                 };
                 record.timings = serde_json::to_string(&timings).unwrap_or_else(|_| "{}".into());
             }

@@ -1689,6 +1689,8 @@ export interface components {
              * @description The first byte of output.
              */
             first_output_ms?: number | null;
+            /** @description Whether that clone was restored before the run came (the node's pool). */
+            from_pool?: boolean | null;
             /** @description Whether the VM was a clone of a template (else a cold boot). */
             from_template?: boolean | null;
             /**
