@@ -15,7 +15,7 @@ const URL = process.env.BYTEPORT_URL ?? fail('BYTEPORT_URL is not set');
 const B_VM = process.env.BYTEPORT_E2E_B_VM ?? fail('BYTEPORT_E2E_B_VM is not set');
 const SHOTS = resolve(process.env.BYTEPORT_SCREENSHOTS ?? 'test-results/screenshots');
 const PASSWORD = 'user-password';
-const BOOT = 120_000;
+const BOOT = 240_000;
 const DESKTOP = { width: 1280, height: 900 };
 const PHONE = { width: 390, height: 844 };
 

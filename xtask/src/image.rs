@@ -376,40 +376,15 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
         .trim()
         .to_string();
 
-    // The disk: ext4 filled from the tree, then qcow2.
-    let raw = ctx.work.path().join("disk.raw");
-    fs::File::create(&raw)?.set_len(DEBIAN_DISK_BYTES)?;
-    crate::run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "root", "-d"])
-            .arg(&rootfs)
-            .arg(&raw),
-    )?;
-    let disk = ctx.out.join("disk.qcow2");
-    crate::run(
-        Command::new("qemu-img")
-            .args(["convert", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&disk),
-    )?;
-
-    // The initramfs: busybox, the modules to mount the root, and /init.
-    let mut cpio = Cpio::new();
-    cpio.dir("dev", 0o755);
-    cpio.char_device("dev/console", 0o600, 5, 1);
-    for dir in ["proc", "sys", "newroot", "sbin", "usr/bin", "usr/sbin"] {
-        cpio.dir(dir, 0o755);
-    }
-    add_busybox(&mut cpio, &busybox_dir)?;
-    cpio.symlink("bin/sh", "busybox");
-    cpio.file("init", 0o755, fs::read(recipe_dir.join("init"))?);
-    add_modules(
-        &mut cpio,
+    let (disk, vmlinuz, initrd) = disk_and_initramfs(
+        ctx,
+        &rootfs,
+        DEBIAN_DISK_BYTES,
+        &recipe_dir,
         &kernel_dir,
+        &busybox_dir,
         &kver,
-        &read_list(&recipe_dir.join("initrd-modules"))?,
     )?;
-    let (vmlinuz, initrd) = write_boot_files(ctx, cpio, &kernel_dir, &kver)?;
 
     let manifest = Manifest {
         name: "debian-12".into(),
@@ -497,38 +472,15 @@ fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
         .trim()
         .to_string();
 
-    let raw = ctx.work.path().join("disk.raw");
-    fs::File::create(&raw)?.set_len(RUNTIME_DISK_BYTES)?;
-    crate::run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "root", "-d"])
-            .arg(&rootfs)
-            .arg(&raw),
-    )?;
-    let disk = ctx.out.join("disk.qcow2");
-    crate::run(
-        Command::new("qemu-img")
-            .args(["convert", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&disk),
-    )?;
-
-    let mut cpio = Cpio::new();
-    cpio.dir("dev", 0o755);
-    cpio.char_device("dev/console", 0o600, 5, 1);
-    for dir in ["proc", "sys", "newroot", "sbin", "usr/bin", "usr/sbin"] {
-        cpio.dir(dir, 0o755);
-    }
-    add_busybox(&mut cpio, &busybox_dir)?;
-    cpio.symlink("bin/sh", "busybox");
-    cpio.file("init", 0o755, fs::read(recipe_dir.join("init"))?);
-    add_modules(
-        &mut cpio,
+    let (disk, vmlinuz, initrd) = disk_and_initramfs(
+        ctx,
+        &rootfs,
+        RUNTIME_DISK_BYTES,
+        &recipe_dir,
         &kernel_dir,
+        &busybox_dir,
         &kver,
-        &read_list(&recipe_dir.join("initrd-modules"))?,
     )?;
-    let (vmlinuz, initrd) = write_boot_files(ctx, cpio, &kernel_dir, &kver)?;
     let manifest = Manifest {
         name: format!("run-{}", rt.language()),
         os_family: "debian".into(),
@@ -551,6 +503,52 @@ fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
     };
     write_manifest(&ctx.out, &manifest)?;
     Ok(manifest)
+}
+
+/// The disk of a root-filesystem image (ext4 filled from `rootfs`, then
+/// qcow2) and its initramfs (busybox, the recipe's `init` and its
+/// `initrd-modules`); returns the disk, the kernel and the initrd.
+fn disk_and_initramfs(
+    ctx: &Ctx,
+    rootfs: &Path,
+    disk_bytes: u64,
+    recipe_dir: &Path,
+    kernel_dir: &Path,
+    busybox_dir: &Path,
+    kver: &str,
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let raw = ctx.work.path().join("disk.raw");
+    fs::File::create(&raw)?.set_len(disk_bytes)?;
+    crate::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "root", "-d"])
+            .arg(rootfs)
+            .arg(&raw),
+    )?;
+    let disk = ctx.out.join("disk.qcow2");
+    crate::run(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&disk),
+    )?;
+    let mut cpio = Cpio::new();
+    cpio.dir("dev", 0o755);
+    cpio.char_device("dev/console", 0o600, 5, 1);
+    for dir in ["proc", "sys", "newroot", "sbin", "usr/bin", "usr/sbin"] {
+        cpio.dir(dir, 0o755);
+    }
+    add_busybox(&mut cpio, busybox_dir)?;
+    cpio.symlink("bin/sh", "busybox");
+    cpio.file("init", 0o755, fs::read(recipe_dir.join("init"))?);
+    add_modules(
+        &mut cpio,
+        kernel_dir,
+        kver,
+        &read_list(&recipe_dir.join("initrd-modules"))?,
+    )?;
+    let (vmlinuz, initrd) = write_boot_files(ctx, cpio, kernel_dir, kver)?;
+    Ok((disk, vmlinuz, initrd))
 }
 
 /// The Debian mirror apt uses here (`BYTEPORT_DEBIAN_MIRROR` overrides).

@@ -82,31 +82,6 @@ fn read_greeting(addr: &str, port: u16) -> String {
     got
 }
 
-fn missing_tools() -> Option<String> {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root {
-        return Some("needs root (network namespaces, bridges, nftables)".into());
-    }
-    for tool in ["nft", "dnsmasq", "ip"] {
-        let found = std::env::var_os("PATH").is_some_and(|p| {
-            std::env::split_paths(&p)
-                .chain([std::path::PathBuf::from("/usr/sbin"), "/sbin".into()])
-                .any(|d| d.join(tool).is_file())
-        });
-        if !found {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
-}
-
 fn table(d: &Daemon) -> String {
     d.netns
         .as_ref()
@@ -119,7 +94,7 @@ fn bridged_guests_are_isolated_per_project_and_keep_their_rules_across_a_node_cr
     let Some(img) = tiny_or_skip("bridged networking") else {
         return;
     };
-    if let Some(why) = missing_tools() {
+    if let Some(why) = byteport_node::bridge::unavailable() {
         assert!(
             std::env::var("BYTEPORT_REQUIRE_QEMU").as_deref() != Ok("1"),
             "bridged networking: {why}, and BYTEPORT_REQUIRE_QEMU=1"
