@@ -194,15 +194,16 @@ fn outbound(d: &Daemon, id: &str, addr: &str, port: u16, mib: u64) -> anyhow::Re
             mib * 16
         ),
     )?;
-    let t: Vec<f64> = out
+    let nums: Vec<f64> = out
         .split_whitespace()
-        .rev()
-        .take(2)
         .filter_map(|x| x.parse().ok())
         .collect();
-    let [b, a] = t[..] else {
+    let [.., a, b] = nums[..] else {
         bail!("the guest's timing: {out}");
     };
+    if out.contains("can't connect") {
+        bail!("the guest could not connect: {out}");
+    }
     Ok(mib as f64 / (b - a).max(0.01))
 }
 
@@ -312,11 +313,24 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         &peer,
         "(nc -l -p 5001 >/dev/null 2>&1 &); sleep 1",
     )?;
-    let g2g = outbound(&bridged, &wb, &peer_ip, 5001, o.mib)?;
+    let report = |what: &str, r: anyhow::Result<f64>| match r {
+        Ok(v) => v,
+        Err(e) => {
+            println!("  {what}: not measured: {e}");
+            f64::NAN
+        }
+    };
+    let g2g = report(
+        "guest to guest",
+        outbound(&bridged, &wb, &peer_ip, 5001, o.mib),
+    );
     let host_addr = bridged.netns.as_ref().context("netns")?.host_addr.clone();
     let (l, port) = sink()?;
     drain(l);
-    let g2o = outbound(&bridged, &wb, &host_addr, port, o.mib)?;
+    let g2o = report(
+        "guest to the outside",
+        outbound(&bridged, &wb, &host_addr, port, o.mib),
+    );
     println!("  guest to guest {g2g:.1} MiB/s; guest to the outside {g2o:.1} MiB/s");
     let _ = (wb, wu);
 
