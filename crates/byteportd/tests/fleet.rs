@@ -69,9 +69,33 @@ fn create(d: &Daemon, name: &str) -> Result<Value, String> {
     )
 }
 
+/// Waits (up to 20 s) until every waiting VM has been tried by placement:
+/// a create whose own placement lost a race to the other replica stays
+/// "waiting for a node" until the next background pass says why.
+fn settle(d: &Daemon) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        let vms = d.api.get("/v1/vms?limit=500").expect("list")["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let untried = vms.iter().any(|v| {
+            v["node_id"].is_null()
+                && !v["state_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("MiB"))
+        });
+        if !untried {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// Every VM placed once, and each node's reservation is exactly what its
 /// VMs hold and within its capacity.
 fn check_books(d: &Daemon) -> (usize, usize) {
+    settle(d);
     let vms = d.api.get("/v1/vms?limit=500").expect("list")["items"]
         .as_array()
         .cloned()
