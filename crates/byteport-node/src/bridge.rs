@@ -296,7 +296,12 @@ impl BridgeNet {
 
     fn ensure_bridge(&self, br: &str, s: &Subnet) -> Result<(), String> {
         if !link_exists(br) {
-            run("ip", &["link", "add", br, "type", "bridge"])?;
+            // A fixed address of its own: a bridge otherwise takes its
+            // first port's, and the guests' gateway would change MAC each
+            // time that VM goes.
+            let o = s.gateway().octets();
+            let mac = format!("02:62:70:{:02x}:{:02x}:01", o[1], o[2]);
+            run("ip", &["link", "add", br, "address", &mac, "type", "bridge"])?;
         }
         let addr = format!("{}/24", s.gateway());
         let have = run("ip", &["-4", "-o", "addr", "show", "dev", br])?;
