@@ -301,7 +301,10 @@ impl BridgeNet {
             // time that VM goes.
             let o = s.gateway().octets();
             let mac = format!("02:62:70:{:02x}:{:02x}:01", o[1], o[2]);
-            run("ip", &["link", "add", br, "address", &mac, "type", "bridge"])?;
+            run(
+                "ip",
+                &["link", "add", br, "address", &mac, "type", "bridge"],
+            )?;
         }
         let addr = format!("{}/24", s.gateway());
         let have = run("ip", &["-4", "-o", "addr", "show", "dev", br])?;
