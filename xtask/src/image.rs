@@ -299,14 +299,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
 /// The disk's size; cloud-init grows the filesystem to the VM's disk.
 const DEBIAN_DISK_BYTES: u64 = 2 << 30;
 
-/// The `debian-12` recipe; see images/README.md.
-fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
-    let recipe_dir = ctx.root.join("images/debian-12");
-    for tool in ["debootstrap", "mkfs.ext4", "depmod", "qemu-img"] {
-        if crate::which(tool).is_none() {
-            bail!("{tool} is missing: apt-get install debootstrap e2fsprogs kmod qemu-utils");
-        }
-    }
+/// What a root-filesystem image boots with: Debian's kernel and busybox
+/// unpacked in the work directory, and the static guest agent.
+struct Unpacked {
+    agent: PathBuf,
+    kernel_dir: PathBuf,
+    busybox_dir: PathBuf,
+    kver: String,
+}
+
+fn unpack_boot_parts(ctx: &Ctx) -> anyhow::Result<Unpacked> {
     let kernel_deb = ctx.debs.fetch(&ctx.debs.kernel_package()?)?;
     let busybox_deb = ctx.debs.fetch("busybox-static")?;
     let agent = build_agent(&ctx.root)?;
@@ -315,6 +317,28 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
     extract_deb(&kernel_deb, &kernel_dir)?;
     extract_deb(&busybox_deb, &busybox_dir)?;
     let kver = kernel_version(&kernel_dir)?;
+    Ok(Unpacked {
+        agent,
+        kernel_dir,
+        busybox_dir,
+        kver,
+    })
+}
+
+/// The `debian-12` recipe; see images/README.md.
+fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
+    let recipe_dir = ctx.root.join("images/debian-12");
+    for tool in ["debootstrap", "mkfs.ext4", "depmod", "qemu-img"] {
+        if crate::which(tool).is_none() {
+            bail!("{tool} is missing: apt-get install debootstrap e2fsprogs kmod qemu-utils");
+        }
+    }
+    let Unpacked {
+        agent,
+        kernel_dir,
+        busybox_dir,
+        kver,
+    } = unpack_boot_parts(ctx)?;
 
     // The modules the root filesystem gets, staged before the slow part.
     let modules_root = ctx.work.path().join("modules-root");
@@ -420,14 +444,12 @@ fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
             bail!("{tool} is missing: apt-get install debootstrap e2fsprogs qemu-utils");
         }
     }
-    let kernel_deb = ctx.debs.fetch(&ctx.debs.kernel_package()?)?;
-    let busybox_deb = ctx.debs.fetch("busybox-static")?;
-    let agent = build_agent(&ctx.root)?;
-    let kernel_dir = ctx.work.path().join("kernel");
-    let busybox_dir = ctx.work.path().join("busybox");
-    extract_deb(&kernel_deb, &kernel_dir)?;
-    extract_deb(&busybox_deb, &busybox_dir)?;
-    let kver = kernel_version(&kernel_dir)?;
+    let Unpacked {
+        agent,
+        kernel_dir,
+        busybox_dir,
+        kver,
+    } = unpack_boot_parts(ctx)?;
 
     let rootfs = ctx.work.path().join("rootfs");
     let cache = ctx.root.join("build/cache/debootstrap");

@@ -32,10 +32,7 @@ const NETWORK_PACKAGES: &[(&str, &str)] = &[
 ];
 
 fn ensure_packages() -> anyhow::Result<()> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let root = is_root();
     let network: &[(&str, &str)] = if root { NETWORK_PACKAGES } else { &[] };
     let missing: Vec<&str> = PACKAGES
         .iter()
