@@ -437,8 +437,11 @@ mod tests {
                 .recv_timeout(Duration::from_secs(10))
                 .expect("the first line is shown before the exit is sent");
             assert_eq!(first, b"hi\n");
-            chunk(&mut s, "{\"exit\":{\"code\":7,\"signal\":null}}\n");
-            write!(s, "0\r\n\r\n").expect("write");
+            // The exit and the end of the body go out in one write: the
+            // client may leave as soon as it has read the exit.
+            let exit = "{\"exit\":{\"code\":7,\"signal\":null}}\n";
+            s.write_all(format!("{:x}\r\n{exit}\r\n0\r\n\r\n", exit.len()).as_bytes())
+                .expect("write");
         });
         let c = Client::new(&format!("http://{addr}"), Some("tok".into()));
         let events = c
