@@ -30,7 +30,7 @@ const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Kept in step with `byteport_guest::proto::AGENT_PORT_NAME`.
 const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
 
-const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, debian-12, run-shell, run-python or run-node)";
+const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, debian-12, run-shell, run-python, run-node or run-rust)";
 
 /// Entry point for `cargo xtask image ...`.
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -86,6 +86,7 @@ enum Runtime {
     Shell,
     Python,
     Node,
+    Rust,
 }
 
 impl Runtime {
@@ -94,6 +95,7 @@ impl Runtime {
             Runtime::Shell => "shell",
             Runtime::Python => "python",
             Runtime::Node => "node",
+            Runtime::Rust => "rust",
         }
     }
 
@@ -103,16 +105,24 @@ impl Runtime {
             Runtime::Shell => &[],
             Runtime::Python => &["python3-minimal", "libpython3.11-stdlib"],
             Runtime::Node => &["nodejs"],
+            // rustc brings gcc and binutils for linking; no cargo: a run is
+            // offline, so there are no crates to fetch (rustc follows `mod`).
+            // (libc-dev is virtual: debootstrap needs the real package named.)
+            Runtime::Rust => &["rustc", "libc6-dev"],
         }
     }
 
-    /// The command that runs a program given as one source text: the text
-    /// replaces `{code}`, the run's arguments follow.
-    fn command(self) -> &'static [&'static str] {
+    /// How runs of it are carried out (shared with the control plane).
+    fn table(self) -> &'static byteport_types::runtime::Runtime {
+        byteport_types::runtime::runtime(self.language()).expect("every runtime is in the table")
+    }
+
+    /// Room for the image's files: minbase is about 200 MiB unpacked, rustc
+    /// with gcc and LLVM about 700 MiB more.
+    fn disk_bytes(self) -> u64 {
         match self {
-            Runtime::Shell => &["bash", "-c", "{code}", "run"],
-            Runtime::Python => &["python3", "-c", "{code}"],
-            Runtime::Node => &["node", "-e", "{code}"],
+            Runtime::Rust => 3 << 30,
+            _ => 1 << 30,
         }
     }
 }
@@ -125,8 +135,9 @@ impl Recipe {
             "run-shell" => Ok(Recipe::Runtime(Runtime::Shell)),
             "run-python" => Ok(Recipe::Runtime(Runtime::Python)),
             "run-node" => Ok(Recipe::Runtime(Runtime::Node)),
+            "run-rust" => Ok(Recipe::Runtime(Runtime::Rust)),
             other => bail!(
-                "unknown image {other:?}; known images: tiny, debian-12, run-shell, run-python, run-node"
+                "unknown image {other:?}; known images: tiny, debian-12, run-shell, run-python, run-node, run-rust"
             ),
         }
     }
@@ -432,11 +443,7 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
     Ok(manifest)
 }
 
-/// A runtime's disk: minbase is about 200 MiB unpacked; the filesystem is
-/// mounted read-only, so this is room for the image's own files only.
-const RUNTIME_DISK_BYTES: u64 = 1 << 30;
-
-/// The `run-shell` and `run-python` recipes; see images/README.md.
+/// The `run-LANGUAGE` recipes; see images/README.md.
 fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
     let recipe_dir = ctx.root.join("images/run");
     for tool in ["debootstrap", "mkfs.ext4", "qemu-img"] {
@@ -497,7 +504,7 @@ fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
     let (disk, vmlinuz, initrd) = disk_and_initramfs(
         ctx,
         &rootfs,
-        RUNTIME_DISK_BYTES,
+        rt.disk_bytes(),
         &recipe_dir,
         &kernel_dir,
         &busybox_dir,
@@ -513,10 +520,7 @@ fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
         cmdline: "console=ttyS0 root=/dev/vda ro quiet".into(),
         has_agent: true,
         login_user: None,
-        runtime: Some((
-            rt.language().into(),
-            rt.command().iter().map(|s| s.to_string()).collect(),
-        )),
+        runtime: Some(rt.table()),
         files: vec![
             file_entry(&vmlinuz)?,
             file_entry(&initrd)?,
@@ -669,8 +673,8 @@ struct Manifest {
     has_agent: bool,
     /// The user an SSH key logs in as, when the image has one.
     login_user: Option<String>,
-    /// A run-code runtime's language and the command that runs a source.
-    runtime: Option<(String, Vec<String>)>,
+    /// A run-code runtime: its language and commands.
+    runtime: Option<&'static byteport_types::runtime::Runtime>,
     /// The kernel first, then the initrd, then the disk (if any).
     files: Vec<FileEntry>,
 }
@@ -719,8 +723,10 @@ fn write_manifest(out: &Path, m: &Manifest) -> anyhow::Result<()> {
         "has_agent": m.has_agent,
         "login_user": m.login_user,
         "agent_port": if m.has_agent { Some(AGENT_PORT_NAME) } else { None },
-        "language": m.runtime.as_ref().map(|r| &r.0),
-        "run_command": m.runtime.as_ref().map(|r| &r.1),
+        "language": m.runtime.map(|r| r.language),
+        "run_command": m.runtime.and_then(|r| r.code),
+        "entry_command": m.runtime.map(|r| r.entry),
+        "build_command": m.runtime.and_then(|r| r.build),
         "files": files,
     });
     let mut text = serde_json::to_string_pretty(&json)?;

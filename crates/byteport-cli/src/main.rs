@@ -348,21 +348,33 @@ fn parse_lifetime(s: &str) -> Result<u64, String> {
 pub struct RunArgs {
     #[command(subcommand)]
     pub cmd: Option<RunCmd>,
-    /// The program's source file (its extension names the language).
+    /// The program: a source file (its extension names the language), or
+    /// a directory whose files are sent with --entry to run.
     pub file: Option<PathBuf>,
     /// The program itself, instead of a file.
     #[arg(short = 'e', long = "eval")]
     pub eval: Option<String>,
-    /// shell, python or node (from the file's extension when absent).
+    /// shell, python, node or rust (from the file's extension when absent).
     #[arg(long)]
     pub language: Option<String>,
+    /// With a directory: the file to run (rust: to compile); the
+    /// language's main file (main.py, main.rs or src/main.rs, ...) when
+    /// absent.
+    #[arg(long)]
+    pub entry: Option<String>,
+    /// Compiled languages: build with optimisations.
+    #[arg(long)]
+    pub release: bool,
+    /// Run what a Cloudlet config.toml describes (its format unchanged).
+    #[arg(long, value_name = "CONFIG_TOML", conflicts_with_all = ["file", "eval", "language"])]
+    pub config: Option<PathBuf>,
     /// The project (default: default).
     #[arg(long)]
     pub project: Option<String>,
-    /// Seconds before the run is killed (1-600; 30).
+    /// Seconds before the run is killed, the build included (1-600; 30).
     #[arg(long)]
     pub timeout: Option<u64>,
-    /// The run's memory (128-4096 MiB; 256).
+    /// The run's memory (128-4096 MiB; 256, rust 1024).
     #[arg(long)]
     pub memory_mib: Option<u64>,
     /// Pass this command's standard input to the program.

@@ -75,6 +75,7 @@ where
             generation: AtomicU64::new(0),
         }),
         sessions: HashMap::new(),
+        identity_set: false,
     };
     let writer_shared = Arc::clone(&agent.shared);
     thread::Builder::new()
@@ -118,6 +119,8 @@ struct Agent {
     /// Only the reader thread touches this map; waiters report the end of a
     /// session over `done` so no lock is shared with them.
     sessions: HashMap<u32, Session>,
+    /// Whether this guest got its own boot and machine id already.
+    identity_set: bool,
 }
 
 impl Agent {
@@ -271,6 +274,12 @@ impl Agent {
             };
             if let Err(e) = rustix::time::clock_settime(rustix::time::ClockId::Realtime, t) {
                 eprintln!("byteport-guest: cannot set the clock: {e}");
+            }
+        }
+        if req.new_identity && !self.identity_set {
+            self.identity_set = true;
+            if let Err(e) = new_identity() {
+                eprintln!("byteport-guest: cannot give the guest a new identity: {e}");
             }
         }
         let mut cmd = Command::new(program);
@@ -494,4 +503,44 @@ pub fn ready() -> Ready {
 /// One line on stderr, which in a guest is the serial console.
 pub fn log(args: std::fmt::Arguments<'_>) {
     eprintln!("byteport-guest: {args}");
+}
+
+/// A random version-4 UUID from the kernel's generator.
+fn random_uuid() -> std::io::Result<[u8; 16]> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(b)
+}
+
+/// A boot id and a machine id of this guest's own, bind-mounted over the
+/// kernel's `/proc/sys/kernel/random/boot_id` (read-only, fixed at boot)
+/// and `/etc/machine-id`, from files under /run.
+fn new_identity() -> Result<(), String> {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let u = random_uuid().map_err(|e| format!("/dev/urandom: {e}"))?;
+    let boot = format!(
+        "{}-{}-{}-{}-{}\n",
+        hex(&u[..4]),
+        hex(&u[4..6]),
+        hex(&u[6..8]),
+        hex(&u[8..10]),
+        hex(&u[10..])
+    );
+    let machine = format!(
+        "{}\n",
+        hex(&random_uuid().map_err(|e| format!("/dev/urandom: {e}"))?)
+    );
+    for (text, file, over) in [
+        (boot, "/run/byteport-boot-id", "/proc/sys/kernel/random/boot_id"),
+        (machine, "/run/byteport-machine-id", "/etc/machine-id"),
+    ] {
+        if !std::path::Path::new(over).exists() {
+            continue;
+        }
+        std::fs::write(file, text).map_err(|e| format!("{file}: {e}"))?;
+        rustix::mount::mount_bind(file, over).map_err(|e| format!("{over}: {e}"))?;
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! - [`proto`]: the wire format, shared by both sides (no I/O).
 //! - [`agent`]: the in-guest server, plain std threads; the `byteport-guest`
 //!   binary opens the virtio-serial port and runs it.
+//! - [`run`]: the binary's run-code subcommands (`unpack`, `warm`).
 //! - `host` (feature `host`): the async client the node agent uses to talk
 //!   to a guest through the QEMU chardev socket.
 //!
@@ -13,3 +14,4 @@ pub mod agent;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod proto;
+pub mod run;

@@ -356,6 +356,11 @@ pub struct ExecRequest {
     /// snapshot's clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_clock: Option<(i64, u32)>,
+    /// Give the guest a boot id and machine id of its own before starting
+    /// (once per agent): every clone of a snapshot wakes with the
+    /// snapshot's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_identity: bool,
 }
 
 impl ExecRequest {
@@ -522,7 +527,8 @@ mod tests {
                     env: vec![("A".into(), "b".into())],
                     cwd: Some("/tmp".into()),
                     stdin: true,
-                    set_clock: None,
+                    set_clock: Some((1_700_000_000, 5)),
+                    new_identity: true,
                 }),
             ),
             (7, Message::Stdin(b"input".to_vec())),

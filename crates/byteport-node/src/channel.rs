@@ -156,6 +156,7 @@ fn handle<D: Driver>(
                 cwd,
                 stdin,
                 set_clock: None,
+                new_identity: false,
             };
             tokio::spawn(async move {
                 let end = match conn {
@@ -179,7 +180,7 @@ fn handle<D: Driver>(
             }
             let (shared, out, inputs) = (shared.clone(), out.clone(), inputs.clone());
             tokio::spawn(async move {
-                let end = shared.runs.run(&shared, stream, spec, rx, &out).await;
+                let end = shared.runs.run(&shared, stream, *spec, rx, &out).await;
                 let _ = out.send(end).await;
                 if let Ok(mut m) = inputs.lock() {
                     m.remove(&stream);

@@ -63,6 +63,8 @@ pub struct NodeConfig {
     pub network: NetworkChoice,
     /// Run-code clones to keep restored and waiting, per template.
     pub run_pool: usize,
+    /// Whether runs start as clones of templates (else each boots cold).
+    pub run_templates: bool,
     /// The program QEMU runs per guest connection to the metadata address,
     /// with its arguments; the relay's address is added last. This
     /// daemon's own `metadata-pipe` unless set.
@@ -129,6 +131,7 @@ impl NodeConfig {
             metadata_port: 0,
             network: NetworkChoice::Auto,
             run_pool: 1,
+            run_templates: true,
             metadata_pipe: std::env::current_exe()
                 .map(|p| vec![p.display().to_string(), "metadata-pipe".into()])
                 .unwrap_or_default(),
@@ -358,6 +361,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
             cfg.data_dir.join("runs"),
             &ident.id.to_string(),
             cfg.run_pool,
+            cfg.run_templates,
         ),
         accel,
         vms_dir: cfg.data_dir.join("vms"),

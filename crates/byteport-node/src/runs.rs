@@ -11,13 +11,14 @@
 use crate::Shared;
 use crate::channel::Input;
 use crate::driver::{Accel, Driver};
-use crate::template::{Clone, Template, TemplateSpec, build};
+use crate::template::{Clone, Template, TemplateSpec, boot_cold, build};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use byteport_guest::host::ExecEvent;
 use byteport_guest::proto::ExecRequest;
 use byteport_types::api::{BootMode, NodeImage};
 use byteport_types::node_proto::{FromNode, RunResult, RunSpec};
+use byteport_types::runtime::RUN_DIR;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,7 +32,10 @@ pub struct Runs {
     dir: PathBuf,
     /// Prefix of the templates' RAM files in /dev/shm.
     shm_prefix: String,
-    templates: tokio::sync::Mutex<HashMap<String, Arc<Template>>>,
+    /// Templates by key; `None`: this one could not be saved.
+    templates: tokio::sync::Mutex<HashMap<String, Option<Arc<Template>>>>,
+    /// Whether runs start from templates at all (else each boots cold).
+    templates_on: bool,
     /// Clones already restored and waiting, by template.
     pool: Arc<std::sync::Mutex<HashMap<String, Vec<Clone>>>>,
     /// How many restored clones to keep waiting per template.
@@ -69,6 +73,8 @@ fn kill_leftovers(dir: &std::path::Path) {
 /// How a run is ending, before its result is written.
 enum Ending {
     Exited(Option<i32>, Option<i32>),
+    /// The compiler said no (its exit code or signal).
+    BuildFailed(Option<i32>, Option<i32>),
     Timeout,
     OutputLimit,
     Cancelled,
@@ -77,7 +83,14 @@ enum Ending {
 
 impl Runs {
     /// `dir` holds templates and clones; what a crash left there goes.
-    pub fn new(qemu: PathBuf, accel: Accel, dir: PathBuf, node: &str, pool_size: usize) -> Runs {
+    pub fn new(
+        qemu: PathBuf,
+        accel: Accel,
+        dir: PathBuf,
+        node: &str,
+        pool_size: usize,
+        templates_on: bool,
+    ) -> Runs {
         kill_leftovers(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         // The whole id: a node's id starts with the time it was made, so
@@ -98,6 +111,7 @@ impl Runs {
             dir,
             shm_prefix,
             templates: tokio::sync::Mutex::default(),
+            templates_on,
             pool: Arc::default(),
             pool_size,
         }
@@ -172,21 +186,15 @@ impl Runs {
         });
     }
 
-    /// The template for this image and size, built if missing (and the
-    /// time that took).
-    async fn template<D: Driver>(
+    /// What a VM of this image and size boots (its files fetched).
+    async fn vm_spec<D: Driver>(
         &self,
         shared: &Shared<D>,
         image: &NodeImage,
         warmup: &[String],
         vcpus: u32,
         memory_mib: u64,
-    ) -> Result<(Arc<Template>, Option<Duration>), String> {
-        let key = template_key(image, vcpus, memory_mib);
-        let mut templates = self.templates.lock().await;
-        if let Some(t) = templates.get(&key) {
-            return Ok((t.clone(), None));
-        }
+    ) -> Result<TemplateSpec, String> {
         if image.boot != BootMode::Kernel || !image.has_agent {
             return Err(format!(
                 "image {} cannot run code: it must boot a kernel and have the guest agent",
@@ -212,7 +220,7 @@ impl Runs {
             }
             f => return Err(format!("a runtime image cannot be {f}")),
         };
-        let spec = TemplateSpec {
+        Ok(TemplateSpec {
             kernel,
             initrd,
             cmdline: image
@@ -224,21 +232,45 @@ impl Runs {
             vcpus,
             memory_mib,
             accel: self.accel,
-        };
+        })
+    }
+
+    /// The template for this image and size, built if missing (and the
+    /// time that took). `Ok(None)`: templates are off, or this one could
+    /// not be saved (the reason is logged once): boot cold.
+    async fn template(
+        &self,
+        key: &str,
+        image: &NodeImage,
+        spec: &TemplateSpec,
+    ) -> (Option<Arc<Template>>, Option<Duration>) {
+        if !self.templates_on {
+            return (None, None);
+        }
+        let mut templates = self.templates.lock().await;
+        match templates.get(key) {
+            Some(Some(t)) => return (Some(t.clone()), None),
+            Some(None) => return (None, None),
+            None => {}
+        }
         let memory = PathBuf::from("/dev/shm").join(format!("{}{key}", self.shm_prefix));
-        let t = build(
-            &self.qemu,
-            spec,
-            &self.dir.join(format!("template-{key}")),
-            &memory,
-        )
-        .await
-        .map_err(|e| format!("building the template of {}: {e}", image.name))?;
-        tracing::info!(image = %image.name, ms = t.built_in.as_millis() as u64, "run template built");
-        let built = t.built_in;
-        let t = Arc::new(t);
-        templates.insert(key, t.clone());
-        Ok((t, Some(built)))
+        let dir = self.dir.join(format!("template-{key}"));
+        match build(&self.qemu, spec.clone(), &dir, &memory).await {
+            Ok(t) => {
+                tracing::info!(image = %image.name, ms = t.built_in.as_millis() as u64, "run template built");
+                let built = t.built_in;
+                let t = Arc::new(t);
+                templates.insert(key.to_owned(), Some(t.clone()));
+                (Some(t), Some(built))
+            }
+            Err(e) => {
+                tracing::warn!(image = %image.name, error = %e, "cannot save a run template: runs of it boot cold");
+                let _ = std::fs::remove_file(&memory);
+                let _ = std::fs::remove_dir_all(&dir);
+                templates.insert(key.to_owned(), None);
+                (None, None)
+            }
+        }
     }
 
     /// Carries out one run, streaming its output to `out`; returns its end.
@@ -260,11 +292,12 @@ impl Runs {
             from_pool: false,
             template_build_ms: None,
             vm_ready_ms: 0,
+            build_ms: None,
             first_output_ms: None,
             end_ms: 0,
         };
-        let (template, built) = match self
-            .template(
+        let vm = match self
+            .vm_spec(
                 shared,
                 &spec.image,
                 &spec.warmup,
@@ -273,75 +306,115 @@ impl Runs {
             )
             .await
         {
-            Ok(t) => t,
+            Ok(s) => s,
             Err(e) => return end(stream, result, Ending::Failed(e), t0),
         };
-        result.template_build_ms = built.map(|d| d.as_millis() as u64);
         let key = template_key(&spec.image, spec.vcpus, spec.memory_mib);
-        let clone = match self.take_clone(&key, &template).await {
-            Ok((c, pooled)) => {
-                result.from_pool = pooled;
-                c
-            }
-            Err(e) => return end(stream, result, Ending::Failed(e), t0),
-        };
-        result.vm_ready_ms = t0.elapsed().as_millis() as u64;
-        let req = ExecRequest {
-            argv: spec.argv.clone(),
-            env: spec.env.clone(),
-            cwd: Some("/run/code".into()),
-            stdin: spec.stdin.is_some(),
-            // The clone woke with the template's clock.
-            set_clock: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| (d.as_secs() as i64, d.subsec_nanos())),
-        };
-        let ending = match clone.agent.exec(req).await {
-            Err(e) => Ending::Failed(format!("the guest agent refused the run: {e}")),
-            Ok(mut s) => {
-                if let Some(data) = spec.stdin.as_deref().and_then(|d| B64.decode(d).ok()) {
-                    let _ = s.write_stdin(&data).await;
-                    let _ = s.close_stdin().await;
+        let (template, built) = self.template(&key, &spec.image, &vm).await;
+        result.template_build_ms = built.map(|d| d.as_millis() as u64);
+        let clone = match &template {
+            Some(t) => match self.take_clone(&key, t).await {
+                Ok((c, pooled)) => {
+                    result.from_pool = pooled;
+                    c
                 }
-                let deadline = tokio::time::sleep(Duration::from_secs(spec.timeout_secs));
-                tokio::pin!(deadline);
-                let mut sent = 0u64;
-                loop {
-                    tokio::select! {
-                        ev = s.events.recv() => match ev {
-                            Some(ExecEvent::Stdout(b) | ExecEvent::Stderr(b))
-                                if sent + b.len() as u64 > spec.output_limit =>
-                            {
-                                let _ = s.kill().await;
-                                break Ending::OutputLimit;
-                            }
-                            Some(ExecEvent::Stdout(b)) => {
-                                sent += b.len() as u64;
-                                result.first_output_ms.get_or_insert(t0.elapsed().as_millis() as u64);
-                                let _ = out.send(FromNode::Stdout { stream, data: B64.encode(b) }).await;
-                            }
-                            Some(ExecEvent::Stderr(b)) => {
-                                sent += b.len() as u64;
-                                result.first_output_ms.get_or_insert(t0.elapsed().as_millis() as u64);
-                                let _ = out.send(FromNode::Stderr { stream, data: B64.encode(b) }).await;
-                            }
-                            Some(ExecEvent::Exit { code, signal }) => break Ending::Exited(code, signal),
-                            Some(ExecEvent::Error(m)) => break Ending::Failed(m),
-                            None => break Ending::Failed("the guest agent went away".into()),
-                        },
-                        i = input.recv() => if matches!(i, Some(Input::Close) | None) {
-                            let _ = s.kill().await;
-                            break Ending::Cancelled;
-                        },
-                        _ = &mut deadline => {
-                            let _ = s.kill().await;
-                            break Ending::Timeout;
-                        }
+                Err(e) => return end(stream, result, Ending::Failed(e), t0),
+            },
+            None => {
+                result.from_template = false;
+                let dir = self.clone_dir();
+                match boot_cold(&self.qemu, &vm, &dir).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return end(stream, result, Ending::Failed(e), t0);
                     }
                 }
             }
         };
+        result.vm_ready_ms = t0.elapsed().as_millis() as u64;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(spec.timeout_secs);
+        let mut io = RunIo {
+            stream,
+            input: &mut input,
+            out,
+            deadline,
+            output_limit: spec.output_limit,
+            sent: 0,
+            first_output_ms: None,
+            t0,
+        };
+        let ending = 'run: {
+            if !spec.files.is_empty() {
+                let files = serde_json::to_vec(&spec.files).unwrap_or_default();
+                let req = ExecRequest {
+                    stdin: true,
+                    ..ExecRequest::new(["byteport-guest", "unpack", RUN_DIR])
+                };
+                match clone.agent.exec(req).await {
+                    Err(e) => {
+                        break 'run Ending::Failed(format!("writing the program's files: {e}"));
+                    }
+                    Ok(s) => {
+                        let _ = s.write_stdin(&files).await;
+                        let _ = s.close_stdin().await;
+                        match s.output().await {
+                            Ok(o) if o.code == Some(0) => {}
+                            Ok(o) => {
+                                break 'run Ending::Failed(format!(
+                                    "writing the program's files: {}",
+                                    String::from_utf8_lossy(&o.stderr).trim()
+                                ));
+                            }
+                            Err(e) => {
+                                break 'run Ending::Failed(format!(
+                                    "writing the program's files: {e}"
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            // The clone woke with the template's clock.
+            let now = || {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| (d.as_secs() as i64, d.subsec_nanos()))
+            };
+            let mut clock = now();
+            if let Some(build) = &spec.build {
+                let started = Instant::now();
+                let req = ExecRequest {
+                    argv: build.clone(),
+                    env: spec.env.clone(),
+                    cwd: Some(RUN_DIR.into()),
+                    stdin: false,
+                    set_clock: clock.take(),
+                    new_identity: true,
+                };
+                let e = io.exec(&clone, req, None).await;
+                result.build_ms = Some(started.elapsed().as_millis() as u64);
+                match e {
+                    Ending::Exited(Some(0), None) => {}
+                    Ending::Exited(code, signal) => {
+                        break 'run Ending::BuildFailed(code, signal);
+                    }
+                    other => break 'run other,
+                }
+            }
+            let req = ExecRequest {
+                argv: spec.argv.clone(),
+                env: spec.env.clone(),
+                cwd: Some(RUN_DIR.into()),
+                stdin: spec.stdin.is_some(),
+                set_clock: clock,
+                new_identity: true,
+            };
+            let stdin = spec.stdin.as_deref().and_then(|d| B64.decode(d).ok());
+            io.exec(&clone, req, stdin.as_deref()).await
+        };
+        result.first_output_ms = io.first_output_ms;
         // A SIGKILL we did not send: was it the guest kernel's OOM killer?
         let oom = matches!(ending, Ending::Exited(_, Some(9)))
             && clone
@@ -376,6 +449,12 @@ fn end(stream: u64, mut r: RunResult, e: Ending, t0: Instant) -> FromNode {
             r.code = code;
             r.signal = signal;
         }
+        Ending::BuildFailed(code, signal) => {
+            r.outcome = "exited".into();
+            r.code = code;
+            r.signal = signal;
+            r.message = Some("the build failed: the program did not run".into());
+        }
         Ending::Timeout => r.outcome = "timeout".into(),
         Ending::OutputLimit => r.outcome = "output_limit".into(),
         Ending::Cancelled => r.outcome = "cancelled".into(),
@@ -385,4 +464,71 @@ fn end(stream: u64, mut r: RunResult, e: Ending, t0: Instant) -> FromNode {
         }
     }
     FromNode::RunEnd { stream, result: r }
+}
+
+/// A run's streams, limits and clock, shared by its steps.
+struct RunIo<'a> {
+    stream: u64,
+    input: &'a mut mpsc::Receiver<Input>,
+    out: &'a mpsc::Sender<FromNode>,
+    deadline: tokio::time::Instant,
+    output_limit: u64,
+    /// Output passed on so far (every step's).
+    sent: u64,
+    first_output_ms: Option<u64>,
+    t0: Instant,
+}
+
+impl RunIo<'_> {
+    /// Runs one command in the clone, passing its output on, until it
+    /// ends or a limit or a cancel ends it.
+    async fn exec(&mut self, clone: &Clone, req: ExecRequest, stdin: Option<&[u8]>) -> Ending {
+        let mut s = match clone.agent.exec(req).await {
+            Err(e) => return Ending::Failed(format!("the guest agent refused the run: {e}")),
+            Ok(s) => s,
+        };
+        if let Some(data) = stdin {
+            let _ = s.write_stdin(data).await;
+            let _ = s.close_stdin().await;
+        }
+        let stream = self.stream;
+        loop {
+            tokio::select! {
+                ev = s.events.recv() => match ev {
+                    Some(ExecEvent::Stdout(b) | ExecEvent::Stderr(b))
+                        if self.sent + b.len() as u64 > self.output_limit =>
+                    {
+                        let _ = s.kill().await;
+                        return Ending::OutputLimit;
+                    }
+                    Some(ExecEvent::Stdout(b)) => {
+                        self.output();
+                        self.sent += b.len() as u64;
+                        let _ = self.out.send(FromNode::Stdout { stream, data: B64.encode(b) }).await;
+                    }
+                    Some(ExecEvent::Stderr(b)) => {
+                        self.output();
+                        self.sent += b.len() as u64;
+                        let _ = self.out.send(FromNode::Stderr { stream, data: B64.encode(b) }).await;
+                    }
+                    Some(ExecEvent::Exit { code, signal }) => return Ending::Exited(code, signal),
+                    Some(ExecEvent::Error(m)) => return Ending::Failed(m),
+                    None => return Ending::Failed("the guest agent went away".into()),
+                },
+                i = self.input.recv() => if matches!(i, Some(Input::Close) | None) {
+                    let _ = s.kill().await;
+                    return Ending::Cancelled;
+                },
+                _ = tokio::time::sleep_until(self.deadline) => {
+                    let _ = s.kill().await;
+                    return Ending::Timeout;
+                }
+            }
+        }
+    }
+
+    fn output(&mut self) {
+        self.first_output_ms
+            .get_or_insert(self.t0.elapsed().as_millis() as u64);
+    }
 }

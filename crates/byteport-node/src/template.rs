@@ -284,6 +284,28 @@ pub async fn build(
     })
 }
 
+/// Boots a VM of `spec` from scratch in `dir`, for a run where templates
+/// are off or cannot be made: its RAM is private (a file of its own in
+/// `dir`), and it has the devices a clone has.
+pub async fn boot_cold(qemu: &Path, spec: &TemplateSpec, dir: &Path) -> Result<Clone, String> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let child = spawn(qemu, &argv(spec, dir, &dir.join("ram"), false), dir)?;
+    let pid = child.id().unwrap_or(0);
+    let q = qmp(dir).await?;
+    let restored_in = t0.elapsed();
+    let agent = agent(dir, BOOT_TIMEOUT).await?;
+    Ok(Clone {
+        dir: dir.to_owned(),
+        pid,
+        qmp: q,
+        agent,
+        restored_in,
+        ready_in: t0.elapsed(),
+        child,
+    })
+}
+
 impl Template {
     /// Starts a clone in `dir` (its sockets and log), restored and running,
     /// its guest agent connected.

@@ -729,6 +729,7 @@ pub(crate) mod tests {
                 dir.join("runs"),
                 "test",
                 0,
+                true,
             ),
             accel: crate::driver::Accel::Tcg,
             vms_dir: dir.join("vms"),

@@ -91,9 +91,12 @@ type UsageSums = (i64, Option<i64>, Option<i64>, Option<i64>);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsageRow {
     pub vms: i64,
+    /// VMs' and running runs' together.
     pub vcpus: i64,
     pub memory_mib: i64,
     pub disk_gib: i64,
+    /// Runs running.
+    pub runs: i64,
 }
 
 /// A node's report on one VM, with the public state derived from it.
@@ -478,7 +481,7 @@ impl DataStore {
     }
 
     /// What the project's live VMs hold.
-    pub async fn project_usage<C: ConnectionTrait>(&self, c: &C, id: Uuid) -> Result<UsageRow> {
+    pub async fn project_usage<C: ConnectionTrait>(&self, c_: &C, id: Uuid) -> Result<UsageRow> {
         let row: Option<UsageSums> = vm::Entity::find()
             .select_only()
             .column_as(vm::Column::Id.count(), "n")
@@ -489,14 +492,27 @@ impl DataStore {
             .filter(vm::Column::ProjectId.eq(id))
             .filter(vm::Column::DeletedAt.is_null())
             .into_tuple()
-            .one(c)
+            .one(c_)
             .await?;
         let (n, c, m, d) = row.unwrap_or_default();
+        // A run holds its vCPUs and memory while it runs.
+        let runs: Option<(i64, Option<i64>, Option<i64>)> = run::Entity::find()
+            .select_only()
+            .column_as(run::Column::Id.count(), "n")
+            .column_as(Expr::cust("CAST(SUM(vcpus) AS BIGINT)"), "c")
+            .column_as(Expr::cust("CAST(SUM(memory_mib) AS BIGINT)"), "m")
+            .filter(run::Column::ProjectId.eq(id))
+            .filter(run::Column::State.eq("running"))
+            .into_tuple()
+            .one(c_)
+            .await?;
+        let (rn, rc, rm) = runs.unwrap_or_default();
         Ok(UsageRow {
             vms: n,
-            vcpus: c.unwrap_or(0),
-            memory_mib: m.unwrap_or(0),
+            vcpus: c.unwrap_or(0) + rc.unwrap_or(0),
+            memory_mib: m.unwrap_or(0) + rm.unwrap_or(0),
             disk_gib: d.unwrap_or(0),
+            runs: rn,
         })
     }
 

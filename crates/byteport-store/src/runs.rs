@@ -1,11 +1,11 @@
 //! Run records: a run is inserted `running` when its project has room for
-//! one more at once (checked and written in one transaction, so replicas
+//! one more at once and for its vCPUs and memory (checked and written in one transaction, so replicas
 //! never overbook a project), and written once more when it ends.
 
 use crate::{DataStore, Result, StoreError, lock_project, project, run};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
+    QuerySelect, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -23,7 +23,9 @@ pub struct RunFilter {
 
 impl DataStore {
     /// Inserts a run unless its project already runs its
-    /// `max_concurrent_runs`; then a quota error names the limit.
+    /// `max_concurrent_runs`, or the run's vCPUs or memory would take the
+    /// project (its VMs and running runs) past its quota; then a quota
+    /// error names the limit.
     pub async fn run_insert(&self, r: run::Model) -> Result<run::Model> {
         let _w = self.serialize().await;
         let tx = self.db.begin().await?;
@@ -32,18 +34,26 @@ impl DataStore {
             .one(&tx)
             .await?
             .ok_or(StoreError::NotFound)?;
-        let running = run::Entity::find()
-            .filter(run::Column::ProjectId.eq(r.project_id))
-            .filter(run::Column::State.eq("running"))
-            .count(&tx)
-            .await?;
-        if running as i64 >= p.max_concurrent_runs {
-            return Err(StoreError::QuotaExceeded {
-                quota: "max_concurrent_runs",
-                limit: p.max_concurrent_runs.max(0) as u64,
-                used: running,
-                requested: 1,
-            });
+        let used = self.project_usage(&tx, p.id).await?;
+        let checks: [(&'static str, i64, i64, i64); 3] = [
+            ("max_concurrent_runs", p.max_concurrent_runs, used.runs, 1),
+            ("max_vcpus", p.max_vcpus, used.vcpus, r.vcpus),
+            (
+                "max_memory_mib",
+                p.max_memory_mib,
+                used.memory_mib,
+                r.memory_mib,
+            ),
+        ];
+        for (quota, limit, used, requested) in checks {
+            if used + requested > limit {
+                return Err(StoreError::QuotaExceeded {
+                    quota,
+                    limit: limit.max(0) as u64,
+                    used: used.max(0) as u64,
+                    requested: requested.max(0) as u64,
+                });
+            }
         }
         let r = r.into_active_model().insert(&tx).await?;
         tx.commit().await?;

@@ -479,15 +479,23 @@ pub enum ExecEvent {
 // ---------- runs ----------
 
 /// Run a program in a fresh VM of its own (`POST /v1/runs`).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunCreate {
     /// The project's name or id; `default` when absent.
     pub project: Option<String>,
-    /// `shell`, `python` or `node` (the runtime image `run-LANGUAGE`).
+    /// `shell`, `python`, `node` or `rust` (the runtime image `run-LANGUAGE`).
     pub language: String,
-    /// The program: one source text, at most 65536 bytes of UTF-8.
-    pub code: String,
+    /// The program as one source text, at most 65536 bytes of UTF-8; or
+    /// give `files` instead.
+    pub code: Option<String>,
+    /// The program as files (at most 64, 262144 bytes together), written
+    /// under the run's directory `/run/code`.
+    #[serde(default)]
+    pub files: Vec<RunFile>,
+    /// The file of `files` to run (rust: to compile); the language's main
+    /// file (`main.py`, `main.rs`, ...) when absent.
+    pub entry: Option<String>,
     /// Arguments the program gets.
     #[serde(default)]
     pub args: Vec<String>,
@@ -495,12 +503,27 @@ pub struct RunCreate {
     pub stdin: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Wall-clock limit, 1-600 s; 30 when absent.
+    /// Wall-clock limit, 1-600 s, the build included; 30 when absent.
     pub timeout_secs: Option<u64>,
     /// 1-4; 1 when absent.
     pub vcpus: Option<u32>,
-    /// 128-4096 MiB; 256 when absent.
+    /// 128-4096 MiB; the language's default when absent (256, rust 1024).
     pub memory_mib: Option<u64>,
+    /// Compiled languages: build with optimisations (`rustc -O`); false
+    /// when absent.
+    #[serde(default)]
+    pub release: bool,
+}
+
+/// One file of a run's program.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    /// Relative to the run's directory: `src/main.rs`; no `..`, no
+    /// leading `/`, at most 255 bytes.
+    pub path: String,
+    /// Its text (UTF-8).
+    pub content: String,
 }
 
 /// How a run stands or ended.
@@ -559,6 +582,9 @@ pub struct RunTimings {
     pub template_build_ms: Option<u64>,
     /// The run's VM was up, its guest agent ready.
     pub vm_ready_ms: Option<u64>,
+    /// How long compiling took (rust); the run's time is the rest.
+    #[serde(default)]
+    pub build_ms: Option<u64>,
     /// The first byte of output.
     pub first_output_ms: Option<u64>,
     /// The end.

@@ -42,7 +42,7 @@ pub enum ToNode {
     Close { stream: u64 },
     /// Run a program in a fresh VM of its own, a clone of the runtime
     /// image's template; answered with output, then `RunEnd`.
-    Run { stream: u64, spec: RunSpec },
+    Run { stream: u64, spec: Box<RunSpec> },
 }
 
 /// One run for a node: what to start and its limits.
@@ -50,6 +50,14 @@ pub enum ToNode {
 pub struct RunSpec {
     /// The runtime image (diskless or read-only root, with the agent).
     pub image: NodeImage,
+    /// Files written under the run's directory before anything starts
+    /// (path relative to it, text).
+    #[serde(default)]
+    pub files: Vec<(String, String)>,
+    /// Compiles the program first (compiled languages); a failure ends
+    /// the run with the compiler's exit code.
+    #[serde(default)]
+    pub build: Option<Vec<String>>,
     /// The command in the guest (the runtime's, with the code in it).
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -85,6 +93,9 @@ pub struct RunResult {
     pub template_build_ms: Option<u64>,
     /// From the node taking the run to the VM's agent ready.
     pub vm_ready_ms: u64,
+    /// How long the build took, for a compiled language.
+    #[serde(default)]
+    pub build_ms: Option<u64>,
     /// To the first byte of output, if any came.
     pub first_output_ms: Option<u64>,
     /// To the end.

@@ -145,6 +145,11 @@ struct NodeOpts {
     /// (each holds its RAM); 0 restores each run's clone when it comes.
     #[arg(long, env = "BYTEPORT_RUN_POOL", default_value_t = 1)]
     run_pool: usize,
+    /// Whether run-code starts each run as a clone of a runtime's template
+    /// (false: every run boots its VM cold, as on a host where templates
+    /// cannot be saved).
+    #[arg(long, env = "BYTEPORT_RUN_TEMPLATES", default_value_t = true, action = clap::ArgAction::Set)]
+    run_templates: bool,
 }
 
 #[derive(Args)]
@@ -264,6 +269,7 @@ fn node_config(
     c.qemu_binary = o.qemu.clone();
     c.metadata_port = o.metadata_port;
     c.run_pool = o.run_pool.min(64);
+    c.run_templates = o.run_templates;
     c.network = o
         .network
         .parse()

@@ -268,3 +268,164 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
         "clone directories {left:?} beside QEMUs {qemus:?}"
     );
 }
+
+/// Programs as files with an entry point, code too long to be an
+/// argument, Python's waiting interpreter (its exit codes, tracebacks and
+/// memory limit), each clone's own boot id, and Rust compiled in the VM
+/// from a Cloudlet `config.toml` through the CLI.
+#[test]
+fn files_the_warm_interpreter_and_rust() {
+    let Some(shell) = image_or_skip("run-shell", "run-code") else {
+        return;
+    };
+    let Some(python) = image_or_skip("run-python", "run-code") else {
+        return;
+    };
+    let Some(rust) = image_or_skip("run-rust", "run-code") else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    d.import_image(&shell);
+    d.import_image(&python);
+    d.import_image(&rust);
+
+    // Files: the entry imports its neighbour; the working directory holds
+    // them; arguments follow the entry.
+    let (out, err, end) = run(
+        &d,
+        json!({
+            "language": "python",
+            "files": [
+                {"path": "app/main.py", "content": "import sys, os, util\nprint(util.twice(21), sys.argv[1:], sorted(f for f in os.listdir('app') if f.endswith('.py')))\n"},
+                {"path": "app/util.py", "content": "def twice(x):\n    return 2 * x\n"},
+            ],
+            "entry": "app/main.py",
+            "args": ["x"],
+        }),
+    );
+    assert_eq!(out, "42 ['x'] ['main.py', 'util.py']\n", "{err} {end}");
+    assert_eq!(end["exit_code"], 0, "{end}");
+
+    // The waiting interpreter behaves as python3 does: exit codes, a
+    // traceback on stderr, __name__, argv of -c.
+    let (out, _, end) = run(
+        &d,
+        json!({"language": "python", "code": "import sys\nprint(__name__, sys.argv)\nsys.exit(4)", "args": ["a"]}),
+    );
+    assert_eq!(out, "__main__ ['-c', 'a']\n");
+    assert_eq!(end["exit_code"], 4, "{end}");
+    let (_, err, end) = run(&d, json!({"language": "python", "code": "1 / 0"}));
+    assert!(
+        err.starts_with("Traceback (most recent call last):") && err.contains("ZeroDivisionError"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("python-warm"),
+        "the traceback shows the loader: {err}"
+    );
+    assert_eq!(end["exit_code"], 1, "{end}");
+    eprintln!("python (warm) timings: {}", end["timings"]);
+
+    // Past its memory: killed by the guest's kernel, and told so.
+    let (_, _, end) = run(
+        &d,
+        json!({"language": "python", "code": "x = []\nwhile True:\n    x.append(bytearray(1 << 20))", "memory_mib": 128}),
+    );
+    assert_eq!(end["state"], "out_of_memory", "{end}");
+
+    // Code too long for an argument goes as a file.
+    let long = format!("# {}\necho long ok", "x".repeat(40_000));
+    let (out, _, end) = run(&d, json!({"language": "shell", "code": long}));
+    assert_eq!(out, "long ok\n", "{end}");
+
+    // Each clone has its own boot id.
+    let boot_id = || {
+        run(
+            &d,
+            json!({"language": "shell", "code": "cat /proc/sys/kernel/random/boot_id"}),
+        )
+        .0
+    };
+    let (a, b) = (boot_id(), boot_id());
+    assert_eq!(a.trim().len(), 36, "{a}");
+    assert_ne!(a, b, "two clones share a boot id");
+
+    // Bad files: refused, nothing made.
+    for (body, want) in [
+        (
+            json!({"language": "python", "files": [{"path": "../x.py", "content": ""}], "entry": "../x.py"}),
+            "must be relative",
+        ),
+        (
+            json!({"language": "python", "files": [{"path": "a.py", "content": ""}]}),
+            "main.py is not one of the files",
+        ),
+        (
+            json!({"language": "python", "code": "1", "files": [{"path": "main.py", "content": ""}]}),
+            "not both",
+        ),
+    ] {
+        let e = d.api.post("/v1/runs", body).unwrap_err();
+        assert!(e.starts_with("400") && e.contains(want), "{want}: {e}");
+    }
+
+    // Rust, from Cloudlet's config.toml and example, through the CLI.
+    let cli = Path::new(BIN).with_file_name("byteport");
+    assert!(
+        cli.exists(),
+        "{} is missing: build the workspace (cargo build) first",
+        cli.display()
+    );
+    let work = d.dir.join("cloudlet");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(
+        work.join("main.rs"),
+        "fn fibonacci(n: u32) -> u64 {\n    match n {\n        0 => 0,\n        1 => 1,\n        _ => {\n            let (mut prev, mut curr) = (0, 1);\n            for _ in 2..=n {\n                let next = prev + curr;\n                prev = curr;\n                curr = next;\n            }\n            curr\n        }\n    }\n}\n\nfn main() {\n    let n = 10;\n    println!(\"Fibonacci number at position {} is: {}\", n, fibonacci(n));\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        work.join("config.toml"),
+        format!(
+            "workload-name = \"fibonacci\"\nlanguage = \"rust\"\naction = \"prepare-and-run\"\n\n[server]\naddress = \"localhost\"\nport = 50051\n\n[build]\nsource-code-path = \"{}\"\nrelease = true\n",
+            work.join("main.rs").display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(&cli)
+        .args(["run", "--config"])
+        .arg(work.join("config.toml"))
+        .args(["--timeout", "600"])
+        .env("BYTEPORT_URL", &d.url)
+        .env("BYTEPORT_TOKEN", d.api.token.as_deref().unwrap())
+        .env("BYTEPORT_CONFIG", work.join("cli.json"))
+        .output()
+        .expect("byteport run --config");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout, "Fibonacci number at position 10 is: 55\n",
+        "{stderr}"
+    );
+    let runs = d.api.get("/v1/runs?language=rust").unwrap();
+    let t = &runs["items"][0]["timings"];
+    assert!(t["build_ms"].as_u64().is_some_and(|b| b > 0), "{t}");
+    eprintln!("rust run timings: {t}");
+
+    // A compile error: the compiler's message and exit code; nothing ran.
+    let (_, err, end) = run(
+        &d,
+        json!({"language": "rust", "code": "fn main() { let x: u32 = \"no\"; }", "timeout_secs": 600}),
+    );
+    assert!(err.contains("mismatched types"), "{err}");
+    assert_eq!(end["exit_code"], 1, "{end}");
+    assert!(
+        end["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("build failed"),
+        "{end}"
+    );
+}

@@ -10,18 +10,92 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use byteport_types::api::{OutputStream, Page, Run, RunLine, RunState};
+use byteport_types::runtime;
 use serde_json::json;
 use std::io::{BufRead, Read, Write};
 use std::path::Path;
 
 /// The language of a source file, from its extension.
 pub(crate) fn language_of(path: &Path) -> Option<&'static str> {
-    match path.extension()?.to_str()? {
-        "py" => Some("python"),
-        "sh" | "bash" => Some("shell"),
-        "js" | "mjs" => Some("node"),
-        _ => None,
+    runtime::by_extension(path.extension()?.to_str()?).map(|r| r.language)
+}
+
+/// What a directory sends: its files, hidden ones and build output left
+/// out, with paths relative to it.
+fn files_of(dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .with_context(|| format!("cannot read {}", d.display()))?
+            .collect::<std::io::Result<_>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name == "target" || name == "node_modules" {
+                continue;
+            }
+            let path = e.path();
+            if e.file_type()?.is_dir() {
+                todo.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(dir)
+                .ok()
+                .and_then(|p| p.to_str())
+                .with_context(|| format!("{} has a name that is not UTF-8", path.display()))?
+                .to_owned();
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {} as text", path.display()))?;
+            files.push((rel, text));
+        }
     }
+    Ok(files)
+}
+
+/// Cloudlet's `config.toml`, as its CLI reads it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct CloudletConfig {
+    workload_name: String,
+    language: String,
+    action: String,
+    /// Cloudlet's own API; BytePort's CLI talks to the server it is logged
+    /// in to instead.
+    #[allow(dead_code)]
+    server: Option<toml::Value>,
+    build: CloudletBuild,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct CloudletBuild {
+    source_code_path: std::path::PathBuf,
+    #[serde(default)]
+    release: bool,
+}
+
+/// A run from a Cloudlet config: its language, its source, `release`.
+fn from_cloudlet(path: &Path) -> Result<(String, std::path::PathBuf, bool, String)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let c: CloudletConfig = toml::from_str(&text)
+        .with_context(|| format!("{} is not a Cloudlet config", path.display()))?;
+    if !matches!(c.action.as_str(), "prepare-and-run" | "run") {
+        bail!(
+            "action {:?}: a run is always built and run at once; use \"prepare-and-run\"",
+            c.action
+        );
+    }
+    // As given (Cloudlet reads it from where its CLI runs), else beside
+    // the config.
+    let mut src = c.build.source_code_path;
+    if src.is_relative() && !src.exists() {
+        src = path.parent().unwrap_or(Path::new(".")).join(src);
+    }
+    Ok((c.language, src, c.build.release, c.workload_name))
 }
 
 pub(super) fn run(env: &Env, args: RunArgs) -> Result<()> {
@@ -49,22 +123,74 @@ pub(super) fn run(env: &Env, args: RunArgs) -> Result<()> {
     }
 }
 
-fn start(env: &Env, a: RunArgs) -> Result<()> {
-    let (code, from_file) = match (&a.eval, &a.file) {
-        (Some(code), None) => (code.clone(), None),
-        (None, Some(f)) => (
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
-            Some(f.as_path()),
-        ),
+fn start(env: &Env, mut a: RunArgs) -> Result<()> {
+    if let Some(config) = &a.config {
+        let (language, src, release, workload) = from_cloudlet(config)?;
+        eprintln!(
+            "byteport: running {workload} ({language}) from {}",
+            src.display()
+        );
+        a.language = Some(language);
+        a.file = Some(src);
+        a.release |= release;
+    }
+    let mut body = match (&a.eval, &a.file) {
+        (Some(code), None) => json!({"code": code}),
+        (None, Some(f)) if f.is_dir() => {
+            let files = files_of(f)?;
+            let language = match (&a.language, a.entry.as_deref().map(Path::new)) {
+                (Some(l), _) => l.clone(),
+                (None, Some(e)) => language_of(e)
+                    .context("cannot tell the language: give --language")?
+                    .to_owned(),
+                (None, None) => bail!("with a directory, give --language or --entry"),
+            };
+            let entry = match &a.entry {
+                Some(e) => e.clone(),
+                None => {
+                    let main = runtime::runtime(&language)
+                        .with_context(|| {
+                            format!(
+                                "language {language:?} is not one of {}",
+                                runtime::languages()
+                            )
+                        })?
+                        .main_file;
+                    let nested = format!("src/{main}");
+                    if files.iter().any(|(p, _)| *p == nested) {
+                        nested
+                    } else {
+                        main.to_owned()
+                    }
+                }
+            };
+            a.language = Some(language);
+            let files: Vec<_> = files
+                .into_iter()
+                .map(|(path, content)| json!({"path": path, "content": content}))
+                .collect();
+            json!({"files": files, "entry": entry})
+        }
+        (None, Some(f)) => json!({
+            "code": std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?
+        }),
         (Some(_), Some(_)) => bail!("give a FILE or -e CODE, not both"),
-        (None, None) => bail!("give a FILE to run, or -e CODE with --language"),
+        (None, None) => bail!("give a FILE to run, -e CODE with --language, or --config"),
     };
-    let language = match (&a.language, from_file.and_then(language_of)) {
+    let language = match (&a.language, a.file.as_deref().and_then(language_of)) {
         (Some(l), _) => l.clone(),
         (None, Some(l)) => l.to_owned(),
-        (None, None) => bail!("cannot tell the language: give --language shell|python|node"),
+        (None, None) => bail!(
+            "cannot tell the language: give --language {}",
+            runtime::languages().replace(", ", "|")
+        ),
     };
-    let mut body = json!({"language": language, "code": code, "args": a.args});
+    body["language"] = json!(language);
+    body["args"] = json!(a.args);
+    if a.release {
+        body["release"] = json!(true);
+    }
     if let Some(p) = &a.project {
         body["project"] = json!(p);
     }
@@ -212,6 +338,7 @@ fn show(r: &Run) {
             ),
         ),
         ("vm ready", ms(r.timings.vm_ready_ms)),
+        ("build", ms(r.timings.build_ms)),
         ("first output", ms(r.timings.first_output_ms)),
         ("end", ms(r.timings.end_ms)),
         ("template build", ms(r.timings.template_build_ms)),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use byteport_guest::agent::{self, OnEof, log};
 use byteport_guest::proto::AGENT_PORT_NAME;
+use byteport_guest::run;
 
 /// How long to wait for the port to appear while modules load.
 const FIND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -18,8 +19,15 @@ const FIND_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match argv.first().map(String::as_str) {
+        Some("unpack") if argv.len() == 2 => return run::unpack_main(&argv[1]),
+        Some("warm") if argv.len() >= 3 => return run::warm_main(&argv[1], &argv[2], &argv[3..]),
+        Some("unpack" | "warm") => return usage(),
+        _ => {}
+    }
     let mut name = AGENT_PORT_NAME.to_string();
-    let mut args = std::env::args().skip(1);
+    let mut args = argv.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--version" | "-V" => {
@@ -33,8 +41,10 @@ fn main() -> ExitCode {
             "--help" | "-h" => {
                 println!(
                     "usage: byteport-guest [--port NAME]\n\
+                     \x20      byteport-guest unpack DIR\n\
+                     \x20      byteport-guest warm SOCKET PROGRAM [ARGS...]\n\
                      Serves the BytePort guest protocol on the virtio-serial port NAME \
-                     (default {AGENT_PORT_NAME})."
+                     (default {AGENT_PORT_NAME}); unpack and warm serve run-code."
                 );
                 return ExitCode::SUCCESS;
             }
@@ -79,7 +89,9 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: byteport-guest [--version] [--port NAME]");
+    eprintln!(
+        "usage: byteport-guest [--version] [--port NAME] | unpack DIR | warm SOCKET PROGRAM [ARGS...]"
+    );
     ExitCode::from(2)
 }
 

@@ -22,6 +22,7 @@ use byteport_types::api::{
     OutputStream, Page, Role, Run, RunCreate, RunLine, RunListQuery, RunState, RunTimings,
 };
 use byteport_types::node_proto::{FromNode, RunResult, RunSpec, ToNode};
+use byteport_types::runtime::{self, Runtime};
 use byteport_types::{Name, NodeId, ProjectId, RunId};
 use chrono::Utc;
 use sha2::{Digest, Sha256};
@@ -32,10 +33,17 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 const MAX_CODE: usize = 64 * 1024;
+const MAX_FILES: usize = 64;
+const MAX_FILES_BYTES: usize = 256 * 1024;
+const MAX_PATH: usize = 255;
 const MAX_STDIN: usize = 512 * 1024;
 const MAX_ARGS: usize = 256;
 const MAX_ENV: usize = 256;
 const MAX_TIMEOUT_SECS: u64 = 600;
+/// Code up to this size goes to the interpreter as an argument (`-c`);
+/// longer code is written to the runtime's main file first, since one
+/// message to the guest agent is at most 64 KiB.
+const INLINE_CODE: usize = 32 * 1024;
 /// Output the node lets a run write (stdout and stderr together).
 const OUTPUT_LIMIT: u64 = 16 * 1024 * 1024;
 /// Output a run's record keeps, per stream.
@@ -45,54 +53,104 @@ pub const KEPT_OUTPUT: usize = 1024 * 1024;
 #[derive(Default)]
 pub(crate) struct Live(Mutex<HashMap<Uuid, oneshot::Sender<()>>>);
 
-/// The command that runs one source text in a runtime: the code replaces
-/// `{code}`, the run's arguments follow.
-fn runtime_command(language: &str) -> Option<&'static [&'static str]> {
-    match language {
-        "shell" => Some(&["bash", "-c", "{code}", "run"]),
-        "python" => Some(&["python3", "-c", "{code}"]),
-        "node" => Some(&["node", "-e", "{code}"]),
-        _ => None,
-    }
-}
-
-/// A program that does nothing, to warm a runtime's template.
-fn warmup_code(language: &str) -> &'static str {
-    match language {
-        "python" => "pass",
-        "node" => "",
-        _ => "true",
-    }
-}
-
 fn bad(code: &'static str, msg: impl Into<String>) -> AppError {
     AppError::bad(code, msg)
 }
 
-fn check(req: &RunCreate) -> AppResult<()> {
-    if runtime_command(&req.language).is_none() {
-        return Err(bad(
+/// A path under the run's directory: relative, plain components only.
+fn check_path(p: &str) -> AppResult<()> {
+    let ok = !p.is_empty()
+        && p.len() <= MAX_PATH
+        && !p.starts_with('/')
+        && !p.contains('\0')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            "invalid_path",
+            format!(
+                "file path {p:?} must be relative to the run's directory, without `.` or `..` \
+                 components, at most {MAX_PATH} bytes"
+            ),
+        ))
+    }
+}
+
+fn check(req: &RunCreate) -> AppResult<&'static Runtime> {
+    let rt = runtime::runtime(&req.language).ok_or_else(|| {
+        bad(
             "unknown_language",
             format!(
-                "language {:?} is not one of shell, python, node",
-                req.language
+                "language {:?} is not one of {}",
+                req.language,
+                runtime::languages()
             ),
-        ));
-    }
-    if req.code.is_empty() || req.code.len() > MAX_CODE {
-        return Err(bad(
-            "invalid_code",
-            format!(
-                "code is {} bytes; it must be 1 to {MAX_CODE}",
-                req.code.len()
-            ),
-        ));
-    }
-    if req.code.contains('\0') {
-        return Err(bad(
-            "invalid_code",
-            "code holds a NUL byte: it is not a source text",
-        ));
+        )
+    })?;
+    match (&req.code, req.files.is_empty()) {
+        (Some(_), false) => {
+            return Err(bad(
+                "invalid_code",
+                "give the program as `code` or as `files`, not both",
+            ));
+        }
+        (None, true) => {
+            return Err(bad(
+                "invalid_code",
+                "the program is missing: give `code` or `files`",
+            ));
+        }
+        (Some(code), true) => {
+            if code.is_empty() || code.len() > MAX_CODE {
+                return Err(bad(
+                    "invalid_code",
+                    format!("code is {} bytes; it must be 1 to {MAX_CODE}", code.len()),
+                ));
+            }
+            if code.contains('\0') {
+                return Err(bad(
+                    "invalid_code",
+                    "code holds a NUL byte: it is not a source text",
+                ));
+            }
+            if req.entry.is_some() {
+                return Err(bad("invalid_entry", "`entry` names one of `files`"));
+            }
+        }
+        (None, false) => {
+            let total: usize = req.files.iter().map(|f| f.content.len()).sum();
+            if req.files.len() > MAX_FILES || total > MAX_FILES_BYTES {
+                return Err(bad(
+                    "invalid_files",
+                    format!(
+                        "{} files of {total} bytes; at most {MAX_FILES} files of \
+                         {MAX_FILES_BYTES} bytes together",
+                        req.files.len()
+                    ),
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for f in &req.files {
+                check_path(&f.path)?;
+                if f.content.contains('\0') {
+                    return Err(bad(
+                        "invalid_files",
+                        format!("{} holds a NUL byte: it is not a source text", f.path),
+                    ));
+                }
+                if !seen.insert(f.path.as_str()) {
+                    return Err(bad("invalid_files", format!("{} comes twice", f.path)));
+                }
+            }
+            let entry = req.entry.as_deref().unwrap_or(rt.main_file);
+            if !seen.contains(entry) {
+                return Err(bad(
+                    "invalid_entry",
+                    format!("the entry point {entry} is not one of the files"),
+                ));
+            }
+        }
     }
     if req.args.len() > MAX_ARGS || req.args.iter().any(|a| a.contains('\0')) {
         return Err(bad(
@@ -135,14 +193,76 @@ fn check(req: &RunCreate) -> AppResult<()> {
             format!("vcpus is {c}; it must be 1 to 4"),
         ));
     }
-    let m = req.memory_mib.unwrap_or(256);
+    let m = req.memory_mib.unwrap_or(rt.memory_mib);
     if !(128..=4096).contains(&m) {
         return Err(bad(
             "invalid_size",
             format!("memory_mib is {m}; it must be 128 to 4096"),
         ));
     }
-    Ok(())
+    Ok(rt)
+}
+
+/// What the guest does for a run: the files to write, the build, the
+/// command. The code never goes through a shell of ours: it is one
+/// argument of the interpreter, or a file.
+struct Plan {
+    files: Vec<(String, String)>,
+    build: Option<Vec<String>>,
+    argv: Vec<String>,
+    /// The sources, hashed for the record.
+    sha256: String,
+}
+
+fn plan(rt: &Runtime, req: &RunCreate) -> Plan {
+    let opt = if req.release { rt.opt.1 } else { rt.opt.0 };
+    let mut hash = Sha256::new();
+    let (files, entry, argv) = match (&req.code, rt.code) {
+        (Some(code), Some(cmd)) if code.len() <= INLINE_CODE => {
+            hash.update(code.as_bytes());
+            (Vec::new(), None, runtime::fill(cmd, code, "", opt))
+        }
+        (Some(code), _) => {
+            hash.update(code.as_bytes());
+            (
+                vec![(rt.main_file.to_owned(), code.clone())],
+                Some(rt.main_file.to_owned()),
+                Vec::new(),
+            )
+        }
+        (None, _) => {
+            // Path, then content, each with its length: no two sets of
+            // files hash alike.
+            for f in &req.files {
+                for part in [&f.path, &f.content] {
+                    hash.update((part.len() as u64).to_le_bytes());
+                    hash.update(part.as_bytes());
+                }
+            }
+            (
+                req.files
+                    .iter()
+                    .map(|f| (f.path.clone(), f.content.clone()))
+                    .collect(),
+                Some(req.entry.clone().unwrap_or_else(|| rt.main_file.to_owned())),
+                Vec::new(),
+            )
+        }
+    };
+    let (build, mut argv) = match entry {
+        Some(e) => (
+            rt.build.map(|b| runtime::fill(b, "", &e, opt)),
+            runtime::fill(rt.entry, "", &e, opt),
+        ),
+        None => (None, argv),
+    };
+    argv.extend(req.args.iter().cloned());
+    Plan {
+        files,
+        build,
+        argv,
+        sha256: hex::encode(hash.finalize()),
+    }
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -205,7 +325,7 @@ impl App {
         req: RunCreate,
     ) -> AppResult<mpsc::Receiver<RunLine>> {
         let t0 = Instant::now();
-        check(&req)?;
+        let rt = check(&req)?;
         ctx.user()?;
         let name = match &ctx.actor {
             super::Actor::User { name, .. } => name.clone(),
@@ -219,10 +339,10 @@ impl App {
         let project = self.project_resolve(ctx, key, Role::Viewer).await?;
         self.require(ctx, ProjectId(project.id), Role::Member, "project", key)
             .await?;
-        let image_name = format!("run-{}", req.language);
+        let image_name = rt.image;
         let image = self
             .store
-            .image_fetch_by_name(&image_name)
+            .image_fetch_by_name(image_name)
             .await?
             .filter(|i| i.status == "available")
             .ok_or_else(|| {
@@ -234,7 +354,8 @@ impl App {
             })?;
         let node = self.run_node().await?;
         let vcpus = req.vcpus.unwrap_or(1);
-        let memory_mib = req.memory_mib.unwrap_or(256);
+        let memory_mib = req.memory_mib.unwrap_or(rt.memory_mib);
+        let plan = plan(rt, &req);
         let timeout_secs = req.timeout_secs.unwrap_or(30);
         let id = Uuid::now_v7();
         let record = run::Model {
@@ -242,7 +363,7 @@ impl App {
             project_id: project.id,
             user_name: name,
             language: req.language.clone(),
-            code_sha256: hex::encode(Sha256::digest(req.code.as_bytes())),
+            code_sha256: plan.sha256.clone(),
             state: RunState::Running.as_str().into(),
             exit_code: None,
             signal: None,
@@ -260,29 +381,6 @@ impl App {
         };
         let record = self.store.run_insert(record).await?;
         ctx.target("run", id, Some(ProjectId(project.id)));
-        let mut argv: Vec<String> = runtime_command(&req.language)
-            .unwrap_or_default()
-            .iter()
-            .map(|w| {
-                if *w == "{code}" {
-                    req.code.clone()
-                } else {
-                    (*w).to_owned()
-                }
-            })
-            .collect();
-        argv.extend(req.args.iter().cloned());
-        let warmup = runtime_command(&req.language)
-            .unwrap_or_default()
-            .iter()
-            .map(|w| {
-                if *w == "{code}" {
-                    warmup_code(&req.language).to_owned()
-                } else {
-                    (*w).to_owned()
-                }
-            })
-            .collect();
         let mut env: Vec<(String, String)> = Vec::new();
         if req.language == "python" && !req.env.contains_key("PYTHONUNBUFFERED") {
             // Output as it is printed, in order across stdout and stderr.
@@ -291,18 +389,23 @@ impl App {
         env.extend(req.env);
         let spec = RunSpec {
             image: node_image(image)?,
-            argv,
+            files: plan.files,
+            build: plan.build,
+            argv: plan.argv,
             env,
             stdin: req.stdin.map(|s| B64.encode(s.as_bytes())),
             timeout_secs,
             vcpus,
             memory_mib,
             output_limit: OUTPUT_LIMIT,
-            warmup,
+            warmup: rt.warmup.iter().map(|w| (*w).to_owned()).collect(),
         };
         let stream = match self
             .hub
-            .open(node, |stream| ToNode::Run { stream, spec })
+            .open(node, |stream| ToNode::Run {
+                stream,
+                spec: Box::new(spec),
+            })
             .await
         {
             Some(s) => s,
@@ -406,6 +509,7 @@ impl App {
                         from_pool: false,
                         template_build_ms: None,
                         vm_ready_ms: 0,
+                        build_ms: None,
                         first_output_ms: None,
                         end_ms: 0,
                     });
@@ -445,6 +549,7 @@ impl App {
                     queued_ms,
                     template_build_ms: r.template_build_ms,
                     vm_ready_ms: Some(at(r.vm_ready_ms)),
+                    build_ms: r.build_ms,
                     first_output_ms: r.first_output_ms.map(at),
                     end_ms: Some(at(r.end_ms)),
                     from_template: Some(r.from_template),
