@@ -276,9 +276,11 @@ impl Agent {
                 eprintln!("byteport-guest: cannot set the clock: {e}");
             }
         }
-        if req.new_identity && !self.identity_set {
+        if let Some((boot, machine)) = &req.identity
+            && !self.identity_set
+        {
             self.identity_set = true;
-            if let Err(e) = new_identity() {
+            if let Err(e) = new_identity(boot, machine) {
                 eprintln!("byteport-guest: cannot give the guest a new identity: {e}");
             }
         }
@@ -505,41 +507,27 @@ pub fn log(args: std::fmt::Arguments<'_>) {
     eprintln!("byteport-guest: {args}");
 }
 
-/// A random version-4 UUID from the kernel's generator.
-fn random_uuid() -> std::io::Result<[u8; 16]> {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    Ok(b)
-}
-
-/// A boot id and a machine id of this guest's own, bind-mounted over the
-/// kernel's `/proc/sys/kernel/random/boot_id` (read-only, fixed at boot)
-/// and `/etc/machine-id`, from files under /run.
-fn new_identity() -> Result<(), String> {
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let u = random_uuid().map_err(|e| format!("/dev/urandom: {e}"))?;
-    let boot = format!(
-        "{}-{}-{}-{}-{}\n",
-        hex(&u[..4]),
-        hex(&u[4..6]),
-        hex(&u[6..8]),
-        hex(&u[8..10]),
-        hex(&u[10..])
-    );
-    let machine = format!(
-        "{}\n",
-        hex(&random_uuid().map_err(|e| format!("/dev/urandom: {e}"))?)
-    );
+/// The boot id and machine id given, bind-mounted over the kernel's
+/// `/proc/sys/kernel/random/boot_id` (read-only, fixed at boot) and
+/// `/etc/machine-id`, from files under /run.
+fn new_identity(boot: &str, machine: &str) -> Result<(), String> {
+    let uuid = boot.len() == 36 && boot.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    let id = machine.len() == 32 && machine.bytes().all(|b| b.is_ascii_hexdigit());
+    if !uuid || !id {
+        return Err("the identity is not a UUID and 32 hex digits".into());
+    }
     for (text, file, over) in [
-        (boot, "/run/byteport-boot-id", "/proc/sys/kernel/random/boot_id"),
+        (
+            boot,
+            "/run/byteport-boot-id",
+            "/proc/sys/kernel/random/boot_id",
+        ),
         (machine, "/run/byteport-machine-id", "/etc/machine-id"),
     ] {
         if !std::path::Path::new(over).exists() {
             continue;
         }
-        std::fs::write(file, text).map_err(|e| format!("{file}: {e}"))?;
+        std::fs::write(file, format!("{text}\n")).map_err(|e| format!("{file}: {e}"))?;
         rustix::mount::mount_bind(file, over).map_err(|e| format!("{over}: {e}"))?;
     }
     Ok(())

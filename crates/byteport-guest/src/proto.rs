@@ -356,11 +356,11 @@ pub struct ExecRequest {
     /// snapshot's clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_clock: Option<(i64, u32)>,
-    /// Give the guest a boot id and machine id of its own before starting
-    /// (once per agent): every clone of a snapshot wakes with the
-    /// snapshot's.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub new_identity: bool,
+    /// Give the guest this boot id (a UUID) and machine id (32 hex digits)
+    /// before starting, once per agent: every clone of a snapshot wakes
+    /// with the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<(String, String)>,
 }
 
 impl ExecRequest {
@@ -528,7 +528,10 @@ mod tests {
                     cwd: Some("/tmp".into()),
                     stdin: true,
                     set_clock: Some((1_700_000_000, 5)),
-                    new_identity: true,
+                    identity: Some((
+                        "0b7c4a57-2f43-4e8e-9a36-1c5d0f0e6d21".into(),
+                        "0b7c4a572f434e8e9a361c5d0f0e6d21".into(),
+                    )),
                 }),
             ),
             (7, Message::Stdin(b"input".to_vec())),

@@ -156,7 +156,7 @@ fn handle<D: Driver>(
                 cwd,
                 stdin,
                 set_clock: None,
-                new_identity: false,
+                identity: None,
             };
             tokio::spawn(async move {
                 let end = match conn {

@@ -383,6 +383,11 @@ impl Runs {
                     .map(|d| (d.as_secs() as i64, d.subsec_nanos()))
             };
             let mut clock = now();
+            // And with the template's boot id and machine id.
+            let mut identity = Some((
+                uuid::Uuid::new_v4().to_string(),
+                uuid::Uuid::new_v4().simple().to_string(),
+            ));
             if let Some(build) = &spec.build {
                 let started = Instant::now();
                 let req = ExecRequest {
@@ -391,7 +396,7 @@ impl Runs {
                     cwd: Some(RUN_DIR.into()),
                     stdin: false,
                     set_clock: clock.take(),
-                    new_identity: true,
+                    identity: identity.take(),
                 };
                 let e = io.exec(&clone, req, None).await;
                 result.build_ms = Some(started.elapsed().as_millis() as u64);
@@ -409,7 +414,7 @@ impl Runs {
                 cwd: Some(RUN_DIR.into()),
                 stdin: spec.stdin.is_some(),
                 set_clock: clock,
-                new_identity: true,
+                identity,
             };
             let stdin = spec.stdin.as_deref().and_then(|d| B64.decode(d).ok());
             io.exec(&clone, req, stdin.as_deref()).await

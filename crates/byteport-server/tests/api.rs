@@ -1801,6 +1801,34 @@ async fn runs_refuse_bad_input_and_strangers_and_make_no_record() {
             (with("timeout_secs", json!(601)), "invalid_timeout"),
             (with("vcpus", json!(9)), "invalid_size"),
             (with("memory_mib", json!(100_000)), "invalid_size"),
+            (
+                with("files", json!([{"path": "main.sh", "content": "true"}])),
+                "invalid_code",
+            ),
+            (
+                json!({"project": "alpha", "language": "shell", "files": [{"path": "../main.sh", "content": ""}], "entry": "../main.sh"}),
+                "invalid_path",
+            ),
+            (
+                json!({"project": "alpha", "language": "shell", "files": [{"path": "/etc/x", "content": ""}]}),
+                "invalid_path",
+            ),
+            (
+                json!({"project": "alpha", "language": "shell", "files": [{"path": "a.sh", "content": ""}]}),
+                "invalid_entry",
+            ),
+            (
+                json!({"project": "alpha", "language": "shell", "files": (0..65).map(|i| json!({"path": format!("f{i}"), "content": ""})).collect::<Vec<_>>()}),
+                "invalid_files",
+            ),
+            (
+                json!({"project": "alpha", "language": "shell", "files": [{"path": "main.sh", "content": ""}, {"path": "main.sh", "content": ""}]}),
+                "invalid_files",
+            ),
+            (
+                json!({"project": "alpha", "language": "rust"}),
+                "invalid_code",
+            ),
         ] {
             let (st, v) = s.call(POST, "/v1/runs", Some(&member), Some(body)).await;
             assert_eq!(st, StatusCode::BAD_REQUEST, "{code}: {v}");
@@ -1877,5 +1905,88 @@ async fn runs_refuse_bad_input_and_strangers_and_make_no_record() {
             p["network_cidr"].as_str().unwrap().ends_with(".0/24"),
             "{p}"
         );
+    }
+}
+
+/// A running run holds its project's `max_concurrent_runs`, vCPUs and
+/// memory: the next run past any of them is refused with the numbers,
+/// and so is a VM that would need what the runs hold; an ended run holds
+/// nothing.
+#[tokio::test]
+async fn runs_count_against_the_projects_quotas_while_they_run() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.project("alpha", &[]).await;
+        let (st, p) = s
+            .call(
+                PUT,
+                "/v1/projects/alpha/quota",
+                Some(&s.admin),
+                Some(json!({"max_vms": 5, "max_vcpus": 3, "max_memory_mib": 2048, "max_disk_gib": 50, "max_concurrent_runs": 2})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{p}");
+        let project = uuid::Uuid::parse_str(p["id"].as_str().unwrap()).unwrap();
+        let run = |vcpus: i64, memory_mib: i64| byteport_store::run::Model {
+            id: uuid::Uuid::now_v7(),
+            project_id: project,
+            user_name: "admin".into(),
+            language: "shell".into(),
+            code_sha256: "0".repeat(64),
+            state: "running".into(),
+            exit_code: None,
+            signal: None,
+            message: None,
+            vcpus,
+            memory_mib,
+            timeout_secs: 30,
+            node_id: None,
+            timings: "{}".into(),
+            stdout: String::new(),
+            stderr: String::new(),
+            output_truncated: false,
+            created_at: chrono::Utc::now(),
+            ended_at: None,
+        };
+        let store = &s.app.store;
+        let first = store.run_insert(run(2, 1024)).await.expect("the first run");
+        // Past the vCPUs (2 held + 2 > 3), then past the memory.
+        let e = store.run_insert(run(2, 256)).await.unwrap_err().to_string();
+        assert!(e.contains("max_vcpus"), "{e}");
+        let e = store
+            .run_insert(run(1, 1536))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_memory_mib"), "{e}");
+        store.run_insert(run(1, 512)).await.expect("the second run");
+        let e = store.run_insert(run(0, 0)).await.unwrap_err().to_string();
+        assert!(e.contains("max_concurrent_runs"), "{e}");
+        // A VM needs what the runs hold (all 3 vCPUs).
+        s.image("tiny").await;
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&s.admin),
+                Some(json!({"name": "big", "project": "alpha", "image": "tiny", "vcpus": 1, "memory_mib": 1024, "disk_gib": 1})),
+            )
+            .await;
+        assert!(st.is_client_error(), "{st} {v}");
+        assert_eq!(v["error"]["code"], "quota_exceeded", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("uses 3 of 3"),
+            "{v}"
+        );
+        assert_eq!(s.count("runs").await, 2);
+        // The first ends: its room is free again.
+        let mut ended = first;
+        ended.state = "exited".into();
+        ended.ended_at = Some(chrono::Utc::now());
+        store.run_finish(ended).await.expect("finish");
+        store.run_insert(run(2, 1024)).await.expect("room again");
     }
 }

@@ -229,8 +229,8 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
 
     // Records: the run as it ended, its output kept.
     let shown = d.api.get(&format!("/v1/runs/{id}")).unwrap();
-    assert_eq!(shown["state"], "cancelled");
-    assert_eq!(shown["stdout"], "started\n");
+    assert_eq!(shown["state"], "cancelled", "{shown}");
+    assert_eq!(shown["stdout"], "started\n", "{shown}");
     assert_eq!(shown["user"], "admin");
     assert_eq!(shown["code_sha256"].as_str().unwrap().len(), 64);
     let all = d.api.get("/v1/runs").unwrap();
@@ -427,5 +427,42 @@ fn files_the_warm_interpreter_and_rust() {
             .unwrap_or("")
             .contains("build failed"),
         "{end}"
+    );
+}
+
+/// With templates off (`--run-templates false`, as on a host where they
+/// cannot be saved) every run boots its VM cold, works the same, and says
+/// so in its timings; Python without its waiting interpreter starts one.
+#[test]
+fn without_templates_runs_boot_cold_and_say_so() {
+    let Some(shell) = image_or_skip("run-shell", "run-code") else {
+        return;
+    };
+    let Some(python) = image_or_skip("run-python", "run-code") else {
+        return;
+    };
+    let d = Daemon::start_with_env(Path::new(BIN), &[("BYTEPORT_RUN_TEMPLATES", "false")]);
+    d.import_image(&shell);
+    d.import_image(&python);
+    let (out, _, end) = run(
+        &d,
+        json!({"language": "shell", "code": "echo cold; exit 2"}),
+    );
+    assert_eq!(out, "cold\n", "{end}");
+    assert_eq!(end["exit_code"], 2, "{end}");
+    assert_eq!(end["timings"]["from_template"], false, "{end}");
+    assert!(end["timings"]["template_build_ms"].is_null(), "{end}");
+    let (out, _, end) = run(
+        &d,
+        json!({"language": "python", "code": "import sys; print(sys.stdin.read()[::-1])", "stdin": "abc"}),
+    );
+    assert_eq!(out, "cba\n", "{end}");
+    assert_eq!(end["timings"]["from_template"], false, "{end}");
+    eprintln!("cold python timings: {}", end["timings"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        qemus_under(&d.dir).is_empty(),
+        "a cold run's VM was left: {:?}",
+        qemus_under(&d.dir)
     );
 }
