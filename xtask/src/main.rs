@@ -128,7 +128,14 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
     // Its browser test runs below with the other real-guest tests.
     web::test(&root).context("the web console")?;
     // The real-guest tests boot these images; they fail, not skip, here.
-    for name in ["tiny", "debian-12", "run-shell", "run-python", "run-node"] {
+    for name in [
+        "tiny",
+        "debian-12",
+        "run-shell",
+        "run-python",
+        "run-node",
+        "run-rust",
+    ] {
         if !root
             .join("build/images")
             .join(name)

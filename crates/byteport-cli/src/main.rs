@@ -371,7 +371,8 @@ pub struct RunArgs {
     /// The project (default: default).
     #[arg(long)]
     pub project: Option<String>,
-    /// Seconds before the run is killed, the build included (1-600; 30).
+    /// Seconds before the run is killed, the build included (1-600; 30,
+    /// rust 120).
     #[arg(long)]
     pub timeout: Option<u64>,
     /// The run's memory (128-4096 MiB; 256, rust 1024).

@@ -264,9 +264,9 @@ impl Agent {
         if stream == CONTROL_STREAM || self.sessions.contains_key(&stream) {
             return self.exec_error(stream, format!("stream {stream} is not free"));
         }
-        let Some(program) = req.argv.first() else {
+        if req.argv.is_empty() && req.set_clock.is_none() && req.identity.is_none() {
             return self.exec_error(stream, "empty argv".into());
-        };
+        }
         if let Some((secs, nanos)) = req.set_clock {
             let t = rustix::time::Timespec {
                 tv_sec: secs,
@@ -284,6 +284,16 @@ impl Agent {
                 eprintln!("byteport-guest: cannot give the guest a new identity: {e}");
             }
         }
+        let Some(program) = req.argv.first() else {
+            // Only the clock or the identity: nothing to start.
+            return self.send(
+                Message::Exit(Exit {
+                    code: Some(0),
+                    signal: None,
+                }),
+                stream,
+            );
+        };
         let mut cmd = Command::new(program);
         cmd.args(&req.argv[1..])
             .envs(req.env.iter().map(|(k, v)| (k, v)))

@@ -341,6 +341,8 @@ impl CloudInitStatus {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     /// Program and arguments; the program is looked up in the agent's PATH.
+    /// Empty with `set_clock` or `identity`: the agent applies them, starts
+    /// nothing and answers with exit code 0.
     pub argv: Vec<String>,
     /// Variables set on top of the agent's environment.
     #[serde(default)]

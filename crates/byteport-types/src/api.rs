@@ -503,7 +503,8 @@ pub struct RunCreate {
     pub stdin: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Wall-clock limit, 1-600 s, the build included; 30 when absent.
+    /// Wall-clock limit, 1-600 s, the build included; 30 when absent (rust
+    /// 120).
     pub timeout_secs: Option<u64>,
     /// 1-4; 1 when absent.
     pub vcpus: Option<u32>,

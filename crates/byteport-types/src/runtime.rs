@@ -31,6 +31,9 @@ pub struct Runtime {
     pub opt: (&'static str, &'static str),
     /// A run's memory when it does not ask (MiB).
     pub memory_mib: u64,
+    /// A run's wall-clock limit when it does not ask (s), the build
+    /// included.
+    pub timeout_secs: u64,
     /// What the template runs once before it is saved, to page the
     /// runtime in.
     pub warmup: &'static [&'static str],
@@ -53,6 +56,7 @@ pub const RUNTIMES: &[Runtime] = &[
         build: None,
         opt: ("", ""),
         memory_mib: 256,
+        timeout_secs: 30,
         warmup: &["bash", "-c", "true"],
     },
     Runtime {
@@ -81,6 +85,7 @@ pub const RUNTIMES: &[Runtime] = &[
         build: None,
         opt: ("", ""),
         memory_mib: 256,
+        timeout_secs: 30,
         warmup: &[
             "python3",
             "/usr/local/lib/byteport/python-warm.py",
@@ -97,6 +102,7 @@ pub const RUNTIMES: &[Runtime] = &[
         build: None,
         opt: ("", ""),
         memory_mib: 256,
+        timeout_secs: 30,
         warmup: &["node", "-e", ""],
     },
     Runtime {
@@ -119,6 +125,8 @@ pub const RUNTIMES: &[Runtime] = &[
         ]),
         opt: ("-Copt-level=0", "-O"),
         memory_mib: 1024,
+        // rustc takes about 10 s under emulation.
+        timeout_secs: 120,
         warmup: &["rustc", "--version"],
     },
 ];

@@ -394,7 +394,6 @@ fn files_the_warm_interpreter_and_rust() {
     let o = std::process::Command::new(&cli)
         .args(["run", "--config"])
         .arg(work.join("config.toml"))
-        .args(["--timeout", "600"])
         .env("BYTEPORT_URL", &d.url)
         .env("BYTEPORT_TOKEN", d.api.token.as_deref().unwrap())
         .env("BYTEPORT_CONFIG", work.join("cli.json"))

@@ -179,7 +179,7 @@ fn check(req: &RunCreate) -> AppResult<&'static Runtime> {
             format!("stdin is at most {MAX_STDIN} bytes"),
         ));
     }
-    let t = req.timeout_secs.unwrap_or(30);
+    let t = req.timeout_secs.unwrap_or(rt.timeout_secs);
     if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
         return Err(bad(
             "invalid_timeout",
@@ -356,7 +356,7 @@ impl App {
         let vcpus = req.vcpus.unwrap_or(1);
         let memory_mib = req.memory_mib.unwrap_or(rt.memory_mib);
         let plan = plan(rt, &req);
-        let timeout_secs = req.timeout_secs.unwrap_or(30);
+        let timeout_secs = req.timeout_secs.unwrap_or(rt.timeout_secs);
         let id = Uuid::now_v7();
         let record = run::Model {
             id,

@@ -1622,25 +1622,44 @@ export interface components {
         RunCreate: {
             /** @description Arguments the program gets. */
             args?: string[];
-            /** @description The program: one source text, at most 65536 bytes of UTF-8. */
-            code: string;
+            /**
+             * @description The program as one source text, at most 65536 bytes of UTF-8; or
+             *     give `files` instead.
+             */
+            code?: string | null;
+            /**
+             * @description The file of `files` to run (rust: to compile); the language's main
+             *     file (`main.py`, `main.rs`, ...) when absent.
+             */
+            entry?: string | null;
             env?: {
                 [key: string]: string;
             };
-            /** @description `shell`, `python` or `node` (the runtime image `run-LANGUAGE`). */
+            /**
+             * @description The program as files (at most 64, 262144 bytes together), written
+             *     under the run's directory `/run/code`.
+             */
+            files?: components["schemas"]["RunFile"][];
+            /** @description `shell`, `python`, `node` or `rust` (the runtime image `run-LANGUAGE`). */
             language: string;
             /**
              * Format: int64
-             * @description 128-4096 MiB; 256 when absent.
+             * @description 128-4096 MiB; the language's default when absent (256, rust 1024).
              */
             memory_mib?: number | null;
             /** @description The project's name or id; `default` when absent. */
             project?: string | null;
+            /**
+             * @description Compiled languages: build with optimisations (`rustc -O`); false
+             *     when absent.
+             */
+            release?: boolean;
             /** @description Standard input, text, at most 524288 bytes. */
             stdin?: string | null;
             /**
              * Format: int64
-             * @description Wall-clock limit, 1-600 s; 30 when absent.
+             * @description Wall-clock limit, 1-600 s, the build included; 30 when absent (rust
+             *     120).
              */
             timeout_secs?: number | null;
             /**
@@ -1648,6 +1667,16 @@ export interface components {
              * @description 1-4; 1 when absent.
              */
             vcpus?: number | null;
+        };
+        /** @description One file of a run's program. */
+        RunFile: {
+            /** @description Its text (UTF-8). */
+            content: string;
+            /**
+             * @description Relative to the run's directory: `src/main.rs`; no `..`, no
+             *     leading `/`, at most 255 bytes.
+             */
+            path: string;
         };
         /**
          * Format: uuid
@@ -1679,6 +1708,11 @@ export interface components {
         RunState: "running" | "exited" | "timeout" | "out_of_memory" | "output_limit" | "cancelled" | "failed";
         /** @description When the steps of a run happened, in milliseconds after the request. */
         RunTimings: {
+            /**
+             * Format: int64
+             * @description How long compiling took (rust); the run's time is the rest.
+             */
+            build_ms?: number | null;
             /**
              * Format: int64
              * @description The end.
