@@ -1,17 +1,23 @@
 //! `cargo xtask bench run`: run-code, measured at the client, in one run:
 //!
-//! 1. **Cold**: the first run of each runtime waits for its template (a
-//!    boot to the guest agent's ready, then the save); that is what a run
-//!    costs without a template, and it is reported as `template_build_ms`.
-//! 2. **Clone**: `--runs` (30) runs each of a shell `echo` and a Python
-//!    `print`, one after the other: the time from sending `POST /v1/runs`
-//!    to the first output line arriving at the client; p50 and p99.
+//! 1. **First run**: the first run of each runtime waits for its template
+//!    (a boot to the guest agent's ready, then the save), reported as
+//!    `template_build_ms`.
+//! 2. **Pooled clone** (the default node, `--run-pool 1`): 30 runs each
+//!    (10 with `--quick`) of a shell `echo` and a Python `print`, one
+//!    after the other: the time from sending `POST /v1/runs` to the first
+//!    output line arriving at the client; p50 and p99.
 //! 3. **Sustained**: Python runs from 4 clients at once for `--secs` (20);
 //!    runs per second (the project's `max_concurrent_runs` set to 8).
-//! 4. **Memory**: the private memory (`Private_Clean + Private_Dirty` of
-//!    `/proc/PID/smaps_rollup`) of a clone's QEMU while its program sleeps.
+//! 4. **Memory**: what a clone's QEMU adds while its program sleeps:
+//!    `Private_Dirty` of `/proc/PID/smaps_rollup` (its copy-on-write RAM,
+//!    heap, translated code), beside `Private_Clean + Private_Dirty`.
 //!
-//! Prints each figure and a `RESULT` line. Options: `--quick` (10 runs,
+//! 5. **Clone restored for the run** (a second daemon, `--run-pool 0`) and
+//!    **cold boot** (a third, `--run-templates false`, 6 runs each, 3 with
+//!    `--quick`): the same runs, for the ratios against the pooled clone.
+//!
+//! Prints each figure, the ratios and a `RESULT` line. Options: `--quick` (10 runs,
 //! 8 s), `--no-build`.
 
 use crate::bench_boot::Summary;
@@ -93,7 +99,12 @@ fn timed_run(addr: &str, token: &str, body: &Value) -> anyhow::Result<(Option<f6
     Ok((first, end))
 }
 
-fn private_mib(pid: u32) -> Option<f64> {
+/// A clone's memory, MiB: (what it alone maps, what it wrote). The
+/// first counts clean pages of the template's RAM file and of QEMU's own
+/// files that no other process maps at the moment (they stay in the page
+/// cache whatever the number of clones); the second is what the clone
+/// adds: its copy-on-write RAM, QEMU's heap and translated code.
+fn private_mib(pid: u32) -> Option<(f64, f64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     let kb = |k: &str| {
         s.lines()
@@ -101,7 +112,59 @@ fn private_mib(pid: u32) -> Option<f64> {
             .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    Some((kb("Private_Clean:") + kb("Private_Dirty:")) / 1024.0)
+    let dirty = kb("Private_Dirty:");
+    Some(((kb("Private_Clean:") + dirty) / 1024.0, dirty / 1024.0))
+}
+
+/// Sequential runs of each program: (p50, p99) of the time to first
+/// output, printed as it goes.
+fn latencies(
+    addr: &str,
+    token: &str,
+    programs: &[(&str, &serde_json::Value)],
+    runs: usize,
+) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut p = Vec::new();
+    for (name, body) in programs {
+        let mut v = Vec::new();
+        for _ in 0..runs {
+            let (first, end) = timed_run(addr, token, body)?;
+            if end["state"] != "exited" {
+                bail!("a {name} run ended {}", end);
+            }
+            v.push(first.unwrap_or(f64::NAN));
+        }
+        v.sort_by(f64::total_cmp);
+        let p99 = v[((v.len() as f64 * 0.99).ceil() as usize).min(v.len()) - 1];
+        let s = Summary::of(&v);
+        println!(
+            "  {name}: p50 {:.0} ms, p99 {p99:.0} ms (min {:.0}, max {:.0})",
+            s.median, s.min, s.max
+        );
+        p.push((s.median, p99));
+    }
+    Ok(p)
+}
+
+/// An all-in-one with the runtimes imported and room for the runs.
+fn daemon(
+    bin: &Path,
+    root: &Path,
+    envs: &[(&str, &str)],
+) -> anyhow::Result<(Daemon, String, String)> {
+    let d = Daemon::start_with_env(bin, envs);
+    for name in ["run-shell", "run-python"] {
+        d.import_image(&root.join("build/images").join(name));
+    }
+    d.api
+        .put(
+            "/v1/projects/default/quota",
+            json!({"max_vms": 20, "max_vcpus": 40, "max_memory_mib": 65536, "max_disk_gib": 1024, "max_concurrent_runs": 8}),
+        )
+        .map_err(anyhow::Error::msg)?;
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    let token = d.api.token.clone().context("a token")?;
+    Ok((d, addr, token))
 }
 
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -117,22 +180,11 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
             crate::image::run(root, &["build", name])?;
         }
     }
-    let d = Daemon::start(&bin);
-    for name in ["run-shell", "run-python"] {
-        d.import_image(&root.join("build/images").join(name));
-    }
-    d.api
-        .put(
-            "/v1/projects/default/quota",
-            json!({"max_vms": 20, "max_vcpus": 40, "max_memory_mib": 65536, "max_disk_gib": 1024, "max_concurrent_runs": 8}),
-        )
-        .map_err(anyhow::Error::msg)?;
-    let addr = d.url.trim_start_matches("http://").to_owned();
-    let token = d.api.token.clone().context("a token")?;
+    let (d, addr, token) = daemon(&bin, root, &[])?;
     let shell = json!({"language": "shell", "code": "echo hi"});
     let python = json!({"language": "python", "code": "print('hi')"});
 
-    println!("== cold: the first run of each runtime builds its template");
+    println!("== first run of each runtime: it builds its template");
     let mut cold = Vec::new();
     for (name, body) in [("shell", &shell), ("python", &python)] {
         let (first, end) = timed_run(&addr, &token, body)?;
@@ -146,28 +198,15 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     }
 
     println!(
-        "== clone: {} runs each, POST to the first output line",
+        "== pooled clone (the default, one restored ahead per template): {} runs each",
         o.runs
     );
-    let mut p = Vec::new();
-    for (name, body) in [("shell", &shell), ("python", &python)] {
-        let mut v = Vec::new();
-        for _ in 0..o.runs {
-            let (first, end) = timed_run(&addr, &token, body)?;
-            if end["state"] != "exited" {
-                bail!("a {name} run ended {}", end);
-            }
-            v.push(first.unwrap_or(f64::NAN));
-        }
-        v.sort_by(f64::total_cmp);
-        let p99 = v[((v.len() as f64 * 0.99).ceil() as usize).min(v.len()) - 1];
-        let s = Summary::of(&v);
-        println!(
-            "  {name}: p50 {:.0} ms, p99 {p99:.0} ms (min {:.0}, max {:.0})",
-            s.median, s.min, s.max
-        );
-        p.push((s.median, p99));
-    }
+    let p = latencies(
+        &addr,
+        &token,
+        &[("shell", &shell), ("python", &python)],
+        o.runs,
+    )?;
 
     println!("== sustained: Python runs from 4 clients for {} s", o.secs);
     let done = Arc::new(AtomicU64::new(0));
@@ -204,24 +243,62 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         )
     });
     std::thread::sleep(Duration::from_secs(3));
-    let clone_mib: Vec<f64> = qemus_under(&d.dir)
+    let clone_mib: Vec<(f64, f64)> = qemus_under(&d.dir)
         .into_iter()
         .filter_map(private_mib)
         .collect();
     let _ = sleeper.join();
-    let mem = clone_mib.first().copied().unwrap_or(f64::NAN);
+    let (uss, mem) = clone_mib.first().copied().unwrap_or((f64::NAN, f64::NAN));
     println!(
-        "  private memory of the clone's QEMU: {mem:.1} MiB ({} clone(s) seen)",
+        "  memory of the clone's QEMU: {mem:.1} MiB written (private dirty), {uss:.1} MiB mapped \
+         by it alone (private clean + dirty) ({} clone(s) seen)",
         clone_mib.len()
     );
 
+    drop(d);
+
+    println!(
+        "== clone restored for the run (--run-pool 0): {} runs each",
+        o.runs
+    );
+    let (d, addr, token) = daemon(&bin, root, &[("BYTEPORT_RUN_POOL", "0")])?;
+    for body in [&shell, &python] {
+        timed_run(&addr, &token, body)?;
+    }
+    let unpooled = latencies(
+        &addr,
+        &token,
+        &[("shell", &shell), ("python", &python)],
+        o.runs,
+    )?;
+    drop(d);
+
+    let cold_runs = if o.runs < 30 { 3 } else { 6 };
+    println!("== cold boot (--run-templates false): {cold_runs} runs each");
+    let (d, addr, token) = daemon(&bin, root, &[("BYTEPORT_RUN_TEMPLATES", "false")])?;
+    let cold_boot = latencies(
+        &addr,
+        &token,
+        &[("shell", &shell), ("python", &python)],
+        cold_runs,
+    )?;
+    drop(d);
+
     let clone_p50 = p[0].0.max(p[1].0);
     let clone_p99 = p[0].1.max(p[1].1);
+    let cold_p50 = cold_boot[0].0.max(cold_boot[1].0);
+    println!(
+        "ratios: cold boot / pooled clone p50 {:.0}x, restored clone / pooled clone p50 {:.2}x",
+        cold_p50 / clone_p50,
+        unpooled[0].0.max(unpooled[1].0) / clone_p50
+    );
     println!(
         "RESULT clone_p50_ms={clone_p50:.0} clone_p99_ms={clone_p99:.0} shell_p50_ms={:.0} \
-         python_p50_ms={:.0} cold_p50_ms={:.0} runs_per_s={runs_per_s:.2} clone_private_mib={mem:.1}",
+         python_p50_ms={:.0} unpooled_p50_ms={:.0} cold_p50_ms={cold_p50:.0} \
+         template_first_ms={:.0} runs_per_s={runs_per_s:.2} clone_private_mib={mem:.1}",
         p[0].0,
         p[1].0,
+        unpooled[0].0.max(unpooled[1].0),
         Summary::of(&cold).median
     );
     Ok(())

@@ -973,7 +973,7 @@ fn wait_for(env: &Env, id: &str, state: VmState, timeout: u64) -> Result<Value> 
             Err(e)
                 if left > chunk
                     && e.downcast_ref::<ApiError>()
-                        .is_some_and(|a| a.status == 408) =>
+                        .is_some_and(|a| a.status == 504) =>
             {
                 left -= chunk;
             }

@@ -659,10 +659,37 @@ pub enum NodeCmd {
     },
 }
 
+/// A reader that closed the pipe (`byteport vm list | head -1`) ends the
+/// command quietly with status 0, as it does for other tools: printing
+/// panics on a closed standard output, so the panic is caught here.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     let logging_in = matches!(cli.cmd, Cmd::Login { .. } | Cmd::Bootstrap { .. });
     if let Err(e) = commands::run(cli) {
+        let closed_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if closed_pipe {
+            return ExitCode::SUCCESS;
+        }
         // A command's own exit status (from `vm exec`), already reported.
         if let Some(commands::Exit(code)) = e.downcast_ref::<commands::Exit>() {
             return ExitCode::from(*code);

@@ -326,6 +326,30 @@ async fn cli_end_to_end() {
 
         let out = ok(c, &["whoami"]).await;
         assert!(out.contains("admin"), "{out}");
+
+        // A reader that closes the pipe early (`| head -1`): quiet, status 0.
+        let cfg_path = c.to_owned();
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_byteport"))
+                .args(["flavor", "list"])
+                .env("BYTEPORT_CONFIG", &cfg_path)
+                .env_remove("BYTEPORT_URL")
+                .env_remove("BYTEPORT_TOKEN")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("running byteport");
+            drop(child.stdout.take());
+            child.wait_with_output().expect("waiting for byteport")
+        })
+        .await
+        .expect("the closed-pipe run");
+        let err = String::from_utf8_lossy(&closed.stderr);
+        assert!(
+            closed.status.success() && !err.contains("panicked"),
+            "{:?} {err}",
+            closed.status
+        );
         let w: serde_json::Value =
             serde_json::from_str(&ok(c, &["whoami", "--output", "json"]).await).expect("json");
         assert_eq!(w["user"]["name"], "admin");

@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod channel;
 pub mod client;
 pub mod driver;
+pub mod generation;
 pub mod images;
 pub mod metadata;
 pub mod network;
@@ -178,6 +179,8 @@ pub struct Shared<D: Driver> {
     pub metadata_pipe: Vec<String>,
     /// The latest observation of each VM, sent with every heartbeat.
     pub reports: Mutex<HashMap<VmId, VmReport>>,
+    /// Where each report's generation comes from.
+    pub generations: generation::Generations,
     /// Connected, ready guest agents.
     pub guests: Mutex<HashMap<VmId, GuestConn>>,
     /// Heartbeat now (a VM changed, or the control plane poked).
@@ -368,6 +371,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         stop_timeout: cfg.stop_timeout,
         metadata_pipe,
         reports: Mutex::default(),
+        generations: generation::Generations::open(cfg.data_dir.join("report-generation")),
         guests: Mutex::default(),
         wake: Notify::new(),
     });
@@ -539,10 +543,7 @@ fn report_gone<D: Driver>(shared: &Arc<Shared<D>>, id: VmId, want_gen: u64) {
             VmReport {
                 id,
                 state: ObservedState::Deleted,
-                generation: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros() as u64)
-                    .unwrap_or(1),
+                generation: shared.generations.next(),
                 desired_generation: want_gen,
                 reason: None,
                 ports: Vec::new(),

@@ -147,13 +147,6 @@ async fn cloud_init_by_listing(conn: &GuestConn, run_dir: &str) -> CloudInit {
     }
 }
 
-fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 /// What to do after a step.
 enum Next {
     /// Take another step now.
@@ -237,7 +230,7 @@ impl<D: Driver> VmTask<D> {
                 || old.network != report.network
         });
         if changed {
-            self.generation = now_micros().max(self.generation + 1);
+            self.generation = self.shared.generations.next();
             reports.insert(
                 self.id,
                 VmReport {
@@ -736,6 +729,7 @@ pub(crate) mod tests {
             stop_timeout: Duration::from_millis(200),
             metadata_pipe: vec!["metadata-pipe".into(), "127.0.0.1:8123".into()],
             reports: Mutex::default(),
+            generations: crate::generation::Generations::open(dir.join("report-generation")),
             guests: Mutex::default(),
             wake: tokio::sync::Notify::new(),
         })

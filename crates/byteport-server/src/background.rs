@@ -1,13 +1,16 @@
 //! Background work of the control plane: reconcilers that are idempotent
 //! and safe to run at any time, on any replica: placing the VMs that wait
-//! for a node, marking silent nodes offline, and deleting environments
-//! whose lifetime ended.
+//! for a node, marking silent nodes offline, deleting environments whose
+//! lifetime ended, and recounting nodes' reservations from their VMs.
 
 use crate::app::App;
 use std::time::Duration;
 
 /// How often waiting VMs are offered to the scheduler again.
 pub const PLACEMENT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How often every node's reservations are recounted from its VMs.
+pub const RECOUNT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A node that sends no heartbeat for this long is offline.
 pub const NODE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -21,8 +24,15 @@ pub fn spawn(app: App) -> tokio::task::JoinHandle<()> {
 pub fn spawn_with(app: App, node_timeout: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PLACEMENT_INTERVAL);
+        let mut recounted = tokio::time::Instant::now();
         loop {
             tick.tick().await;
+            if recounted.elapsed() >= RECOUNT_INTERVAL {
+                recounted = tokio::time::Instant::now();
+                if let Err(e) = app.reservations_recount().await {
+                    tracing::warn!(error = %e, "reservation recount failed");
+                }
+            }
             if let Err(e) = app.nodes_mark_stale(node_timeout).await {
                 tracing::warn!(error = %e, "offline check failed");
             }

@@ -78,7 +78,8 @@ impl AppError {
             AppError::Conflict(_) | AppError::InvalidTransition(_) => StatusCode::CONFLICT,
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            // Not 408, which tells clients to send the request again.
+            AppError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             AppError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

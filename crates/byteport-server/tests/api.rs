@@ -319,7 +319,7 @@ async fn lifecycle_through_the_api_follows_the_state_machine() {
                 None,
             )
             .await;
-        assert_eq!(st, StatusCode::REQUEST_TIMEOUT, "{v}");
+        assert_eq!(st, StatusCode::GATEWAY_TIMEOUT, "{v}");
         assert!(
             v["error"]["message"]
                 .as_str()
@@ -1988,5 +1988,112 @@ async fn runs_count_against_the_projects_quotas_while_they_run() {
         ended.ended_at = Some(chrono::Utc::now());
         store.run_finish(ended).await.expect("finish");
         store.run_insert(run(2, 1024)).await.expect("room again");
+    }
+}
+
+/// A VM whose QEMU crashed keeps only its disk reserved, as a stopped one
+/// does, and a start takes its vCPUs and memory again; a report older than
+/// the last one applied is ignored; a reservation that drifted from the
+/// node's VMs is repaired by the recount and counted in /metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn crashes_release_compute_old_reports_are_ignored_and_drift_is_repaired() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        let node = byteport_testkit::SimNode::join(&s, "solo", 2048).await;
+        let (_, a) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(json!({"name": "a", "image": "tiny", "vcpus": 2, "memory_mib": 2048, "disk_gib": 10})),
+            )
+            .await;
+        let aid = a["id"].as_str().unwrap().to_owned();
+        let reserved = || async {
+            let (_, n) = s
+                .call(GET, &format!("/v1/nodes/{}", node.id), Some(&t), None)
+                .await;
+            n["reserved"].clone()
+        };
+        node.report(&s, &[(&aid, "running", 10, 1)]).await;
+        assert_eq!(
+            reserved().await,
+            json!({"vcpus": 2, "memory_mib": 2048, "disk_gib": 10})
+        );
+        // QEMU died: the VM is in error and holds only its disk.
+        let (st, _) = node.report(&s, &[(&aid, "error", 20, 1)]).await;
+        assert_eq!(st, StatusCode::OK);
+        let (_, v) = s.call(GET, &format!("/v1/vms/{aid}"), Some(&t), None).await;
+        assert_eq!(v["state"], "error", "{v}");
+        assert_eq!(
+            reserved().await,
+            json!({"vcpus": 0, "memory_mib": 0, "disk_gib": 10})
+        );
+        // A report older than that one, arriving late: ignored.
+        node.report(&s, &[(&aid, "running", 15, 1)]).await;
+        let (_, v) = s.call(GET, &format!("/v1/vms/{aid}"), Some(&t), None).await;
+        assert_eq!(v["state"], "error", "an older report applied: {v}");
+        assert_eq!(v["observed_generation"], 20, "{v}");
+        // A start takes the vCPUs and memory again.
+        let (st, v) = s
+            .call(POST, &format!("/v1/vms/{aid}/start"), Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        assert_eq!(
+            reserved().await,
+            json!({"vcpus": 2, "memory_mib": 2048, "disk_gib": 10})
+        );
+        // Drift (a leak by a crash of old, or a hand edit): the recount
+        // repairs it, once, and says so.
+        s.sql("UPDATE nodes SET reserved_vcpus = 7, reserved_disk_gib = 0")
+            .await;
+        assert_eq!(s.app.reservations_recount().await.unwrap(), 1);
+        assert_eq!(s.app.reservations_recount().await.unwrap(), 0);
+        assert_eq!(
+            reserved().await,
+            json!({"vcpus": 2, "memory_mib": 2048, "disk_gib": 10})
+        );
+        let (_, metrics) = s.get_text("/metrics", &t, &[]).await;
+        assert!(
+            metrics.contains("byteport_reservation_repairs_total 1"),
+            "{metrics}"
+        );
+    }
+}
+
+/// Without credentials every route but logging in, the first admin and a
+/// node's join answers 401 before any lookup: whether a project, VM or
+/// user exists is not told to a stranger.
+#[tokio::test]
+async fn requests_without_credentials_get_401_before_any_lookup() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.project("alpha", &[]).await;
+        let missing = uuid::Uuid::now_v7();
+        for (method, path) in [
+            (DELETE, "/v1/projects/alpha".to_owned()),
+            (DELETE, format!("/v1/projects/{missing}")),
+            (GET, "/v1/projects/alpha".to_owned()),
+            (GET, format!("/v1/vms/{missing}")),
+            (GET, "/v1/users/admin".to_owned()),
+            (GET, "/v1/flavors".to_owned()),
+            (GET, format!("/v1/runs/{missing}")),
+        ] {
+            let (st, v) = s.call(method.clone(), &path, None, None).await;
+            assert_eq!(st, StatusCode::UNAUTHORIZED, "{method} {path}: {v}");
+        }
+        // What anonymous callers need still answers.
+        let (st, _) = s
+            .call(
+                POST,
+                "/v1/auth/login",
+                None,
+                Some(json!({"name": "admin", "password": "admin-password"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(s.count("projects").await, 2, "nothing was deleted");
     }
 }

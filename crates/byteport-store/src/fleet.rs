@@ -2,7 +2,7 @@
 //! one transaction that places a VM and reserves its size on the node, and
 //! the release of that reservation when the VM is gone.
 
-use crate::{DataStore, Result, StoreError, image, node, vm};
+use crate::{DataStore, Release, Result, StoreError, image, node, vm};
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
@@ -127,69 +127,77 @@ impl DataStore {
     /// Returns a deleted VM's reservation (its disk, and its vCPUs and
     /// memory if it still held them) to its node, once.
     pub async fn vm_release(&self, vm_id: Uuid) -> Result<bool> {
-        let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
-        let Some(v) = vm::Entity::find_by_id(vm_id).one(&tx).await? else {
-            return Err(StoreError::NotFound);
-        };
-        let (Some(node_id), true) = (v.node_id, v.reserved) else {
-            return Ok(false);
-        };
-        let r = vm::Entity::update_many()
-            .col_expr(vm::Column::Reserved, Expr::value(false))
-            .col_expr(vm::Column::ComputeHeld, Expr::value(false))
-            .filter(vm::Column::Id.eq(vm_id))
-            .filter(vm::Column::Reserved.eq(true))
-            .exec(&tx)
-            .await?;
-        if r.rows_affected != 1 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        let (cpu, mem) = if v.compute_held {
-            (v.vcpus, v.memory_mib)
-        } else {
-            (0, 0)
-        };
-        let held = Size {
-            vcpus: cpu,
-            memory_mib: mem,
-            disk_gib: v.disk_gib,
-        };
-        shift_reserved(&tx, node_id, held.negated(), None, false).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.release(vm_id, Release::All).await
     }
 
     /// A stopped VM gives its vCPUs and memory back (its disk stays
     /// reserved), once.
     pub async fn vm_release_compute(&self, vm_id: Uuid) -> Result<bool> {
+        self.release(vm_id, Release::Compute).await
+    }
+
+    async fn release(&self, vm_id: Uuid, what: Release) -> Result<bool> {
         let _w = self.serialize().await;
         let tx = self.db.begin().await?;
-        let Some(v) = vm::Entity::find_by_id(vm_id).one(&tx).await? else {
-            return Err(StoreError::NotFound);
-        };
-        let Some(node_id) = v.node_id else {
-            return Ok(false);
-        };
-        let r = vm::Entity::update_many()
-            .col_expr(vm::Column::ComputeHeld, Expr::value(false))
-            .filter(vm::Column::Id.eq(vm_id))
-            .filter(vm::Column::ComputeHeld.eq(true))
-            .exec(&tx)
-            .await?;
-        if r.rows_affected != 1 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        let compute = Size {
-            vcpus: v.vcpus,
-            memory_mib: v.memory_mib,
-            disk_gib: 0,
-        };
-        shift_reserved(&tx, node_id, compute.negated(), None, false).await?;
+        let done = release_on(&tx, vm_id, what).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(done)
+    }
+
+    /// Recounts every node's reservations from the VMs placed on it (the
+    /// disk of each VM that holds its reservation, vCPUs and memory of each
+    /// that holds its compute) and writes the true figures where they
+    /// drifted; returns the nodes repaired with (was, is).
+    pub async fn node_recount_reservations(&self) -> Result<Vec<(Uuid, Size, Size)>> {
+        let _w = self.serialize().await;
+        let mut repaired = Vec::new();
+        for n in node::Entity::find().all(&self.db).await? {
+            let tx = self.db.begin().await?;
+            // The node's row first: a reservation being shifted in another
+            // transaction is either committed before this reads the VMs,
+            // or shifts the figure written here after.
+            crate::lock_node(&tx, n.id).await?;
+            let Some(n) = node::Entity::find_by_id(n.id).one(&tx).await? else {
+                tx.rollback().await?;
+                continue;
+            };
+            let vms = vm::Entity::find()
+                .filter(vm::Column::NodeId.eq(n.id))
+                .filter(vm::Column::Reserved.eq(true))
+                .all(&tx)
+                .await?;
+            let is = vms.iter().fold(
+                Size {
+                    vcpus: 0,
+                    memory_mib: 0,
+                    disk_gib: 0,
+                },
+                |s, v| Size {
+                    vcpus: s.vcpus + if v.compute_held { v.vcpus } else { 0 },
+                    memory_mib: s.memory_mib + if v.compute_held { v.memory_mib } else { 0 },
+                    disk_gib: s.disk_gib + v.disk_gib,
+                },
+            );
+            let was = Size {
+                vcpus: n.reserved_vcpus,
+                memory_mib: n.reserved_memory_mib,
+                disk_gib: n.reserved_disk_gib,
+            };
+            if was == is {
+                tx.rollback().await?;
+                continue;
+            }
+            node::Entity::update_many()
+                .col_expr(node::Column::ReservedVcpus, Expr::value(is.vcpus))
+                .col_expr(node::Column::ReservedMemoryMib, Expr::value(is.memory_mib))
+                .col_expr(node::Column::ReservedDiskGib, Expr::value(is.disk_gib))
+                .filter(node::Column::Id.eq(n.id))
+                .exec(&tx)
+                .await?;
+            tx.commit().await?;
+            repaired.push((n.id, was, is));
+        }
+        Ok(repaired)
     }
 
     /// Takes a stopped VM's vCPUs and memory back on its node before it
@@ -418,4 +426,51 @@ impl Size {
             disk_gib: -self.disk_gib,
         }
     }
+}
+
+/// Gives back what `what` says of a VM's reservation on its node, once
+/// (the VM's flags say what it still holds), within `c`'s transaction.
+pub(crate) async fn release_on<C: ConnectionTrait>(
+    c: &C,
+    vm_id: Uuid,
+    what: Release,
+) -> Result<bool> {
+    let Some(v) = vm::Entity::find_by_id(vm_id).one(c).await? else {
+        return Err(StoreError::NotFound);
+    };
+    let Some(node_id) = v.node_id else {
+        return Ok(false);
+    };
+    let (flag, size) = match what {
+        Release::Nothing => return Ok(false),
+        Release::Compute if v.compute_held => (
+            vm::Column::ComputeHeld,
+            Size {
+                vcpus: v.vcpus,
+                memory_mib: v.memory_mib,
+                disk_gib: 0,
+            },
+        ),
+        Release::All if v.reserved => (
+            vm::Column::Reserved,
+            Size {
+                vcpus: if v.compute_held { v.vcpus } else { 0 },
+                memory_mib: if v.compute_held { v.memory_mib } else { 0 },
+                disk_gib: v.disk_gib,
+            },
+        ),
+        _ => return Ok(false),
+    };
+    let mut u = vm::Entity::update_many()
+        .col_expr(vm::Column::ComputeHeld, Expr::value(false))
+        .filter(vm::Column::Id.eq(vm_id))
+        .filter(flag.eq(true));
+    if what == Release::All {
+        u = u.col_expr(vm::Column::Reserved, Expr::value(false));
+    }
+    if u.exec(c).await?.rows_affected != 1 {
+        return Ok(false);
+    }
+    shift_reserved(c, node_id, size.negated(), None, false).await?;
+    Ok(true)
 }

@@ -115,6 +115,20 @@ pub struct Observation<'a> {
     pub cloud_init: Option<&'a str>,
     /// JSON of how the node connected the VM, when it said.
     pub network: Option<String>,
+    /// What the VM's reservation on its node gives back with this report,
+    /// in the same transaction.
+    pub release: Release,
+}
+
+/// What of a VM's reservation a report gives back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    Nothing,
+    /// Stopped, or crashed with its QEMU gone: vCPUs and memory; the disk
+    /// stays reserved where it lives.
+    Compute,
+    /// Deleted: everything.
+    All,
 }
 
 /// The outcome of claiming an idempotency key.
@@ -950,7 +964,10 @@ impl DataStore {
     }
 
     /// Records a node's observation if it is newer than the stored one
-    /// (`WHERE observed_generation < new`); returns whether it applied.
+    /// (`WHERE observed_generation < new`), and gives back what it
+    /// releases of the VM's reservation, in one transaction: a crash
+    /// between the two cannot leak a reservation. Returns whether it
+    /// applied.
     pub async fn vm_update_observed(
         &self,
         id: Uuid,
@@ -979,13 +996,22 @@ impl DataStore {
         if deleted {
             u = u.col_expr(vm::Column::DeletedAt, Expr::value(now));
         }
-        let res = u
+        let u = u
             .filter(vm::Column::Id.eq(id))
             .filter(vm::Column::NodeId.eq(node_id))
-            .filter(vm::Column::ObservedGeneration.lt(generation))
-            .exec(&self.db)
-            .await?;
-        Ok(res.rows_affected == 1)
+            .filter(vm::Column::ObservedGeneration.lt(generation));
+        if o.release == Release::Nothing {
+            return Ok(u.exec(&self.db).await?.rows_affected == 1);
+        }
+        let _w = self.serialize().await;
+        let tx = self.db.begin().await?;
+        if u.exec(&tx).await?.rows_affected != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        fleet::release_on(&tx, id, o.release).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// The VMs a node should hold: placed there and not yet gone.
@@ -1054,32 +1080,35 @@ impl DataStore {
     }
 
     /// Records a heartbeat: capacity, usage, time, and `online` unless the
-    /// node is cordoned.
+    /// node is cordoned. One guarded statement: a cordon that lands while
+    /// the heartbeat is served is never overwritten with `online`.
     pub async fn node_heartbeat(
         &self,
         id: Uuid,
         cap: [i64; 3],
         used: [i64; 3],
         vm_stats: Option<String>,
-    ) -> Result<node::Model> {
-        let mut n = self.node_fetch(id).await?;
-        let status = if n.status == "cordoned" {
-            "cordoned"
-        } else {
-            "online"
-        };
-        n.status = status.into();
-        let mut a = n.into_active_model();
-        a.status = Set(status.into());
-        a.cap_vcpus = Set(cap[0]);
-        a.cap_memory_mib = Set(cap[1]);
-        a.cap_disk_gib = Set(cap[2]);
-        a.used_vcpus = Set(used[0]);
-        a.used_memory_mib = Set(used[1]);
-        a.used_disk_gib = Set(used[2]);
-        a.last_heartbeat_at = Set(Some(Utc::now()));
-        a.vm_stats = Set(vm_stats);
-        Ok(a.update(&self.db).await?)
+    ) -> Result<()> {
+        let res = node::Entity::update_many()
+            .col_expr(
+                node::Column::Status,
+                Expr::cust("CASE WHEN status = 'cordoned' THEN 'cordoned' ELSE 'online' END"),
+            )
+            .col_expr(node::Column::CapVcpus, Expr::value(cap[0]))
+            .col_expr(node::Column::CapMemoryMib, Expr::value(cap[1]))
+            .col_expr(node::Column::CapDiskGib, Expr::value(cap[2]))
+            .col_expr(node::Column::UsedVcpus, Expr::value(used[0]))
+            .col_expr(node::Column::UsedMemoryMib, Expr::value(used[1]))
+            .col_expr(node::Column::UsedDiskGib, Expr::value(used[2]))
+            .col_expr(node::Column::LastHeartbeatAt, Expr::value(Some(Utc::now())))
+            .col_expr(node::Column::VmStats, Expr::value(vm_stats))
+            .filter(node::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        if res.rows_affected != 1 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
     }
 
     // ---------- idempotency ----------
@@ -1183,6 +1212,20 @@ pub(crate) async fn lock_project<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<
     project::Entity::update_many()
         .col_expr(project::Column::MaxVms, Expr::col(project::Column::MaxVms))
         .filter(project::Column::Id.eq(id))
+        .exec(c)
+        .await?;
+    Ok(())
+}
+
+/// Takes a node's row lock for the rest of the transaction (a no-op
+/// update), as [`lock_project`] does for a project.
+pub(crate) async fn lock_node<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<()> {
+    node::Entity::update_many()
+        .col_expr(
+            node::Column::ReservedVcpus,
+            Expr::col(node::Column::ReservedVcpus),
+        )
+        .filter(node::Column::Id.eq(id))
         .exec(c)
         .await?;
     Ok(())

@@ -301,3 +301,61 @@ impl TestServer {
         row.try_get::<i64>("", "n").expect("n")
     }
 }
+
+/// A node that exists only as its registration and its heartbeats: what
+/// a node agent tells the control plane, sent by the test, with the
+/// capacity it registered with.
+pub struct SimNode {
+    pub id: String,
+    pub credential: String,
+    pub capacity: Value,
+}
+
+impl SimNode {
+    /// Registers a node `name` with 2 vCPUs, `memory_mib` and 100 GiB.
+    pub async fn join(s: &TestServer, name: &str, memory_mib: u64) -> SimNode {
+        let (_, jt) = s
+            .call(
+                Method::POST,
+                "/v1/node-join-tokens",
+                Some(&s.admin),
+                Some(serde_json::json!({})),
+            )
+            .await;
+        let capacity = serde_json::json!({"vcpus": 2, "memory_mib": memory_mib, "disk_gib": 100});
+        let reg = serde_json::json!({"join_token": jt["token"], "name": name,
+            "engines": ["qemu"], "capacity": capacity});
+        let (st, n) = s
+            .call(Method::POST, "/v1/nodes/register", None, Some(reg))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "register {name}: {n}");
+        SimNode {
+            id: n["node"]["id"].as_str().expect("an id").to_owned(),
+            credential: n["credential"].as_str().expect("a credential").to_owned(),
+            capacity,
+        }
+    }
+
+    /// One heartbeat reporting each VM as `(id, observed state, report
+    /// generation, desired generation seen)`; the answer.
+    pub async fn report(
+        &self,
+        s: &TestServer,
+        vms: &[(&str, &str, u64, u64)],
+    ) -> (StatusCode, Value) {
+        let vms: Vec<Value> = vms
+            .iter()
+            .map(|(id, state, generation, desired)| {
+                serde_json::json!({"id": id, "state": state, "generation": generation,
+                    "desired_generation": desired})
+            })
+            .collect();
+        s.call(
+            Method::POST,
+            &format!("/v1/nodes/{}/heartbeat", self.id),
+            Some(&self.credential),
+            Some(serde_json::json!({"capacity": self.capacity, "vms": vms})),
+        )
+        .await
+    }
+}

@@ -78,6 +78,8 @@ pub struct App {
     pub(crate) metadata_limits: Arc<metadata::RateLimits>,
     /// Runs served by this replica, by id: a way to cancel each.
     pub(crate) runs_live: Arc<runs::Live>,
+    /// Node reservations the recount pass found drifted and repaired.
+    pub reservation_repairs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Who is asking.
@@ -185,6 +187,7 @@ impl App {
             metadata_key: Arc::new(metadata_key),
             metadata_limits: Arc::default(),
             runs_live: Arc::default(),
+            reservation_repairs: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;
         projects::seed_default(&app).await?;

@@ -6,7 +6,7 @@
 use super::auth::{JOIN_PREFIX, NODE_PREFIX, hash_secret, random_secret};
 use super::{Actor, App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
-use byteport_store::{Observation, join_token, node};
+use byteport_store::{Observation, Release, join_token, node};
 use byteport_types::api::{
     BootMode, Capacity, CloudInit, DesiredVm, Egress, Heartbeat, HeartbeatResponse, JoinToken,
     JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered,
@@ -149,6 +149,24 @@ impl App {
         })
     }
 
+    /// Recounts every node's reservations from its VMs and repairs drift
+    /// (logged, counted in /metrics as
+    /// `byteport_reservation_repairs_total`); returns how many nodes.
+    pub async fn reservations_recount(&self) -> AppResult<usize> {
+        let repaired = self.store.node_recount_reservations().await?;
+        for (node, was, is) in &repaired {
+            tracing::warn!(
+                node = %node,
+                was = ?was,
+                is = ?is,
+                "a node's reservations drifted from its VMs: repaired"
+            );
+        }
+        self.reservation_repairs
+            .fetch_add(repaired.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(repaired.len())
+    }
+
     /// Takes a node's heartbeat: capacity, usage and what it observed of its
     /// VMs; answers with the VMs it should hold.
     pub async fn node_heartbeat(
@@ -268,17 +286,18 @@ impl App {
                             .map(serde_json::to_string)
                             .transpose()
                             .map_err(AppError::internal)?,
+                        release: match (state, r.state) {
+                            (VmState::Deleted, _) => Release::All,
+                            // Stopped, or crashed with its QEMU gone: its
+                            // vCPUs and memory are free for others; the disk
+                            // stays reserved where it lives, and a start
+                            // takes them again or is refused with the numbers.
+                            (VmState::Stopped, _) | (_, ObservedState::Error) => Release::Compute,
+                            _ => Release::Nothing,
+                        },
                     },
                 )
                 .await?;
-            if applied && state == VmState::Deleted {
-                self.store.vm_release(v.id).await?;
-            }
-            if applied && state == VmState::Stopped {
-                // Stopped: its vCPUs and memory are free for others; the
-                // disk stays reserved where it lives.
-                self.store.vm_release_compute(v.id).await?;
-            }
             if applied {
                 let _ = self.vm_changes.send(v.id);
             }

@@ -531,9 +531,9 @@ vm_action!(
     "Resume a paused VM."
 );
 
-/// Wait until a VM reaches a state (408 on timeout, 409 if it never can).
+/// Wait until a VM reaches a state (504 when the wait times out, 409 if it never can).
 #[utoipa::path(get, path = "/v1/vms/{id}/wait", tag = "vms", params(("id" = String, Path), VmWaitQuery),
-    responses((status = 200, body = Vm), (status = 408, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Vm), (status = 504, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn vm_wait(
     State(app): State<App>,
     ctx: Ctx,

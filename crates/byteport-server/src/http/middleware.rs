@@ -47,8 +47,30 @@ pub async fn authenticate(State(app): State<App>, mut req: Request, next: Next) 
         Err(_) if bearer.is_none() => Actor::Anonymous,
         Err(e) => return e.into_response(),
     };
+    if matches!(actor, Actor::Anonymous) && !anonymous_allowed(&req) {
+        // Before any lookup: a stranger learns nothing of what exists.
+        return AppError::Unauthorized("log in first: this needs a user or a node".into())
+            .into_response();
+    }
     req.extensions_mut().insert(Ctx::new(actor));
     next.run(req).await
+}
+
+/// The routes a caller without credentials may use: logging in (or out,
+/// or refreshing with the session cookie), the first admin, a node's join.
+const ANONYMOUS: &[&str] = &[
+    "/v1/auth/login",
+    "/v1/auth/logout",
+    "/v1/auth/refresh",
+    "/v1/auth/session",
+    "/v1/bootstrap",
+    "/v1/nodes/register",
+];
+
+fn anonymous_allowed(req: &Request) -> bool {
+    req.extensions()
+        .get::<axum::extract::MatchedPath>()
+        .is_some_and(|p| ANONYMOUS.contains(&p.as_str()))
 }
 
 /// A browser sends `Origin` on cross-site requests; when present it must

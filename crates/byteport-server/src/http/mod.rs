@@ -205,6 +205,12 @@ async fn metrics_text(State((app, m)): State<(App, Arc<Metrics>)>) -> impl IntoR
             extra.push_str(&format!("byteport_vms{{state=\"{state}\"}} {n}\n"));
         }
     }
+    extra.push_str(&format!(
+        "# HELP byteport_reservation_repairs_total Node reservations found drifted from their VMs and repaired.\n\
+         # TYPE byteport_reservation_repairs_total counter\nbyteport_reservation_repairs_total {}\n",
+        app.reservation_repairs
+            .load(std::sync::atomic::Ordering::Relaxed)
+    ));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.render(&extra),

@@ -932,7 +932,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Wait until a VM reaches a state (408 on timeout, 409 if it never can). */
+        /** Wait until a VM reaches a state (504 when the wait times out, 409 if it never can). */
         get: operations["vm_wait"];
         put?: never;
         post?: never;
@@ -4138,7 +4138,7 @@ export interface operations {
                     "application/json": components["schemas"]["Vm"];
                 };
             };
-            408: {
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4146,7 +4146,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            409: {
+            504: {
                 headers: {
                     [name: string]: unknown;
                 };
