@@ -99,7 +99,7 @@ fn handle<D: Driver>(
             let path = shared.vm_dir(vm).join(files::CONSOLE_LOG);
             let out = out.clone();
             tokio::spawn(async move {
-                let msg = match tail(&path, bytes).await {
+                let msg = match console_tail(&path, bytes).await {
                     Ok(data) => {
                         for chunk in data.chunks(48 * 1024) {
                             let _ = out
@@ -195,6 +195,21 @@ fn handle<D: Driver>(
         ToNode::InputEnd { stream } => route(stream, Input::End),
         ToNode::Close { stream } => route(stream, Input::Close),
     }
+}
+
+/// The last `bytes` of a VM's console log, reaching into its previous
+/// part when the log was cut not long ago.
+async fn console_tail(path: &std::path::Path, bytes: u64) -> Result<Vec<u8>, String> {
+    let mut now = tail(path, bytes).await?;
+    let short = bytes.saturating_sub(now.len() as u64);
+    if short > 0 {
+        let old = path.with_file_name(crate::console_log::OLD);
+        if let Ok(mut before) = tail(&old, short).await {
+            before.append(&mut now);
+            return Ok(before);
+        }
+    }
+    Ok(now)
 }
 
 /// The last `bytes` of a file.

@@ -13,6 +13,7 @@ pub mod bridge;
 pub mod cgroup;
 pub mod channel;
 pub mod client;
+pub mod console_log;
 pub mod driver;
 pub mod generation;
 pub mod images;
@@ -33,6 +34,7 @@ use images::ImageCache;
 use network::UserNet;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,6 +68,9 @@ pub struct NodeConfig {
     pub run_pool: usize,
     /// Whether runs start as clones of templates (else each boots cold).
     pub run_templates: bool,
+    /// Bytes of a VM's serial console log kept before it is cut (see
+    /// [`console_log`]).
+    pub console_log_max: u64,
     /// The program QEMU runs per guest connection to the metadata address,
     /// with its arguments; the relay's address is added last. This
     /// daemon's own `metadata-pipe` unless set.
@@ -133,6 +138,7 @@ impl NodeConfig {
             network: NetworkChoice::Auto,
             run_pool: 1,
             run_templates: true,
+            console_log_max: console_log::DEFAULT_MAX,
             metadata_pipe: std::env::current_exe()
                 .map(|p| vec![p.display().to_string(), "metadata-pipe".into()])
                 .unwrap_or_default(),
@@ -291,7 +297,19 @@ async fn identity(
         server: cfg.server.clone(),
     };
     let tmp = cfg.data_dir.join(".node.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&ident).unwrap_or_default())
+    // The credential: the owner's only, from the first byte.
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            std::io::Write::write_all(
+                &mut f,
+                &serde_json::to_vec_pretty(&ident).unwrap_or_default(),
+            )
+        })
         .and_then(|_| std::fs::rename(&tmp, &path))
         .map_err(|e| NodeError::Setup(format!("cannot save {}: {e}", path.display())))?;
     tracing::info!(node = %ident.id, name = %ident.name, "registered with the control plane");
@@ -404,6 +422,10 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
     shared.cgroups.sweep(&|vm| tasks.contains_key(&vm));
     tokio::spawn(channel::run(shared.clone()));
     tokio::spawn(metadata::serve(shared.clone(), relay));
+    tokio::spawn(console_log::keep_bounded(
+        shared.vms_dir.clone(),
+        cfg.console_log_max,
+    ));
     let mut backoff = Duration::from_millis(200);
     let mut sampler = stats::Sampler::default();
     loop {

@@ -2097,3 +2097,32 @@ async fn requests_without_credentials_get_401_before_any_lookup() {
         assert_eq!(s.count("projects").await, 2, "nothing was deleted");
     }
 }
+
+/// The audit log says what people did: a login is the user's, a node's
+/// heartbeats are not events at all.
+#[tokio::test]
+async fn audit_names_who_logged_in_and_skips_heartbeats() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let node = byteport_testkit::SimNode::join(&s, "quiet", 2048).await;
+        for _ in 0..3 {
+            let (st, _) = node.report(&s, &[]).await;
+            assert_eq!(st, StatusCode::OK);
+        }
+        s.login("admin", "admin-password").await;
+        let (st, v) = s
+            .call(GET, "/v1/audit?limit=500", Some(&s.admin), None)
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let items = v["items"].as_array().unwrap();
+        assert!(
+            !items.iter().any(|e| e["action"] == "node_heartbeat"),
+            "{v}"
+        );
+        let login = items
+            .iter()
+            .find(|e| e["action"] == "auth_login")
+            .unwrap_or_else(|| panic!("no login event: {v}"));
+        assert_eq!(login["actor"], "admin", "{login}");
+    }
+}

@@ -201,7 +201,12 @@ pub fn plan(
             S::Running | S::Rebooting => deny("it is already running"),
             S::Paused => deny("it is paused; resume it instead"),
             S::Pending | S::Provisioning => deny("it is already starting"),
-            S::Stopping => deny("it is stopping; wait until it is stopped"),
+            // A stop on its way: the node will find it meant to run (and
+            // start it again if it had stopped).
+            S::Stopping => Ok(Plan {
+                desired: DesiredState::Running,
+                state: S::Provisioning,
+            }),
             S::Unknown => deny("its node is offline"),
             _ => deny("a start is already in progress"),
         },
@@ -241,6 +246,11 @@ pub fn plan(
             }),
             S::Running if desired == DesiredState::Paused => deny("a pause is already in progress"),
             S::Running => deny("another action is in progress"),
+            // A resume on its way: it stays paused.
+            S::Paused if desired == DesiredState::Running => Ok(Plan {
+                desired: DesiredState::Paused,
+                state: S::Paused,
+            }),
             S::Paused => deny("it is already paused"),
             _ => deny("only a running VM can be paused"),
         },
@@ -250,6 +260,12 @@ pub fn plan(
                 state: S::Paused,
             }),
             S::Paused => deny("a resume is already in progress"),
+            // A pause on its way (judged by where the VM is going): it
+            // keeps running.
+            S::Running if desired == DesiredState::Paused => Ok(Plan {
+                desired: DesiredState::Running,
+                state: S::Running,
+            }),
             S::Running => deny("it is not paused"),
             _ => deny("only a paused VM can be resumed"),
         },
@@ -301,6 +317,20 @@ mod tests {
         }
     }
 
+    /// An action is judged against where the VM is going: a pause not yet
+    /// carried out can be resumed at once, a resume paused again, a stop
+    /// started again.
+    #[test]
+    fn actions_follow_the_desired_state() {
+        let p = plan(S::Running, DesiredState::Paused, true, VmAction::Resume).unwrap();
+        assert_eq!((p.desired, p.state), (DesiredState::Running, S::Running));
+        let p = plan(S::Paused, DesiredState::Running, true, VmAction::Pause).unwrap();
+        assert_eq!((p.desired, p.state), (DesiredState::Paused, S::Paused));
+        let p = plan(S::Stopping, DesiredState::Stopped, true, VmAction::Start).unwrap();
+        assert_eq!(p.desired, DesiredState::Running);
+        assert!(plan(S::Running, DesiredState::Running, true, VmAction::Resume).is_err());
+    }
+
     /// Every (state, action) pair, for a placed VM: `Some(new state)` when
     /// allowed, `None` when the action must be refused with a 409.
     #[test]
@@ -339,7 +369,14 @@ mod tests {
             ),
             (
                 S::Stopping,
-                [None, None, None, None, None, Some(S::Deleting)],
+                [
+                    Some(S::Provisioning),
+                    None,
+                    None,
+                    None,
+                    None,
+                    Some(S::Deleting),
+                ],
             ),
             (
                 S::Stopped,

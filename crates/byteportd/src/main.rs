@@ -150,6 +150,10 @@ struct NodeOpts {
     /// cannot be saved).
     #[arg(long, env = "BYTEPORT_RUN_TEMPLATES", default_value_t = true, action = clap::ArgAction::Set)]
     run_templates: bool,
+    /// Bytes of a VM's serial console log kept before it is cut (the
+    /// previous part stays as console.log.1).
+    #[arg(long, env = "BYTEPORT_CONSOLE_LOG_MAX", default_value_t = byteport_node::console_log::DEFAULT_MAX)]
+    console_log_max: u64,
 }
 
 #[derive(Args)]
@@ -201,6 +205,13 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
+/// Makes `path` its owner's only (`mode` 0600).
+fn owner_only(path: &std::path::Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("making {} its owner's only", path.display()))
+}
+
 async fn open_store(db: &DbArgs) -> anyhow::Result<(DataStore, PathBuf)> {
     let dir = db.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&dir)
@@ -219,6 +230,17 @@ async fn open_store(db: &DbArgs) -> anyhow::Result<(DataStore, PathBuf)> {
             }
         )
     })?;
+    // The database holds the keys and every hash: its owner's only. (The
+    // directory stays traversable: a node may run QEMU as another user on
+    // VM files below it.)
+    if db.database_url.is_none() {
+        for f in ["byteport.db", "byteport.db-wal", "byteport.db-shm"] {
+            let p = dir.join(f);
+            if p.exists() {
+                owner_only(&p, 0o600)?;
+            }
+        }
+    }
     Ok((store, dir))
 }
 
@@ -270,6 +292,7 @@ fn node_config(
     c.metadata_port = o.metadata_port;
     c.run_pool = o.run_pool.min(64);
     c.run_templates = o.run_templates;
+    c.console_log_max = o.console_log_max.max(64 * 1024);
     c.network = o
         .network
         .parse()

@@ -43,6 +43,14 @@ fn a_real_guest_runs_execs_pauses_restarts_stops_and_is_deleted_cleanly() {
     let d = Daemon::start(Path::new(BIN));
     d.import_tiny(&img);
     let id = up(&d, "life");
+    // The database and the node's credential are their owner's only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [d.dir.join("byteport.db"), d.dir.join("node/node.json")] {
+            let mode = std::fs::metadata(&f).expect("exists").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+        }
+    }
 
     // Exec: output, error output and the exit code come back.
     let (out, _, code) = d.exec(&id, &["uname", "-s"]).expect("exec");
@@ -302,6 +310,18 @@ fn a_qemu_killed_behind_the_agents_back_shows_as_an_error_with_the_reason() {
     let reason = v["state_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("signal 9"), "reason: {reason}");
     assert!(seen < Duration::from_secs(10), "noticed after {seen:?}");
+    // Its QEMU is gone: only its disk stays reserved, and a start takes
+    // its vCPUs and memory again.
+    let node = &d.api.get("/v1/nodes").expect("nodes")[0];
+    assert_eq!(node["reserved"]["vcpus"], 0, "{node}");
+    assert_eq!(node["reserved"]["memory_mib"], 0, "{node}");
+    assert_eq!(node["reserved"]["disk_gib"], v["disk_gib"], "{node}");
+    d.api
+        .post(&format!("/v1/vms/{id}/start"), serde_json::json!({}))
+        .expect("start again");
+    let node = &d.api.get("/v1/nodes").expect("nodes")[0];
+    assert_eq!(node["reserved"]["vcpus"], v["vcpus"], "{node}");
+    d.wait(&id, "running", 60).expect("running again");
 }
 
 /// The `byteport` binary built beside this test's `byteportd`.
@@ -650,4 +670,57 @@ fn an_environment_runs_one_command_on_every_guest_and_goes_away_whole() {
     assert!(qemus_under(&d.dir).is_empty(), "no QEMU left");
     let list = d.api.get("/v1/environments").expect("list");
     assert_eq!(list, json!([]));
+}
+
+/// A guest that floods its serial console does not fill the node's disk:
+/// the log is cut past `--console-log-max` (its previous part kept), the
+/// console's tail still shows the latest lines, and the VM still answers.
+#[test]
+fn a_guest_flooding_its_console_keeps_the_log_bounded() {
+    let Some(img) = tiny_or_skip("console flood") else {
+        return;
+    };
+    const MAX: u64 = 64 * 1024;
+    let d = Daemon::start_with_env(
+        Path::new(BIN),
+        &[("BYTEPORT_CONSOLE_LOG_MAX", &MAX.to_string())],
+    );
+    d.import_tiny(&img);
+    let id = up(&d, "loud");
+    // Ten seconds of lines as fast as the serial port takes them; the
+    // guest says how many bytes it wrote.
+    let script = "end=$(( $(cut -d. -f1 /proc/uptime) + 10 )); n=0; \
+        while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do \
+        i=0; while [ $i -lt 200 ]; do echo \"flood-$n-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"; i=$((i+1)); done > /dev/console; \
+        n=$((n+1)); done; echo $n";
+    let (out, err, code) = d.exec(&id, &["sh", "-c", script]).expect("the flood");
+    assert_eq!(code, Some(0), "{err}");
+    let batches: u64 = out.trim().parse().expect("a count");
+    let written = batches * 200 * 80;
+    std::thread::sleep(Duration::from_secs(2));
+    let dir = d.vm_dir(&id);
+    let size = |f: &str| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len());
+    let kept = size("console.log") + size("console.log.1");
+    eprintln!(
+        "the guest wrote about {written} bytes in 10 s; the node keeps {kept} (console.log {}, console.log.1 {})",
+        size("console.log"),
+        size("console.log.1")
+    );
+    assert!(
+        written > 4 * MAX,
+        "the flood was too slow to tell: {written} bytes"
+    );
+    // Two parts, each at most the limit plus a second of output.
+    assert!(
+        kept <= 2 * (MAX + written / 10),
+        "the log grew to {kept} bytes of {written} written"
+    );
+    assert!(size("console.log.1") > 0, "the log was never cut");
+    let tail = d
+        .api
+        .get_text(&format!("/v1/vms/{id}/console?bytes=4096"))
+        .expect("console");
+    assert!(tail.contains(&format!("flood-{}-", batches - 1)), "{tail}");
+    let (out, _, _) = d.exec(&id, &["echo", "still here"]).expect("exec");
+    assert_eq!(out, "still here\n");
 }

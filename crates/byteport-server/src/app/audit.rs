@@ -12,15 +12,16 @@ impl App {
     /// Records one event; failures are logged, never fail the request.
     pub async fn audit_record(&self, ctx: &Ctx, action: &str, status: u16, result: &str) {
         let note = ctx.note.lock().map(|n| n.clone()).unwrap_or_default();
-        let actor_id = match &ctx.actor {
-            super::Actor::User { id, .. } => Some(id.0),
-            super::Actor::Node { id, .. } => Some(id.0),
-            super::Actor::Anonymous => None,
+        let (actor, actor_id) = match (&note.became, &ctx.actor) {
+            (Some((name, id)), _) => (name.clone(), Some(id.0)),
+            (None, super::Actor::User { id, .. }) => (ctx.actor.label(), Some(id.0)),
+            (None, super::Actor::Node { id, .. }) => (ctx.actor.label(), Some(id.0)),
+            (None, super::Actor::Anonymous) => (ctx.actor.label(), None),
         };
         let e = audit::Model {
             id: Uuid::now_v7(),
             at: chrono::Utc::now(),
-            actor: ctx.actor.label(),
+            actor,
             actor_id,
             action: action.to_owned(),
             target_kind: note.target_kind.map(str::to_owned),

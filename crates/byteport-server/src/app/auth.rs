@@ -305,6 +305,7 @@ impl App {
             return Err(bad());
         }
         ctx.target("user", u.id, None);
+        ctx.became(&u.name, UserId(u.id));
         self.issue(&u).await
     }
 
@@ -324,6 +325,7 @@ impl App {
         }
         let u = self.store.user_fetch(s.user_id).await.map_err(|_| bad())?;
         ctx.target("user", u.id, None);
+        ctx.became(&u.name, UserId(u.id));
         self.issue(&u).await
     }
 

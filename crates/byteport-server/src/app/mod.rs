@@ -123,6 +123,9 @@ pub struct AuditNote {
     pub target_kind: Option<&'static str>,
     pub target_id: Option<String>,
     pub project_id: Option<ProjectId>,
+    /// Who the caller turned out to be, when the request itself says so
+    /// (a login, a refresh): the actor of its audit event.
+    pub became: Option<(String, UserId)>,
 }
 
 /// The context of one request.
@@ -148,6 +151,13 @@ impl Ctx {
             if project.is_some() {
                 n.project_id = project;
             }
+        }
+    }
+
+    /// Records that this request proved the caller to be `name` (a login).
+    pub fn became(&self, name: &str, id: UserId) {
+        if let Ok(mut n) = self.note.lock() {
+            n.became = Some((name.to_owned(), id));
         }
     }
 
