@@ -2126,3 +2126,51 @@ async fn audit_names_who_logged_in_and_skips_heartbeats() {
         assert_eq!(login["actor"], "admin", "{login}");
     }
 }
+
+/// The console's WebSocket acts for the user: opened with the session
+/// cookie from another site's page (a foreign `Origin`), it is refused
+/// before anything else, as mutations are; from the console's own origin
+/// it goes on to the VM's lookup.
+#[tokio::test]
+async fn the_console_websocket_checks_the_origin_of_a_cookie() {
+    use axum::body::Body;
+    use axum::http::Request;
+    // About HTTP only: one database is enough.
+    let s = TestServer::start(byteport_store::Backend::Sqlite).await;
+    let login = Request::builder()
+        .method(POST)
+        .uri("/v1/auth/login")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"name": "admin", "password": "admin-password"}).to_string(),
+        ))
+        .unwrap();
+    let (st, headers, _) = s.raw(login).await;
+    assert_eq!(st, StatusCode::OK);
+    let cookie = headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("byteport_session="))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let upgrade = |origin: &str| {
+        Request::builder()
+            .method(GET)
+            .uri(format!("/v1/vms/{}/console/ws", uuid::Uuid::now_v7()))
+            .header("host", "cloud.example:7480")
+            .header("origin", origin)
+            .header("cookie", &cookie)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (st, _, v) = s.raw(upgrade("https://evil.example")).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    let (st, _, v) = s.raw(upgrade("http://cloud.example:7480")).await;
+    assert_ne!(st, StatusCode::FORBIDDEN, "{v}");
+}

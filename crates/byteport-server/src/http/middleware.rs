@@ -37,7 +37,11 @@ pub async fn authenticate(State(app): State<App>, mut req: Request, next: Next) 
         .map(str::trim)
         .map(str::to_owned);
     let cookie = session_cookie(headers);
-    if bearer.is_none() && cookie.is_some() && mutating(req.method()) && !same_origin(&req) {
+    if bearer.is_none()
+        && cookie.is_some()
+        && (mutating(req.method()) || websocket(&req))
+        && !same_origin(&req)
+    {
         return AppError::Forbidden("cross-origin requests cannot use the session cookie".into())
             .into_response();
     }
@@ -74,7 +78,7 @@ fn anonymous_allowed(req: &Request) -> bool {
 }
 
 /// A browser sends `Origin` on cross-site requests; when present it must
-/// name this host. SameSite=Strict already keeps the cookie off them.
+/// name this host (the `Host` header, or the URI's authority under HTTP/2). SameSite=Strict already keeps the cookie off them.
 fn same_origin(req: &Request) -> bool {
     let Some(origin) = req
         .headers()
@@ -83,12 +87,23 @@ fn same_origin(req: &Request) -> bool {
     else {
         return true;
     };
+    // HTTP/2 has no Host header: the authority is in the URI.
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("");
     origin.split_once("://").is_some_and(|(_, h)| h == host)
+}
+
+/// A WebSocket upgrade (the console): it acts for the user as a mutation
+/// does, so it gets the same Origin check.
+fn websocket(req: &Request) -> bool {
+    req.headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
 /// Operation ids by `"METHOD /path/{template}"`, from the OpenAPI document.

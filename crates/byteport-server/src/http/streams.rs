@@ -75,6 +75,9 @@ pub async fn vm_console(
         .into_response())
 }
 
+/// The largest message the console's WebSocket takes from a client.
+const CONSOLE_MESSAGE_MAX: usize = 64 * 1024;
+
 /// The live serial console over a WebSocket: binary messages from the
 /// server carry the guest's output; text or binary messages sent to it are
 /// typed into the console (members and above).
@@ -88,7 +91,11 @@ pub async fn vm_console_ws(
     ws: WebSocketUpgrade,
 ) -> AppResult<Response> {
     let stream = app.vm_console_attach(&ctx, &id).await?;
-    Ok(ws.on_upgrade(move |socket| console_bridge(socket, stream)))
+    // Keystrokes, not files: a message is at most 64 KiB.
+    Ok(ws
+        .max_message_size(CONSOLE_MESSAGE_MAX)
+        .max_frame_size(CONSOLE_MESSAGE_MAX)
+        .on_upgrade(move |socket| console_bridge(socket, stream)))
 }
 
 async fn console_bridge(socket: WebSocket, mut s: crate::app::hub::Stream) {
