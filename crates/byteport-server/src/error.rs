@@ -40,9 +40,10 @@ pub enum AppError {
     TooLarge(usize),
     #[error("{0}")]
     Timeout(String),
-    /// Too many requests in a short time; try again later.
+    /// Too many requests in a short time; try again after the seconds
+    /// given (`Retry-After`).
     #[error("{0}")]
-    RateLimited(String),
+    RateLimited(String, u64),
     /// A part the request needs (a node, a guest agent) cannot be reached.
     #[error("{0}")]
     Unavailable(String),
@@ -80,7 +81,7 @@ impl AppError {
             AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             // Not 408, which tells clients to send the request again.
             AppError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            AppError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            AppError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -98,7 +99,7 @@ impl AppError {
             AppError::Unprocessable(_) => "idempotency_mismatch",
             AppError::TooLarge(_) => "body_too_large",
             AppError::Timeout(_) => "timeout",
-            AppError::RateLimited(_) => "rate_limited",
+            AppError::RateLimited(..) => "rate_limited",
             AppError::Unavailable(_) => "unavailable",
             AppError::Internal(_) => "internal",
         }
@@ -139,6 +140,12 @@ impl IntoResponse for AppError {
             },
         };
         let mut resp = (status, axum::Json(body)).into_response();
+        if let AppError::RateLimited(_, secs) = &self
+            && let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string())
+        {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, v);
+        }
         resp.extensions_mut().insert(ErrorCode(self.code()));
         resp
     }

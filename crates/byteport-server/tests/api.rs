@@ -2174,3 +2174,35 @@ async fn the_console_websocket_checks_the_origin_of_a_cookie() {
     let (st, _, v) = s.raw(upgrade("http://cloud.example:7480")).await;
     assert_ne!(st, StatusCode::FORBIDDEN, "{v}");
 }
+
+/// Guessing a password is slowed to a stop: after five failures within a
+/// minute the account's logins answer 429 with `Retry-After`, even with
+/// the right password, while other accounts log in as before.
+#[tokio::test]
+async fn failed_logins_lock_the_account_for_a_while() {
+    use axum::body::Body;
+    use axum::http::Request;
+    let s = TestServer::start(byteport_store::Backend::Sqlite).await;
+    s.user("other").await;
+    let login = |name: &str, password: &str| {
+        Request::builder()
+            .method(POST)
+            .uri("/v1/auth/login")
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"name": name, "password": password}).to_string(),
+            ))
+            .unwrap()
+    };
+    for _ in 0..5 {
+        let (st, _, _) = s.raw(login("admin", "wrong-password")).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+    }
+    let (st, headers, v) = s.raw(login("admin", "admin-password")).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    // Another account is not locked by admin's failures.
+    let (st, _, v) = s.raw(login("other", "user-password")).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+}

@@ -113,8 +113,13 @@ pub fn hash_secret(s: &str) -> String {
 }
 
 /// Hashes a password with argon2id, off the async threads.
+/// Password hashes computed at once: each takes a core for a while, so a
+/// flood of logins queues here instead of starving every other request.
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 pub async fn hash_password(password: String) -> AppResult<String> {
     check_password(&password)?;
+    let _slot = HASHING.acquire().await.map_err(AppError::internal)?;
     tokio::task::spawn_blocking(move || {
         let mut salt = [0u8; 16];
         rand::rng().fill_bytes(&mut salt);
@@ -128,6 +133,9 @@ pub async fn hash_password(password: String) -> AppResult<String> {
 }
 
 async fn verify_password(password: String, hash: String) -> bool {
+    let Ok(_slot) = HASHING.acquire().await else {
+        return false;
+    };
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash)
             .map(|h| {
@@ -294,6 +302,25 @@ impl App {
 
     /// Checks a name and password; issues tokens and a cookie session.
     pub async fn login(&self, ctx: &Ctx, name: &str, password: String) -> AppResult<Issued> {
+        if let Some(wait) = self.login_limits.locked(name) {
+            return Err(AppError::RateLimited(
+                format!(
+                    "too many failed logins for {name}: try again in {} s",
+                    wait.as_secs().max(1)
+                ),
+                wait.as_secs().max(1),
+            ));
+        }
+        let result = self.login_check(ctx, name, password).await;
+        match &result {
+            Err(AppError::Unauthorized(_)) => self.login_limits.failed(name),
+            Ok(_) => self.login_limits.succeeded(name),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn login_check(&self, ctx: &Ctx, name: &str, password: String) -> AppResult<Issued> {
         let bad = || AppError::Unauthorized("wrong user name or password".into());
         let Some(u) = self.store.user_fetch_by_name(name).await? else {
             // Spend the same time as a real check so timing does not tell
@@ -360,6 +387,12 @@ impl App {
     ) -> AppResult<User> {
         let bad =
             || AppError::Unauthorized("the bootstrap token is invalid or already used".into());
+        // The token first: hashing costs, and a stranger must not make us
+        // spend it (the token is taken for good below, once hashed).
+        let expected = self.store.setting_get(BOOTSTRAP_KEY).await?;
+        if expected.as_deref() != Some(hash_secret(token).as_str()) {
+            return Err(bad());
+        }
         let hash = hash_password(password).await?;
         if self.store.user_count().await? > 0
             || !self
@@ -438,5 +471,51 @@ impl App {
             .map_err(|_| AppError::not_found("token", id))?;
         self.token_cache.clear_all();
         Ok(())
+    }
+}
+
+/// Failed logins per account: past [`LoginLimits::MAX_FAILURES`] within
+/// [`LoginLimits::WINDOW`], the account's logins are refused (429 with
+/// `Retry-After`) until the window ends; a success clears the count. Kept
+/// per replica, in memory.
+#[derive(Default)]
+pub(crate) struct LoginLimits(std::sync::Mutex<HashMap<String, (std::time::Instant, u32)>>);
+
+impl LoginLimits {
+    pub const MAX_FAILURES: u32 = 5;
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+    /// Accounts tracked at most (names need not exist): the oldest go.
+    const MAX_TRACKED: usize = 10_000;
+
+    fn key(name: &str) -> String {
+        name.to_ascii_lowercase()
+    }
+
+    /// How long the account stays locked, if it is.
+    fn locked(&self, name: &str) -> Option<std::time::Duration> {
+        let m = self.0.lock().ok()?;
+        let (since, n) = m.get(&Self::key(name))?;
+        let left = Self::WINDOW.checked_sub(since.elapsed())?;
+        (*n >= Self::MAX_FAILURES).then_some(left)
+    }
+
+    fn failed(&self, name: &str) {
+        let Ok(mut m) = self.0.lock() else { return };
+        if m.len() >= Self::MAX_TRACKED {
+            m.retain(|_, (since, _)| since.elapsed() < Self::WINDOW);
+        }
+        let e = m
+            .entry(Self::key(name))
+            .or_insert((std::time::Instant::now(), 0));
+        if e.0.elapsed() >= Self::WINDOW {
+            *e = (std::time::Instant::now(), 0);
+        }
+        e.1 += 1;
+    }
+
+    fn succeeded(&self, name: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(&Self::key(name));
+        }
     }
 }

@@ -176,9 +176,12 @@ impl App {
         }
         ctx.target("vm", vm, Some(ProjectId(v.project_id)));
         if !self.metadata_limits.take(v.id) {
-            return Err(AppError::RateLimited(format!(
-                "VM {vm} asked for its metadata too often; at most {PER_SECOND} requests a second after a burst of {BURST}"
-            )));
+            return Err(AppError::RateLimited(
+                format!(
+                    "VM {vm} asked for its metadata too often; at most {PER_SECOND} requests a second after a burst of {BURST}"
+                ),
+                1,
+            ));
         }
         let ssh_keys: Vec<String> =
             serde_json::from_str(&v.ssh_keys).map_err(AppError::internal)?;

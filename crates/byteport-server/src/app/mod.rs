@@ -80,6 +80,8 @@ pub struct App {
     pub(crate) runs_live: Arc<runs::Live>,
     /// Node reservations the recount pass found drifted and repaired.
     pub reservation_repairs: Arc<std::sync::atomic::AtomicU64>,
+    /// Failed logins per account.
+    pub(crate) login_limits: Arc<auth::LoginLimits>,
 }
 
 /// Who is asking.
@@ -198,6 +200,7 @@ impl App {
             metadata_limits: Arc::default(),
             runs_live: Arc::default(),
             reservation_repairs: Arc::default(),
+            login_limits: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;
         projects::seed_default(&app).await?;
