@@ -2206,3 +2206,91 @@ async fn failed_logins_lock_the_account_for_a_while() {
     let (st, _, v) = s.raw(login("other", "user-password")).await;
     assert_eq!(st, StatusCode::OK, "{v}");
 }
+
+/// An uploaded disk is inspected with qemu-img: one that names a backing
+/// file, or is not the format it claims, is refused and not kept; a
+/// standalone qcow2 makes the image available.
+#[tokio::test]
+async fn uploaded_disks_that_reach_for_other_files_are_refused() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use sha2::Digest;
+    if std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("BYTEPORT_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "qemu-img is missing"
+        );
+        eprintln!("SKIP: qemu-img is missing (apt-get install qemu-utils)");
+        return;
+    }
+    let s = TestServer::start(byteport_store::Backend::Sqlite).await;
+    let dir = std::env::temp_dir().join(format!("bp-inspect-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let make = |name: &str, extra: &[&str]| {
+        let p = dir.join(name);
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .args(extra)
+            .arg(&p)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::read(p).unwrap()
+    };
+    let cases = [
+        (
+            "backed",
+            make("backed.qcow2", &["-b", "/etc/hostname", "-F", "raw"]),
+            "qcow2",
+            Some("backing file"),
+        ),
+        (
+            "claims-raw",
+            make("plain1.qcow2", &[]),
+            "raw",
+            Some("not the raw"),
+        ),
+        ("plain", make("plain2.qcow2", &[]), "qcow2", None),
+    ];
+    for (name, bytes, format, refusal) in cases {
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/images",
+                Some(&s.admin),
+                Some(
+                    json!({"name": name, "os_family": "linux", "os_version": "1",
+                    "format": format, "size_bytes": bytes.len(), "sha256": sha}),
+                ),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        let put = Request::builder()
+            .method(axum::http::Method::PUT)
+            .uri(format!("/v1/images/{name}/files/image"))
+            .header("authorization", format!("Bearer {}", s.admin))
+            .header("content-type", "application/octet-stream")
+            .body(Body::from(bytes))
+            .unwrap();
+        let (st, _, v) = s.raw(put).await;
+        match refusal {
+            Some(why) => {
+                assert_eq!(st, StatusCode::BAD_REQUEST, "{name}: {v}");
+                assert_eq!(v["error"]["code"], "invalid_image", "{v}");
+                assert!(v["error"]["message"].as_str().unwrap().contains(why), "{v}");
+                let (_, img) = s
+                    .call(GET, &format!("/v1/images/{name}"), Some(&s.admin), None)
+                    .await;
+                assert_eq!(img["status"], "registered", "{img}");
+            }
+            None => assert_eq!(st, StatusCode::OK, "{name}: {v}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

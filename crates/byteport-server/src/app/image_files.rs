@@ -94,7 +94,10 @@ impl App {
                 .settings
                 .image_dir
                 .join(format!(".upload-{}", Uuid::new_v4()));
-            let res = receive(&mut body, &tmp, &expected).await;
+            let mut res = receive(&mut body, &tmp, &expected).await;
+            if res.is_ok() && role == FileRole::Image {
+                res = inspect(&tmp, &img.format).await;
+            }
             match res {
                 Ok(()) => tokio::fs::rename(&tmp, &dest)
                     .await
@@ -167,6 +170,50 @@ impl App {
 
 /// Writes the body to `tmp`, hashing as it goes; an error if the hash is
 /// not `expected`.
+/// Refuses a disk that is not what it claims to be or that reaches for
+/// other files: QEMU would open a backing file or an external data file
+/// named inside the image, on the node, with the node's rights.
+async fn inspect(path: &std::path::Path, format: &str) -> AppResult<()> {
+    if !matches!(format, "qcow2" | "raw") {
+        return Ok(());
+    }
+    let bad = |m: String| AppError::bad("invalid_image", m);
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(path)
+        .output()
+        .await
+        .map_err(|e| {
+            AppError::Unavailable(format!(
+                "qemu-img (Debian's qemu-utils) is needed to check a {format} image: {e}"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(bad(format!(
+            "qemu-img cannot read the file as a disk image: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(AppError::internal)?;
+    let got = v["format"].as_str().unwrap_or("unknown");
+    if got != format {
+        return Err(bad(format!(
+            "the file is a {got} image, not the {format} the image declares"
+        )));
+    }
+    if let Some(b) = v.get("backing-filename").and_then(|b| b.as_str()) {
+        return Err(bad(format!(
+            "the image names a backing file ({b}); upload a standalone one (`qemu-img convert -O {format}`)"
+        )));
+    }
+    if let Some(d) = v["format-specific"]["data"]["data-file"].as_str() {
+        return Err(bad(format!(
+            "the image names an external data file ({d}); upload a standalone one"
+        )));
+    }
+    Ok(())
+}
+
 async fn receive<S, E>(body: &mut S, tmp: &PathBuf, expected: &str) -> AppResult<()>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
