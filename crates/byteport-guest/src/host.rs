@@ -70,6 +70,9 @@ pub enum GuestError {
     Exec(String),
 }
 
+/// What [`ExecSession::output`] collects at most, stdout and stderr together.
+pub const OUTPUT_CAP: usize = 1 << 20;
+
 /// What an exec session reports, in order; Exit or Error is the last event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
@@ -338,10 +341,20 @@ impl ExecSession {
             .await
     }
 
-    /// Waits for the process to end, collecting what it wrote.
+    /// Waits for the process to end, collecting what it wrote: at most
+    /// [`OUTPUT_CAP`] bytes, past which the process is killed and this is
+    /// an error (the guest is not trusted to keep its output small).
     pub async fn output(mut self) -> Result<ExecOutput, GuestError> {
         let mut out = ExecOutput::default();
         while let Some(ev) = self.events.recv().await {
+            if let ExecEvent::Stdout(b) | ExecEvent::Stderr(b) = &ev
+                && out.stdout.len() + out.stderr.len() + b.len() > OUTPUT_CAP
+            {
+                let _ = self.kill().await;
+                return Err(GuestError::Exec(format!(
+                    "the command wrote more than {OUTPUT_CAP} bytes"
+                )));
+            }
             match ev {
                 ExecEvent::Stdout(b) => out.stdout.extend_from_slice(&b),
                 ExecEvent::Stderr(b) => out.stderr.extend_from_slice(&b),

@@ -248,3 +248,15 @@ where
     }
     out
 }
+
+/// What the host collects of a command's output for itself is bounded: a
+/// guest that writes without end gets its command killed and an error.
+#[tokio::test]
+async fn collected_output_is_bounded() {
+    let (conn, _agent) = pair();
+    let r = conn.exec_output(sh("head -c 3000000 /dev/zero")).await;
+    match r {
+        Err(byteport_guest::host::GuestError::Exec(m)) => assert!(m.contains("more than"), "{m}"),
+        other => panic!("expected the cap to end it: {other:?}"),
+    }
+}

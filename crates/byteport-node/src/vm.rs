@@ -107,6 +107,17 @@ async fn cloud_init_outcome(conn: &GuestConn) -> CloudInit {
     }
 }
 
+/// The version a guest agent says it is, as the node passes it on: a
+/// short printable string, or a word saying it was not one (the guest is
+/// not trusted).
+fn agent_version(v: &str) -> String {
+    if !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        v.to_owned()
+    } else {
+        "(unreadable)".to_owned()
+    }
+}
+
 fn cloud_init_of(s: CloudInitStatus) -> CloudInit {
     match s {
         CloudInitStatus::Running => CloudInit::Running,
@@ -366,7 +377,7 @@ impl<D: Driver> VmTask<D> {
                         }
                         let _ = conn_tx.send(c.clone());
                         tx.send_replace(Some(AgentSeen {
-                            version: r.version,
+                            version: agent_version(&r.version),
                             cloud_init: CloudInit::Running,
                         }));
                         let outcome = cloud_init_outcome(&c).await;
@@ -692,6 +703,14 @@ pub(crate) mod tests {
     use crate::driver::fake::FakeDriver;
     use crate::images::ImageCache;
     use crate::network::UserNet;
+
+    #[test]
+    fn an_agent_version_is_passed_on_only_when_short_and_printable() {
+        assert_eq!(agent_version("0.1.0"), "0.1.0");
+        for bad in ["", "a\u{1b}[31mred", &"9".repeat(65), "tab\there", "é"] {
+            assert_eq!(agent_version(bad), "(unreadable)", "{bad:?}");
+        }
+    }
     use crate::{Identity, Shared};
     use byteport_types::api::NodeImage;
     use byteport_types::{Name, NodeId};
