@@ -2294,3 +2294,61 @@ async fn uploaded_disks_that_reach_for_other_files_are_refused() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An access token ends with its session: after a logout with its refresh
+/// token, or once its user is deleted, it is refused at once (other
+/// replicas within seconds), not when it expires.
+#[tokio::test]
+async fn access_tokens_end_with_their_session_and_their_user() {
+    use axum::body::Body;
+    use axum::http::Request;
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let login = |name: &str, password: &str| {
+            Request::builder()
+                .method(POST)
+                .uri("/v1/auth/login")
+                .header("content-type", "application/json")
+                .body(Body::from(
+                    json!({"name": name, "password": password}).to_string(),
+                ))
+                .unwrap()
+        };
+        let (st, _, issued) = s.raw(login("admin", "admin-password")).await;
+        assert_eq!(st, StatusCode::OK, "{issued}");
+        let access = issued["access_token"].as_str().unwrap().to_owned();
+        let refresh = issued["refresh_token"].as_str().unwrap().to_owned();
+        let (st, _) = s.call(GET, "/v1/auth/whoami", Some(&access), None).await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/auth/logout",
+                Some(&access),
+                Some(json!({"refresh_token": refresh})),
+            )
+            .await;
+        assert!(st.is_success(), "{st} {v}");
+        let (st, _) = s.call(GET, "/v1/auth/whoami", Some(&access), None).await;
+        assert_eq!(
+            st,
+            StatusCode::UNAUTHORIZED,
+            "the token outlived its logout"
+        );
+
+        // A user deleted: their token goes with them.
+        let theirs = s.user("leaving").await;
+        let (st, _) = s.call(GET, "/v1/auth/whoami", Some(&theirs), None).await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, v) = s
+            .call(DELETE, "/v1/users/leaving", Some(&s.admin), None)
+            .await;
+        assert!(st.is_success(), "{st} {v}");
+        let (st, _) = s.call(GET, "/v1/auth/whoami", Some(&theirs), None).await;
+        assert_eq!(
+            st,
+            StatusCode::UNAUTHORIZED,
+            "a deleted user's token still works"
+        );
+    }
+}

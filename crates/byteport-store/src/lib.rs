@@ -331,6 +331,16 @@ impl DataStore {
             .await?)
     }
 
+    /// A live session by its id (an access token names the one it came
+    /// with).
+    pub async fn session_live(&self, id: Uuid) -> Result<Option<session::Model>> {
+        Ok(session::Entity::find_by_id(id)
+            .filter(session::Column::Revoked.eq(false))
+            .filter(session::Column::ExpiresAt.gt(Utc::now()))
+            .one(&self.db)
+            .await?)
+    }
+
     /// Revokes a live session; true when this call revoked it, so a refresh
     /// token can be spent once even by two racing requests.
     pub async fn session_revoke(&self, token_hash: &str) -> Result<bool> {

@@ -95,6 +95,45 @@ struct Claims {
     adm: bool,
     iat: i64,
     exp: i64,
+    /// The refresh session it was issued with: a logout (or the refresh
+    /// that replaces it) ends the access token too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sid: Option<Uuid>,
+}
+
+/// What an access token's session and user are now, per session, for
+/// `TOKEN_CACHE_TTL`: a logout, a deleted user or a demoted admin takes
+/// effect within that on every replica, at one read per session per TTL.
+#[derive(Default)]
+pub(crate) struct SessionCache {
+    map: Mutex<HashMap<SessionKey, (Option<Actor>, Instant)>>,
+}
+
+/// An access token's user and session.
+type SessionKey = (Uuid, Option<Uuid>);
+
+impl SessionCache {
+    fn get(&self, key: &SessionKey) -> Option<Option<Actor>> {
+        let map = self.map.lock().ok()?;
+        map.get(key)
+            .filter(|(_, t)| t.elapsed() < TOKEN_CACHE_TTL)
+            .map(|(a, _)| a.clone())
+    }
+
+    fn put(&self, key: SessionKey, actor: Option<Actor>) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() > 10_000 {
+                map.retain(|_, (_, t)| t.elapsed() < TOKEN_CACHE_TTL);
+            }
+            map.insert(key, (actor, Instant::now()));
+        }
+    }
+
+    pub(crate) fn clear_all(&self) {
+        if let Ok(mut map) = self.map.lock() {
+            map.clear();
+        }
+    }
 }
 
 /// A random secret: `prefix` + 32 random bytes in URL-safe base64.
@@ -237,11 +276,29 @@ impl App {
             v.leeway = 5;
             let data =
                 jsonwebtoken::decode::<Claims>(secret, &self.keys.dec, &v).map_err(|_| bad())?;
-            return Ok(Actor::User {
-                id: UserId(data.claims.sub),
-                name: data.claims.name,
-                admin: data.claims.adm,
-            });
+            // Signed, and not expired; is its session still live and its
+            // user still who it says?
+            let key = (data.claims.sub, data.claims.sid);
+            let actor = match self.session_cache.get(&key) {
+                Some(a) => a,
+                None => {
+                    let live = match data.claims.sid {
+                        Some(sid) => self.store.session_live(sid).await?.is_some(),
+                        None => true,
+                    };
+                    let actor = match (live, self.store.user_fetch(data.claims.sub).await) {
+                        (true, Ok(u)) => Some(Actor::User {
+                            id: UserId(u.id),
+                            name: u.name,
+                            admin: u.admin,
+                        }),
+                        _ => None,
+                    };
+                    self.session_cache.put(key, actor.clone());
+                    actor
+                }
+            };
+            return actor.ok_or_else(bad);
         }
         if let Some(c) = cookie {
             let s = self
@@ -261,24 +318,26 @@ impl App {
 
     async fn issue(&self, u: &user::Model) -> AppResult<Issued> {
         let now = Utc::now();
+        let sid = Uuid::now_v7();
         let claims = Claims {
             sub: u.id,
             name: u.name.clone(),
             adm: u.admin,
             iat: now.timestamp(),
             exp: now.timestamp() + self.settings.access_ttl.as_secs() as i64,
+            sid: Some(sid),
         };
         let access = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.keys.enc)
             .map_err(AppError::internal)?;
         let refresh = random_secret(REFRESH_PREFIX);
         let cookie = random_secret(SESSION_PREFIX);
-        for (secret, kind, ttl) in [
-            (&refresh, "refresh", self.settings.refresh_ttl),
-            (&cookie, "cookie", self.settings.session_ttl),
+        for (id, secret, kind, ttl) in [
+            (sid, &refresh, "refresh", self.settings.refresh_ttl),
+            (Uuid::now_v7(), &cookie, "cookie", self.settings.session_ttl),
         ] {
             self.store
                 .session_insert(session::Model {
-                    id: Uuid::now_v7(),
+                    id,
                     user_id: u.id,
                     token_hash: hash_secret(secret),
                     kind: kind.into(),
@@ -361,6 +420,9 @@ impl App {
         for secret in [cookie, refresh].into_iter().flatten() {
             self.store.session_revoke(&hash_secret(secret)).await?;
         }
+        // The access tokens of those sessions end here at once (other
+        // replicas within TOKEN_CACHE_TTL).
+        self.session_cache.clear_all();
         Ok(())
     }
 

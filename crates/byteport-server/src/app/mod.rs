@@ -72,6 +72,7 @@ pub struct App {
     /// Ids of VMs whose record changed, for `wait` and event streams.
     pub(crate) vm_changes: broadcast::Sender<Uuid>,
     pub(crate) token_cache: Arc<auth::TokenCache>,
+    pub(crate) session_cache: Arc<auth::SessionCache>,
     /// The channels of the nodes connected to this replica.
     pub hub: Arc<hub::NodeHub>,
     pub(crate) metadata_key: Arc<metadata::TokenKey>,
@@ -195,6 +196,7 @@ impl App {
             keys: Arc::new(keys),
             vm_changes,
             token_cache: Arc::default(),
+            session_cache: Arc::default(),
             hub: Arc::default(),
             metadata_key: Arc::new(metadata_key),
             metadata_limits: Arc::default(),

@@ -105,7 +105,10 @@ impl App {
         found.ok_or_else(|| AppError::not_found("user", key))
     }
 
+    /// Forgets what this replica knows of tokens and sessions: a user was
+    /// deleted or changed.
     pub(crate) fn token_cache_clear(&self) {
         self.token_cache.clear_all();
+        self.session_cache.clear_all();
     }
 }
