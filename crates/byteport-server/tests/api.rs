@@ -2352,3 +2352,37 @@ async fn access_tokens_end_with_their_session_and_their_user() {
         );
     }
 }
+
+/// One user holds at most 32 event streams open at once; the next is a
+/// 429, and closing one makes room again.
+#[tokio::test]
+async fn a_user_holds_a_bounded_number_of_event_streams() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+    let s = TestServer::start(byteport_store::Backend::Sqlite).await;
+    let open = || async {
+        let req = Request::builder()
+            .uri("/v1/events")
+            .header("authorization", format!("Bearer {}", s.admin))
+            .body(Body::empty())
+            .unwrap();
+        s.router.clone().oneshot(req).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let r = open().await;
+        assert_eq!(r.status(), StatusCode::OK);
+        held.push(r);
+    }
+    let r = open().await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().contains_key("retry-after"));
+    held.pop();
+    let r = open().await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "a closed stream gave its room back"
+    );
+}

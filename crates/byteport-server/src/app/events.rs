@@ -16,7 +16,7 @@
 //! events.
 
 use super::{App, Ctx};
-use crate::error::AppResult;
+use crate::error::{AppError, AppResult};
 use byteport_types::api::{Event, VmStateCount};
 use chrono::{DateTime, TimeDelta, Utc};
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +32,8 @@ const BATCH: u64 = 500;
 
 /// What one stream has seen, and what its caller may see.
 pub struct EventCursor {
+    /// Holds one of the user's open streams until the stream ends.
+    _slot: StreamSlot,
     admin: bool,
     /// The caller's projects (`None` for admins: all), with their names.
     projects: Option<Vec<Uuid>>,
@@ -41,14 +43,63 @@ pub struct EventCursor {
     nodes: HashMap<Uuid, (String, [i64; 9])>,
 }
 
+/// Event streams one user may hold open at once (browser tabs, scripts).
+pub const MAX_STREAMS_PER_USER: usize = 32;
+
+/// Open event streams per user, on this replica.
+pub(crate) type StreamCounts = std::sync::Arc<std::sync::Mutex<HashMap<Uuid, usize>>>;
+
+/// One open stream of a user's; given back when dropped.
+pub(crate) struct StreamSlot {
+    counts: StreamCounts,
+    user: Uuid,
+}
+
+impl StreamSlot {
+    fn take(counts: &StreamCounts, user: Uuid) -> Option<StreamSlot> {
+        let mut m = counts.lock().ok()?;
+        let n = m.entry(user).or_insert(0);
+        if *n >= MAX_STREAMS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            counts: counts.clone(),
+            user,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.counts.lock()
+            && let Some(n) = m.get_mut(&self.user)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.user);
+            }
+        }
+    }
+}
+
 impl App {
     /// Opens a stream for the caller: who they are and which projects they
     /// see are fixed now (a stream ends after a while and the browser
     /// reconnects, which checks the credential again).
     pub async fn events_open(&self, ctx: &Ctx) -> AppResult<EventCursor> {
-        let (_, admin) = ctx.user()?;
+        let (me, admin) = ctx.user()?;
+        let slot = StreamSlot::take(&self.event_streams, me.0).ok_or_else(|| {
+            AppError::RateLimited(
+                format!(
+                    "you have {MAX_STREAMS_PER_USER} event streams open already; close one first"
+                ),
+                5,
+            )
+        })?;
         let (projects, names) = self.visible_projects(ctx).await?;
         Ok(EventCursor {
+            _slot: slot,
             admin,
             projects,
             names,

@@ -83,6 +83,8 @@ pub struct App {
     pub reservation_repairs: Arc<std::sync::atomic::AtomicU64>,
     /// Failed logins per account.
     pub(crate) login_limits: Arc<auth::LoginLimits>,
+    /// Open event streams per user, on this replica.
+    pub(crate) event_streams: events::StreamCounts,
 }
 
 /// Who is asking.
@@ -203,6 +205,7 @@ impl App {
             runs_live: Arc::default(),
             reservation_repairs: Arc::default(),
             login_limits: Arc::default(),
+            event_streams: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;
         projects::seed_default(&app).await?;
