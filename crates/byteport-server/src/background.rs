@@ -32,6 +32,9 @@ pub fn spawn_with(app: App, node_timeout: Duration) -> tokio::task::JoinHandle<(
                 if let Err(e) = app.reservations_recount().await {
                     tracing::warn!(error = %e, "reservation recount failed");
                 }
+                if let Err(e) = app.store.idem_expire().await {
+                    tracing::warn!(error = %e, "expiring idempotency keys failed");
+                }
             }
             if let Err(e) = app.nodes_mark_stale(node_timeout).await {
                 tracing::warn!(error = %e, "offline check failed");

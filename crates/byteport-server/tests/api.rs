@@ -209,7 +209,7 @@ async fn authorization_matrix() {
             ("members",       GET,    "/v1/projects/alpha/members".into(),        none,                [401, 200, 200, 200, 404, 200]),
             ("member set",    PUT,    "/v1/projects/alpha/members/viewer".into(), |_| Some(json!({"role": "viewer"})),
                                                                                                        [401, 403, 403, 200, 404, 200]),
-            ("quota set",     PUT,    "/v1/projects/alpha/quota".into(), |_| Some(json!({"max_vms": 50, "max_vcpus": 50, "max_memory_mib": 65536, "max_disk_gib": 500})),
+            ("quota set",     PUT,    "/v1/projects/alpha/quota".into(), |_| Some(json!({"max_vms": 20, "max_vcpus": 40, "max_memory_mib": 65536, "max_disk_gib": 500})),
                                                                                                        [401, 403, 403, 200, 404, 200]),
             ("audit",         GET,    "/v1/audit?project=alpha".into(),           none,                [401, 403, 403, 200, 404, 200]),
             ("project create", POST,  "/v1/projects".into(), |a| Some(json!({"name": format!("p-{a}")})),
@@ -596,7 +596,8 @@ async fn idempotency_key_replays_and_rejects_a_different_body() {
             .await;
         assert_eq!(st, StatusCode::ACCEPTED, "{v}");
         assert_ne!(v["id"], v1["id"]);
-        // An action retried with its key is not applied twice.
+        // Keys apply to creating POSTs only: an action retried with one is
+        // judged as any second action is (never applied twice).
         let id = v1["id"].as_str().unwrap();
         let k2 = [("idempotency-key", "stop-1")];
         let (a, _, _) = s
@@ -605,7 +606,7 @@ async fn idempotency_key_replays_and_rejects_a_different_body() {
         let (b2, _, _) = s
             .call_with(POST, &format!("/v1/vms/{id}/stop"), Some(&t), None, &k2)
             .await;
-        assert_eq!((a, b2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+        assert_eq!((a, b2), (StatusCode::ACCEPTED, StatusCode::CONFLICT));
         let (c, _, _) = s
             .call_with(POST, &format!("/v1/vms/{id}/stop"), Some(&t), None, &[])
             .await;
@@ -2385,4 +2386,93 @@ async fn a_user_holds_a_bounded_number_of_event_streams() {
         StatusCode::OK,
         "a closed stream gave its room back"
     );
+}
+
+/// A project's owner may lower its quota but not raise it: the limits
+/// are the cloud's to grant, so raising one is an admin's call.
+#[tokio::test]
+async fn owners_lower_quotas_and_only_admins_raise_them() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let owner = s.user("olive").await;
+        s.project("beta", &[("olive", "owner")]).await;
+        let (_, p) = s.call(GET, "/v1/projects/beta", Some(&owner), None).await;
+        let mut q = p["quota"].clone();
+        let vms = q["max_vms"].as_u64().unwrap();
+        q["max_vms"] = json!(vms - 1);
+        let (st, v) = s
+            .call(
+                PUT,
+                "/v1/projects/beta/quota",
+                Some(&owner),
+                Some(q.clone()),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "lowering: {v}");
+        q["max_vms"] = json!(vms + 10);
+        let (st, v) = s
+            .call(
+                PUT,
+                "/v1/projects/beta/quota",
+                Some(&owner),
+                Some(q.clone()),
+            )
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "raising: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("max_vms"),
+            "{v}"
+        );
+        let (_, p) = s.call(GET, "/v1/projects/beta", Some(&owner), None).await;
+        assert_eq!(p["quota"]["max_vms"], vms - 1, "a refused raise changed it");
+        let (st, v) = s
+            .call(PUT, "/v1/projects/beta/quota", Some(&s.admin), Some(q))
+            .await;
+        assert_eq!(st, StatusCode::OK, "an admin raises: {v}");
+    }
+}
+
+/// `Idempotency-Key` applies to the creating POSTs only: an answer that
+/// holds a secret (a new API token) is never stored; a claim left by a
+/// request that died with its server is taken over once it is stale
+/// instead of answering 409 forever.
+#[tokio::test]
+async fn idempotency_keeps_no_secret_and_stale_claims_expire() {
+    use axum::body::Body;
+    use axum::http::Request;
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let post = |path: &str, key: &str, body: Value| {
+            Request::builder()
+                .method(POST)
+                .uri(path)
+                .header("authorization", format!("Bearer {}", s.admin))
+                .header("content-type", "application/json")
+                .header("idempotency-key", key)
+                .body(Body::from(body.to_string()))
+                .unwrap()
+        };
+        let (st, _, t1) = s
+            .raw(post("/v1/tokens", "tok-1", json!({"name": "ci"})))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{t1}");
+        assert_eq!(
+            s.count("idempotency_keys").await,
+            0,
+            "a token's answer was stored"
+        );
+
+        // A project create, claimed by a request that never finished.
+        let body = json!({"name": "gamma"});
+        let (st, _, _) = s.raw(post("/v1/projects", "p-1", body.clone())).await;
+        assert_eq!(st, StatusCode::CREATED);
+        s.sql("UPDATE idempotency_keys SET status = 0, created_at = '2000-01-01 00:00:00+00:00'")
+            .await;
+        let (_, _, v) = s.raw(post("/v1/projects", "p-1", body)).await;
+        // Served again (here: the project exists now), not "still served".
+        assert!(
+            !v.to_string().contains("still being served"),
+            "a stale claim still blocks: {v}"
+        );
+    }
 }

@@ -120,6 +120,13 @@ pub struct Observation<'a> {
     pub release: Release,
 }
 
+/// How long an `Idempotency-Key` answers with its first response.
+pub const IDEMPOTENCY_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// How long a claimed key whose request has not finished keeps answering
+/// 409; after that its request is taken to have died with its server.
+pub const IDEMPOTENCY_IN_FLIGHT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// What of a VM's reservation a report gives back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Release {
@@ -1145,6 +1152,34 @@ impl DataStore {
             .one(&self.db)
             .await?
             .ok_or(StoreError::NotFound)?;
+        let now = Utc::now();
+        let limit = if prev.status == 0 {
+            IDEMPOTENCY_IN_FLIGHT
+        } else {
+            IDEMPOTENCY_TTL
+        };
+        let stale_before = now - chrono::Duration::from_std(limit).unwrap_or_default();
+        if prev.created_at < stale_before {
+            // A claim whose request died with its server, or a key past its
+            // time: this request takes it (one of several racing wins).
+            let taken = idempotency::Entity::update_many()
+                .col_expr(idempotency::Column::RequestHash, Expr::value(hash))
+                .col_expr(idempotency::Column::Status, Expr::value(0))
+                .col_expr(idempotency::Column::ContentType, Expr::value(""))
+                .col_expr(idempotency::Column::Body, Expr::value(Vec::<u8>::new()))
+                .col_expr(idempotency::Column::CreatedAt, Expr::value(now))
+                .filter(idempotency::Column::Actor.eq(actor))
+                .filter(idempotency::Column::Key.eq(key))
+                // Still stale: the first taker made it fresh.
+                .filter(idempotency::Column::CreatedAt.lt(stale_before))
+                .exec(&self.db)
+                .await?;
+            return Ok(if taken.rows_affected == 1 {
+                IdemClaim::New
+            } else {
+                IdemClaim::InFlight
+            });
+        }
         Ok(if prev.request_hash != hash {
             IdemClaim::Mismatch
         } else if prev.status == 0 {
@@ -1175,6 +1210,16 @@ impl DataStore {
             .exec(&self.db)
             .await?;
         Ok(())
+    }
+
+    /// Removes keys past [`IDEMPOTENCY_TTL`]; returns how many.
+    pub async fn idem_expire(&self) -> Result<u64> {
+        let before = Utc::now() - chrono::Duration::from_std(IDEMPOTENCY_TTL).unwrap_or_default();
+        Ok(idempotency::Entity::delete_many()
+            .filter(idempotency::Column::CreatedAt.lt(before))
+            .exec(&self.db)
+            .await?
+            .rows_affected)
     }
 
     /// Forgets a claim whose request failed on the server's side, so a

@@ -208,6 +208,30 @@ impl App {
     pub async fn project_set_quota(&self, ctx: &Ctx, key: &str, q: Quota) -> AppResult<Project> {
         let p = self.project_resolve(ctx, key, Role::Owner).await?;
         check_quota(&q)?;
+        // Owners may lower their project's limits; raising one is an
+        // admin's decision (the limits are what the cloud grants).
+        let (_, admin) = ctx.user()?;
+        let raised: Vec<&str> = [
+            ("max_vms", i64::from(q.max_vms), p.max_vms),
+            ("max_vcpus", i64::from(q.max_vcpus), p.max_vcpus),
+            ("max_memory_mib", q.max_memory_mib as i64, p.max_memory_mib),
+            ("max_disk_gib", q.max_disk_gib as i64, p.max_disk_gib),
+            (
+                "max_concurrent_runs",
+                i64::from(q.max_concurrent_runs),
+                p.max_concurrent_runs,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, new, old)| new > old)
+        .map(|(name, _, _)| name)
+        .collect();
+        if !admin && !raised.is_empty() {
+            return Err(AppError::Forbidden(format!(
+                "only an admin raises a project's quota ({}); an owner may lower it",
+                raised.join(", ")
+            )));
+        }
         let p = self
             .store
             .project_update_quota(

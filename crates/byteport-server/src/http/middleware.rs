@@ -147,10 +147,30 @@ pub async fn audit(State(st): State<AuditState>, req: Request, next: Next) -> Re
     resp
 }
 
-/// `Idempotency-Key` on POST: the first response is stored and replayed for
-/// a retry with the same body; another body under the same key is a 422.
+/// The creating POSTs, where a retry could make a thing twice: only these
+/// honour `Idempotency-Key`. Not the ones whose answer holds a secret
+/// (tokens, join tokens, logins), which is never stored, nor the
+/// streaming ones (exec, runs), whose answers are never buffered.
+const IDEMPOTENT: &[&str] = &[
+    "/v1/vms",
+    "/v1/images",
+    "/v1/projects",
+    "/v1/environments",
+    "/v1/flavors",
+    "/v1/users",
+];
+
+/// `Idempotency-Key` on a creating POST: the first response is stored
+/// and replayed for a retry with the same body; another body under the
+/// same key is a 422. Keys last [`byteport_store::IDEMPOTENCY_TTL`]; a
+/// claim whose request never finished (a crash) is taken over after
+/// [`byteport_store::IDEMPOTENCY_IN_FLIGHT`].
 pub async fn idempotency(State(app): State<App>, req: Request, next: Next) -> Response {
-    if req.method() != Method::POST {
+    let creates = req
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|p| IDEMPOTENT.contains(&p.as_str()));
+    if req.method() != Method::POST || !creates {
         return next.run(req).await;
     }
     let Some(key) = req.headers().get("idempotency-key") else {
