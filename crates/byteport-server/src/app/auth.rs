@@ -56,28 +56,38 @@ impl Keys {
     }
 }
 
-/// Verified API tokens, briefly, so a busy client does not cost a database
-/// read per request. Revocation clears the entry on this replica at once;
-/// other replicas forget it within `TOKEN_CACHE_TTL`.
-#[derive(Default)]
-pub(crate) struct TokenCache {
-    map: Mutex<HashMap<String, (Actor, Instant)>>,
+/// Answers kept for `TOKEN_CACHE_TTL`, so a busy client does not cost a
+/// database read per request; at most about 10,000 entries.
+pub(crate) struct TtlCache<K, V> {
+    map: Mutex<HashMap<K, (V, Instant)>>,
 }
 
-impl TokenCache {
-    fn get(&self, hash: &str) -> Option<Actor> {
+impl<K, V> Default for TtlCache<K, V> {
+    fn default() -> Self {
+        TtlCache {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> TtlCache<K, V> {
+    fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         let map = self.map.lock().ok()?;
-        map.get(hash)
+        map.get(key)
             .filter(|(_, t)| t.elapsed() < TOKEN_CACHE_TTL)
-            .map(|(a, _)| a.clone())
+            .map(|(v, _)| v.clone())
     }
 
-    fn put(&self, hash: String, actor: Actor) {
+    fn put(&self, key: K, value: V) {
         if let Ok(mut map) = self.map.lock() {
             if map.len() > 10_000 {
                 map.retain(|_, (_, t)| t.elapsed() < TOKEN_CACHE_TTL);
             }
-            map.insert(hash, (actor, Instant::now()));
+            map.insert(key, (value, Instant::now()));
         }
     }
 
@@ -87,6 +97,10 @@ impl TokenCache {
         }
     }
 }
+
+/// Verified API tokens by hash. Revocation clears the entry on this
+/// replica at once; other replicas forget it within `TOKEN_CACHE_TTL`.
+pub(crate) type TokenCache = TtlCache<String, Actor>;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -101,40 +115,14 @@ struct Claims {
     sid: Option<Uuid>,
 }
 
-/// What an access token's session and user are now, per session, for
-/// `TOKEN_CACHE_TTL`: a logout, a deleted user or a demoted admin takes
-/// effect within that on every replica, at one read per session per TTL.
-#[derive(Default)]
-pub(crate) struct SessionCache {
-    map: Mutex<HashMap<SessionKey, (Option<Actor>, Instant)>>,
-}
+/// What an access token's session and user are now (`None`: it is no
+/// longer good), per session, for `TOKEN_CACHE_TTL`: a logout, a deleted
+/// user or a demoted admin takes effect within that on every replica, at
+/// one read per session per TTL.
+pub(crate) type SessionCache = TtlCache<SessionKey, Option<Actor>>;
 
 /// An access token's user and session.
 type SessionKey = (Uuid, Option<Uuid>);
-
-impl SessionCache {
-    fn get(&self, key: &SessionKey) -> Option<Option<Actor>> {
-        let map = self.map.lock().ok()?;
-        map.get(key)
-            .filter(|(_, t)| t.elapsed() < TOKEN_CACHE_TTL)
-            .map(|(a, _)| a.clone())
-    }
-
-    fn put(&self, key: SessionKey, actor: Option<Actor>) {
-        if let Ok(mut map) = self.map.lock() {
-            if map.len() > 10_000 {
-                map.retain(|_, (_, t)| t.elapsed() < TOKEN_CACHE_TTL);
-            }
-            map.insert(key, (actor, Instant::now()));
-        }
-    }
-
-    pub(crate) fn clear_all(&self) {
-        if let Ok(mut map) = self.map.lock() {
-            map.clear();
-        }
-    }
-}
 
 /// A random secret: `prefix` + 32 random bytes in URL-safe base64.
 pub fn random_secret(prefix: &str) -> String {
