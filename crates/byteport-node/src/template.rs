@@ -289,15 +289,35 @@ pub async fn build(
 /// `dir`), and it has the devices a clone has.
 pub async fn boot_cold(qemu: &Path, spec: &TemplateSpec, dir: &Path) -> Result<Clone, String> {
     let t0 = Instant::now();
+    let (child, q) = launch(qemu, &argv(spec, dir, &dir.join("ram"), false), dir).await?;
+    connect(dir, t0, child, q, BOOT_TIMEOUT).await
+}
+
+/// Spawns QEMU with `args` in `dir` (made first) and connects to its QMP.
+async fn launch(
+    qemu: &Path,
+    args: &[String],
+    dir: &Path,
+) -> Result<(tokio::process::Child, Qmp), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let child = spawn(qemu, &argv(spec, dir, &dir.join("ram"), false), dir)?;
-    let pid = child.id().unwrap_or(0);
-    let q = qmp(dir).await?;
+    let child = spawn(qemu, args, dir)?;
+    Ok((child, qmp(dir).await?))
+}
+
+/// A running VM spawned at `t0`, once its guest agent answers (within
+/// `within`): the clone's handle.
+async fn connect(
+    dir: &Path,
+    t0: Instant,
+    child: tokio::process::Child,
+    q: Qmp,
+    within: Duration,
+) -> Result<Clone, String> {
     let restored_in = t0.elapsed();
-    let agent = agent(dir, BOOT_TIMEOUT).await?;
+    let agent = agent(dir, within).await?;
     Ok(Clone {
         dir: dir.to_owned(),
-        pid,
+        pid: child.id().unwrap_or(0),
         qmp: q,
         agent,
         restored_in,
@@ -311,13 +331,9 @@ impl Template {
     /// its guest agent connected.
     pub async fn start_clone(&self, qemu: &Path, dir: &Path) -> Result<Clone, String> {
         let t0 = Instant::now();
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let mut args = argv(&self.spec, dir, &self.memory, false);
         args.extend(["-incoming".to_owned(), "defer".to_owned()]);
-        let child = spawn(qemu, &args, dir)?;
-        let pid = child.id().unwrap_or(0);
-        let q = qmp(dir).await?;
+        let (child, q) = launch(qemu, &args, dir).await?;
         ignore_shared(&q).await?;
         q.execute(
             "migrate-incoming",
@@ -327,17 +343,7 @@ impl Template {
         .map_err(|e| format!("migrate-incoming: {e}"))?;
         migrated(&q).await?;
         q.cont().await.map_err(|e| format!("cont: {e}"))?;
-        let restored_in = t0.elapsed();
-        let agent = agent(dir, Duration::from_secs(30)).await?;
-        Ok(Clone {
-            dir: dir.to_owned(),
-            pid,
-            qmp: q,
-            agent,
-            restored_in,
-            ready_in: t0.elapsed(),
-            child,
-        })
+        connect(dir, t0, child, q, Duration::from_secs(30)).await
     }
 
     /// Removes the template's files.
