@@ -11,7 +11,8 @@
 //! Options: `--duration SECS` (default 5), `--warmup SECS` (default 1),
 //! `--concurrency N` (default 16), `--vms N` (default 1000),
 //! `--sqlite-only`, `--no-build`, `--bin PATH` (another daemon binary;
-//! implies `--no-build`).
+//! implies `--no-build`), `--tls` (SQLite once more over HTTPS, with a
+//! certificate from a CA made for the run, side by side with plain HTTP).
 
 use anyhow::{Context, bail};
 use std::io::{BufRead, BufReader};
@@ -31,6 +32,7 @@ struct Opts {
     concurrency: usize,
     vms: usize,
     sqlite_only: bool,
+    tls: bool,
     build: bool,
     bin: Option<PathBuf>,
 }
@@ -42,6 +44,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
         concurrency: 16,
         vms: 1000,
         sqlite_only: false,
+        tls: false,
         build: true,
         bin: None,
     };
@@ -60,6 +63,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
             "--concurrency" => o.concurrency = (val(a)? as usize).max(1),
             "--vms" => o.vms = (val(a)? as usize).max(1),
             "--sqlite-only" => o.sqlite_only = true,
+            "--tls" => o.tls = true,
             "--no-build" => o.build = false,
             "--bin" => {
                 let v = it.next().context("--bin needs a path")?;
@@ -89,6 +93,17 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
 
     let sqlite = rt.block_on(bench_one(&bin, "sqlite", None, &opts))?;
     print_table("SQLite", &sqlite, &opts);
+    let tls = if opts.tls {
+        let ca = tls_setup()?;
+        let r = rt.block_on(bench_one(&bin, "sqlite-tls", None, &opts));
+        let _ = TLS.lock().map(|mut t| t.take());
+        let _ = std::fs::remove_dir_all(&ca);
+        let r = r?;
+        print_table("SQLite over HTTPS", &r, &opts);
+        Some(r)
+    } else {
+        None
+    };
     let pg = if opts.sqlite_only {
         None
     } else {
@@ -112,8 +127,23 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         }
     };
     push("sqlite", &sqlite);
+    if let Some(t) = &tls {
+        push("tls", t);
+    }
     if let Some(pg) = &pg {
         push("pg", pg);
+    }
+    if let Some(t) = &tls {
+        for (name, plain, over) in [
+            ("list", &sqlite.list, &t.list),
+            ("get", &sqlite.get, &t.get),
+            ("create", &sqlite.create, &t.create),
+        ] {
+            line.push_str(&format!(
+                " tls_{name}_ratio={:.3}",
+                over.rps() / plain.rps()
+            ));
+        }
     }
     line.push_str(&format!(" baseline_rps={:.0}", sqlite.baseline.rps()));
     println!("{line}");
@@ -166,6 +196,8 @@ async fn start_server(
     let mut cmd = Command::new(bin);
     cmd.args(["server", "--listen", &addr, "--data-dir"])
         .arg(&data_dir)
+        .env_remove("BYTEPORT_TLS_CERT")
+        .env_remove("BYTEPORT_TLS_KEY")
         .env_remove("BYTEPORT_DATABASE_URL")
         .env_remove("BYTEPORT_LOG_JSON")
         .stdin(Stdio::null())
@@ -173,6 +205,13 @@ async fn start_server(
         .stderr(Stdio::from(log));
     if let Some(u) = database_url {
         cmd.args(["--database-url", u]);
+    }
+    if let Some((cert, key)) = TLS
+        .lock()
+        .ok()
+        .and_then(|t| t.as_ref().map(|t| (t.cert.clone(), t.key.clone())))
+    {
+        cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
     }
     eprintln!("+ {cmd:?}");
     let mut child = cmd
@@ -291,8 +330,39 @@ impl Req {
 }
 
 /// A keep-alive connection. One request in flight at a time.
+/// A connection's byte stream: plain TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Set while the HTTPS server is measured: the server is started with this
+/// certificate, and every connection then speaks TLS to it (one handshake
+/// per connection; connections are kept alive).
+struct TlsRun {
+    connector: tokio_rustls::TlsConnector,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+static TLS: std::sync::Mutex<Option<TlsRun>> = std::sync::Mutex::new(None);
+
+/// Makes a CA and a certificate for 127.0.0.1 in a temp directory and sets
+/// [`TLS`] for the next server; returns the directory.
+fn tls_setup() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("byteport-bench-{}-ca", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ca = byteport_testkit::daemon::TestCa::new(&dir);
+    let trust =
+        byteport_trust::Trust::load(Some(&ca.ca_cert)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    *TLS.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(TlsRun {
+        connector: tokio_rustls::TlsConnector::from(trust.rustls()),
+        cert: ca.server_cert,
+        key: ca.server_key,
+    });
+    Ok(dir)
+}
+
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     /// Bytes read but not yet consumed.
     buf: Vec<u8>,
     /// The server said `Connection: close` (or sent a body without length).
@@ -305,8 +375,20 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 impl Conn {
     async fn connect(addr: &str) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let tls = TLS
+            .lock()
+            .ok()
+            .and_then(|t| t.as_ref().map(|t| t.connector.clone()));
+        let stream: Box<dyn Io> = match tls {
+            Some(c) => {
+                let name =
+                    byteport_trust::server_name("127.0.0.1").map_err(|e| anyhow::anyhow!("{e}"))?;
+                Box::new(c.connect(name, tcp).await?)
+            }
+            None => Box::new(tcp),
+        };
         Ok(Conn {
             stream,
             buf: Vec::with_capacity(64 * 1024),

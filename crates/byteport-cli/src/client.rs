@@ -37,6 +37,8 @@ pub struct Client {
     agent: ureq::Agent,
     pub base: String,
     token: Option<String>,
+    /// The roots the server's certificate is checked against.
+    pub trust: byteport_trust::Trust,
 }
 
 /// Percent-encodes one path segment.
@@ -53,15 +55,17 @@ pub fn seg(s: &str) -> String {
 }
 
 impl Client {
-    pub fn new(base: &str, token: Option<String>) -> Client {
+    pub fn new(base: &str, token: Option<String>, trust: byteport_trust::Trust) -> Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .tls_config(trust.ureq())
             .build()
             .into();
         Client {
             agent,
             base: base.trim_end_matches('/').to_owned(),
             token,
+            trust,
         }
     }
 
@@ -70,6 +74,7 @@ impl Client {
             agent: self.agent.clone(),
             base: self.base.clone(),
             token,
+            trust: self.trust.clone(),
         }
     }
 
@@ -149,7 +154,7 @@ impl Client {
         for (k, v) in query {
             rb = rb.query(*k, v.as_str());
         }
-        let mut resp = rb.call().with_context(|| self.unreachable())?;
+        let mut resp = rb.call().map_err(|e| self.transport(e))?;
         let status = resp.status().as_u16();
         let bytes = resp
             .body_mut()
@@ -177,7 +182,7 @@ impl Client {
         if let Some(a) = self.bearer() {
             rb = rb.header("Authorization", a);
         }
-        let mut resp = rb.send_json(body).with_context(|| self.unreachable())?;
+        let mut resp = rb.send_json(body).map_err(|e| self.transport(e))?;
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             let bytes = resp
@@ -191,8 +196,15 @@ impl Client {
         Ok(BufReader::new(resp.into_body().into_reader()))
     }
 
-    fn unreachable(&self) -> String {
-        format!("cannot reach {}", self.base)
+    /// Why the server could not be reached, with what to do about a
+    /// certificate this host does not trust.
+    fn transport(&self, e: ureq::Error) -> anyhow::Error {
+        let text = e.to_string();
+        let e = anyhow::Error::new(e).context(format!("cannot reach {}", self.base));
+        match byteport_trust::hint(&text) {
+            Some(h) => e.context(h),
+            None => e,
+        }
     }
 
     /// A JSON response: its body on success, the server's error otherwise.
@@ -200,7 +212,7 @@ impl Client {
         &self,
         sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Option<Value>> {
-        let mut resp = sent.with_context(|| self.unreachable())?;
+        let mut resp = sent.map_err(|e| self.transport(e))?;
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()

@@ -5,11 +5,28 @@ use crate::config::{self, Config};
 use crate::table::{Table, print_fields};
 use crate::*;
 use anyhow::{Context, Result, bail};
+use byteport_trust::Trust;
 use byteport_types::api::*;
 use byteport_types::{VmId, VmState};
 use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+/// A timestamp to the second (`chrono` values, without naming the crate).
+macro_rules! ts {
+    ($t:expr) => {
+        $t.format("%Y-%m-%d %H:%M:%S").to_string()
+    };
+}
+
+/// An optional timestamp, `-` when absent.
+macro_rules! opt_ts {
+    ($t:expr) => {
+        $t.as_ref().map_or_else(|| "-".to_owned(), |t| ts!(t))
+    };
+}
 
 mod environments;
+mod nodes;
 mod runs;
 
 /// The longest wait the server grants in one request.
@@ -51,20 +68,6 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
         .map_or_else(|| "-".to_owned(), ToString::to_string)
 }
 
-/// A timestamp to the second (`chrono` values, without naming the crate).
-macro_rules! ts {
-    ($t:expr) => {
-        $t.format("%Y-%m-%d %H:%M:%S").to_string()
-    };
-}
-
-/// An optional timestamp, `-` when absent.
-macro_rules! opt_ts {
-    ($t:expr) => {
-        $t.as_ref().map_or_else(|| "-".to_owned(), |t| ts!(t))
-    };
-}
-
 /// Reads a password from standard input, without its trailing newline.
 fn read_password() -> Result<String> {
     use std::io::Read;
@@ -84,10 +87,24 @@ fn normalize_url(u: &str) -> String {
     u.trim().trim_end_matches('/').to_owned()
 }
 
+/// The roots to check `url`'s certificate against: the system's, and the
+/// CA bundle given now or stored by the `login` to that same URL.
+fn trust(flag: Option<&Path>, config: &Option<Config>, url: &str) -> Result<Trust> {
+    Ok(Trust::load(flag.or_else(|| stored_ca(config, url)))?)
+}
+
+/// The CA bundle to remember: as an absolute path, so it holds from any
+/// working directory.
+fn absolute(p: Option<&Path>) -> Result<Option<PathBuf>> {
+    p.map(|p| std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display())))
+        .transpose()
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     let config = config::load()?;
     let flag_url = cli.url.as_deref().map(normalize_url);
     let out = cli.output;
+    let ca_flag = cli.ca_cert.as_deref();
     match cli.cmd {
         Cmd::Login {
             user,
@@ -95,7 +112,8 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let url = login_url(flag_url, &config)?;
             let password = read_password()?;
-            login(out, &url, &user, &password)
+            let ca = absolute(ca_flag.or_else(|| stored_ca(&config, &url)))?;
+            login(out, &url, &user, &password, ca)
         }
         Cmd::Bootstrap {
             token,
@@ -104,7 +122,8 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let url = login_url(flag_url, &config)?;
             let password = read_password()?;
-            let c = Client::new(&url, None);
+            let ca = absolute(ca_flag.or_else(|| stored_ca(&config, &url)))?;
+            let c = Client::new(&url, None, Trust::load(ca.as_deref())?);
             c.value(
                 Method::Post,
                 "/v1/bootstrap",
@@ -114,7 +133,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if out == Output::Table {
                 println!("created the first admin {user}");
             }
-            login(out, &url, &user, &password)
+            login(out, &url, &user, &password, ca)
         }
         cmd => {
             let url = flag_url
@@ -130,9 +149,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     .filter(|c| normalize_url(&c.url) == url)
                     .map(|c| c.token.clone()),
             };
+            let trust = trust(ca_flag, &config, &url)?;
             let env = Env {
                 out,
-                client: Client::new(&url, token),
+                client: Client::new(&url, token, trust),
                 config,
             };
             dispatch(&env, cmd)
@@ -186,8 +206,22 @@ fn token_name() -> String {
     }
 }
 
-fn login(out: Output, url: &str, user: &str, password: &str) -> Result<()> {
-    let anon = Client::new(url, None);
+/// The CA bundle stored by the last `login` to `url`.
+fn stored_ca<'a>(config: &'a Option<Config>, url: &str) -> Option<&'a Path> {
+    config
+        .as_ref()
+        .filter(|c| normalize_url(&c.url) == url)
+        .and_then(|c| c.ca_cert.as_deref())
+}
+
+fn login(
+    out: Output,
+    url: &str,
+    user: &str,
+    password: &str,
+    ca_cert: Option<PathBuf>,
+) -> Result<()> {
+    let anon = Client::new(url, None, Trust::load(ca_cert.as_deref())?);
     let v = anon.value(
         Method::Post,
         "/v1/auth/login",
@@ -236,6 +270,7 @@ fn login(out: Output, url: &str, user: &str, password: &str) -> Result<()> {
         token: created.secret,
         token_id: Some(created.token.id.to_string()),
         user: Some(lr.user.name.to_string()),
+        ca_cert,
     })?;
     match out {
         Output::Table => println!("logged in to {url} as {}", lr.user.name),
@@ -262,7 +297,7 @@ fn dispatch(env: &Env, cmd: Cmd) -> Result<()> {
         Cmd::Vm(a) => vm(env, a),
         Cmd::Env(a) => environments::run(env, a),
         Cmd::Run(a) => runs::run(env, a),
-        Cmd::Node(c) => node(env, c),
+        Cmd::Node(c) => nodes::run(env, c),
         Cmd::Audit { project, limit } => audit(env, project, limit),
     }
 }
@@ -273,7 +308,11 @@ fn logout(env: &Env) -> Result<()> {
     };
     if let Some(id) = &cfg.token_id {
         // Revoke with the stored token itself, on the server it belongs to.
-        let c = Client::new(&cfg.url, Some(cfg.token.clone()));
+        let c = Client::new(
+            &cfg.url,
+            Some(cfg.token.clone()),
+            Trust::load(cfg.ca_cert.as_deref())?,
+        );
         if let Err(e) = c.request(
             Method::Delete,
             &format!("/v1/tokens/{}", seg(id)),
@@ -823,7 +862,10 @@ fn ports_long(p: &[PortForward]) -> String {
 }
 
 /// The command that reaches the guest's SSH port, if it is forwarded.
-fn ssh_line(user: &str, p: &[PortForward]) -> Option<String> {
+/// The command that logs in, when the image has an SSH login and port 22
+/// is forwarded.
+fn ssh_line(user: Option<&str>, p: &[PortForward]) -> Option<String> {
+    let user = user?;
     let f = p.iter().find(|f| f.guest_port == 22)?;
     // A forward on every address: the node's own address is what to use.
     let host = match f.host.as_str() {
@@ -910,8 +952,16 @@ fn vm_details(v: &Vm) {
         ("egress", v.egress.as_str().into()),
         ("ports", ports_long(&v.ports)),
     ];
-    if let Some(ssh) = ssh_line(&v.ssh_user, &v.ports) {
-        fields.push(("ssh", ssh));
+    match ssh_line(v.ssh_user.as_deref(), &v.ports) {
+        Some(ssh) => fields.push(("ssh", ssh)),
+        None if v.ssh_user.is_none() => fields.push((
+            "login",
+            format!(
+                "no SSH login in this image: byteport vm exec {} -- CMD, or vm console",
+                v.name
+            ),
+        )),
+        None => {}
     }
     fields.push(("created", ts!(v.created_at)));
     fields.push(("updated", ts!(v.updated_at)));
@@ -1367,132 +1417,7 @@ fn vm_action(
     print_vm(env, &v, false)
 }
 
-// ---------- nodes and audit ----------
-
-fn node(env: &Env, cmd: NodeCmd) -> Result<()> {
-    let c = &env.client;
-    match cmd {
-        NodeCmd::List => {
-            let v = c.get("/v1/nodes", &[])?;
-            if env.json() {
-                return print_json(&v);
-            }
-            let ns: Vec<Node> = decode(&v)?;
-            let mut t = Table::new(&[
-                "NAME",
-                "STATUS",
-                "REGION",
-                "VCPUS",
-                "MEMORY(MiB)",
-                "DISK(GiB)",
-                "LAST HEARTBEAT",
-            ]);
-            for n in &ns {
-                t.row(vec![
-                    n.name.to_string(),
-                    n.status.clone(),
-                    n.region.clone(),
-                    format!("{}/{}", n.usage.vcpus, n.capacity.vcpus),
-                    format!("{}/{}", n.usage.memory_mib, n.capacity.memory_mib),
-                    format!("{}/{}", n.usage.disk_gib, n.capacity.disk_gib),
-                    opt_ts!(n.last_heartbeat_at),
-                ]);
-            }
-            t.print();
-            Ok(())
-        }
-        NodeCmd::Show { id } => {
-            let v = c.get(&format!("/v1/nodes/{}", seg(&id)), &[])?;
-            if env.json() {
-                return print_json(&v);
-            }
-            let n: Node = decode(&v)?;
-            let cap = |x: &Capacity| {
-                format!(
-                    "{} vCPUs, {} MiB, {} GiB",
-                    x.vcpus, x.memory_mib, x.disk_gib
-                )
-            };
-            print_fields(&[
-                ("name", n.name.to_string()),
-                ("id", n.id.to_string()),
-                ("status", n.status.clone()),
-                ("region", n.region.clone()),
-                ("arch", n.arch.clone()),
-                ("engines", n.engines.join(",")),
-                ("kvm", n.kvm.to_string()),
-                ("capacity", cap(&n.capacity)),
-                ("in use", cap(&n.usage)),
-                ("reserved", cap(&n.reserved)),
-                ("last heartbeat", opt_ts!(n.last_heartbeat_at)),
-                ("created", ts!(n.created_at)),
-            ]);
-            if !n.networks.is_empty() {
-                println!();
-                let mut t = Table::new(&["BRIDGE", "NETWORK", "GATEWAY", "PROJECT", "VMS"]);
-                for net in &n.networks {
-                    t.row(vec![
-                        net.bridge.clone(),
-                        net.cidr.clone(),
-                        net.gateway.clone(),
-                        net.project_id.to_string(),
-                        net.vms.to_string(),
-                    ]);
-                }
-                t.print();
-            }
-            Ok(())
-        }
-        NodeCmd::Cordon { ref id } | NodeCmd::Uncordon { ref id } | NodeCmd::Drain { ref id } => {
-            let verb = match &cmd {
-                NodeCmd::Cordon { .. } => "cordon",
-                NodeCmd::Uncordon { .. } => "uncordon",
-                _ => "drain",
-            };
-            let v = c.value(
-                Method::Post,
-                &format!("/v1/nodes/{}/{verb}", seg(id)),
-                &[],
-                None,
-            )?;
-            if env.json() {
-                return print_json(&v);
-            }
-            let n: Node = decode(&v)?;
-            println!("node {} is {}", n.name, n.status);
-            Ok(())
-        }
-        NodeCmd::Remove { id } => {
-            c.value(
-                Method::Delete,
-                &format!("/v1/nodes/{}", seg(&id)),
-                &[],
-                None,
-            )?;
-            println!("node {id} removed");
-            Ok(())
-        }
-        NodeCmd::JoinToken { expires_in_minutes } => {
-            let mut body = json!({});
-            if let Some(m) = expires_in_minutes {
-                body["expires_in_minutes"] = json!(m);
-            }
-            let v = c.value(Method::Post, "/v1/node-join-tokens", &[], Some(&body))?;
-            if env.json() {
-                return print_json(&v);
-            }
-            let t: JoinToken = decode(&v)?;
-            print_fields(&[("token", t.token.clone()), ("expires", ts!(t.expires_at))]);
-            println!();
-            println!("On the new host, run (the token works once):");
-            println!(
-                "  byteportd node --server {} --join-token {}",
-                c.base, t.token
-            );
-            Ok(())
-        }
-    }
-}
+// ---------- audit ----------
 
 fn audit(env: &Env, project: Option<String>, limit: Option<u32>) -> Result<()> {
     let mut q: Vec<(&str, String)> = Vec::new();

@@ -15,6 +15,9 @@ pub struct Config {
     pub token_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The CA bundle `login` was given, trusted for `url` from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// `$BYTEPORT_CONFIG`, else `$XDG_CONFIG_HOME/byteport/config.json`, else

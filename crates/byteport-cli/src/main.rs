@@ -23,6 +23,10 @@ pub struct Cli {
     /// The control plane's URL; overrides the one stored by `login`.
     #[arg(long, global = true, env = "BYTEPORT_URL")]
     pub url: Option<String>,
+    /// A PEM bundle of the CA that signed the server's certificate (the
+    /// system's trust store is used too); `login` remembers it.
+    #[arg(long, global = true, env = "BYTEPORT_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -597,8 +601,8 @@ pub enum VmCmd {
     /// is sent to the guest; Ctrl-] leaves. When standard input is a
     /// terminal it is put in raw mode with `stty` (keys go through one by
     /// one, Ctrl-C included); if that is not possible input is sent a line
-    /// at a time, and Ctrl-] takes effect after Enter. --follow speaks
-    /// plain ws:// only: it does not work against an https:// URL yet.
+    /// at a time, and Ctrl-] takes effect after Enter. An https:// server
+    /// is followed over wss://.
     ///
     /// Examples:
     ///   byteport vm console web-1 --bytes 4096
@@ -651,6 +655,25 @@ pub enum NodeCmd {
     Drain { id: String },
     /// Remove a node that holds no VM.
     Remove { id: String },
+    /// Make an orphan (a VM the node holds that the control plane does not
+    /// know, shown by `node show`) a stopped VM again.
+    Adopt {
+        node: String,
+        /// The orphan's id.
+        vm: String,
+        /// The project to adopt it into; the one it was made in when absent.
+        #[arg(long)]
+        project: Option<String>,
+        /// A new name, when its own is taken.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete an orphan and its disk on its node.
+    RemoveOrphan {
+        node: String,
+        /// The orphan's id.
+        vm: String,
+    },
     /// Create a single-use token that lets a new host join as a node.
     JoinToken {
         /// The token's lifetime (server default 60, at most 10080).

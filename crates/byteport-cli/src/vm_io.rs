@@ -1,6 +1,6 @@
 //! Streams to and from a VM: `vm exec`'s NDJSON events, and
-//! `vm console --follow`, the live serial console over a WebSocket (plain
-//! ws:// over a std `TcpStream`; TLS is not supported yet).
+//! `vm console --follow`, the live serial console over a WebSocket (ws://
+//! or wss:// over a std `TcpStream`).
 
 use crate::client::{Client, api_error};
 use anyhow::{Context, Result, bail};
@@ -79,45 +79,89 @@ fn decode(b64: &str) -> Result<Vec<u8>> {
         .context("the server sent output that is not base64")
 }
 
-/// Where a WebSocket for an `http://` base URL connects, and its URL.
+/// Where a WebSocket for an `http://` or `https://` base URL connects,
+/// and its URL.
 #[derive(Debug, PartialEq, Eq)]
 pub struct WsTarget {
     /// `host:port` for the TCP connection.
     pub addr: String,
-    /// The `ws://` URL of `path` under the base.
+    /// The host the server's certificate must name, for `wss://`.
+    pub tls_host: Option<String>,
+    /// The `ws://` or `wss://` URL of `path` under the base.
     pub url: String,
 }
 
 impl WsTarget {
     pub fn new(base: &str, path: &str) -> Result<WsTarget> {
         let lower = base.to_ascii_lowercase();
-        if lower.starts_with("https://") {
-            bail!(
-                "`vm console --follow` does not support https:// servers yet; \
-                 `byteport vm console VM` shows the end of the console log"
-            );
-        }
-        if !lower.starts_with("http://") {
-            bail!("the server's URL {base} is not an http:// URL");
-        }
-        let rest = &base["http://".len()..];
+        let (tls, rest) = if lower.starts_with("https://") {
+            (true, &base["https://".len()..])
+        } else if lower.starts_with("http://") {
+            (false, &base["http://".len()..])
+        } else {
+            bail!("the server's URL {base} is not an http:// or https:// URL");
+        };
         let (authority, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         if authority.is_empty() {
             bail!("the server's URL {base} has no host");
         }
         // `[::1]` has colons but no port; `[::1]:8080` and `host:8080` have one.
-        let has_port = authority
+        let port_at = authority
             .rfind(':')
-            .is_some_and(|i| !authority[i..].contains(']'));
-        let addr = if has_port {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
+            .filter(|&i| !authority[i..].contains(']'));
+        let host = &authority[..port_at.unwrap_or(authority.len())];
+        let addr = match port_at {
+            Some(_) => authority.to_owned(),
+            None => format!("{authority}:{}", if tls { 443 } else { 80 }),
         };
         Ok(WsTarget {
             addr,
-            url: format!("ws://{authority}{prefix}{path}"),
+            tls_host: tls.then(|| host.to_owned()),
+            url: format!(
+                "{}://{authority}{prefix}{path}",
+                if tls { "wss" } else { "ws" }
+            ),
         })
+    }
+}
+
+/// The console's connection: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(t) => t,
+            Stream::Tls(s) => s.get_ref(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(t) => t.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(t) => t.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(t) => t.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
     }
 }
 
@@ -128,6 +172,15 @@ pub fn follow(c: &Client, path: &str) -> Result<()> {
     let tcp =
         TcpStream::connect(&target.addr).with_context(|| format!("cannot reach {}", c.base))?;
     let _ = tcp.set_nodelay(true);
+    let stream = match &target.tls_host {
+        None => Stream::Plain(tcp),
+        Some(host) => {
+            let name = byteport_trust::server_name(host)?;
+            let conn = rustls::ClientConnection::new(c.trust.rustls(), name)
+                .context("cannot start TLS")?;
+            Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+        }
+    };
     let mut req = target
         .url
         .as_str()
@@ -139,7 +192,7 @@ pub fn follow(c: &Client, path: &str) -> Result<()> {
             HeaderValue::from_str(&a).context("the API token is not a valid header value")?,
         );
     }
-    let mut ws = match tungstenite::client(req, tcp) {
+    let mut ws = match tungstenite::client(req, stream) {
         Ok((ws, _)) => ws,
         // The server refused the upgrade: its JSON error explains why.
         Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
@@ -147,11 +200,17 @@ pub fn follow(c: &Client, path: &str) -> Result<()> {
             return Err(api_error(resp.status().as_u16(), body).into());
         }
         Err(HandshakeError::Failure(e)) => {
-            return Err(anyhow::Error::new(e).context("cannot open the console"));
+            let hint = byteport_trust::hint(&e.to_string());
+            let e = anyhow::Error::new(e).context("cannot open the console");
+            return Err(match hint {
+                Some(h) => e.context(h),
+                None => e,
+            });
         }
         Err(HandshakeError::Interrupted(_)) => bail!("the console handshake was interrupted"),
     };
-    ws.get_mut()
+    ws.get_ref()
+        .tcp()
         .set_read_timeout(Some(POLL))
         .context("cannot configure the console connection")?;
     let raw = RawMode::enter();
@@ -313,7 +372,13 @@ mod tests {
             WsTarget::new("http://[::1]:9", "/").expect("ok").addr,
             "[::1]:9"
         );
-        let e = WsTarget::new("https://cloud.example", "/").expect_err("tls");
+        let t = WsTarget::new("https://cloud.example/bp", "/v1/x").expect("tls");
+        assert_eq!(t.addr, "cloud.example:443");
+        assert_eq!(t.tls_host.as_deref(), Some("cloud.example"));
+        assert_eq!(t.url, "wss://cloud.example/bp/v1/x");
+        let t = WsTarget::new("https://[::1]:8443", "/").expect("tls");
+        assert_eq!(t.tls_host.as_deref(), Some("[::1]"));
+        let e = WsTarget::new("ftp://cloud.example", "/").expect_err("scheme");
         assert!(e.to_string().contains("https://"), "{e}");
     }
 
@@ -443,7 +508,11 @@ mod tests {
             s.write_all(format!("{:x}\r\n{exit}\r\n0\r\n\r\n", exit.len()).as_bytes())
                 .expect("write");
         });
-        let c = Client::new(&format!("http://{addr}"), Some("tok".into()));
+        let c = Client::new(
+            &format!("http://{addr}"),
+            Some("tok".into()),
+            byteport_trust::Trust::system(),
+        );
         let events = c
             .post_stream(
                 "/v1/vms/x/exec",

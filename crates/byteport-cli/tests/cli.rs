@@ -472,7 +472,7 @@ async fn cli_end_to_end() {
         )
         .await;
         assert!(
-            o.stderr.contains("does not support https://"),
+            o.stderr.contains("cannot reach https://127.0.0.1:1"),
             "{}",
             o.stderr
         );
@@ -762,9 +762,13 @@ async fn cli_shows_port_forwards_of_placed_vms() {
             ["22 -> 127.0.0.1:20022", "80 -> 127.0.0.1:20080"],
             "{out}"
         );
+        // The test image names no login user: no ssh line, but what works.
+        assert!(!out.contains("ssh -p"), "{out}");
         assert!(
-            out.lines()
-                .any(|l| l.starts_with("ssh:") && l.ends_with("ssh -p 20022 root@127.0.0.1")),
+            out.lines().any(|l| l.starts_with("login:")
+                && l.ends_with(
+                    "no SSH login in this image: byteport vm exec web-1 -- CMD, or vm console"
+                )),
             "{out}"
         );
         assert!(out.contains(&format!("node:           {node}")), "{out}");

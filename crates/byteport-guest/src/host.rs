@@ -49,6 +49,13 @@ const OUT_QUEUE: usize = 64;
 const WRITE_BATCH: usize = 256 * 1024;
 
 const SIGKILL: i32 = 9;
+/// Control frames (Ready, Ping, Pong and kinds this side does not know) a
+/// guest may send in a burst, and per second after that: an agent sends a
+/// few a boot and one Pong per Ping. Past that they are dropped unread and
+/// counted ([`GuestConn::dropped_frames`]), so a hostile guest cannot keep
+/// the node busy parsing, or waking its heartbeat with Ready after Ready.
+const CONTROL_BURST: f64 = 64.0;
+const CONTROL_PER_SECOND: f64 = 16.0;
 
 /// What went wrong talking to a guest.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +140,8 @@ struct Inner {
     reader: OnceLock<AbortHandle>,
     next_stream: AtomicU32,
     next_ping: AtomicU64,
+    /// Control frames dropped for coming too fast.
+    dropped: AtomicU64,
 }
 
 #[derive(Default)]
@@ -176,6 +185,7 @@ impl GuestConn {
             reader: OnceLock::new(),
             next_stream: AtomicU32::new(first_stream_id()),
             next_ping: AtomicU64::new(1),
+            dropped: AtomicU64::new(0),
         });
         tokio::spawn(write_task(
             writer,
@@ -218,6 +228,11 @@ impl GuestConn {
     /// The last Ready the agent sent on this connection.
     pub fn ready(&self) -> Option<Ready> {
         self.inner.ready.borrow().clone()
+    }
+
+    /// Control frames the guest sent faster than it may, dropped unread.
+    pub fn dropped_frames(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
     }
 
     /// Round trip of a Ping through the agent.
@@ -493,6 +508,7 @@ fn end_sessions(sessions: HashMap<u32, mpsc::Sender<ExecEvent>>, reason: &str) {
 async fn read_task<R: AsyncRead + Unpin>(mut reader: R, inner: Weak<Inner>) {
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; MAX_PAYLOAD + 9];
+    let (mut budget, mut refilled) = (CONTROL_BURST, Instant::now());
     let reason = 'conn: loop {
         let n = match reader.read(&mut buf).await {
             Ok(0) => break "the guest agent socket closed".to_string(),
@@ -504,6 +520,22 @@ async fn read_task<R: AsyncRead + Unpin>(mut reader: R, inner: Weak<Inner>) {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     let Some(inner) = inner.upgrade() else { return };
+                    let output = matches!(
+                        frame.kind(),
+                        Kind::Stdout | Kind::Stderr | Kind::Exit | Kind::ExecError
+                    );
+                    if !output {
+                        let now = Instant::now();
+                        budget = (budget
+                            + now.duration_since(refilled).as_secs_f64() * CONTROL_PER_SECOND)
+                            .min(CONTROL_BURST);
+                        refilled = now;
+                        if budget < 1.0 {
+                            inner.dropped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        budget -= 1.0;
+                    }
                     inner.dispatch(frame).await;
                 }
                 Ok(None) => break,

@@ -260,3 +260,31 @@ async fn collected_output_is_bounded() {
         other => panic!("expected the cap to end it: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_guest_flooding_control_frames_is_held_to_a_rate() {
+    use byteport_guest::proto::{Frame, Kind, encode};
+    use tokio::io::AsyncWriteExt;
+    // A "guest" that sends Ready after Ready as fast as it can.
+    let (guest, host) = tokio::net::UnixStream::pair().expect("socketpair");
+    let (r, w) = host.into_split();
+    let conn = GuestConn::new(r, w);
+    let (_guest_r, mut guest_w) = guest.into_split();
+    let ready = br#"{"version":"flood","hostname":"g","uptime_ms":1,"instance":"a"}"#.to_vec();
+    let mut burst = Vec::new();
+    for _ in 0..2000 {
+        burst.extend(encode(&Frame::new(0, Kind::Ready, ready.clone()).unwrap()));
+    }
+    guest_w.write_all(&burst).await.unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while conn.dropped_frames() < 1800 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dropped {}",
+            conn.dropped_frames()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // What got through was read as usual.
+    assert_eq!(conn.ready().map(|r| r.version), Some("flood".to_owned()));
+}

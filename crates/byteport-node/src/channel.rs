@@ -30,6 +30,10 @@ pub(crate) enum Input {
 
 type Inputs = Arc<Mutex<HashMap<u64, mpsc::Sender<Input>>>>;
 
+/// How long one write to the channel may take before the control plane is
+/// taken for gone and the channel is dialed again.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Keeps the channel open for the life of the agent.
 pub async fn run<D: Driver>(shared: Arc<Shared<D>>) {
     let mut backoff = Duration::from_millis(200);
@@ -51,34 +55,50 @@ async fn session<D: Driver>(shared: &Arc<Shared<D>>) -> Result<(), String> {
         "authorization",
         auth.parse().map_err(|_| "bad credential".to_string())?,
     );
-    let (ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tls = tokio_tungstenite::Connector::Rustls(shared.cp.trust().rustls());
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async_tls_with_config(req, None, true, Some(tls)),
+    )
+    .await
+    .map_err(|_| "the channel's handshake took over 10 s".to_string())?
+    .map_err(|e| e.to_string())?;
     tracing::info!("node channel connected");
     let (mut sink, mut source) = ws.split();
     let (out_tx, mut out_rx) = mpsc::channel::<FromNode>(256);
     let inputs: Inputs = Arc::default();
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
             let Ok(t) = serde_json::to_string(&m) else {
                 continue;
             };
-            if sink.send(Message::Text(t.into())).await.is_err() {
+            // A control plane that stops reading is taken for gone.
+            let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(t.into())));
+            if !matches!(sent.await, Ok(Ok(()))) {
                 break;
             }
         }
     });
-    while let Some(msg) = source.next().await {
-        let msg = msg.map_err(|e| e.to_string())?;
-        let Message::Text(t) = msg else { continue };
-        let Ok(req) = serde_json::from_str::<ToNode>(&t) else {
-            tracing::warn!("unknown message on the node channel");
-            continue;
-        };
-        handle(shared, &inputs, &out_tx, req);
-    }
+    let ended = loop {
+        tokio::select! {
+            _ = &mut writer => break Err("the channel's writes stalled or failed".to_string()),
+            msg = source.next() => {
+                let Some(msg) = msg else { break Ok(()) };
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => break Err(e.to_string()),
+                };
+                let Message::Text(t) = msg else { continue };
+                let Ok(req) = serde_json::from_str::<ToNode>(&t) else {
+                    tracing::warn!("unknown message on the node channel");
+                    continue;
+                };
+                handle(shared, &inputs, &out_tx, req);
+            }
+        }
+    };
     writer.abort();
-    Ok(())
+    ended
 }
 
 fn handle<D: Driver>(
@@ -191,6 +211,23 @@ fn handle<D: Driver>(
             if let Ok(b) = B64.decode(data) {
                 route(stream, Input::Data(b));
             }
+        }
+        ToNode::RemoveOrphan { stream, vm } => {
+            let known = shared.orphans.lock().is_ok_and(|o| o.contains_key(&vm));
+            let msg = if known {
+                if let Ok(mut r) = shared.remove_orphans.lock() {
+                    r.insert(vm);
+                }
+                shared.wake.notify_one();
+                FromNode::End { stream }
+            } else {
+                FromNode::Error {
+                    stream,
+                    message: format!("this node holds no orphan {vm}"),
+                    not_found: true,
+                }
+            };
+            let _ = out.try_send(msg);
         }
         ToNode::InputEnd { stream } => route(stream, Input::End),
         ToNode::Close { stream } => route(stream, Input::Close),

@@ -23,24 +23,41 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
 }
 
+/// A failed connection, with what to do about an untrusted certificate.
+fn transport(e: impl std::fmt::Display) -> ClientError {
+    let text = e.to_string();
+    match byteport_trust::hint(&text) {
+        Some(h) => ClientError::Transport(format!("{text} ({h})")),
+        None => ClientError::Transport(text),
+    }
+}
+
 /// The control plane, as this node reaches it.
 #[derive(Clone)]
 pub struct ControlPlane {
     agent: ureq::Agent,
     base: String,
+    trust: byteport_trust::Trust,
 }
 
 impl ControlPlane {
-    pub fn new(base: &str) -> Self {
+    pub fn new(base: &str, trust: byteport_trust::Trust) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
+            .tls_config(trust.ureq())
             .build()
             .into();
         ControlPlane {
             agent,
             base: base.trim_end_matches('/').to_owned(),
+            trust,
         }
+    }
+
+    /// The roots the control plane's certificate is checked against.
+    pub fn trust(&self) -> &byteport_trust::Trust {
+        &self.trust
     }
 
     pub fn base(&self) -> &str {
@@ -80,9 +97,7 @@ impl ControlPlane {
             if let Some(c) = credential {
                 req = req.header("Authorization", &format!("Bearer {c}"));
             }
-            let mut resp = req
-                .send_json(&body)
-                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            let mut resp = req.send_json(&body).map_err(transport)?;
             let status = resp.status().as_u16();
             if status >= 400 {
                 let message = resp
@@ -92,12 +107,10 @@ impl ControlPlane {
                     .unwrap_or_else(|_| "no error body".into());
                 return Err(ClientError::Api { status, message });
             }
-            resp.body_mut()
-                .read_json::<T>()
-                .map_err(|e| ClientError::Transport(e.to_string()))
+            resp.body_mut().read_json::<T>().map_err(transport)
         })
         .await
-        .map_err(|e| ClientError::Transport(e.to_string()))?
+        .map_err(transport)?
     }
 
     pub async fn register(&self, req: NodeRegister) -> Result<NodeRegistered, ClientError> {
@@ -141,7 +154,7 @@ impl ControlPlane {
                 .timeout_global(Some(Duration::from_secs(10)))
                 .build()
                 .call()
-                .map_err(|e| ClientError::Transport(e.to_string()))?;
+                .map_err(transport)?;
             let status = resp.status().as_u16();
             // user-data is at most 64 KiB; the rest are smaller.
             let body = resp
@@ -149,11 +162,11 @@ impl ControlPlane {
                 .with_config()
                 .limit(1 << 20)
                 .read_to_vec()
-                .map_err(|e| ClientError::Transport(e.to_string()))?;
+                .map_err(transport)?;
             Ok((status, body))
         })
         .await
-        .map_err(|e| ClientError::Transport(e.to_string()))?
+        .map_err(transport)?
     }
 
     /// Downloads an image file to `dest`, checking that it hashes to
@@ -173,7 +186,7 @@ impl ControlPlane {
                 .get(&url)
                 .header("Authorization", &auth)
                 .call()
-                .map_err(|e| ClientError::Transport(e.to_string()))?;
+                .map_err(transport)?;
             let status = resp.status().as_u16();
             if status >= 400 {
                 let message = resp
@@ -209,6 +222,6 @@ impl ControlPlane {
             Ok(total)
         })
         .await
-        .map_err(|e| ClientError::Transport(e.to_string()))?
+        .map_err(transport)?
     }
 }

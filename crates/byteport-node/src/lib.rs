@@ -25,7 +25,7 @@ pub mod template;
 pub mod vm;
 
 use byteport_guest::host::GuestConn;
-use byteport_types::api::{Capacity, DesiredVm, Heartbeat, NodeRegister, VmReport};
+use byteport_types::api::{Capacity, DesiredVm, Heartbeat, NodeRegister, OrphanVm, VmReport};
 use byteport_types::vm_state::ObservedState;
 use byteport_types::{Name, NodeId, VmId};
 use client::ControlPlane;
@@ -43,8 +43,10 @@ use tokio::sync::{Notify, watch};
 /// How the agent is set up.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// The control plane's base URL, `http://host:port`.
+    /// The control plane's base URL, `http://host:port` or `https://...`.
     pub server: String,
+    /// The roots the control plane's certificate is checked against.
+    pub trust: byteport_trust::Trust,
     /// Needed only for the first start; the credential is kept after.
     pub join_token: Option<String>,
     pub data_dir: PathBuf,
@@ -124,6 +126,7 @@ impl NodeConfig {
     pub fn new(server: &str, data_dir: PathBuf, name: Name) -> Self {
         NodeConfig {
             server: server.to_owned(),
+            trust: byteport_trust::Trust::system(),
             join_token: None,
             data_dir,
             name,
@@ -191,6 +194,13 @@ pub struct Shared<D: Driver> {
     pub guests: Mutex<HashMap<VmId, GuestConn>>,
     /// Heartbeat now (a VM changed, or the control plane poked).
     pub wake: Notify,
+    /// VMs here that the control plane's answer does not list: stopped,
+    /// kept, and reported until they are adopted or removed.
+    pub orphans: Mutex<HashMap<VmId, OrphanVm>>,
+    /// Orphans an admin asked to remove, deleted at the next reconcile.
+    pub remove_orphans: Mutex<std::collections::HashSet<VmId>>,
+    /// Each guest's metadata requests, limited before they are relayed.
+    pub metadata_limits: byteport_types::rate::Buckets<VmId>,
 }
 
 impl<D: Driver> Shared<D> {
@@ -329,7 +339,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
     let images = ImageCache::new(cfg.data_dir.join("images"));
     let (accel, why) = choose_accel(&cfg, &images).await;
     tracing::info!(accel = ?accel, "{why}");
-    let cp = ControlPlane::new(&cfg.server);
+    let cp = ControlPlane::new(&cfg.server, cfg.trust.clone());
     let cap = detect_capacity(&cfg.data_dir).await;
     let ident = identity(&cfg, &cp, cap, accel == Accel::Kvm).await?;
     let relay = metadata::bind(&cfg.data_dir, cfg.metadata_port)
@@ -392,6 +402,12 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         generations: generation::Generations::open(cfg.data_dir.join("report-generation")),
         guests: Mutex::default(),
         wake: Notify::new(),
+        orphans: Mutex::default(),
+        remove_orphans: Mutex::default(),
+        metadata_limits: byteport_types::rate::Buckets::new(
+            byteport_types::rate::METADATA_BURST,
+            byteport_types::rate::METADATA_PER_SECOND,
+        ),
     });
     let mut tasks: HashMap<VmId, Handle> = HashMap::new();
     // Re-adopt what was here before a restart.
@@ -450,6 +466,11 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
                 .as_ref()
                 .map(|b| b.networks())
                 .unwrap_or_default(),
+            orphans: shared
+                .orphans
+                .lock()
+                .map(|o| o.values().cloned().collect())
+                .unwrap_or_default(),
         };
         match cp.heartbeat(ident.id, &ident.credential, hb).await {
             Ok(resp) => {
@@ -492,8 +513,8 @@ fn spawn_vm<D: Driver>(shared: &Arc<Shared<D>>, spec: DesiredVm) -> Handle {
     }
 }
 
-/// Hands each VM task its desired state; starts tasks for new VMs and
-/// deletes VMs the control plane no longer lists.
+/// Hands each VM task its desired state; starts tasks for new VMs; stops
+/// and reports as orphans the VMs the control plane does not list.
 fn reconcile<D: Driver>(
     shared: &Arc<Shared<D>>,
     tasks: &mut HashMap<VmId, Handle>,
@@ -529,28 +550,71 @@ fn reconcile<D: Driver>(
             }
         }
     }
-    // VMs here that the control plane no longer lists: delete them.
+    // VMs here that the control plane does not list. One it asked to
+    // delete goes on being deleted; any other is never deleted for being
+    // unlisted (a restored backup or a forged answer would take every VM
+    // of the node): it is an orphan, stopped with its disk kept, and
+    // reported until an admin adopts or removes it.
     let gone: Vec<VmId> = tasks
         .keys()
         .filter(|id| !listed.contains(id))
         .copied()
         .collect();
+    let mut orphans = shared.orphans.lock().unwrap_or_else(|e| e.into_inner());
+    let mut removing = shared
+        .remove_orphans
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    orphans.retain(|id, _| !listed.contains(id));
     for id in gone {
         let Some(h) = tasks.get(&id) else { continue };
         if h.task.is_finished() {
             tasks.remove(&id);
+            orphans.remove(&id);
+            removing.remove(&id);
             if let Ok(mut r) = shared.reports.lock() {
                 r.remove(&id);
             }
             continue;
         }
+        let remove = removing.contains(&id);
+        let mut orphan = None;
         h.tx.send_modify(|d| {
-            if d.desired_state != byteport_types::DesiredState::Deleted {
-                tracing::info!(vm = %id, "the control plane no longer lists this VM; deleting it");
-                d.desired_state = byteport_types::DesiredState::Deleted;
+            use byteport_types::DesiredState as D;
+            if remove && d.desired_state != D::Deleted {
+                tracing::info!(vm = %id, "removing an orphan, as an admin asked");
+                d.desired_state = D::Deleted;
+            } else if !remove && d.desired_state != D::Deleted {
+                if d.desired_state != D::Stopped {
+                    tracing::warn!(
+                        vm = %id,
+                        "the control plane does not list this VM: stopping it and keeping its disk as an orphan"
+                    );
+                    d.desired_state = D::Stopped;
+                }
+                orphan = Some(OrphanVm {
+                    id,
+                    name: d.name.clone(),
+                    project_id: d.project_id,
+                    image: d.image.name.clone(),
+                    vcpus: d.vcpus,
+                    memory_mib: d.memory_mib,
+                    disk_gib: d.disk_gib,
+                    hostname: d.hostname.clone(),
+                    since: chrono::Utc::now(),
+                });
             }
         });
+        match orphan {
+            Some(o) => {
+                orphans.entry(id).or_insert(o);
+            }
+            None => {
+                orphans.remove(&id);
+            }
+        }
     }
+    drop((orphans, removing));
     if let Ok(mut r) = shared.reports.lock() {
         r.retain(|id, _| listed.contains(id) || tasks.contains_key(id));
     }

@@ -11,6 +11,8 @@
 //! metadata-pipe`) that joins it to the relay, the only way out of a
 //! restricted guest. The relay answers only for VMs on this node and keeps
 //! nothing: the control plane checks the token, rate-limits and audits.
+//! The relay limits each guest too, before it forwards anything, so a guest
+//! that asks in a loop costs the control plane nothing.
 
 use crate::Shared;
 use crate::driver::Driver;
@@ -80,6 +82,15 @@ async fn document<D: Driver>(
     if !here {
         return StatusCode::NOT_FOUND.into_response();
     }
+    if !s.metadata_limits.take(vm) {
+        tracing::debug!(vm = %vm, "metadata request over the guest's rate");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            "too many metadata requests: slow down\n",
+        )
+            .into_response();
+    }
     let id = &s.identity;
     match s
         .cp
@@ -100,5 +111,54 @@ async fn document<D: Driver>(
             tracing::warn!(vm = %vm, error = %e, "cannot relay a metadata request");
             StatusCode::BAD_GATEWAY.into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use byteport_types::api::VmReport;
+    use byteport_types::vm_state::ObservedState;
+
+    #[tokio::test]
+    async fn a_guest_asking_in_a_loop_is_held_back_before_anything_is_relayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = crate::vm::tests::shared(dir.path(), Default::default());
+        let vm = VmId::new();
+        s.reports.lock().unwrap().insert(
+            vm,
+            VmReport {
+                id: vm,
+                state: ObservedState::Running,
+                generation: 1,
+                desired_generation: 1,
+                reason: None,
+                ports: Vec::new(),
+                agent_version: None,
+                cloud_init: None,
+                network: None,
+            },
+        );
+        let mut codes = Vec::new();
+        for _ in 0..30 {
+            let path = Path((vm.to_string(), "tok".to_owned(), "meta-data".to_owned()));
+            codes.push(document(State(s.clone()), path).await.status().as_u16());
+        }
+        // The control plane of this fixture is unreachable: each relayed
+        // request is a 502; the ones past the burst never get that far.
+        let relayed = codes.iter().filter(|c| **c == 502).count();
+        assert_eq!(
+            relayed,
+            byteport_types::rate::METADATA_BURST as usize,
+            "{codes:?}"
+        );
+        assert!(codes[relayed..].iter().all(|c| *c == 429), "{codes:?}");
+        // Another guest is not held back.
+        let other = VmId::new();
+        let path = Path((other.to_string(), "tok".to_owned(), "meta-data".to_owned()));
+        assert_eq!(
+            document(State(s.clone()), path).await.status(),
+            StatusCode::NOT_FOUND
+        );
     }
 }

@@ -718,13 +718,16 @@ pub(crate) mod tests {
 
     const SHA: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
-    fn shared(dir: &std::path::Path, driver: FakeDriver) -> Arc<Shared<FakeDriver>> {
+    pub(crate) fn shared(dir: &std::path::Path, driver: FakeDriver) -> Arc<Shared<FakeDriver>> {
         std::fs::create_dir_all(dir.join("images")).unwrap();
         // A cached "initramfs": the cache never downloads it.
         std::fs::write(dir.join("images").join(SHA), b"initramfs").unwrap();
         Arc::new(Shared {
             driver,
-            cp: crate::client::ControlPlane::new("http://127.0.0.1:9"),
+            cp: crate::client::ControlPlane::new(
+                "http://127.0.0.1:9",
+                byteport_trust::Trust::system(),
+            ),
             identity: Identity {
                 id: NodeId::new(),
                 name: "n".into(),
@@ -751,6 +754,9 @@ pub(crate) mod tests {
             generations: crate::generation::Generations::open(dir.join("report-generation")),
             guests: Mutex::default(),
             wake: tokio::sync::Notify::new(),
+            orphans: Default::default(),
+            remove_orphans: Default::default(),
+            metadata_limits: byteport_types::rate::Buckets::new(20.0, 2.0),
         })
     }
 

@@ -1,7 +1,8 @@
 //! Background work of the control plane: reconcilers that are idempotent
 //! and safe to run at any time, on any replica: placing the VMs that wait
 //! for a node, marking silent nodes offline, deleting environments whose
-//! lifetime ended, and recounting nodes' reservations from their VMs.
+//! lifetime ended, recounting nodes' reservations from their VMs, and
+//! removing idempotency keys and audit events past their time.
 
 use crate::app::App;
 use std::time::Duration;
@@ -34,6 +35,13 @@ pub fn spawn_with(app: App, node_timeout: Duration) -> tokio::task::JoinHandle<(
                 }
                 if let Err(e) = app.store.idem_expire().await {
                     tracing::warn!(error = %e, "expiring idempotency keys failed");
+                }
+                match app.audit_expire().await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(removed = n, "removed audit events past their retention")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "expiring audit events failed"),
                 }
             }
             if let Err(e) = app.nodes_mark_stale(node_timeout).await {

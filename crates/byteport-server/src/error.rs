@@ -122,6 +122,7 @@ impl From<StoreError> for AppError {
                 used,
                 requested,
             },
+            StoreError::Schema(m) => AppError::Internal(m),
             StoreError::Db(e) => AppError::Internal(format!("database: {e}")),
         }
     }

@@ -465,10 +465,17 @@ async fn bad_input_is_a_clear_4xx_and_changes_nothing() {
             ),
             (
                 "binary user-data",
-                with("user_data", json!("#cloud-config\u{0}\u{1}")),
+                with("user_data", json!("#cloud-config\u{1}")),
                 400,
                 "invalid_user_data",
                 "control character",
+            ),
+            (
+                "a NUL in any text",
+                with("user_data", json!("#cloud-config\u{0}")),
+                400,
+                "invalid_text",
+                "NUL",
             ),
             (
                 "huge user-data",
@@ -1234,8 +1241,8 @@ async fn the_metadata_service_gives_each_vm_its_own_documents_only() {
         assert_eq!(st, StatusCode::ACCEPTED, "{a}");
         let (_, bvm) = create_vm(&s, &t, "default", "b").await;
         let (a_id, b_id) = (a["id"].as_str().unwrap(), bvm["id"].as_str().unwrap());
-        // Who the keys log in as: root unless the image names its user.
-        assert_eq!(a["ssh_user"], "root", "{a}");
+        // Who the keys log in as: the image's user; none when it names none.
+        assert_eq!(a["ssh_user"], Value::Null, "{a}");
         let img = |user: &str| {
             json!({"name": "deb", "os_family": "debian", "os_version": "12", "format": "qcow2",
                 "size_bytes": 1, "sha256": "cd".repeat(32), "login_user": user})
@@ -1380,7 +1387,21 @@ async fn the_metadata_service_gives_each_vm_its_own_documents_only() {
                 .any(|e| e["status"] == 200 && e["actor"] == "node:node-1"),
             "{audit}"
         );
-        assert!(events.iter().any(|e| e["status"] == 404), "{audit}");
+        // The refused ones are counted, not audited one by one.
+        assert!(!events.iter().any(|e| e["status"] == 404), "{audit}");
+        let metrics = s.get_text("/metrics", &t, &[]).await.1;
+        let refusals = |reason: &str| {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!(
+                        "byteport_metadata_refusals_total{{reason=\"{reason}\"}}"
+                    ))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or_default()
+        };
+        assert!(refusals("not_found") >= 7, "{metrics}");
 
         // A burst is served, then 429 until the bucket refills.
         let mut codes = Vec::new();
@@ -1393,6 +1414,14 @@ async fn the_metadata_service_gives_each_vm_its_own_documents_only() {
         let ok = codes.iter().filter(|c| **c == 200).count();
         assert!((18..=22).contains(&ok), "{codes:?}");
         assert_eq!(codes.last(), Some(&429), "{codes:?}");
+        let metrics = s.get_text("/metrics", &t, &[]).await.1;
+        assert!(
+            metrics.contains(&format!(
+                "byteport_metadata_refusals_total{{reason=\"rate_limited\"}} {}",
+                30 - ok
+            )),
+            "{metrics}"
+        );
         // Another VM is not held back by b's requests.
         let (st, _) = s
             .get_text(&doc(&n1, a_id, "meta-data"), &cred1, &[(hdr, &ta)])
@@ -1792,8 +1821,8 @@ async fn runs_refuse_bad_input_and_strangers_and_make_no_record() {
             (with("language", json!("cobol")), "unknown_language"),
             (with("code", json!("")), "invalid_code"),
             (with("code", json!("x".repeat(65 * 1024))), "invalid_code"),
-            (with("code", json!("echo \u{0}")), "invalid_code"),
-            (with("args", json!(["a\u{0}"])), "invalid_args"),
+            (with("code", json!("echo \u{0}")), "invalid_text"),
+            (with("args", json!(["a\u{0}"])), "invalid_text"),
             (with("env", json!({"1BAD": "x"})), "invalid_env"),
             (
                 with("stdin", json!("x".repeat(600 * 1024))),
@@ -2474,5 +2503,144 @@ async fn idempotency_keeps_no_secret_and_stale_claims_expire() {
             !v.to_string().contains("still being served"),
             "a stale claim still blocks: {v}"
         );
+    }
+}
+
+#[tokio::test]
+async fn audit_events_past_their_retention_are_removed() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/projects",
+                Some(&s.admin),
+                Some(json!({"name": "old"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        let aged = s.count("audit_events").await;
+        assert!(aged >= 1);
+        s.sql("UPDATE audit_events SET at = '2000-01-01 00:00:00+00:00'")
+            .await;
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/projects",
+                Some(&s.admin),
+                Some(json!({"name": "new"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        // The default retention is 90 days: the aged ones go, the new stays.
+        assert_eq!(s.app.audit_expire().await.unwrap(), aged as u64);
+        assert_eq!(s.count("audit_events").await, 1);
+        let (_, a) = s.call(GET, "/v1/audit", Some(&s.admin), None).await;
+        assert_eq!(a["items"][0]["action"], "project_create", "{a}");
+    }
+}
+
+#[tokio::test]
+async fn keys_move_to_an_owner_only_file_that_every_replica_must_share() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use byteport_server::{App, Settings, app::secrets};
+    use tower::ServiceExt;
+    for b in backends() {
+        // A control plane that kept its keys in the database, as tests do.
+        let s = TestServer::start(b).await;
+        let dir = std::env::temp_dir().join(format!("bp-secrets-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secrets.json");
+        let with = |f: &std::path::Path| Settings {
+            secrets_file: Some(f.to_owned()),
+            ..Settings::default()
+        };
+        let whoami = |app: App, token: String| async move {
+            let req = Request::builder()
+                .uri("/v1/auth/whoami")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap();
+            byteport_server::router(app)
+                .oneshot(req)
+                .await
+                .unwrap()
+                .status()
+        };
+
+        // Its first start with a file moves the same keys there: tokens it
+        // signed still verify, and the database holds no key any more.
+        let app = App::new(s.app.store.clone(), with(&file)).await.unwrap();
+        assert_eq!(whoami(app, s.admin.clone()).await, StatusCode::OK);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&file).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        for key in ["jwt_secret", "metadata_secret"] {
+            assert_eq!(s.app.store.setting_get(key).await.unwrap(), None, "{key}");
+        }
+
+        // A replica without the file, or with other keys, refuses to start.
+        let missing = dir.join("none.json");
+        let e = App::new(s.app.store.clone(), with(&missing))
+            .await
+            .err()
+            .unwrap();
+        assert!(format!("{e:?}").contains("is missing"), "{e:?}");
+        let other = dir.join("other.json");
+        std::fs::write(&other, r#"{"jwt_secret":"a","metadata_secret":"b"}"#).unwrap();
+        let e = App::new(s.app.store.clone(), with(&other))
+            .await
+            .err()
+            .unwrap();
+        assert!(format!("{e:?}").contains("not this database's"), "{e:?}");
+
+        // A rotated signing key ends the access tokens signed before.
+        let rotate = secrets::Rotate {
+            jwt: true,
+            metadata: false,
+        };
+        secrets::rotate(&s.app.store, &file, rotate).await.unwrap();
+        let app = App::new(s.app.store.clone(), with(&file)).await.unwrap();
+        assert_eq!(whoami(app, s.admin.clone()).await, StatusCode::UNAUTHORIZED);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_version_is_refused_with_the_reason() {
+    use sea_orm::ConnectionTrait;
+    for b in backends() {
+        let dir = std::env::temp_dir().join(format!("bp-schema-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = byteport_testkit::fresh_database(b, &dir).await;
+        let store = byteport_store::DataStore::connect(&url)
+            .await
+            .expect("migrates");
+        // Reopening a database this version made is fine.
+        drop(store);
+        let store = byteport_store::DataStore::connect(&url)
+            .await
+            .expect("reopens");
+        // A migration this version does not know, as a newer one leaves.
+        store
+            .connection()
+            .execute_unprepared(
+                "INSERT INTO seaql_migrations (version, applied_at) VALUES ('m9999_from_the_future', 0)",
+            )
+            .await
+            .unwrap();
+        drop(store);
+        let e = byteport_store::DataStore::connect(&url)
+            .await
+            .err()
+            .expect("refused");
+        let text = e.to_string();
+        assert!(
+            text.contains("migrated by a newer BytePort") && text.contains("m9999_from_the_future"),
+            "{b:?}: {text}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -102,6 +102,71 @@ impl Events {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_more_changes_than_a_page_with_one_timestamp_reaches_the_stream_whole() {
+    use sea_orm::{EntityTrait, sea_query::Expr};
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let quota = json!({"max_vms": 2000, "max_vcpus": 4000, "max_memory_mib": 8_000_000, "max_disk_gib": 100_000});
+        let (st, v) = s
+            .call(
+                PUT,
+                "/v1/projects/default/quota",
+                Some(&s.admin),
+                Some(quota),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let n = byteport_server::app::events::BATCH as usize + 150;
+        for i in 0..n {
+            let (st, v) = s
+                .call(
+                    POST,
+                    "/v1/vms",
+                    Some(&s.admin),
+                    Some(json!({"name": format!("b-{i}"), "image": "tiny", "flavor": "m1.tiny"})),
+                )
+                .await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        }
+        let mut e = Events::open(&s, &s.admin).await;
+        // Every VM changes in one statement: one timestamp for all.
+        // To the millisecond: what every database keeps of a timestamp.
+        let at = chrono::SubsecRound::trunc_subsecs(
+            chrono::Utc::now() + chrono::TimeDelta::seconds(1),
+            3,
+        );
+        byteport_store::vm::Entity::update_many()
+            .col_expr(byteport_store::vm::Column::UpdatedAt, Expr::value(at))
+            .exec(s.app.store.connection())
+            .await
+            .unwrap();
+        let stamp = |v: &Value| {
+            v["vm"]["updated_at"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| t == at)
+        };
+        let whole = e
+            .read_until(Duration::from_secs(20), |_, seen| {
+                seen.iter().filter(|v| stamp(v)).count() >= n
+            })
+            .await;
+        let got: std::collections::HashSet<&str> = e
+            .seen
+            .iter()
+            .filter(|v| stamp(v))
+            .filter_map(|v| v["vm"]["id"].as_str())
+            .collect();
+        assert!(
+            whole && got.len() == n,
+            "{b:?}: {} of {n} changes came",
+            got.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn events_carry_what_each_caller_may_see_from_any_replica() {
     for b in backends() {
         let s = TestServer::start(b).await;

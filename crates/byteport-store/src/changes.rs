@@ -4,22 +4,33 @@
 
 use crate::{DataStore, Result, vm};
 use chrono::{DateTime, Utc};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
 impl DataStore {
-    /// VMs (deleted ones included) whose record changed after `since`, in
-    /// the given projects (`None`: every project), oldest change first, at
+    /// VMs (deleted ones included) whose record changed after `after` (a
+    /// change time and, among the VMs changed at that very time, an id), in
+    /// the given projects (`None`: every project), in (change, id) order, at
     /// most `limit`.
     pub async fn vm_list_changed(
         &self,
         projects: Option<&[Uuid]>,
-        since: DateTime<Utc>,
+        after: (DateTime<Utc>, Uuid),
         limit: u64,
     ) -> Result<Vec<vm::Model>> {
+        // Keyset order: a burst of more rows than `limit` with one
+        // timestamp is read page by page, never the same page again.
+        let (at, id) = after;
         let mut q = vm::Entity::find()
-            .filter(vm::Column::UpdatedAt.gt(since))
+            .filter(
+                Condition::any().add(vm::Column::UpdatedAt.gt(at)).add(
+                    Condition::all()
+                        .add(vm::Column::UpdatedAt.eq(at))
+                        .add(vm::Column::Id.gt(id)),
+                ),
+            )
             .order_by_asc(vm::Column::UpdatedAt)
+            .order_by_asc(vm::Column::Id)
             .limit(limit);
         if let Some(ps) = projects {
             q = q.filter(vm::Column::ProjectId.is_in(ps.iter().copied()));

@@ -4,6 +4,7 @@
 //! must hold under concurrency (quotas, unique names, generations); it knows
 //! nothing of HTTP or of who may do what.
 
+mod audit_log;
 mod changes;
 pub mod entities;
 mod fleet;
@@ -39,6 +40,9 @@ pub enum StoreError {
         used: u64,
         requested: u64,
     },
+    /// The database was migrated by a newer BytePort than this one.
+    #[error("{0}")]
+    Schema(String),
     #[error("database error")]
     Db(#[from] DbErr),
 }
@@ -181,6 +185,7 @@ impl DataStore {
             }
         }
         let db = Database::connect(opts).await?;
+        refuse_newer_schema(&db).await?;
         migration::Migrator::up(&db, None).await?;
         Ok(Self {
             db,
@@ -227,6 +232,13 @@ impl DataStore {
             .exec(&self.db)
             .await?;
         self.setting_get(key).await?.ok_or(StoreError::NotFound)
+    }
+
+    pub async fn setting_delete(&self, key: &str) -> Result<()> {
+        setting::Entity::delete_by_id(key.to_owned())
+            .exec(&self.db)
+            .await?;
+        Ok(())
     }
 
     pub async fn setting_set(&self, key: &str, value: &str) -> Result<()> {
@@ -1230,32 +1242,38 @@ impl DataStore {
             .await?;
         Ok(())
     }
+}
 
-    // ---------- audit ----------
-
-    pub async fn audit_insert(&self, e: audit::Model) -> Result<()> {
-        e.into_active_model().insert(&self.db).await?;
-        Ok(())
+/// Refuses a database that a newer BytePort migrated: this one would not
+/// know its tables, and migrations only go forward.
+async fn refuse_newer_schema(db: &DatabaseConnection) -> Result<()> {
+    let stmt = sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        "SELECT version FROM seaql_migrations",
+    );
+    // A new database has no table yet: nothing applied.
+    let Ok(rows) = db.query_all_raw(stmt).await else {
+        return Ok(());
+    };
+    let known: Vec<String> = migration::Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let unknown: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.try_get::<String>("", "version").ok())
+        .filter(|v| !known.contains(v))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
     }
-
-    /// Newest first; `before` is a cursor.
-    pub async fn audit_list(
-        &self,
-        project: Option<Uuid>,
-        before: Option<Uuid>,
-        limit: u64,
-    ) -> Result<Vec<audit::Model>> {
-        let mut q = audit::Entity::find()
-            .order_by_desc(audit::Column::Id)
-            .limit(limit);
-        if let Some(p) = project {
-            q = q.filter(audit::Column::ProjectId.eq(p));
-        }
-        if let Some(b) = before {
-            q = q.filter(audit::Column::Id.lt(b));
-        }
-        Ok(q.all(&self.db).await?)
-    }
+    Err(StoreError::Schema(format!(
+        "this database was migrated by a newer BytePort (it has {}, which this version does \
+         not know; the newest it knows is {}): run that newer version, or restore a backup \
+         taken before the upgrade",
+        unknown.join(", "),
+        known.last().map_or("none", String::as_str)
+    )))
 }
 
 /// Opens a transaction's check-then-write on a project with a write to its

@@ -284,8 +284,8 @@ pub struct Image {
     pub cmdline: Option<String>,
     /// Whether the guest agent is installed in the image.
     pub has_agent: bool,
-    /// The user an SSH key logs in as (cloud-init's default user), if the
-    /// image says; `root` otherwise.
+    /// The user an SSH key logs in as (cloud-init's default user); absent
+    /// for an image without an SSH login.
     pub login_user: Option<String>,
     /// `registered` until its files are uploaded, then `available`.
     pub status: String,
@@ -347,8 +347,9 @@ pub struct Vm {
     pub hostname: String,
     pub labels: BTreeMap<String, String>,
     pub ssh_keys: Vec<String>,
-    /// Who the SSH keys log in as (the image's login user, else `root`).
-    pub ssh_user: String,
+    /// Who the SSH keys log in as: the image's login user; `null` when the
+    /// image names none (it has no SSH login: use exec or the console).
+    pub ssh_user: Option<String>,
     pub has_user_data: bool,
     /// The public state, derived from `desired_state` and the node's reports.
     pub state: VmState,
@@ -834,6 +835,9 @@ pub struct Node {
     /// The networks it runs for projects (bridged nodes), as of its
     /// latest heartbeat.
     pub networks: Vec<NodeNetwork>,
+    /// VMs it holds that the control plane does not know, as of its
+    /// latest heartbeat (see [`OrphanVm`]).
+    pub orphans: Vec<OrphanVm>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -914,6 +918,39 @@ pub struct Heartbeat {
     /// The node's networks (bridged mode).
     #[serde(default)]
     pub networks: Vec<NodeNetwork>,
+    /// VMs the node holds that the control plane's answer did not list.
+    #[serde(default)]
+    pub orphans: Vec<OrphanVm>,
+}
+
+/// A VM a node holds that the control plane does not know (its answer to a
+/// heartbeat stopped listing it without asking for its deletion: a
+/// restored database backup, say). The node never deletes it for that: it
+/// stops it, keeps its disk, and reports it until an admin adopts it
+/// (`POST /v1/nodes/{id}/orphans/{vm}/adopt`) or removes it (`DELETE`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrphanVm {
+    pub id: VmId,
+    pub name: Name,
+    /// The project it was made in, as the node last heard.
+    pub project_id: Option<ProjectId>,
+    pub image: Name,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub hostname: String,
+    /// When the node first found it unlisted.
+    pub since: DateTime<Utc>,
+}
+
+/// Adopting an orphan: it becomes a stopped VM of this project (the one it
+/// was made in when absent), under its own name unless another is given.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrphanAdopt {
+    pub project: Option<String>,
+    pub name: Option<Name>,
 }
 
 /// One network a node runs for a project.

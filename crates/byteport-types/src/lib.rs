@@ -8,6 +8,7 @@ pub mod ids;
 pub mod name;
 pub mod net;
 pub mod node_proto;
+pub mod rate;
 pub mod runtime;
 pub mod vm_state;
 

@@ -40,6 +40,9 @@ pub enum ToNode {
     InputEnd { stream: u64 },
     /// The requester went away: stop the stream (an exec is killed).
     Close { stream: u64 },
+    /// Delete an orphan (a VM the control plane does not know) with its
+    /// disk; answered with `End`, or `Error` when there is no such orphan.
+    RemoveOrphan { stream: u64, vm: VmId },
     /// Run a program in a fresh VM of its own, a clone of the runtime
     /// image's template; answered with output, then `RunEnd`.
     Run { stream: u64, spec: Box<RunSpec> },

@@ -81,6 +81,14 @@ struct ServerArgs {
     /// Memory that may be reserved per MiB of host memory.
     #[arg(long, env = "BYTEPORT_MEMORY_OVERCOMMIT", default_value_t = 1.0)]
     memory_overcommit: f64,
+    /// Where the token-signing and metadata keys are kept (owner-only);
+    /// `DATA_DIR/secrets.json` when absent. Every replica on one database
+    /// needs a copy of the same file.
+    #[arg(long, env = "BYTEPORT_SECRETS_FILE")]
+    secrets_file: Option<PathBuf>,
+    /// Days audit events are kept; 0 keeps them for ever.
+    #[arg(long, env = "BYTEPORT_AUDIT_RETENTION_DAYS", default_value_t = 90)]
+    audit_retention_days: u64,
     /// The built web console to serve at `/` (`npm run build` in `web/`);
     /// `web/build` under the working directory when absent and present.
     #[arg(long, env = "BYTEPORT_WEB_DIR")]
@@ -150,6 +158,10 @@ struct NodeOpts {
     /// cannot be saved).
     #[arg(long, env = "BYTEPORT_RUN_TEMPLATES", default_value_t = true, action = clap::ArgAction::Set)]
     run_templates: bool,
+    /// A PEM bundle of the CA that signed the control plane's certificate
+    /// (the system's trust store is used too).
+    #[arg(long, env = "BYTEPORT_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Bytes of a VM's serial console log kept before it is cut (the
     /// previous part stays as console.log.1).
     #[arg(long, env = "BYTEPORT_CONSOLE_LOG_MAX", default_value_t = byteport_node::console_log::DEFAULT_MAX)]
@@ -181,6 +193,21 @@ struct AllInOneArgs {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Make new keys in the secrets file: the token-signing key (every
+    /// access token ends; sessions refresh), the metadata key (running
+    /// VMs keep their old token until they are started again), or both.
+    /// Then copy the file to every replica and restart them.
+    RotateKeys {
+        #[arg(long)]
+        jwt: bool,
+        #[arg(long)]
+        metadata: bool,
+        /// The secrets file; `DATA_DIR/secrets.json` when absent.
+        #[arg(long, env = "BYTEPORT_SECRETS_FILE")]
+        secrets_file: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Create a user, reading the password from standard input.
     CreateUser {
         name: String,
@@ -190,9 +217,20 @@ enum AdminCommand {
         /// Read the password from standard input (required: no prompts).
         #[arg(long, required = true)]
         password_stdin: bool,
+        /// The secrets file; `DATA_DIR/secrets.json` when absent.
+        #[arg(long, env = "BYTEPORT_SECRETS_FILE")]
+        secrets_file: Option<PathBuf>,
         #[command(flatten)]
         db: DbArgs,
     },
+}
+
+/// An error at start, with its detail: the operator reads it, not a client.
+fn startup(e: byteport_server::error::AppError) -> anyhow::Error {
+    match e {
+        byteport_server::error::AppError::Internal(m) => anyhow::anyhow!(m),
+        e => anyhow::anyhow!("{e}"),
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -278,6 +316,7 @@ fn node_config(
         .filter(|(a, b)| a <= b && *a >= 1024)
         .context("--forward-ports is FIRST-LAST, within 1024-65535")?;
     let mut c = byteport_node::NodeConfig::new(server, data_dir, name);
+    c.trust = byteport_trust::Trust::load(o.ca_cert.as_deref())?;
     c.join_token = join_token;
     c.region = o.region.clone();
     c.forward_host = o.forward_host.clone();
@@ -355,6 +394,9 @@ async fn all_in_one(args: AllInOneArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         )
     };
+    // The node in this process dials this server on loopback: with HTTPS,
+    // its certificate must name 127.0.0.1 and be signed by a CA the node
+    // trusts (the system's store or --ca-cert).
     let cfg = node_config(&url, node_dir, token, &node_opts)?;
     let qemu = qemu_driver(&node_opts)?;
     tokio::select! {
@@ -410,11 +452,19 @@ async fn serve_with(
             memory: args.memory_overcommit,
             disk: 1.0,
         },
+        secrets_file: Some(
+            args.secrets_file
+                .clone()
+                .unwrap_or_else(|| dir.join("secrets.json")),
+        ),
+        audit_retention: (args.audit_retention_days > 0).then(|| {
+            std::time::Duration::from_secs(args.audit_retention_days.min(36_500) * 86_400)
+        }),
         ..Settings::default()
     };
     let app = App::new(store, settings)
         .await
-        .map_err(|e| anyhow::anyhow!("starting: {e}"))?;
+        .map_err(|e| startup(e).context("starting"))?;
     let scheme = if args.tls_cert.is_some() {
         "https"
     } else {
@@ -557,10 +607,38 @@ async fn daemon() -> anyhow::Result<()> {
         }
         Command::Admin {
             command:
+                AdminCommand::RotateKeys {
+                    jwt,
+                    metadata,
+                    secrets_file,
+                    db,
+                },
+        } => {
+            if !jwt && !metadata {
+                bail!("say what to rotate: --jwt, --metadata, or both");
+            }
+            let (store, dir) = open_store(&db).await?;
+            let path = secrets_file.unwrap_or_else(|| dir.join("secrets.json"));
+            byteport_server::app::secrets::rotate(
+                &store,
+                &path,
+                byteport_server::app::secrets::Rotate { jwt, metadata },
+            )
+            .await
+            .map_err(startup)?;
+            println!(
+                "new keys in {}: copy it to every replica and restart them",
+                path.display()
+            );
+            Ok(())
+        }
+        Command::Admin {
+            command:
                 AdminCommand::CreateUser {
                     name,
                     admin,
                     password_stdin: _,
+                    secrets_file,
                     db,
                 },
         } => {
@@ -568,10 +646,12 @@ async fn daemon() -> anyhow::Result<()> {
             let name = name
                 .parse()
                 .map_err(|e| anyhow::anyhow!("invalid user name: {e}"))?;
-            let (store, _) = open_store(&db).await?;
-            let app = App::new(store, Settings::default())
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (store, dir) = open_store(&db).await?;
+            let settings = Settings {
+                secrets_file: Some(secrets_file.unwrap_or_else(|| dir.join("secrets.json"))),
+                ..Settings::default()
+            };
+            let app = App::new(store, settings).await.map_err(startup)?;
             let ctx = byteport_server::app::Ctx::new(byteport_server::app::Actor::Anonymous);
             let u = app
                 .user_create_unchecked(

@@ -106,6 +106,21 @@ fn configures_and_ssh_works(d: &Daemon, img: &Path, metadata_addr: &str, ssh_hos
         .wait(&id, "running", BOOT_SECS)
         .expect("the VM reaches running");
     assert_eq!(v["ready_by"], "agent", "{v}");
+    // The data source (with the VM's metadata token) is in an owner-only
+    // file QEMU reads, not in its command line, which every user can see.
+    let pid = d.qemu_pid(&id).expect("QEMU's pid");
+    let args = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let args = String::from_utf8_lossy(&args);
+    assert!(!args.contains("nocloud"), "{args}");
+    let table = d.vm_dir(&id).join("smbios.bin");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&table).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    let serial = d
+        .exec(&id, &["cat", "/sys/class/dmi/id/product_serial"])
+        .unwrap()
+        .0;
+    assert!(serial.starts_with("ds=nocloud-net;s=http://"), "{serial}");
     let v = cloud_init_outcome(d, &id, BOOT_SECS);
     if v["cloud_init"] != "done" {
         // What cloud-init itself says went wrong.

@@ -22,10 +22,12 @@ describe('format', () => {
 		expect(ago(null, now)).toBe('never');
 	});
 	it('ssh command from the forward of port 22', () => {
-		expect(sshCommand([{ guest_port: 22, host_port: 20001, host: '127.0.0.1' }])).toBe(
-			'ssh -p 20001 root@127.0.0.1'
+		expect(sshCommand([{ guest_port: 22, host_port: 20001, host: '127.0.0.1' }], 'debian')).toBe(
+			'ssh -p 20001 debian@127.0.0.1'
 		);
-		expect(sshCommand([{ guest_port: 80, host_port: 20002, host: 'h' }])).toBeNull();
+		expect(sshCommand([{ guest_port: 80, host_port: 20002, host: 'h' }], 'debian')).toBeNull();
+		// An image without an SSH login gets no command.
+		expect(sshCommand([{ guest_port: 22, host_port: 20001, host: 'h' }], null)).toBeNull();
 	});
 	it('labels', () => {
 		expect(parseLabels('env=dev\nteam = a,tier=web')).toEqual({ env: 'dev', team: 'a', tier: 'web' });

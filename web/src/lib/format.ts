@@ -44,8 +44,9 @@ export function ago(iso: string | null | undefined, now = Date.now()): string {
 /** The ssh command for a VM's forwarded port 22, if it has one. */
 export function sshCommand(
 	ports: { guest_port: number; host_port: number; host: string }[],
-	user = 'root'
+	user: string | null | undefined
 ): string | null {
+	if (!user) return null;
 	const p = ports.find((x) => x.guest_port === 22);
 	if (!p) return null;
 	return `ssh -p ${p.host_port} ${user}@${p.host}`;

@@ -1,18 +1,24 @@
-// Checks the create-VM form before it is sent, with the API's own words
-// (crates/byteport-types/src/name.rs, app/vms.rs, app/catalog.rs). The API
-// checks again; its message is shown when it refuses.
+// Checks forms before they are sent, with the API's own words and the
+// limits its OpenAPI document states (src/lib/api/limits.ts, generated). The
+// API checks again; its message is shown when it refuses.
 
-export const MAX_VCPUS = 256;
-export const MIN_MEMORY_MIB = 64;
-export const MAX_MEMORY_MIB = 4 * 1024 * 1024;
-export const MAX_DISK_GIB = 64 * 1024;
+import { limits } from './api/limits';
+
+export const MAX_VCPUS = limits.vcpus.maximum;
+export const MIN_MEMORY_MIB = limits.memory_mib.minimum;
+export const MAX_MEMORY_MIB = limits.memory_mib.maximum;
+export const MAX_DISK_GIB = limits.disk_gib.maximum;
+export const MIN_PASSWORD = limits.password.minLength;
+export const MAX_TOKEN_DAYS = limits.token_days.maximum;
+/** Bytes (the document can only say characters). */
 export const MAX_USER_DATA = 64 * 1024;
 
 /** The name rule: 1-63 of a-z, 0-9, '-', '.', letters or digits at both ends. */
 export function nameError(s: string): string | null {
 	if (s.length === 0) return 'name is empty';
 	const len = [...s].length;
-	if (len > 63) return `name is ${len} characters long; at most 63 are allowed`;
+	if (len > limits.name.maxLength)
+		return `name is ${len} characters long; at most ${limits.name.maxLength} are allowed`;
 	const bad = [...s].find((c) => !/[a-z0-9.-]/.test(c));
 	if (bad !== undefined) return `name contains '${bad}'; only a-z, 0-9, '-' and '.' are allowed`;
 	const edge = (c: string | undefined) => c !== undefined && /[a-z0-9]/.test(c);

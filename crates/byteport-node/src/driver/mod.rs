@@ -54,7 +54,8 @@ pub struct LaunchSpec {
     pub cmdline: Option<String>,
     /// Guest ports forwarded to the host.
     pub ports: Vec<PortForward>,
-    /// `-smbios type=1,serial=...` (the metadata data source), if any.
+    /// The SMBIOS serial number (the metadata data source), if any; QEMU
+    /// reads it from a file in the VM's directory, never its arguments.
     pub smbios_serial: Option<String>,
     /// The program (and its arguments) QEMU runs for each guest connection
     /// to the metadata address under user-mode networking; its standard
@@ -78,6 +79,8 @@ pub mod files {
     pub const HYPERVISOR_LOG: &str = "qemu.log";
     pub const DISK: &str = "disk.qcow2";
     pub const STATE: &str = "vm.json";
+    /// The SMBIOS type 1 table (owner-only: its serial holds the token).
+    pub const SMBIOS: &str = "smbios.bin";
 }
 
 /// What a VM's hypervisor reports.

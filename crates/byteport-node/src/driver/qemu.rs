@@ -126,11 +126,11 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         "-mon",
         "chardev=qmp0,mode=control",
     ]);
-    if let Some(s) = &spec.smbios_serial {
-        push(&[
-            "-smbios",
-            &format!("type=1,serial={}", s.replace(',', ",,")),
-        ]);
+    if spec.smbios_serial.is_some() {
+        // From a file the node writes (see `smbios_type1`): the serial
+        // holds the VM's metadata token, which a command line would show
+        // to every user of the host.
+        push(&["-smbios", &format!("file={}", d(files::SMBIOS))]);
     }
     push(&["-pidfile", &d(files::PIDFILE)]);
     // seccomp: QEMU's own filter, obsolete system calls denied. Spawning
@@ -139,6 +139,42 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     // child (`elevateprivileges=deny` kills it there).
     push(&["-sandbox", "on,obsolete=deny"]);
     a
+}
+
+/// An SMBIOS type 1 (System Information) structure in the SMBIOS 2.4
+/// layout, for `-smbios file=`: QEMU then builds no type 1 of its own, so
+/// this one carries the VM's UUID too. Its serial number is the NoCloud
+/// data source that cloud-init reads from `/sys/class/dmi/id/product_serial`.
+pub fn smbios_type1(serial: &str, uuid: uuid::Uuid) -> Vec<u8> {
+    // Type 1, 27 bytes of fields, handle 0x0100 (QEMU's own for type 1).
+    let mut b = vec![1u8, 0x1b, 0x00, 0x01];
+    // Manufacturer, product, version and serial number: strings 1-4.
+    b.extend([1, 2, 3, 4]);
+    // The UUID, its first three fields little-endian (SMBIOS 2.6).
+    let u = uuid.as_bytes();
+    b.extend([u[3], u[2], u[1], u[0], u[5], u[4], u[7], u[6]]);
+    b.extend(&u[8..]);
+    // Woken by the power switch; no SKU, no family.
+    b.extend([0x06, 0, 0]);
+    for text in ["QEMU", "BytePort VM", "1", serial] {
+        b.extend(text.bytes().filter(|&c| c != 0));
+        b.push(0);
+    }
+    b.push(0);
+    b
+}
+
+/// Writes `bytes` to `path`, readable by its owner only.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
 }
 
 /// The user-mode network of a VM. `restrict=on` cuts the guest off from
@@ -376,6 +412,13 @@ impl Driver for QemuDriver {
         for f in [files::QMP, files::AGENT, files::CONSOLE, files::PIDFILE] {
             let _ = std::fs::remove_file(spec.dir.join(f));
         }
+        if let Some(serial) = &spec.smbios_serial {
+            write_private(
+                &spec.dir.join(files::SMBIOS),
+                &smbios_type1(serial, spec.uuid),
+            )
+            .map_err(DriverError::io("cannot write the VM's SMBIOS table"))?;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -552,11 +595,14 @@ mod tests {
         };
         let a = command_line(&spec);
         let at = a.iter().position(|x| x == "-smbios").expect("-smbios");
-        // QEMU's option syntax doubles a comma inside a value.
-        assert_eq!(
-            a[at + 1],
-            "type=1,serial=ds=nocloud-net;s=http://10.0.2.254/v/t,,x/"
-        );
+        // The serial (and the token in it) is in a file, not the arguments.
+        assert!(a[at + 1].starts_with("file=") && a[at + 1].ends_with("/smbios.bin"));
+        assert!(!a.iter().any(|x| x.contains("t,x")), "{a:?}");
+        let t1 = smbios_type1("ds=nocloud-net;s=http://10.0.2.254/v/t,x/", spec.uuid);
+        assert_eq!((t1[0], t1[1]), (1, 27));
+        let strings: Vec<&[u8]> = t1[27..].split(|&c| c == 0).collect();
+        assert_eq!(strings[3], b"ds=nocloud-net;s=http://10.0.2.254/v/t,x/");
+        assert!(t1.ends_with(&[0, 0]));
         let at = a.iter().position(|x| x == "-netdev").expect("-netdev");
         assert_eq!(
             a[at + 1],

@@ -35,6 +35,15 @@ impl App {
         }
     }
 
+    /// Removes the audit events older than the retention; returns how many.
+    pub async fn audit_expire(&self) -> AppResult<u64> {
+        let Some(keep) = self.settings.audit_retention else {
+            return Ok(0);
+        };
+        let keep = chrono::Duration::from_std(keep).map_err(crate::error::AppError::internal)?;
+        Ok(self.store.audit_expire(chrono::Utc::now() - keep).await?)
+    }
+
     pub async fn audit_list(&self, ctx: &Ctx, q: AuditQuery) -> AppResult<Page<AuditEvent>> {
         let (_, admin) = ctx.user()?;
         let project = match &q.project {

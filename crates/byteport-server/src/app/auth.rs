@@ -33,7 +33,11 @@ pub const BOOTSTRAP_PREFIX: &str = "bpb_";
 pub const SESSION_COOKIE: &str = "byteport_session";
 
 const BOOTSTRAP_KEY: &str = "bootstrap_token_hash";
-const MIN_PASSWORD: usize = 8;
+/// A password's length in characters.
+pub(crate) const MIN_PASSWORD: usize = 8;
+pub(crate) const MAX_PASSWORD: usize = 256;
+/// An API token's lifetime, in days.
+pub(crate) const MAX_TOKEN_DAYS: u32 = 3650;
 /// How long a verified API token is trusted without a database read.
 const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
 
@@ -43,16 +47,12 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
-    /// Loads the signing key, creating it on first start. Every replica on
-    /// one database shares it.
-    pub(crate) async fn load(store: &byteport_store::DataStore) -> AppResult<Self> {
-        let secret = store
-            .setting_get_or_insert("jwt_secret", &random_secret(""))
-            .await?;
-        Ok(Keys {
+    /// The signing key (see [`super::secrets`]).
+    pub(crate) fn new(secret: &str) -> Self {
+        Keys {
             enc: EncodingKey::from_secret(secret.as_bytes()),
             dec: DecodingKey::from_secret(secret.as_bytes()),
-        })
+        }
     }
 }
 
@@ -183,10 +183,10 @@ pub fn check_password(p: &str) -> AppResult<()> {
             format!("the password must have at least {MIN_PASSWORD} characters"),
         ));
     }
-    if p.len() > 1024 {
+    if p.chars().count() > MAX_PASSWORD {
         return Err(AppError::bad(
             "invalid_password",
-            "the password is longer than 1024 bytes",
+            format!("the password is longer than {MAX_PASSWORD} characters"),
         ));
     }
     Ok(())
@@ -471,11 +471,11 @@ impl App {
         let (user, _) = ctx.user()?;
         let expires_at = match req.expires_in_days {
             None => None,
-            Some(d @ 1..=3650) => Some(Utc::now() + ChronoDuration::days(i64::from(d))),
+            Some(d @ 1..=MAX_TOKEN_DAYS) => Some(Utc::now() + ChronoDuration::days(i64::from(d))),
             Some(d) => {
                 return Err(AppError::bad(
                     "invalid_expiry",
-                    format!("expires_in_days is {d}; it must be between 1 and 3650"),
+                    format!("expires_in_days is {d}; it must be between 1 and {MAX_TOKEN_DAYS}"),
                 ));
             }
         };

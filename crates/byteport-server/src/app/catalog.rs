@@ -107,15 +107,20 @@ fn check_sha256(field: &str, v: &str) -> AppResult<()> {
 }
 
 /// A short word: OS family, version, architecture.
+/// The longest OS family, version or architecture word.
+pub(crate) const MAX_WORD: usize = 32;
+/// The disk formats the catalogue takes.
+pub(crate) const FORMATS: [&str; 3] = ["qcow2", "raw", "initramfs"];
+
 fn check_word(field: &str, v: &str) -> AppResult<()> {
     let ok = !v.is_empty()
-        && v.len() <= 32
+        && v.len() <= MAX_WORD
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     if !ok {
         return Err(AppError::bad(
             "invalid_field",
-            format!("{field} must be 1-32 characters of letters, digits, '.', '-' and '_'"),
+            format!("{field} must be 1-{MAX_WORD} characters of letters, digits, '.', '-' and '_'"),
         ));
     }
     Ok(())
@@ -180,7 +185,7 @@ impl App {
         check_word("os_family", &req.os_family)?;
         check_word("os_version", &req.os_version)?;
         check_word("arch", &req.arch)?;
-        if !matches!(req.format.as_str(), "qcow2" | "raw" | "initramfs") {
+        if !FORMATS.contains(&req.format.as_str()) {
             return Err(AppError::bad(
                 "invalid_format",
                 format!(

@@ -21,11 +21,11 @@ use std::time::Instant;
 use uuid::Uuid;
 
 /// At most this many prefixes, and VMs, in one environment.
-const MAX_PREFIXES: usize = 16;
+pub(crate) const MAX_PREFIXES: usize = 16;
 const MAX_VMS: usize = 32;
 /// Lifetimes from a minute to 30 days.
-const MIN_LIFETIME: u64 = 60;
-const MAX_LIFETIME: u64 = 30 * 24 * 3600;
+pub(crate) const MIN_LIFETIME: u64 = 60;
+pub(crate) const MAX_LIFETIME: u64 = 30 * 24 * 3600;
 /// Output kept per stream and VM of a run.
 const MAX_RUN_OUTPUT: usize = 1 << 20;
 /// The label every VM of an environment carries, with its name.

@@ -9,7 +9,10 @@
 //! this replica also wakes its streams at once through the in-process
 //! notification that `wait` uses.
 //!
-//! The window looks [`OVERLAP`] back past the newest change already seen,
+//! Rows are read in (updated_at, id) order, page by page, so a burst of
+//! more changes than a page with one timestamp is read through, never the
+//! same page again. The window looks [`OVERLAP`] back past the newest change
+//! already seen,
 //! so a row written by a replica whose clock lags a little, or committed a
 //! moment after its `updated_at` was taken, is still caught; a per-VM
 //! record of the last `updated_at` sent keeps that overlap from repeating
@@ -27,8 +30,11 @@ use uuid::Uuid;
 pub const OVERLAP: TimeDelta = TimeDelta::seconds(5);
 /// How often a stream looks at the database.
 pub const POLL: Duration = Duration::from_secs(1);
-/// At most this many VM changes per poll; the rest come on the next one.
-const BATCH: u64 = 500;
+/// VM changes read per page; a poll reads up to [`PAGES`] pages.
+pub const BATCH: u64 = 500;
+/// Pages per poll: more changes than that resume at the next poll, from
+/// where this one stopped.
+const PAGES: usize = 10;
 
 /// What one stream has seen, and what its caller may see.
 pub struct EventCursor {
@@ -39,6 +45,8 @@ pub struct EventCursor {
     projects: Option<Vec<Uuid>>,
     names: BTreeMap<Uuid, String>,
     high: DateTime<Utc>,
+    /// Where a poll that hit [`PAGES`] stopped, for the next to go on from.
+    resume: Option<(DateTime<Utc>, Uuid)>,
     sent: HashMap<Uuid, DateTime<Utc>>,
     nodes: HashMap<Uuid, (String, [i64; 9])>,
 }
@@ -104,6 +112,7 @@ impl App {
             projects,
             names,
             high: Utc::now(),
+            resume: None,
             sent: HashMap::new(),
             nodes: HashMap::new(),
         })
@@ -128,30 +137,38 @@ impl App {
     /// What changed since the last call.
     pub async fn events_poll(&self, c: &mut EventCursor) -> AppResult<Vec<Event>> {
         let mut out = Vec::new();
-        let since = c.high - OVERLAP;
-        let rows = self
-            .store
-            .vm_list_changed(c.projects.as_deref(), since, BATCH)
-            .await?;
-        for v in &rows {
-            if c.sent.get(&v.id) == Some(&v.updated_at) {
-                continue;
-            }
-            let project = match c.names.get(&v.project_id) {
-                Some(n) => n.clone(),
-                // A project made after the stream opened (admins see all).
-                None if c.admin => {
-                    let p = self.store.project_fetch(v.project_id).await?;
-                    c.names.insert(p.id, p.name.clone());
-                    p.name
+        let mut after = c.resume.take().unwrap_or((c.high - OVERLAP, Uuid::nil()));
+        for page in 0..PAGES {
+            let rows = self
+                .store
+                .vm_list_changed(c.projects.as_deref(), after, BATCH)
+                .await?;
+            for v in &rows {
+                if c.sent.get(&v.id) == Some(&v.updated_at) {
+                    continue;
                 }
-                None => continue,
-            };
-            c.sent.insert(v.id, v.updated_at);
-            out.push(Event::Vm(Box::new(super::vms::vm_view(v, &project)?)));
-        }
-        if let Some(newest) = rows.iter().map(|v| v.updated_at).max() {
-            c.high = c.high.max(newest);
+                let project = match c.names.get(&v.project_id) {
+                    Some(n) => n.clone(),
+                    // A project made after the stream opened (admins see all).
+                    None if c.admin => {
+                        let p = self.store.project_fetch(v.project_id).await?;
+                        c.names.insert(p.id, p.name.clone());
+                        p.name
+                    }
+                    None => continue,
+                };
+                c.sent.insert(v.id, v.updated_at);
+                out.push(Event::Vm(Box::new(super::vms::vm_view(v, &project)?)));
+            }
+            let Some(last) = rows.last() else { break };
+            after = (last.updated_at, last.id);
+            c.high = c.high.max(last.updated_at);
+            if (rows.len() as u64) < BATCH {
+                break;
+            }
+            if page + 1 == PAGES {
+                c.resume = Some(after);
+            }
         }
         let floor = c.high - OVERLAP;
         c.sent.retain(|_, at| *at > floor);

@@ -17,9 +17,9 @@ use tokio::sync::mpsc;
 
 pub const MAX_CONSOLE_TAIL: u64 = 1024 * 1024;
 const DEFAULT_CONSOLE_TAIL: u64 = 16 * 1024;
-const MAX_EXEC_SECS: u64 = 3600;
-const MAX_ARGV: usize = 4096;
-const MAX_STDIN: usize = 512 * 1024;
+pub(crate) const MAX_EXEC_SECS: u64 = 3600;
+pub(crate) const MAX_ARGV: usize = 4096;
+pub(crate) const MAX_STDIN: usize = 512 * 1024;
 /// How long a node has to answer a console tail.
 const TAIL_TIMEOUT: Duration = Duration::from_secs(10);
 

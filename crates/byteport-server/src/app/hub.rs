@@ -3,6 +3,11 @@
 //! console tail, a live console or an exec opens a stream; the node's
 //! answers are routed back to whoever opened it. Nodes connected to another
 //! control-plane replica are not reachable from this one.
+//!
+//! One task reads a node's channel for every stream on it, so it never
+//! waits on one stream: a stream whose reader lets [`STREAM_QUEUE`]
+//! answers pile up (a console client that does not read, say) is closed,
+//! here and on the node, and the others go on.
 
 use byteport_types::node_proto::{FromNode, ToNode};
 use std::collections::HashMap;
@@ -13,8 +18,8 @@ use uuid::Uuid;
 
 /// Messages queued towards one node before senders wait.
 const NODE_QUEUE: usize = 256;
-/// Answers queued for one stream before the node's reader waits.
-const STREAM_QUEUE: usize = 64;
+/// Answers queued for one stream before it is closed as stuck.
+pub const STREAM_QUEUE: usize = 64;
 
 type Streams = HashMap<u64, mpsc::Sender<FromNode>>;
 
@@ -29,6 +34,8 @@ struct Link {
 pub struct NodeHub {
     links: Mutex<HashMap<Uuid, Link>>,
     next: AtomicU64,
+    /// Streams closed because their reader fell behind.
+    pub stuck_streams: AtomicU64,
 }
 
 /// The control plane's side of one node connection, held by the WebSocket
@@ -36,17 +43,21 @@ pub struct NodeHub {
 pub struct Attached {
     pub conn: u64,
     pub rx: mpsc::Receiver<ToNode>,
+    tx: mpsc::Sender<ToNode>,
     streams: Arc<Mutex<Streams>>,
 }
 
 impl Attached {
-    /// Routes one message from the node to the stream that waits for it.
-    pub async fn deliver(&self, msg: FromNode) {
+    /// Routes one message from the node to the stream that waits for it,
+    /// without waiting: a stream whose queue is full is closed (its reader
+    /// sees it end) and the node is told to stop it. True when the stream
+    /// was closed so.
+    pub fn deliver(&self, msg: FromNode) -> bool {
         let stream = msg.stream();
         let last = msg.is_last();
         let tx = {
             let Ok(mut s) = self.streams.lock() else {
-                return;
+                return false;
             };
             if last {
                 s.remove(&stream)
@@ -54,8 +65,16 @@ impl Attached {
                 s.get(&stream).cloned()
             }
         };
-        if let Some(tx) = tx {
-            let _ = tx.send(msg).await;
+        let Some(tx) = tx else { return false };
+        match tx.try_send(msg) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if let Ok(mut s) = self.streams.lock() {
+                    s.remove(&stream);
+                }
+                let _ = self.tx.try_send(ToNode::Close { stream });
+                !last
+            }
         }
     }
 }
@@ -101,12 +120,17 @@ impl NodeHub {
                 node,
                 Link {
                     conn,
-                    tx,
+                    tx: tx.clone(),
                     streams: streams.clone(),
                 },
             );
         }
-        Attached { conn, rx, streams }
+        Attached {
+            conn,
+            rx,
+            tx,
+            streams,
+        }
     }
 
     /// Forgets a channel that ended, unless a newer one replaced it.
@@ -152,5 +176,52 @@ impl NodeHub {
         };
         tx.send(make(id)).await.ok()?;
         Some(Stream { id, rx: srx, tx })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console(stream: u64) -> FromNode {
+        FromNode::Console {
+            stream,
+            data: "eA==".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_nobody_reads_is_closed_and_the_others_go_on() {
+        let hub = NodeHub::default();
+        let node = Uuid::new_v4();
+        let mut att = hub.attach(node);
+        let attach = |stream| ToNode::ConsoleAttach {
+            stream,
+            vm: byteport_types::VmId::new(),
+        };
+        let mut stuck = hub.open(node, attach).await.unwrap();
+        let mut live = hub.open(node, attach).await.unwrap();
+        // Far more than a queue's worth for the stream nobody reads, while
+        // the other one is read as its answers come: none of this waits.
+        let mut closed = 0;
+        for _ in 0..(STREAM_QUEUE * 4) {
+            closed += usize::from(att.deliver(console(stuck.id)));
+            assert!(!att.deliver(console(live.id)));
+            assert!(matches!(live.rx.try_recv(), Ok(FromNode::Console { .. })));
+        }
+        assert_eq!(closed, 1, "closed once, then forgotten");
+        // The node is told to stop the stuck stream.
+        let mut told = false;
+        while let Ok(m) = att.rx.try_recv() {
+            told |= matches!(m, ToNode::Close { stream } if stream == stuck.id);
+        }
+        assert!(told);
+        // Its reader gets what was queued, then the end.
+        let mut n = 0;
+        while let Some(m) = stuck.rx.recv().await {
+            assert!(matches!(m, FromNode::Console { .. }));
+            n += 1;
+        }
+        assert_eq!(n, STREAM_QUEUE);
     }
 }

@@ -16,12 +16,10 @@ use super::{Actor, App, Ctx};
 use crate::error::{AppError, AppResult};
 use base64::Engine;
 use byteport_types::api::guest_mac;
+use byteport_types::rate::{METADATA_BURST as BURST, METADATA_PER_SECOND as PER_SECOND};
 use byteport_types::{NodeId, ProjectId, VmId};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
 use uuid::Uuid;
 
 /// The documents a NoCloud data source fetches.
@@ -54,51 +52,36 @@ impl Document {
     }
 }
 
-/// Requests a VM may make in a burst, and how many a second it regains.
-/// cloud-init fetches three or four documents a boot.
-const BURST: f64 = 20.0;
-const PER_SECOND: f64 = 2.0;
+/// Metadata requests refused on this replica, for `/metrics`.
+#[derive(Default)]
+pub struct Refusals {
+    pub not_found: std::sync::atomic::AtomicU64,
+    pub rate_limited: std::sync::atomic::AtomicU64,
+}
 
 /// One token bucket per VM, on this replica.
-#[derive(Default)]
-pub(crate) struct RateLimits {
-    buckets: Mutex<HashMap<Uuid, (f64, Instant)>>,
+pub(crate) struct RateLimits(byteport_types::rate::Buckets<Uuid>);
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits(byteport_types::rate::Buckets::new(BURST, PER_SECOND))
+    }
 }
 
 impl RateLimits {
     /// Takes one request from the VM's bucket; false when it is empty.
     fn take(&self, vm: Uuid) -> bool {
-        let now = Instant::now();
-        let Ok(mut b) = self.buckets.lock() else {
-            return true;
-        };
-        if b.len() > 10_000 {
-            // Forget buckets that have refilled: they are as good as new.
-            b.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * PER_SECOND < BURST
-            });
-        }
-        let (tokens, at) = b.entry(vm).or_insert((BURST, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * PER_SECOND).min(BURST);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.0.take(vm)
     }
 }
 
-/// The metadata tokens' key, shared by every replica on one database.
+/// The metadata tokens' key, shared by every replica.
 pub(crate) struct TokenKey(Vec<u8>);
 
 impl TokenKey {
-    pub(crate) async fn load(store: &byteport_store::DataStore) -> AppResult<Self> {
-        let secret = store
-            .setting_get_or_insert("metadata_secret", &super::auth::random_secret(""))
-            .await?;
-        Ok(TokenKey(secret.into_bytes()))
+    /// The key (see [`super::secrets`]).
+    pub(crate) fn new(secret: &str) -> Self {
+        TokenKey(secret.as_bytes().to_vec())
     }
 
     /// The VM's token: what its guest presents, in a URL-safe alphabet.
@@ -122,7 +105,8 @@ impl App {
     }
 
     /// One document for the guest of `vm`, asked for by node `node` with
-    /// the token the guest presented. Every request is audited.
+    /// the token the guest presented. Every request is audited but the
+    /// refused ones (404, 429), which are counted ([`Refusals`]).
     pub async fn metadata_document(
         &self,
         ctx: &Ctx,
@@ -136,7 +120,19 @@ impl App {
             Ok(_) => (200, "ok"),
             Err(e) => (e.status().as_u16(), e.code()),
         };
-        self.audit_record(ctx, doc.action(), status, result).await;
+        // A guest that asks again and again for what is not there, or too
+        // often, is counted, not written to the audit log request by request.
+        let refused = match status {
+            404 => Some(&self.metadata_refusals.not_found),
+            429 => Some(&self.metadata_refusals.rate_limited),
+            _ => None,
+        };
+        match refused {
+            Some(n) => {
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            None => self.audit_record(ctx, doc.action(), status, result).await,
+        }
         res
     }
 

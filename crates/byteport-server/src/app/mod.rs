@@ -15,6 +15,7 @@ pub mod nodes;
 pub mod placement;
 pub mod projects;
 pub mod runs;
+pub mod secrets;
 pub mod users;
 pub mod vms;
 
@@ -46,7 +47,15 @@ pub struct Settings {
     pub overcommit: byteport_scheduler::Overcommit,
     /// The built web console (`index.html` and `_app/`), served at `/`.
     pub web_dir: Option<std::path::PathBuf>,
+    /// How long audit events are kept (`None`: for ever).
+    pub audit_retention: Option<Duration>,
+    /// Where the signing and metadata keys are kept (owner-only); in the
+    /// database when `None` (see [`secrets`]).
+    pub secrets_file: Option<std::path::PathBuf>,
 }
+
+/// Audit events are kept 90 days unless the operator says otherwise.
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -59,6 +68,8 @@ impl Default for Settings {
             placement_policy: byteport_scheduler::Policy::Spread,
             overcommit: byteport_scheduler::Overcommit::default(),
             web_dir: None,
+            audit_retention: Some(DEFAULT_AUDIT_RETENTION),
+            secrets_file: None,
         }
     }
 }
@@ -81,6 +92,8 @@ pub struct App {
     pub(crate) runs_live: Arc<runs::Live>,
     /// Node reservations the recount pass found drifted and repaired.
     pub reservation_repairs: Arc<std::sync::atomic::AtomicU64>,
+    /// Metadata requests refused (404, 429), counted instead of audited.
+    pub metadata_refusals: Arc<metadata::Refusals>,
     /// Failed logins per account.
     pub(crate) login_limits: Arc<auth::LoginLimits>,
     /// Open event streams per user, on this replica.
@@ -189,8 +202,9 @@ impl App {
     /// Builds the control plane on an open store: loads or creates the
     /// signing key and seeds the flavors and the default project.
     pub async fn new(store: DataStore, settings: Settings) -> AppResult<Self> {
-        let keys = auth::Keys::load(&store).await?;
-        let metadata_key = metadata::TokenKey::load(&store).await?;
+        let secrets = secrets::Secrets::load(&store, settings.secrets_file.as_deref()).await?;
+        let keys = auth::Keys::new(&secrets.jwt_secret);
+        let metadata_key = metadata::TokenKey::new(&secrets.metadata_secret);
         let (vm_changes, _) = broadcast::channel(1024);
         let app = App {
             store,
@@ -204,6 +218,7 @@ impl App {
             metadata_limits: Arc::default(),
             runs_live: Arc::default(),
             reservation_repairs: Arc::default(),
+            metadata_refusals: Arc::default(),
             login_limits: Arc::default(),
             event_streams: Arc::default(),
         };

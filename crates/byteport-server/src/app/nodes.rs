@@ -9,13 +9,31 @@ use crate::error::{AppError, AppResult};
 use byteport_store::{Observation, Release, join_token, node};
 use byteport_types::api::{
     BootMode, Capacity, CloudInit, DesiredVm, Egress, Heartbeat, HeartbeatResponse, JoinToken,
-    JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered,
+    JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered, OrphanAdopt, OrphanVm, Vm,
 };
+use byteport_types::node_proto::{FromNode, ToNode};
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmState};
 use byteport_types::{Name, NodeId, ProjectId, VmId};
 use chrono::{Duration as ChronoDuration, Utc};
 use std::collections::HashMap;
 use uuid::Uuid;
+
+/// What node `n` said in its latest heartbeat (figures, networks, orphans).
+fn latest(n: &node::Model) -> Option<NodeVmStats> {
+    serde_json::from_str(n.vm_stats.as_deref()?).ok()
+}
+
+/// The orphan `vm` (an id) of node `n`, as of its latest heartbeat.
+fn orphan_of(n: &node::Model, vm: &str) -> AppResult<OrphanVm> {
+    latest(n)
+        .into_iter()
+        .flat_map(|s| s.orphans)
+        .find(|o| o.id.to_string() == vm)
+        .ok_or_else(|| AppError::not_found("orphan", vm))
+}
+
+/// A join token's lifetime, in minutes (a week).
+pub(crate) const MAX_JOIN_TOKEN_MINUTES: u32 = 10_080;
 
 fn check_capacity(c: &Capacity) -> AppResult<()> {
     if c.vcpus > 65_536 || c.memory_mib > 1 << 40 || c.disk_gib > 1 << 40 {
@@ -28,6 +46,7 @@ fn check_capacity(c: &Capacity) -> AppResult<()> {
 }
 
 pub(crate) fn node_view(n: &node::Model) -> AppResult<Node> {
+    let stats = latest(n);
     Ok(Node {
         id: NodeId(n.id),
         name: Name::parse(&n.name).map_err(AppError::internal)?,
@@ -53,12 +72,11 @@ pub(crate) fn node_view(n: &node::Model) -> AppResult<Node> {
         },
         last_heartbeat_at: n.last_heartbeat_at,
         created_at: n.created_at,
-        networks: n
-            .vm_stats
-            .as_deref()
-            .and_then(|s| serde_json::from_str::<NodeVmStats>(s).ok())
-            .map(|s| s.networks)
+        networks: stats
+            .as_ref()
+            .map(|s| s.networks.clone())
             .unwrap_or_default(),
+        orphans: stats.map(|s| s.orphans).unwrap_or_default(),
     })
 }
 
@@ -66,10 +84,12 @@ impl App {
     pub async fn join_token_create(&self, ctx: &Ctx, req: JoinTokenCreate) -> AppResult<JoinToken> {
         ctx.admin()?;
         let minutes = req.expires_in_minutes.unwrap_or(60);
-        if !(1..=10_080).contains(&minutes) {
+        if !(1..=MAX_JOIN_TOKEN_MINUTES).contains(&minutes) {
             return Err(AppError::bad(
                 "invalid_expiry",
-                format!("expires_in_minutes is {minutes}; it must be between 1 and 10080"),
+                format!(
+                    "expires_in_minutes is {minutes}; it must be between 1 and {MAX_JOIN_TOKEN_MINUTES}"
+                ),
             ));
         }
         let token = random_secret(JOIN_PREFIX);
@@ -192,6 +212,12 @@ impl App {
                 format!("at most {MAX_VM_STATS} vm_stats in one heartbeat"),
             ));
         }
+        if hb.orphans.len() > MAX_VM_STATS {
+            return Err(AppError::bad(
+                "invalid_heartbeat",
+                format!("at most {MAX_VM_STATS} orphans in one heartbeat"),
+            ));
+        }
         if hb.networks.len() > MAX_VM_STATS {
             return Err(AppError::bad(
                 "invalid_heartbeat",
@@ -202,6 +228,7 @@ impl App {
             at: chrono::Utc::now(),
             vms: std::mem::take(&mut hb.vm_stats),
             networks: std::mem::take(&mut hb.networks),
+            orphans: std::mem::take(&mut hb.orphans),
         };
         self.store
             .node_heartbeat(
@@ -415,6 +442,126 @@ impl App {
         node_view(&n)
     }
 
+    /// Removes an orphan (admins): its node deletes it with its disk.
+    pub async fn node_orphan_remove(&self, ctx: &Ctx, key: &str, vm: &str) -> AppResult<()> {
+        let n = self.node_resolve(ctx, key).await?;
+        let o = orphan_of(&n, vm)?;
+        ctx.target("vm", o.id.0, o.project_id);
+        let id = o.id;
+        let mut s = self
+            .hub
+            .open(n.id, |stream| ToNode::RemoveOrphan { stream, vm: id })
+            .await
+            .ok_or_else(|| {
+                AppError::Unavailable(format!(
+                    "node {} is not connected to this control plane",
+                    n.name
+                ))
+            })?;
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), s.rx.recv())
+            .await
+            .map_err(|_| AppError::Unavailable("the node did not answer in time".into()))?;
+        match answer {
+            Some(FromNode::End { .. }) => Ok(()),
+            Some(FromNode::Error { .. }) => Err(AppError::not_found("orphan", id)),
+            _ => Err(AppError::Unavailable("the node's channel closed".into())),
+        }
+    }
+
+    /// Adopts an orphan (admins): it becomes a stopped VM again, in its
+    /// project (or the one asked for), held on its node, counted in the
+    /// project's quota; start it as any VM.
+    pub async fn node_orphan_adopt(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        vm: &str,
+        req: OrphanAdopt,
+    ) -> AppResult<Vm> {
+        let n = self.node_resolve(ctx, key).await?;
+        let o = orphan_of(&n, vm)?;
+        let project = match (&req.project, o.project_id) {
+            (Some(p), _) => self.project_resolve(ctx, p, super::Role::Owner).await?,
+            (None, Some(p)) => self.store.project_fetch(p.0).await.map_err(|_| {
+                AppError::bad(
+                    "unknown_project",
+                    "the orphan's project no longer exists: name one with project",
+                )
+            })?,
+            (None, None) => {
+                return Err(AppError::bad(
+                    "unknown_project",
+                    "the node does not know the orphan's project: name one with project",
+                ));
+            }
+        };
+        let image = self
+            .store
+            .image_fetch_by_name(o.image.as_str())
+            .await?
+            .ok_or_else(|| {
+                AppError::bad(
+                    "unknown_image",
+                    format!(
+                        "the orphan's image {} is not in the catalogue: import it first",
+                        o.image
+                    ),
+                )
+            })?;
+        if self.store.vm_fetch(o.id.0).await.is_ok() {
+            return Err(AppError::Conflict(format!("VM {} exists already", o.id)));
+        }
+        let now = Utc::now();
+        let name = req.name.unwrap_or(o.name.clone());
+        let model = byteport_store::vm::Model {
+            id: o.id.0,
+            project_id: project.id,
+            name: name.to_string(),
+            image_id: image.id,
+            image_name: image.name.clone(),
+            flavor_name: None,
+            vcpus: i64::from(o.vcpus),
+            memory_mib: o.memory_mib as i64,
+            disk_gib: o.disk_gib as i64,
+            hostname: o.hostname.clone(),
+            labels: "{}".into(),
+            ssh_keys: "[]".into(),
+            user_data: None,
+            state: VmState::Stopped.to_string(),
+            state_reason: Some(format!("adopted from node {}", n.name)),
+            desired_state: DesiredState::Stopped.to_string(),
+            desired_generation: 1,
+            observed_state: None,
+            observed_generation: 0,
+            node_id: Some(n.id),
+            ports: "[]".into(),
+            created_at: now,
+            updated_at: now,
+            deleted_at: None,
+            has_agent: image.has_agent,
+            agent_version: None,
+            // Its disk is held on the node from now on (the recount below
+            // writes it into the node's figures); its compute when started.
+            reserved: true,
+            compute_held: false,
+            metadata_token_hash: Some(self.metadata_token_hash(o.id.0)),
+            cloud_init: None,
+            ssh_user: image.login_user.clone(),
+            placement_group: None,
+            placement: None,
+            environment_id: None,
+            guest_ports: "[]".into(),
+            egress: Egress::default().as_str().into(),
+            network: None,
+        };
+        ctx.target("vm", o.id.0, Some(ProjectId(project.id)));
+        let v = self.store.vm_insert(model, &[]).await?;
+        self.store.node_recount_reservations().await?;
+        let _ = self.vm_changes.send(v.id);
+        self.hub.poke(n.id);
+        self.vm_view(&v).await
+    }
+
     /// Drains a node (admins): cordons it and stops every VM on it, which
     /// keep their disks there. Local disks do not move; stopped VMs can be
     /// started again once the node is uncordoned, or deleted.
@@ -482,6 +629,9 @@ struct NodeVmStats {
     /// The node's networks as of that heartbeat.
     #[serde(default)]
     networks: Vec<byteport_types::api::NodeNetwork>,
+    /// The VMs it holds that this control plane does not list.
+    #[serde(default)]
+    orphans: Vec<OrphanVm>,
 }
 
 impl App {
@@ -498,24 +648,21 @@ impl App {
         let measured = match v.node_id {
             Some(n) => {
                 let n = self.store.node_fetch(n).await?;
-                n.vm_stats
-                    .as_deref()
-                    .and_then(|j| serde_json::from_str::<NodeVmStats>(j).ok())
-                    .and_then(|all| {
-                        let at = all.at;
-                        all.vms.into_iter().find(|s| s.id.0 == v.id).map(|s| {
-                            byteport_types::api::VmMeasured {
-                                at,
-                                cpu_percent: s.cpu_percent,
-                                cpu_time_ms: s.cpu_time_ms,
-                                memory_rss_mib: s.memory_rss_mib,
-                                disk_used_mib: s.disk_used_mib,
-                                uptime_secs: s.uptime_secs,
-                                cgroup_memory_mib: s.cgroup_memory_mib,
-                                cgroup_memory_limit_mib: s.cgroup_memory_limit_mib,
-                            }
-                        })
+                latest(&n).and_then(|all| {
+                    let at = all.at;
+                    all.vms.into_iter().find(|s| s.id.0 == v.id).map(|s| {
+                        byteport_types::api::VmMeasured {
+                            at,
+                            cpu_percent: s.cpu_percent,
+                            cpu_time_ms: s.cpu_time_ms,
+                            memory_rss_mib: s.memory_rss_mib,
+                            disk_used_mib: s.disk_used_mib,
+                            uptime_secs: s.uptime_secs,
+                            cgroup_memory_mib: s.cgroup_memory_mib,
+                            cgroup_memory_limit_mib: s.cgroup_memory_limit_mib,
+                        }
                     })
+                })
             }
             None => None,
         };

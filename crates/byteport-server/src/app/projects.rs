@@ -12,7 +12,7 @@ use uuid::Uuid;
 pub const DEFAULT_PROJECT: &str = "default";
 
 /// Quota values above these are absurd, not generous.
-const MAX_QUOTA: Quota = Quota {
+pub(crate) const MAX_QUOTA: Quota = Quota {
     max_vms: 100_000,
     max_vcpus: 1_000_000,
     max_memory_mib: 1 << 40,

@@ -32,14 +32,18 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-const MAX_CODE: usize = 64 * 1024;
-const MAX_FILES: usize = 64;
+pub(crate) const MAX_CODE: usize = 64 * 1024;
+pub(crate) const MAX_FILES: usize = 64;
 const MAX_FILES_BYTES: usize = 256 * 1024;
 const MAX_PATH: usize = 255;
 const MAX_STDIN: usize = 512 * 1024;
-const MAX_ARGS: usize = 256;
+pub(crate) const MAX_ARGS: usize = 256;
 const MAX_ENV: usize = 256;
-const MAX_TIMEOUT_SECS: u64 = 600;
+pub(crate) const MAX_TIMEOUT_SECS: u64 = 600;
+/// A run's size.
+pub(crate) const MAX_RUN_VCPUS: u32 = 4;
+pub(crate) const MIN_RUN_MEMORY_MIB: u64 = 128;
+pub(crate) const MAX_RUN_MEMORY_MIB: u64 = 4096;
 /// Code up to this size goes to the interpreter as an argument (`-c`);
 /// longer code is written to the runtime's main file first, since one
 /// message to the guest agent is at most 64 KiB.
@@ -187,17 +191,17 @@ fn check(req: &RunCreate) -> AppResult<&'static Runtime> {
         ));
     }
     let c = req.vcpus.unwrap_or(1);
-    if !(1..=4).contains(&c) {
+    if !(1..=MAX_RUN_VCPUS).contains(&c) {
         return Err(bad(
             "invalid_size",
-            format!("vcpus is {c}; it must be 1 to 4"),
+            format!("vcpus is {c}; it must be 1 to {MAX_RUN_VCPUS}"),
         ));
     }
     let m = req.memory_mib.unwrap_or(rt.memory_mib);
-    if !(128..=4096).contains(&m) {
+    if !(MIN_RUN_MEMORY_MIB..=MAX_RUN_MEMORY_MIB).contains(&m) {
         return Err(bad(
             "invalid_size",
-            format!("memory_mib is {m}; it must be 128 to 4096"),
+            format!("memory_mib is {m}; it must be {MIN_RUN_MEMORY_MIB} to {MAX_RUN_MEMORY_MIB}"),
         ));
     }
     Ok(rt)
@@ -464,6 +468,9 @@ impl App {
     ) {
         let (mut out, mut err) = (Kept::default(), Kept::default());
         let mut cancelled = false;
+        // The run never waits on its client: one that falls behind is let go
+        // (its response ends early) and the run's record keeps the output.
+        let mut client = Some(tx);
         let result = loop {
             let msg = tokio::select! {
                 m = s.rx.recv() => m,
@@ -479,24 +486,26 @@ impl App {
                 Some(FromNode::Stdout { data, .. }) => {
                     let b = B64.decode(&data).unwrap_or_default();
                     let offset = out.push(&b);
-                    let _ = tx
-                        .send(RunLine::Output {
+                    pass(
+                        &mut client,
+                        RunLine::Output {
                             stream: OutputStream::Stdout,
                             offset,
                             data,
-                        })
-                        .await;
+                        },
+                    );
                 }
                 Some(FromNode::Stderr { data, .. }) => {
                     let b = B64.decode(&data).unwrap_or_default();
                     let offset = err.push(&b);
-                    let _ = tx
-                        .send(RunLine::Output {
+                    pass(
+                        &mut client,
+                        RunLine::Output {
                             stream: OutputStream::Stderr,
                             offset,
                             data,
-                        })
-                        .await;
+                        },
+                    );
                 }
                 Some(FromNode::RunEnd { result, .. }) => break Some(result),
                 Some(FromNode::Error { message, .. }) => {
@@ -573,8 +582,9 @@ impl App {
                 record
             }
         };
-        if let Ok(v) = run_view(&record, &project) {
-            let _ = tx.send(RunLine::End(Box::new(v))).await;
+        if let (Ok(v), Some(tx)) = (run_view(&record, &project), client) {
+            let end = tx.send(RunLine::End(Box::new(v)));
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), end).await;
         }
     }
 
@@ -674,5 +684,15 @@ impl App {
                 "the run is served by another control-plane replica".into(),
             )),
         }
+    }
+}
+
+/// Hands one line to the run's client unless it has fallen behind, in
+/// which case it is let go.
+fn pass(client: &mut Option<mpsc::Sender<RunLine>>, line: RunLine) {
+    if let Some(tx) = client
+        && tx.try_send(line).is_err()
+    {
+        *client = None;
     }
 }

@@ -20,8 +20,8 @@ use uuid::Uuid;
 pub const MAX_USER_DATA: usize = 64 * 1024;
 const MAX_SSH_KEYS: usize = 32;
 const MAX_LABELS: usize = 32;
-const MAX_PAGE: u32 = 500;
-const MAX_WAIT: u64 = 600;
+pub(crate) const MAX_PAGE: u32 = 500;
+pub(crate) const MAX_WAIT: u64 = 600;
 
 fn check_user_data(d: &str) -> AppResult<()> {
     if d.len() > MAX_USER_DATA {
@@ -519,7 +519,7 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
         hostname: v.hostname.clone(),
         labels,
         ssh_keys,
-        ssh_user: v.ssh_user.clone().unwrap_or_else(|| "root".into()),
+        ssh_user: v.ssh_user.clone(),
         has_user_data: v.user_data.is_some(),
         state,
         state_reason: v.state_reason.clone(),

@@ -599,7 +599,12 @@ pub async fn node_metadata(
     headers: HeaderMap,
 ) -> AppResult<Response> {
     use crate::app::metadata::Document;
-    let missing = || AppError::not_found("metadata", "for this VM and token");
+    let missing = || {
+        app.metadata_refusals
+            .not_found
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        AppError::not_found("metadata", "for this VM and token")
+    };
     let node = node.parse().map_err(|_| missing())?;
     let vm = vm.parse().map_err(|_| missing())?;
     let doc = Document::parse(&document).ok_or_else(missing)?;
@@ -642,6 +647,34 @@ pub async fn node_uncordon(State(app): State<App>, ctx: Ctx, Path(id): Path<Stri
     responses((status = 200, body = Node), (status = 404, body = ErrorBody)))]
 pub async fn node_drain(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> Resp<Node> {
     Ok(Json(app.node_drain(&ctx, &id).await?))
+}
+
+/// Adopt a VM its node holds that the control plane does not know (admins):
+/// it becomes a stopped VM of its project again.
+#[utoipa::path(post, path = "/v1/nodes/{id}/orphans/{vm}/adopt", tag = "nodes",
+    params(("id" = String, Path, description = "id or name"), ("vm" = String, Path, description = "the orphan's id")),
+    request_body = OrphanAdopt,
+    responses((status = 200, body = Vm), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn node_orphan_adopt(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path((id, vm)): Path<(String, String)>,
+    ApiJson(req): ApiJson<OrphanAdopt>,
+) -> Resp<Vm> {
+    Ok(Json(app.node_orphan_adopt(&ctx, &id, &vm, req).await?))
+}
+
+/// Remove an orphan (admins): its node deletes it with its disk.
+#[utoipa::path(delete, path = "/v1/nodes/{id}/orphans/{vm}", tag = "nodes",
+    params(("id" = String, Path, description = "id or name"), ("vm" = String, Path, description = "the orphan's id")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn node_orphan_remove(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path((id, vm)): Path<(String, String)>,
+) -> AppResult<StatusCode> {
+    app.node_orphan_remove(&ctx, &id, &vm).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Remove a node that holds no VM (admins).

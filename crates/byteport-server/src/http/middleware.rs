@@ -29,6 +29,16 @@ fn mutating(m: &Method) -> bool {
 /// Resolves the caller and puts a [`Ctx`] in the request. Bad credentials
 /// are a 401 even on routes that anonymous callers may use.
 pub async fn authenticate(State(app): State<App>, mut req: Request, next: Next) -> Response {
+    // No name, id or key holds NUL (and PostgreSQL cannot compare text with
+    // one): such a path names nothing, such a query is refused.
+    let has_nul = |s: &str| s.to_ascii_lowercase().contains("%00");
+    if has_nul(req.uri().path()) {
+        return AppError::not_found("resource", "named with a NUL character").into_response();
+    }
+    if req.uri().query().is_some_and(has_nul) {
+        return AppError::bad("invalid_text", "text must not hold NUL characters (%00)")
+            .into_response();
+    }
     let headers = req.headers();
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -62,7 +72,7 @@ pub async fn authenticate(State(app): State<App>, mut req: Request, next: Next) 
 
 /// The routes a caller without credentials may use: logging in (or out,
 /// or refreshing with the session cookie), the first admin, a node's join.
-const ANONYMOUS: &[&str] = &[
+pub(crate) const ANONYMOUS: &[&str] = &[
     "/v1/auth/login",
     "/v1/auth/logout",
     "/v1/auth/refresh",
@@ -151,7 +161,7 @@ pub async fn audit(State(st): State<AuditState>, req: Request, next: Next) -> Re
 /// honour `Idempotency-Key`. Not the ones whose answer holds a secret
 /// (tokens, join tokens, logins), which is never stored, nor the
 /// streaming ones (exec, runs), whose answers are never buffered.
-const IDEMPOTENT: &[&str] = &[
+pub(crate) const IDEMPOTENT: &[&str] = &[
     "/v1/vms",
     "/v1/images",
     "/v1/projects",

@@ -2,6 +2,7 @@
 //! `/healthz` and `/metrics`. The OpenAPI document is generated from the
 //! handlers' annotations.
 
+mod contract;
 pub mod extract;
 pub mod handlers;
 pub mod middleware;
@@ -27,7 +28,9 @@ use utoipa_axum::routes;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "BytePort API", description = "A private cloud: projects, VMs, images, nodes."),
+    info(title = "BytePort API", description = "A private cloud: projects, VMs, images, nodes. \
+        No text the API takes (a body's strings, a query, a path) may hold NUL (U+0000): such a \
+        request is refused with 400 `invalid_text` (a path with one names nothing: 404)."),
     modifiers(&Security),
     security(("bearer" = []), ("cookie" = [])),
     tags(
@@ -115,6 +118,8 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::node_list))
         .routes(routes!(h::node_show, h::node_remove))
         .routes(routes!(h::node_cordon))
+        .routes(routes!(h::node_orphan_adopt))
+        .routes(routes!(h::node_orphan_remove))
         .routes(routes!(h::node_uncordon))
         .routes(routes!(h::node_drain))
         .routes(routes!(h::node_metadata))
@@ -125,7 +130,13 @@ fn api_router() -> OpenApiRouter<App> {
 
 /// The OpenAPI document, as committed at `openapi/byteport.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().into_openapi()
+    contracted(api_router().into_openapi())
+}
+
+/// The handlers' document with what the layers around them add.
+fn contracted(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    utoipa::Modify::modify(&contract::Contract, &mut doc);
+    doc
 }
 
 /// Operation ids by `"METHOD /path"`, for the audit log.
@@ -147,6 +158,7 @@ fn operations(doc: &utoipa::openapi::OpenApi) -> HashMap<String, String> {
 /// The whole HTTP application.
 pub fn router(app: App) -> Router {
     let (api, doc) = api_router().split_for_parts();
+    let doc = contracted(doc);
     let metrics = Arc::new(Metrics::default());
     let audit_state = middleware::AuditState {
         app: app.clone(),
@@ -210,6 +222,20 @@ async fn metrics_text(State((app, m)): State<(App, Arc<Metrics>)>) -> impl IntoR
          # TYPE byteport_reservation_repairs_total counter\nbyteport_reservation_repairs_total {}\n",
         app.reservation_repairs
             .load(std::sync::atomic::Ordering::Relaxed)
+    ));
+    let r = &app.metadata_refusals;
+    extra.push_str(&format!(
+        "# HELP byteport_metadata_refusals_total Metadata requests refused: unknown VM, token or document (not_found), or too many (rate_limited).\n\
+         # TYPE byteport_metadata_refusals_total counter\n\
+         byteport_metadata_refusals_total{{reason=\"not_found\"}} {}\n\
+         byteport_metadata_refusals_total{{reason=\"rate_limited\"}} {}\n",
+        r.not_found.load(std::sync::atomic::Ordering::Relaxed),
+        r.rate_limited.load(std::sync::atomic::Ordering::Relaxed),
+    ));
+    extra.push_str(&format!(
+        "# HELP byteport_stuck_streams_total Console, exec and run streams closed because their reader fell behind.\n\
+         # TYPE byteport_stuck_streams_total counter\nbyteport_stuck_streams_total {}\n",
+        app.hub.stuck_streams.load(std::sync::atomic::Ordering::Relaxed)
     ));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

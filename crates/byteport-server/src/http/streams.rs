@@ -91,11 +91,17 @@ pub async fn vm_console_ws(
     ws: WebSocketUpgrade,
 ) -> AppResult<Response> {
     let stream = app.vm_console_attach(&ctx, &id).await?;
+    // A console session is something a person did: audited when it opens
+    // and when it closes.
+    app.audit_record(&ctx, "vm_console_open", 101, "ok").await;
     // Keystrokes, not files: a message is at most 64 KiB.
     Ok(ws
         .max_message_size(CONSOLE_MESSAGE_MAX)
         .max_frame_size(CONSOLE_MESSAGE_MAX)
-        .on_upgrade(move |socket| console_bridge(socket, stream)))
+        .on_upgrade(move |socket| async move {
+            console_bridge(socket, stream).await;
+            app.audit_record(&ctx, "vm_console_close", 101, "ok").await;
+        }))
 }
 
 async fn console_bridge(socket: WebSocket, mut s: crate::app::hub::Stream) {
@@ -105,7 +111,7 @@ async fn console_bridge(socket: WebSocket, mut s: crate::app::hub::Stream) {
             m = s.rx.recv() => match m {
                 Some(FromNode::Console { data, .. }) => {
                     let Ok(b) = B64.decode(data) else { continue };
-                    if tx.send(Message::Binary(b.into())).await.is_err() {
+                    if !sent_in_time(&mut tx, Message::Binary(b.into())).await {
                         return;
                     }
                 }
@@ -181,6 +187,21 @@ pub async fn node_channel(
         .on_upgrade(move |socket| node_bridge(app, node, socket)))
 }
 
+/// How long one write to a WebSocket may take before its peer is taken for
+/// gone (it stopped reading, or the network did).
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends one message; false when it failed or took over [`WRITE_TIMEOUT`].
+async fn sent_in_time<S>(tx: &mut S, m: Message) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, tx.send(m)).await,
+        Ok(Ok(()))
+    )
+}
+
 async fn node_bridge(app: App, node: uuid::Uuid, socket: WebSocket) {
     let mut att = app.hub.attach(node);
     tracing::info!(%node, "node channel open");
@@ -199,20 +220,26 @@ async fn node_bridge(app: App, node: uuid::Uuid, socket: WebSocket) {
             m = att.rx.recv() => {
                 let Some(m) = m else { break };
                 let Ok(text) = serde_json::to_string(&m) else { continue };
-                if tx.send(Message::Text(text.into())).await.is_err() {
+                if !sent_in_time(&mut tx, Message::Text(text.into())).await {
                     break;
                 }
             }
             m = rx.next() => match m {
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<FromNode>(&t) {
-                    Ok(msg) => att.deliver(msg).await,
+                    Ok(msg) => {
+                        let stream = msg.stream();
+                        if att.deliver(msg) {
+                            app.hub.stuck_streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!(%node, stream, "closed a stream whose reader fell behind");
+                        }
+                    }
                     Err(e) => tracing::warn!(%node, error = %e, "bad message on node channel"),
                 },
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },
             _ = ping.tick() => {
-                if tx.send(Message::Ping(Vec::new().into())).await.is_err() {
+                if !sent_in_time(&mut tx, Message::Ping(Vec::new().into())).await {
                     break;
                 }
             }
