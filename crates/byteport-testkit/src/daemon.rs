@@ -6,6 +6,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -109,6 +110,8 @@ pub struct Daemon {
     pub netns: Option<NetNs>,
     /// More environment for the daemon (its `BYTEPORT_*` settings).
     pub envs: Vec<(String, String)>,
+    /// The CA of its HTTPS certificate, when it serves HTTPS.
+    pub tls: Option<TestCa>,
     keep: bool,
 }
 
@@ -145,6 +148,9 @@ impl NetNs {
                 .map(|s| s.success())
                 .unwrap_or(false)
         };
+        sweep_leftovers();
+        // Ours from now on: a later sweep leaves it alone while we live.
+        let _ = std::fs::write(netns_owner(&name), std::process::id().to_string());
         // Leftovers of an earlier run that was killed, quietly.
         for args in [vec!["netns", "del", &name], vec!["link", "del", &host_if]] {
             let _ = Command::new("ip")
@@ -205,17 +211,103 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        let _ = std::fs::remove_file(netns_owner(&self.name));
+    }
+}
+
+/// The file that names the test process a namespace belongs to.
+fn netns_owner(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{name}.owner"))
+}
+
+/// Removes what test processes killed before their drops ran (a timeout's
+/// SIGKILL) left behind, once per test process: daemons and QEMUs of a
+/// data directory whose `owner.pid` names a dead process, and namespaces
+/// whose owner is dead. Without it, one killed test leaves guests running
+/// that slow every test after it.
+fn sweep_leftovers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let owner_alive = |file: PathBuf| {
+            std::fs::read_to_string(file)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .is_some_and(alive)
+        };
+        let tmp = std::env::temp_dir();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            // QEMU names its directory in its arguments, byteportd in its
+            // environment.
+            let mut seen = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            seen.extend(std::fs::read(e.path().join("environ")).unwrap_or_default());
+            let seen = String::from_utf8_lossy(&seen);
+            let Some(at) = seen.find("bp-e2e-") else {
+                continue;
+            };
+            let Some(name) = seen.get(at..at + 7 + 32) else {
+                continue;
+            };
+            if !owner_alive(tmp.join(name).join("owner.pid")) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+        let list = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if !name.starts_with("bptest") || owner_alive(netns_owner(name)) {
+                continue;
+            }
+            // Dropping a namespace we do not own kills what runs in it.
+            drop(NetNs {
+                name: name.to_owned(),
+                host_addr: String::new(),
+                ns_addr: String::new(),
+            });
+            let n = name.trim_start_matches("bptest");
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("vbph{n}")])
+                .stderr(Stdio::null())
+                .status();
+        }
+    });
+}
+
+/// How a test daemon is started.
+struct Launch {
+    mode: &'static str,
+    database_url: Option<String>,
+    /// Make the first admin (else log in as the one a replica made).
+    bootstrap: bool,
+    network: &'static str,
+    netns: Option<NetNs>,
+    envs: Vec<(String, String)>,
+    tls: Option<TestCa>,
+}
+
+impl Launch {
+    fn new(mode: &'static str) -> Launch {
+        Launch {
+            mode,
+            database_url: None,
+            bootstrap: true,
+            network: "user",
+            netns: None,
+            envs: Vec::new(),
+            tls: None,
+        }
     }
 }
 
 impl Daemon {
     /// Starts `bin all-in-one` on a fresh data directory with an admin.
     pub fn start(bin: &Path) -> Daemon {
-        Daemon::start_with(bin, "all-in-one")
-    }
-
-    fn start_with(bin: &Path, mode: &str) -> Daemon {
-        Daemon::launch(bin, mode, None, true)
+        Daemon::launch(bin, Launch::new("all-in-one"))
     }
 
     /// Starts `bin all-in-one` with these `BYTEPORT_*` settings in its
@@ -225,7 +317,13 @@ impl Daemon {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        Daemon::launch_with(bin, "all-in-one", None, true, "user", None, envs)
+        Daemon::launch(
+            bin,
+            Launch {
+                envs,
+                ..Launch::new("all-in-one")
+            },
+        )
     }
 
     /// Starts `bin all-in-one` with bridged networking inside a network
@@ -233,65 +331,93 @@ impl Daemon {
     /// address; `None`, saying why, where namespaces cannot be made.
     pub fn start_bridged(bin: &Path) -> Option<Daemon> {
         let ns = NetNs::new()?;
-        Some(Daemon::launch_with(
+        Some(Daemon::launch(
             bin,
-            "all-in-one",
-            None,
-            true,
-            "bridge",
-            Some(ns),
-            Vec::new(),
+            Launch {
+                network: "bridge",
+                netns: Some(ns),
+                ..Launch::new("all-in-one")
+            },
         ))
     }
 
     /// Starts `bin server` on a shared database. The first replica
     /// (`first`) bootstraps the admin; the others log in as it.
     pub fn start_replica(bin: &Path, database_url: &str, first: bool) -> Daemon {
-        Daemon::launch(bin, "server", Some(database_url), first)
+        // Replicas share one secrets file, as an operator copies it.
+        let id = hex::encode(&Sha256::digest(database_url.as_bytes())[..8]);
+        let secrets = std::env::temp_dir().join(format!("bp-secrets-{id}.json"));
+        if first {
+            let _ = std::fs::remove_file(&secrets);
+        }
+        Daemon::launch(
+            bin,
+            Launch {
+                database_url: Some(database_url.to_owned()),
+                bootstrap: first,
+                envs: vec![(
+                    "BYTEPORT_SECRETS_FILE".into(),
+                    secrets.display().to_string(),
+                )],
+                ..Launch::new("server")
+            },
+        )
     }
 
-    /// Starts `bin MODE` on a fresh data directory (and `database_url`, or
-    /// its own SQLite), bootstraps the admin if asked, and logs in as it.
-    fn launch(bin: &Path, mode: &str, database_url: Option<&str>, bootstrap: bool) -> Daemon {
-        Daemon::launch_with(bin, mode, database_url, bootstrap, "user", None, Vec::new())
-    }
-
-    fn launch_with(
-        bin: &Path,
-        mode: &str,
-        database_url: Option<&str>,
-        bootstrap: bool,
-        network: &str,
-        netns: Option<NetNs>,
-        envs: Vec<(String, String)>,
-    ) -> Daemon {
+    /// Starts `bin MODE` on a fresh data directory (and its database URL,
+    /// or its own SQLite), bootstraps the admin if asked, and logs in as it.
+    fn launch(bin: &Path, l: Launch) -> Daemon {
         let dir = std::env::temp_dir().join(format!("bp-e2e-{}", uuid::Uuid::new_v4().simple()));
+        sweep_leftovers();
         std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string()).expect("owner.pid");
         let port = free_port();
         // A forward range of our own, so parallel tests never collide.
         let base = 30000 + (port % 300) * 100;
-        let host = netns
+        let host = l
+            .netns
             .as_ref()
             .map_or("127.0.0.1".to_owned(), |n| n.ns_addr.clone());
+        let mut envs = l.envs;
+        let scheme = match &l.tls {
+            Some(ca) => {
+                envs.push((
+                    "BYTEPORT_TLS_CERT".into(),
+                    ca.server_cert.display().to_string(),
+                ));
+                envs.push((
+                    "BYTEPORT_TLS_KEY".into(),
+                    ca.server_key.display().to_string(),
+                ));
+                "https"
+            }
+            None => "http",
+        };
+        let url = format!("{scheme}://{host}:{port}");
+        let api = match &l.tls {
+            Some(ca) => Api::trusting(&url, None, &ca.ca_cert),
+            None => Api::new(&url, None),
+        };
         let mut d = Daemon {
             bin: bin.to_owned(),
             dir,
-            url: format!("http://{host}:{port}"),
+            url,
             port,
             forward_ports: (base, base + 99),
             child: None,
             node: None,
             extra: Vec::new(),
             node_token: None,
-            api: Api::new(&format!("http://{host}:{port}"), None),
-            database_url: database_url.map(str::to_owned),
-            network: network.into(),
-            netns,
+            api,
+            database_url: l.database_url,
+            network: l.network.into(),
+            netns: l.netns,
             envs,
+            tls: l.tls,
             keep: std::env::var_os("BYTEPORT_KEEP_TEST_DIRS").is_some(),
         };
-        d.spawn_mode(mode);
-        if bootstrap {
+        d.spawn_mode(l.mode);
+        if l.bootstrap {
             let token = d.bootstrap_token();
             d.api
                 .post(
@@ -306,6 +432,8 @@ impl Daemon {
 
     /// Logs the API client in as the admin.
     pub fn login(&mut self) {
+        // A bearer the server no longer knows is refused, even here.
+        self.api.token = None;
         let login = self
             .api
             .post(
@@ -324,7 +452,24 @@ impl Daemon {
     /// Starts `bin server` and a separate `bin node` (the fleet layout), so
     /// that the node agent can be killed and restarted on its own.
     pub fn start_split(bin: &Path) -> Daemon {
-        let mut d = Daemon::start_with(bin, "server");
+        Daemon::split(bin, None)
+    }
+
+    /// Like [`Daemon::start_split`], with the server on HTTPS with a
+    /// certificate signed by `ca`, which the node and the API client are
+    /// given with `--ca-cert`.
+    pub fn start_split_tls(bin: &Path, ca: TestCa) -> Daemon {
+        Daemon::split(bin, Some(ca))
+    }
+
+    fn split(bin: &Path, tls: Option<TestCa>) -> Daemon {
+        let mut d = Daemon::launch(
+            bin,
+            Launch {
+                tls,
+                ..Launch::new("server")
+            },
+        );
         let t = d
             .api
             .post("/v1/node-join-tokens", json!({}))
@@ -423,6 +568,9 @@ impl Daemon {
             .stderr(Stdio::from(log));
         if let Some(t) = join_token {
             cmd.arg("--join-token").arg(t);
+        }
+        if let Some(ca) = &self.tls {
+            cmd.arg("--ca-cert").arg(&ca.ca_cert);
         }
         cmd.spawn().expect("starting a node agent")
     }
@@ -627,23 +775,7 @@ impl Daemon {
         body: Value,
     ) -> Result<(String, String, Option<i32>), String> {
         let lines = self.api.post_lines(&format!("/v1/vms/{id}/exec"), body)?;
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        for l in lines {
-            if let Some(s) = l.get("stdout").and_then(Value::as_str) {
-                out.extend(B64.decode(s).unwrap_or_default());
-            } else if let Some(s) = l.get("stderr").and_then(Value::as_str) {
-                err.extend(B64.decode(s).unwrap_or_default());
-            } else if let Some(x) = l.get("exit") {
-                return Ok((
-                    String::from_utf8_lossy(&out).into_owned(),
-                    String::from_utf8_lossy(&err).into_owned(),
-                    x["code"].as_i64().map(|c| c as i32),
-                ));
-            } else if let Some(e) = l.get("error") {
-                return Err(format!("exec error: {e}"));
-            }
-        }
-        Err("the exec stream ended without an exit".into())
+        exec_result(&lines)
     }
 
     /// The QEMU pid of a VM, from its pidfile.
@@ -711,6 +843,118 @@ impl Drop for Daemon {
     }
 }
 
+/// An exec's NDJSON events as (stdout, stderr, exit code).
+pub fn exec_result(lines: &[Value]) -> Result<(String, String, Option<i32>), String> {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    for l in lines {
+        if let Some(s) = l.get("stdout").and_then(Value::as_str) {
+            out.extend(B64.decode(s).unwrap_or_default());
+        } else if let Some(s) = l.get("stderr").and_then(Value::as_str) {
+            err.extend(B64.decode(s).unwrap_or_default());
+        } else if let Some(x) = l.get("exit") {
+            return Ok((
+                String::from_utf8_lossy(&out).into_owned(),
+                String::from_utf8_lossy(&err).into_owned(),
+                x["code"].as_i64().map(|c| c as i32),
+            ));
+        } else if let Some(e) = l.get("error") {
+            return Err(format!("exec error: {e}"));
+        }
+    }
+    Err("the exec stream ended without an exit".into())
+}
+
+/// A certificate authority of a test's own, made with `openssl`, and a
+/// server certificate it signed for 127.0.0.1 and localhost.
+pub struct TestCa {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestCa {
+    /// Makes the CA and the server's certificate in `dir`.
+    pub fn new(dir: &Path) -> TestCa {
+        std::fs::create_dir_all(dir).expect("the CA's directory");
+        let ca = TestCa {
+            ca_cert: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+        };
+        let ca_key = dir.join("ca.key");
+        let csr = dir.join("server.csr");
+        let ext = dir.join("server.ext");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("the extensions file");
+        let openssl = |args: &[&str]| {
+            let o = Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("running openssl (Debian's openssl package)");
+            assert!(
+                o.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        let p = |p: &Path| p.display().to_string();
+        let (ca_pem, ca_key, server_pem, server_key) = (
+            p(&ca.ca_cert),
+            p(&ca_key),
+            p(&ca.server_cert),
+            p(&ca.server_key),
+        );
+        let (csr, ext) = (p(&csr), p(&ext));
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let subj_ca = ["-subj", "/CN=BytePort test CA", "-days", "2"];
+        let ca_ext = [
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ];
+        let out = ["-keyout", &ca_key, "-out", &ca_pem];
+        openssl(&[&["req", "-x509"][..], &ec, &out, &subj_ca, &ca_ext].concat());
+        let out = [
+            "-keyout",
+            &server_key,
+            "-out",
+            &csr,
+            "-subj",
+            "/CN=127.0.0.1",
+        ];
+        openssl(&[&["req"][..], &ec, &out].concat());
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &server_pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+        ca
+    }
+}
+
 /// A blocking client of the `/v1` API.
 #[derive(Clone)]
 pub struct Api {
@@ -721,9 +965,20 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: &str, token: Option<String>) -> Api {
+        Api::with(base, token, byteport_trust::Trust::system())
+    }
+
+    /// A client that trusts the CA bundle `ca` besides the system's store.
+    pub fn trusting(base: &str, token: Option<String>, ca: &Path) -> Api {
+        let trust = byteport_trust::Trust::load(Some(ca)).expect("the test CA");
+        Api::with(base, token, trust)
+    }
+
+    fn with(base: &str, token: Option<String>, trust: byteport_trust::Trust) -> Api {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(700)))
+            .tls_config(trust.ureq())
             .build()
             .into();
         Api {
