@@ -287,6 +287,7 @@ fn login(
 fn dispatch(env: &Env, cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Login { .. } | Cmd::Bootstrap { .. } => unreachable!("handled in run"),
+        Cmd::Completion { .. } | Cmd::Man { .. } => unreachable!("handled in main"),
         Cmd::Logout => logout(env),
         Cmd::Whoami => whoami(env),
         Cmd::Project(c) => project(env, c),

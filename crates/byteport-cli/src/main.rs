@@ -87,6 +87,18 @@ pub enum Cmd {
     /// Show nodes (admins).
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Print a shell completion script: `byteport completion bash >
+    /// /etc/bash_completion.d/byteport` (zsh: a file named `_byteport` on
+    /// `$fpath`; fish: `~/.config/fish/completions/byteport.fish`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (byteport.1 and one per command) into DIR.
+    Man {
+        #[arg(default_value = ".")]
+        dir: std::path::PathBuf,
+    },
     /// Show the audit log, newest first.
     Audit {
         /// Only this project's events (required unless admin).
@@ -701,9 +713,51 @@ fn quiet_on_closed_pipe() {
     }));
 }
 
+/// byteport.1, and byteport-vm.1, byteport-vm-create.1 ... for every
+/// command; returns how many.
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fn walk(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> anyhow::Result<usize> {
+        let page = cmd.clone().name(name.to_owned());
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        let mut n = 1;
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            n += walk(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(n)
+    }
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    walk(&cmd, "byteport", dir)
+}
+
 fn main() -> ExitCode {
     quiet_on_closed_pipe();
     let cli = Cli::parse();
+    match &cli.cmd {
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "byteport", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Man { dir } => {
+            return match write_man_pages(dir) {
+                Ok(n) => {
+                    println!("wrote {n} man pages to {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let logging_in = matches!(cli.cmd, Cmd::Login { .. } | Cmd::Bootstrap { .. });
     if let Err(e) = commands::run(cli) {
         let closed_pipe = e.chain().any(|c| {

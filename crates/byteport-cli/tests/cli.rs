@@ -964,3 +964,46 @@ async fn cli_manages_environments() {
         assert!(!out.contains("compat"), "{out}");
     }
 }
+
+#[test]
+fn completions_for_bash_zsh_and_fish_and_man_pages_cover_every_command() {
+    let cfg = temp_config();
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef byteport"),
+        ("fish", "complete -c byteport"),
+    ] {
+        let o = byteport(&cfg, &["completion", shell], None);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        assert!(
+            o.stdout.contains(marker),
+            "{shell}: {}",
+            &o.stdout[..200.min(o.stdout.len())]
+        );
+        // Nested commands complete too.
+        for word in ["create", "exec", "join-token", "adopt"] {
+            assert!(o.stdout.contains(word), "{shell} lacks {word}");
+        }
+    }
+    let o = byteport(&cfg, &["completion", "tcsh"], None);
+    assert_ne!(o.code, 0);
+    let dir = std::env::temp_dir().join(format!("byteport-man-{}", std::process::id()));
+    let o = byteport(&cfg, &["man", dir.to_str().unwrap()], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for page in [
+        "byteport.1",
+        "byteport-vm.1",
+        "byteport-vm-create.1",
+        "byteport-env-run.1",
+    ] {
+        let text =
+            std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        let title = page.trim_end_matches(".1");
+        assert!(
+            text.contains(&format!(".TH {title}")),
+            "{page}: {}",
+            &text[..200.min(text.len())]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

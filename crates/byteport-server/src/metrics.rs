@@ -89,3 +89,63 @@ impl Metrics {
         out
     }
 }
+
+/// One histogram without labels, for figures other than requests.
+pub struct Histogram {
+    bounds: &'static [f64],
+    inner: Mutex<(u64, f64, Vec<u64>)>,
+}
+
+/// Bounds for boot times, in seconds (a TCG boot takes a few, a KVM one
+/// less than one, a Debian guest with cloud-init a minute or two).
+pub const BOOT_BUCKETS: [f64; 11] = [
+    0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            inner: Mutex::new((0, 0.0, vec![0; bounds.len()])),
+        }
+    }
+
+    pub fn observe(&self, secs: f64) {
+        let Ok(mut h) = self.inner.lock() else {
+            return;
+        };
+        h.0 += 1;
+        h.1 += secs;
+        for (i, le) in self.bounds.iter().enumerate() {
+            if secs <= *le {
+                h.2[i] += 1;
+            }
+        }
+    }
+
+    /// The series in the Prometheus text format.
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
+        let Ok(h) = self.inner.lock() else {
+            return;
+        };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (le, n) in self.bounds.iter().zip(&h.2) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.0);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", h.1, h.0);
+    }
+}
+
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram::new(&BOOT_BUCKETS)
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+pub fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -2093,6 +2093,132 @@ async fn crashes_release_compute_old_reports_are_ignored_and_drift_is_repaired()
     }
 }
 
+/// A VM that its node brings back from an error without a start (QEMU
+/// restarted it) holds its vCPUs and memory again: a running VM is never
+/// left out of its node's reservation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_running_again_after_an_error_holds_its_compute_again() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        let node = byteport_testkit::SimNode::join(&s, "solo", 2048).await;
+        let (_, a) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(json!({"name": "a", "image": "tiny", "vcpus": 1, "memory_mib": 512, "disk_gib": 3})),
+            )
+            .await;
+        let aid = a["id"].as_str().unwrap().to_owned();
+        let reserved = || async {
+            let (_, n) = s
+                .call(GET, &format!("/v1/nodes/{}", node.id), Some(&t), None)
+                .await;
+            n["reserved"].clone()
+        };
+        let held = json!({"vcpus": 1, "memory_mib": 512, "disk_gib": 3});
+        node.report(&s, &[(&aid, "running", 10, 1)]).await;
+        assert_eq!(reserved().await, held);
+        node.report(&s, &[(&aid, "error", 20, 1)]).await;
+        assert_eq!(
+            reserved().await,
+            json!({"vcpus": 0, "memory_mib": 0, "disk_gib": 3})
+        );
+        node.report(&s, &[(&aid, "running", 30, 1)]).await;
+        let (_, v) = s.call(GET, &format!("/v1/vms/{aid}"), Some(&t), None).await;
+        assert_eq!(v["state"], "running", "{v}");
+        assert_eq!(reserved().await, held);
+        // Once: more reports change nothing, and the recount agrees.
+        node.report(&s, &[(&aid, "running", 40, 1)]).await;
+        assert_eq!(reserved().await, held);
+        assert_eq!(s.app.reservations_recount().await.unwrap(), 0);
+    }
+}
+
+/// /metrics shows the fleet: each node's heartbeat age and status, each
+/// VM's CPU and memory from its node, the scheduler's decisions and the
+/// time from create to running.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_carry_nodes_vms_scheduler_decisions_and_boot_times() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        let node = byteport_testkit::SimNode::join(&s, "solo", 2048).await;
+        let create = |name: &'static str, mib: u64| {
+            let (s, t) = (&s, &t);
+            async move {
+                let (st, v) = s
+                    .call(
+                        POST,
+                        "/v1/vms",
+                        Some(t),
+                        Some(json!({"name": name, "image": "tiny", "vcpus": 1, "memory_mib": mib, "disk_gib": 1})),
+                    )
+                    .await;
+                assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+                v["id"].as_str().unwrap().to_owned()
+            }
+        };
+        let a = create("a", 1024).await;
+        // Too big for the node: stays pending, a no_fit decision.
+        create("huge", 4096).await;
+        node.report_measured(&s, &[(&a, "running", 10, 1)], &[(&a, 1500, 300)])
+            .await;
+        let (_, m) = s.get_text("/metrics", &t, &[]).await;
+        let value = |prefix: &str| {
+            m.lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {prefix} in {m}"))
+        };
+        let age = value("byteport_node_heartbeat_age_seconds{node=\"solo\"}");
+        assert!((0.0..5.0).contains(&age), "{age}");
+        assert_eq!(
+            value("byteport_node_status{node=\"solo\",status=\"online\"}"),
+            1.0
+        );
+        let labels = format!("{{vm=\"{a}\",node=\"solo\"}}");
+        assert_eq!(
+            value(&format!("byteport_vm_cpu_seconds_total{labels}")),
+            1.5
+        );
+        assert_eq!(
+            value(&format!("byteport_vm_memory_rss_bytes{labels}")),
+            300.0 * 1024.0 * 1024.0
+        );
+        assert!(value("byteport_scheduler_decisions_total{result=\"placed\"}") >= 1.0);
+        assert!(value("byteport_scheduler_decisions_total{result=\"no_fit\"}") >= 1.0);
+        assert_eq!(value("byteport_vm_boot_seconds_count"), 1.0);
+        assert_eq!(value("byteport_vm_boot_seconds_bucket{le=\"+Inf\"}"), 1.0);
+        // Every series the shipped Grafana dashboard reads is served.
+        let dash = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../packaging/monitoring/grafana-dashboard.json"),
+        )
+        .unwrap();
+        let mut read = 0;
+        for (at, _) in dash.match_indices("byteport_") {
+            let name: String = dash[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if name == "byteport_" {
+                continue;
+            }
+            read += 1;
+            assert!(
+                m.lines().any(|l| l.starts_with(&name)),
+                "the dashboard reads {name}, which /metrics does not serve"
+            );
+        }
+        assert!(read >= 10, "{read}");
+    }
+}
+
 /// Without credentials every route but logging in, the first admin and a
 /// node's join answers 401 before any lookup: whether a project, VM or
 /// user exists is not told to a stranger.

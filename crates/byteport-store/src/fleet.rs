@@ -441,8 +441,29 @@ pub(crate) async fn release_on<C: ConnectionTrait>(
     let Some(node_id) = v.node_id else {
         return Ok(false);
     };
+    if what == Release::Retake {
+        if !v.reserved || v.compute_held {
+            return Ok(false);
+        }
+        let taken = vm::Entity::update_many()
+            .col_expr(vm::Column::ComputeHeld, Expr::value(true))
+            .filter(vm::Column::Id.eq(vm_id))
+            .filter(vm::Column::ComputeHeld.eq(false))
+            .exec(c)
+            .await?;
+        if taken.rows_affected != 1 {
+            return Ok(false);
+        }
+        let size = Size {
+            vcpus: v.vcpus,
+            memory_mib: v.memory_mib,
+            disk_gib: 0,
+        };
+        shift_reserved(c, node_id, size, None, false).await?;
+        return Ok(true);
+    }
     let (flag, size) = match what {
-        Release::Nothing => return Ok(false),
+        Release::Nothing | Release::Retake => return Ok(false),
         Release::Compute if v.compute_held => (
             vm::Column::ComputeHeld,
             Size {

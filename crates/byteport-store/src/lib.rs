@@ -8,6 +8,8 @@ mod audit_log;
 mod changes;
 pub mod entities;
 mod fleet;
+mod maintenance;
+pub use maintenance::{known_schema_versions, migrate_first};
 mod migration;
 mod runs;
 
@@ -140,6 +142,10 @@ pub enum Release {
     Compute,
     /// Deleted: everything.
     All,
+    /// Not a release: running again without a start that took its vCPUs
+    /// and memory back (its node brought it back from an error), so they
+    /// are held again, whatever the node's limit, since it runs.
+    Retake,
 }
 
 /// The outcome of claiming an idempotency key.

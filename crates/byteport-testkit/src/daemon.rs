@@ -288,7 +288,12 @@ struct Launch {
     netns: Option<NetNs>,
     envs: Vec<(String, String)>,
     tls: Option<TestCa>,
+    /// Run on the fresh data directory before the daemon starts.
+    prepare: Option<Prepare>,
 }
+
+/// What a test puts in a data directory before its daemon starts.
+type Prepare = Box<dyn FnOnce(&Path)>;
 
 impl Launch {
     fn new(mode: &'static str) -> Launch {
@@ -300,6 +305,7 @@ impl Launch {
             netns: None,
             envs: Vec::new(),
             tls: None,
+            prepare: None,
         }
     }
 }
@@ -308,6 +314,19 @@ impl Daemon {
     /// Starts `bin all-in-one` on a fresh data directory with an admin.
     pub fn start(bin: &Path) -> Daemon {
         Daemon::launch(bin, Launch::new("all-in-one"))
+    }
+
+    /// Starts `bin server` (no node) on a fresh data directory that
+    /// `prepare` has put something in first (the database an older
+    /// version left, say), then makes an admin.
+    pub fn start_server_prepared(bin: &Path, prepare: impl FnOnce(&Path) + 'static) -> Daemon {
+        Daemon::launch(
+            bin,
+            Launch {
+                prepare: Some(Box::new(prepare)),
+                ..Launch::new("server")
+            },
+        )
     }
 
     /// Starts `bin all-in-one` with these `BYTEPORT_*` settings in its
@@ -371,6 +390,9 @@ impl Daemon {
         sweep_leftovers();
         std::fs::create_dir_all(&dir).expect("temp dir");
         std::fs::write(dir.join("owner.pid"), std::process::id().to_string()).expect("owner.pid");
+        if let Some(prepare) = l.prepare {
+            prepare(&dir);
+        }
         let port = free_port();
         // A forward range of our own, so parallel tests never collide.
         let base = 30000 + (port % 300) * 100;

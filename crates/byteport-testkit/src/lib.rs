@@ -343,6 +343,17 @@ impl SimNode {
         s: &TestServer,
         vms: &[(&str, &str, u64, u64)],
     ) -> (StatusCode, Value) {
+        self.report_measured(s, vms, &[]).await
+    }
+
+    /// [`SimNode::report`] with figures for some VMs: `(id, CPU time in
+    /// ms, resident MiB)`, as a node measures its QEMU processes.
+    pub async fn report_measured(
+        &self,
+        s: &TestServer,
+        vms: &[(&str, &str, u64, u64)],
+        measured: &[(&str, u64, u64)],
+    ) -> (StatusCode, Value) {
         let vms: Vec<Value> = vms
             .iter()
             .map(|(id, state, generation, desired)| {
@@ -350,11 +361,18 @@ impl SimNode {
                     "desired_generation": desired})
             })
             .collect();
+        let stats: Vec<Value> = measured
+            .iter()
+            .map(|(id, cpu_ms, rss)| {
+                serde_json::json!({"id": id, "cpu_percent": null, "cpu_time_ms": cpu_ms,
+                    "memory_rss_mib": rss, "disk_used_mib": 1, "uptime_secs": 5})
+            })
+            .collect();
         s.call(
             Method::POST,
             &format!("/v1/nodes/{}/heartbeat", self.id),
             Some(&self.credential),
-            Some(serde_json::json!({"capacity": self.capacity, "vms": vms})),
+            Some(serde_json::json!({"capacity": self.capacity, "vms": vms, "vm_stats": stats})),
         )
         .await
     }

@@ -10,6 +10,9 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+mod backup;
+mod config;
+
 /// The port BytePort listens on unless told otherwise.
 const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
 
@@ -19,9 +22,24 @@ struct Cli {
     /// What to run; `all-in-one` when absent.
     #[command(subcommand)]
     command: Option<Command>,
-    /// Log as JSON lines.
+    /// The configuration file: every flag, by its long name, as a key
+    /// (flags and environment variables win over it); read from
+    /// /etc/byteport/byteportd.toml when that exists.
+    #[arg(long, global = true, env = "BYTEPORT_CONFIG")]
+    config: Option<PathBuf>,
+    /// How logs are written to standard error: text, or json (one object
+    /// per line).
+    #[arg(long, global = true, env = "BYTEPORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// The same as --log-format json.
     #[arg(long, global = true, env = "BYTEPORT_LOG_JSON")]
     log_json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -42,6 +60,23 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
+    },
+    /// The configuration file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print every setting of a command as it would run (file, environment
+    /// and flags applied; secrets masked), in the file's syntax:
+    /// `byteportd config show server --listen 0.0.0.0:7480`.
+    Show {
+        /// all-in-one (the default), server or node, then any of its flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -207,6 +242,28 @@ enum AdminCommand {
         secrets_file: Option<PathBuf>,
         #[command(flatten)]
         db: DbArgs,
+    },
+    /// Write a consistent copy of a running server's SQLite database and
+    /// its secrets file to FILE (a tar archive, owner-only). For
+    /// PostgreSQL, use pg_dump (see docs/admin.md).
+    Backup {
+        file: PathBuf,
+        /// The secrets file; `DATA_DIR/secrets.json` when absent.
+        #[arg(long, env = "BYTEPORT_SECRETS_FILE")]
+        secrets_file: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Restore a backup into a data directory that has no database yet,
+    /// then start the server on it.
+    Restore {
+        file: PathBuf,
+        /// Where the secrets file goes; `DATA_DIR/secrets.json` when absent.
+        #[arg(long, env = "BYTEPORT_SECRETS_FILE")]
+        secrets_file: Option<PathBuf>,
+        /// Where BytePort keeps its data.
+        #[arg(long, env = "BYTEPORT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// Create a user, reading the password from standard input.
     CreateUser {
@@ -555,18 +612,21 @@ fn main() -> anyhow::Result<()> {
         return byteport_node::network::pipe_stdio(addr)
             .with_context(|| format!("relaying to {addr}"));
     }
+    // The configuration file's settings join the command line as flags.
+    let root = <Cli as clap::CommandFactory>::command();
+    let argv = config::effective_argv(&root, std::env::args_os().collect())?;
+    let cli = Cli::parse_from(argv);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?
-        .block_on(daemon())
+        .block_on(daemon(cli))
 }
 
-async fn daemon() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn daemon(cli: Cli) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if cli.log_json {
+    if cli.log_json || cli.log_format == LogFormat::Json {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
@@ -604,6 +664,58 @@ async fn daemon() -> anyhow::Result<()> {
                     Ok(())
                 }
             }
+        }
+        Command::Config {
+            command: ConfigCommand::Show { args },
+        } => {
+            let root = <Cli as clap::CommandFactory>::command();
+            print!("{}", config::show(&root, cli.config.as_deref(), &args)?);
+            Ok(())
+        }
+        Command::Admin {
+            command:
+                AdminCommand::Backup {
+                    file,
+                    secrets_file,
+                    db,
+                },
+        } => {
+            if db
+                .database_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("postgres"))
+            {
+                bail!(
+                    "admin backup copies SQLite databases; for PostgreSQL use pg_dump \
+                     (docs/admin.md, \"Backups\") and keep a copy of the secrets file"
+                );
+            }
+            let (store, dir) = open_store(&db).await?;
+            let secrets = secrets_file.unwrap_or_else(|| dir.join("secrets.json"));
+            let made = backup::write(&store, &secrets, &file).await?;
+            println!("{made}");
+            Ok(())
+        }
+        Command::Admin {
+            command:
+                AdminCommand::Restore {
+                    file,
+                    secrets_file,
+                    data_dir,
+                },
+        } => {
+            let dir = data_dir.unwrap_or_else(default_data_dir);
+            let secrets = secrets_file.unwrap_or_else(|| dir.join("secrets.json"));
+            let restored = backup::restore(&file, &dir, &secrets)?;
+            // Open it once: migrated forward, or refused if newer.
+            let (store, _) = open_store(&DbArgs {
+                data_dir: Some(dir.clone()),
+                database_url: None,
+            })
+            .await?;
+            drop(store);
+            println!("{restored}");
+            Ok(())
         }
         Command::Admin {
             command:

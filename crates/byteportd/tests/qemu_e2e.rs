@@ -4,7 +4,7 @@
 //! `BYTEPORT_REQUIRE_QEMU=1` (set by `cargo xtask test`), where they fail.
 
 use byteport_testkit::daemon::{Daemon, NODE_TIMEOUT_SECS, alive, qemus_under, tiny_or_skip};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -819,30 +819,74 @@ fn a_guest_flooding_a_console_nobody_reads_stalls_no_other_stream_and_its_log_st
     assert_eq!(out, "still here\n");
 }
 
-/// Copies the server's SQLite files (taken with the server killed).
-fn copy_db(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for f in ["byteport.db", "byteport.db-wal", "byteport.db-shm"] {
-        let _ = std::fs::remove_file(to.join(f));
-        if from.join(f).exists() {
-            std::fs::copy(from.join(f), to.join(f)).unwrap();
-        }
-    }
+/// `byteportd admin ARGS` on the daemon's data directory.
+fn admin(d: &Daemon, args: &[&str]) -> String {
+    let o = std::process::Command::new(BIN)
+        .arg("admin")
+        .args(args)
+        .env("BYTEPORT_DATA_DIR", &d.dir)
+        .env_remove("BYTEPORT_CONFIG")
+        .output()
+        .expect("byteportd admin");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "admin {args:?}: {text}");
+    text
+}
+
+fn names(v: &Value) -> Vec<String> {
+    // A list, or a page of one.
+    let items = v.get("items").unwrap_or(v);
+    let mut n: Vec<String> = items
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect();
+    n.sort();
+    n
 }
 
 #[test]
-fn a_restored_backup_that_forgot_a_vm_leaves_it_an_orphan_to_adopt_or_remove() {
+fn an_online_backup_restored_answers_the_same_lists_and_vms_it_forgot_become_orphans() {
     let Some(img) = tiny_or_skip("orphans") else {
         return;
     };
     let mut d = Daemon::start_split(Path::new(BIN));
     d.import_tiny(&img);
-    // A backup of the database from before the VMs existed.
-    let backup = d.dir.join("backup");
-    d.kill9();
-    copy_db(&d.dir, &backup);
-    d.respawn_server();
-    d.login();
+    d.api
+        .post("/v1/projects", json!({"name": "before"}))
+        .expect("project");
+    d.api
+        .post(
+            "/v1/users",
+            json!({"name": "dev", "password": "dev-password"}),
+        )
+        .expect("user");
+    let projects_before = names(&d.api.get("/v1/projects").unwrap());
+    // A backup from before the VMs existed, taken while the server
+    // answers and writes.
+    let busy = {
+        let api = d.api.clone();
+        std::thread::spawn(move || {
+            (0..40)
+                .filter(|i| {
+                    api.post("/v1/projects", json!({"name": format!("during-{i}")}))
+                        .is_ok()
+                })
+                .count()
+        })
+    };
+    let backup = d.dir.join("backup.tar");
+    let said = admin(&d, &["backup", backup.to_str().unwrap()]);
+    assert!(said.contains("the secrets file"), "{said}");
+    assert_eq!(busy.join().unwrap(), 40, "the server kept serving");
+    let users = names(&d.api.get("/v1/users").unwrap());
+    let images = names(&d.api.get("/v1/images").unwrap());
+    let projects_after = names(&d.api.get("/v1/projects").unwrap());
     let id = up(&d, "keeper");
     let other = up(&d, "other");
     // On its disk (tiny's root is in memory).
@@ -859,11 +903,43 @@ fn a_restored_backup_that_forgot_a_vm_leaves_it_an_orphan_to_adopt_or_remove() {
         .expect("write to the disk");
     assert_eq!(code, Some(0), "{err}");
 
-    // The backup comes back: the control plane no longer knows either VM.
+    // The backup comes back in place of the database: the control plane
+    // no longer knows either VM.
     d.kill9();
-    copy_db(&backup, &d.dir);
+    let old = d.dir.join("old");
+    std::fs::create_dir(&old).unwrap();
+    for f in [
+        "byteport.db",
+        "byteport.db-wal",
+        "byteport.db-shm",
+        "secrets.json",
+    ] {
+        if d.dir.join(f).exists() {
+            std::fs::rename(d.dir.join(f), old.join(f)).unwrap();
+        }
+    }
+    let said = admin(&d, &["restore", backup.to_str().unwrap()]);
+    assert!(said.contains("restored"), "{said}");
+    // Restoring over a database is refused.
+    let o = std::process::Command::new(BIN)
+        .args(["admin", "restore", backup.to_str().unwrap()])
+        .env("BYTEPORT_DATA_DIR", &d.dir)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already has a database"));
     d.respawn_server();
     d.login();
+    assert_eq!(names(&d.api.get("/v1/users").unwrap()), users);
+    assert_eq!(names(&d.api.get("/v1/images").unwrap()), images);
+    // Every project made before the backup, some made during it, none
+    // made after.
+    let restored = names(&d.api.get("/v1/projects").unwrap());
+    assert!(
+        projects_before.iter().all(|p| restored.contains(p))
+            && restored.iter().all(|p| projects_after.contains(p)),
+        "{restored:?} against {projects_before:?} .. {projects_after:?}"
+    );
     assert!(d.api.get(&format!("/v1/vms/{id}")).is_err());
     // The node stops them, keeps their disks and reports them as orphans.
     let deadline = Instant::now() + Duration::from_secs(90);

@@ -94,6 +94,10 @@ pub struct App {
     pub reservation_repairs: Arc<std::sync::atomic::AtomicU64>,
     /// Metadata requests refused (404, 429), counted instead of audited.
     pub metadata_refusals: Arc<metadata::Refusals>,
+    /// The scheduler's decisions on this replica.
+    pub scheduler: Arc<placement::Decisions>,
+    /// Seconds from a VM's creation to its first report as running.
+    pub boot_times: Arc<crate::metrics::Histogram>,
     /// Failed logins per account.
     pub(crate) login_limits: Arc<auth::LoginLimits>,
     /// Open event streams per user, on this replica.
@@ -219,6 +223,8 @@ impl App {
             runs_live: Arc::default(),
             reservation_repairs: Arc::default(),
             metadata_refusals: Arc::default(),
+            scheduler: Arc::default(),
+            boot_times: Arc::default(),
             login_limits: Arc::default(),
             event_streams: Arc::default(),
         };

@@ -320,12 +320,22 @@ impl App {
                             // stays reserved where it lives, and a start
                             // takes them again or is refused with the numbers.
                             (VmState::Stopped, _) | (_, ObservedState::Error) => Release::Compute,
+                            // Back from an error on its own: it holds its
+                            // vCPUs and memory again.
+                            (_, ObservedState::Running) if v.reserved && !v.compute_held => {
+                                Release::Retake
+                            }
                             _ => Release::Nothing,
                         },
                     },
                 )
                 .await?;
             if applied {
+                if current == VmState::Provisioning && state == VmState::Running {
+                    let took = Utc::now() - v.created_at;
+                    self.boot_times
+                        .observe(took.num_milliseconds().max(0) as f64 / 1000.0);
+                }
                 let _ = self.vm_changes.send(v.id);
             }
         }
@@ -635,6 +645,84 @@ struct NodeVmStats {
 }
 
 impl App {
+    /// The fleet's series for /metrics: each node's heartbeat age and
+    /// status, and each VM's CPU and memory as its node measured them.
+    pub async fn render_fleet_metrics(&self, out: &mut String) -> AppResult<()> {
+        use crate::metrics::label;
+        use std::fmt::Write;
+        let nodes = self.store.node_list().await?;
+        let now = Utc::now();
+        out.push_str(
+            "# HELP byteport_node_heartbeat_age_seconds Seconds since each node's last heartbeat.\n\
+             # TYPE byteport_node_heartbeat_age_seconds gauge\n",
+        );
+        for n in &nodes {
+            if let Some(at) = n.last_heartbeat_at {
+                let age = (now - at).num_milliseconds().max(0) as f64 / 1000.0;
+                let _ = writeln!(
+                    out,
+                    "byteport_node_heartbeat_age_seconds{{node=\"{}\"}} {age}",
+                    label(&n.name)
+                );
+            }
+        }
+        out.push_str(
+            "# HELP byteport_node_status Each node's status (1 for the one it has).\n\
+             # TYPE byteport_node_status gauge\n",
+        );
+        for n in &nodes {
+            let _ = writeln!(
+                out,
+                "byteport_node_status{{node=\"{}\",status=\"{}\"}} 1",
+                label(&n.name),
+                label(&n.status)
+            );
+        }
+        let mut cpu = String::from(
+            "# HELP byteport_vm_cpu_seconds_total CPU time of each VM's hypervisor process.\n\
+             # TYPE byteport_vm_cpu_seconds_total counter\n",
+        );
+        let mut mem = String::from(
+            "# HELP byteport_vm_memory_rss_bytes Resident memory of each VM's hypervisor process.\n\
+             # TYPE byteport_vm_memory_rss_bytes gauge\n",
+        );
+        for n in &nodes {
+            for v in latest(n).map(|s| s.vms).unwrap_or_default() {
+                let labels = format!("vm=\"{}\",node=\"{}\"", v.id, label(&n.name));
+                let _ = writeln!(
+                    cpu,
+                    "byteport_vm_cpu_seconds_total{{{labels}}} {}",
+                    v.cpu_time_ms as f64 / 1000.0
+                );
+                let _ = writeln!(
+                    mem,
+                    "byteport_vm_memory_rss_bytes{{{labels}}} {}",
+                    v.memory_rss_mib << 20
+                );
+            }
+        }
+        out.push_str(&cpu);
+        out.push_str(&mem);
+        let d = &self.scheduler;
+        let _ = write!(
+            out,
+            "# HELP byteport_scheduler_decisions_total Placement decisions: placed, no node with room (no_fit), or beaten to the room (lost_race).\n\
+             # TYPE byteport_scheduler_decisions_total counter\n\
+             byteport_scheduler_decisions_total{{result=\"placed\"}} {}\n\
+             byteport_scheduler_decisions_total{{result=\"no_fit\"}} {}\n\
+             byteport_scheduler_decisions_total{{result=\"lost_race\"}} {}\n",
+            d.placed.load(std::sync::atomic::Ordering::Relaxed),
+            d.no_fit.load(std::sync::atomic::Ordering::Relaxed),
+            d.lost_race.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.boot_times.render(
+            "byteport_vm_boot_seconds",
+            "Seconds from a VM's creation to its first report as running.",
+            out,
+        );
+        Ok(())
+    }
+
     /// A VM's latest figures from its node, or why there are none (not
     /// placed, not running, or not measured yet).
     pub async fn vm_stats(

@@ -9,6 +9,7 @@ use crate::error::AppResult;
 use byteport_scheduler::{Decision, NodeInventory, Policy, Request, Resources};
 use byteport_store::{PlaceItem, Size, node, vm};
 use byteport_types::api::{Placement, PlacementPolicy};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use uuid::Uuid;
 
 /// Attempts per VM when another placement takes the chosen node's room.
@@ -39,6 +40,17 @@ pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
             disk_gib: n.reserved_disk_gib,
         },
     }
+}
+
+/// How the scheduler's decisions went, for /metrics.
+#[derive(Default)]
+pub struct Decisions {
+    /// VMs placed on a node.
+    pub placed: AtomicU64,
+    /// Decisions that found no node with room (the VM stays pending).
+    pub no_fit: AtomicU64,
+    /// Placements another placer beat to the room (decided again).
+    pub lost_race: AtomicU64,
 }
 
 impl App {
@@ -124,12 +136,14 @@ impl App {
 
     /// Says that `v` landed on `node`: waiters, event streams, the node.
     fn landed(&self, v: &vm::Model, node: Uuid) {
+        self.scheduler.placed.fetch_add(1, Relaxed);
         let _ = self.vm_changes.send(v.id);
         self.hub.poke(node);
     }
 
     /// Keeps `v` pending with the scheduler's reason.
     async fn no_fit(&self, v: &vm::Model, why: &str) -> AppResult<()> {
+        self.scheduler.no_fit.fetch_add(1, Relaxed);
         self.store.vm_set_pending_reason(v.id, why).await?;
         let _ = self.vm_changes.send(v.id);
         Ok(())
@@ -154,6 +168,7 @@ impl App {
                     }
                     // Another placer took the room, or the VM was placed or
                     // deleted meanwhile: look again.
+                    self.scheduler.lost_race.fetch_add(1, Relaxed);
                     pass.nodes = None;
                     let current = self.store.vm_fetch(v.id).await?;
                     if current.node_id.is_some() || current.deleted_at.is_some() {
@@ -215,6 +230,9 @@ impl App {
                 }
             }
             if !lost.is_empty() {
+                self.scheduler
+                    .lost_race
+                    .fetch_add(lost.len() as u64, Relaxed);
                 // The inventory counted placements that did not happen.
                 pass.nodes = None;
                 for v in lost {

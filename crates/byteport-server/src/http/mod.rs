@@ -237,6 +237,9 @@ async fn metrics_text(State((app, m)): State<(App, Arc<Metrics>)>) -> impl IntoR
          # TYPE byteport_stuck_streams_total counter\nbyteport_stuck_streams_total {}\n",
         app.hub.stuck_streams.load(std::sync::atomic::Ordering::Relaxed)
     ));
+    if let Err(e) = app.render_fleet_metrics(&mut extra).await {
+        tracing::warn!(error = %e, "the fleet's metrics could not be read");
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.render(&extra),
