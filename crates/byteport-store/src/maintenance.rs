@@ -7,6 +7,21 @@ use sea_orm_migration::MigratorTrait;
 use std::path::Path;
 
 impl DataStore {
+    /// Opens an existing SQLite database to read only, with no migration:
+    /// for a backup taken beside a running server, which must not be made
+    /// to wait for (or retry against) a second writer.
+    pub async fn open_sqlite_read_only(path: &Path) -> Result<Self> {
+        let url = format!("sqlite://{}?mode=ro", path.display());
+        let mut opts = sea_orm::ConnectOptions::new(url);
+        opts.sqlx_logging(false).max_connections(1).min_connections(1);
+        opts.map_sqlx_sqlite_opts(|o| o.busy_timeout(std::time::Duration::from_secs(10)));
+        Ok(Self {
+            db: sea_orm::Database::connect(opts).await?,
+            backend: Backend::Sqlite,
+            write_lock: Default::default(),
+        })
+    }
+
     /// Writes a consistent copy of a SQLite database to `path`, which must
     /// not exist yet (`VACUUM INTO`: one read transaction, so the server
     /// keeps serving and writing while it runs).

@@ -690,7 +690,16 @@ async fn daemon(cli: Cli) -> anyhow::Result<()> {
                      (docs/admin.md, \"Backups\") and keep a copy of the secrets file"
                 );
             }
-            let (store, dir) = open_store(&db).await?;
+            // Read only and unmigrated: the server beside it keeps the
+            // only writer.
+            let dir = db.data_dir.clone().unwrap_or_else(default_data_dir);
+            let path = dir.join("byteport.db");
+            if !path.is_file() {
+                bail!("no database at {} (--data-dir names another)", path.display());
+            }
+            let store = DataStore::open_sqlite_read_only(&path)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
             let secrets = secrets_file.unwrap_or_else(|| dir.join("secrets.json"));
             let made = backup::write(&store, &secrets, &file).await?;
             println!("{made}");
