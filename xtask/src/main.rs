@@ -3,11 +3,17 @@
 //! real PostgreSQL that it starts), `cargo xtask openapi` (rewrite the
 //! committed API document), `cargo xtask bench NAME`.
 
+#[cfg(feature = "bench")]
 mod bench_api;
+#[cfg(feature = "bench")]
 mod bench_boot;
+#[cfg(feature = "bench")]
 mod bench_metadata;
+#[cfg(feature = "bench")]
 mod bench_net;
+#[cfg(feature = "bench")]
 mod bench_placement;
+#[cfg(feature = "bench")]
 mod bench_run;
 pub(crate) mod image;
 mod pg;
@@ -96,13 +102,33 @@ fn main() -> anyhow::Result<()> {
             "--write",
             "openapi/byteport.json",
         ])),
-        ["bench", "api", rest @ ..] => bench_api::run(&root(), rest),
-        ["bench", "boot", rest @ ..] => bench_boot::run(&root(), rest),
-        ["bench", "placement", rest @ ..] => bench_placement::run(&root(), rest),
-        ["bench", "metadata", rest @ ..] => bench_metadata::run(&root(), rest),
-        ["bench", "net", rest @ ..] => bench_net::run(&root(), rest),
-        ["bench", "run", rest @ ..] => bench_run::run(&root(), rest),
         ["bench", "web", rest @ ..] => web::bench(&root(), rest),
+        #[cfg(feature = "bench")]
+        ["bench", "api", rest @ ..] => bench_api::run(&root(), rest),
+        #[cfg(feature = "bench")]
+        ["bench", "boot", rest @ ..] => bench_boot::run(&root(), rest),
+        #[cfg(feature = "bench")]
+        ["bench", "placement", rest @ ..] => bench_placement::run(&root(), rest),
+        #[cfg(feature = "bench")]
+        ["bench", "metadata", rest @ ..] => bench_metadata::run(&root(), rest),
+        #[cfg(feature = "bench")]
+        ["bench", "net", rest @ ..] => bench_net::run(&root(), rest),
+        #[cfg(feature = "bench")]
+        ["bench", "run", rest @ ..] => bench_run::run(&root(), rest),
+        // Built without the benchmarks: again, with them.
+        #[cfg(not(feature = "bench"))]
+        ["bench", ..] => run(Command::new("cargo")
+            .current_dir(root())
+            .args([
+                "run",
+                "--quiet",
+                "--package",
+                "xtask",
+                "--features",
+                "bench",
+                "--",
+            ])
+            .args(&args)),
         ["web", "build"] => web::build(&root()),
         ["image", rest @ ..] => image::run(&root(), rest),
         _ => usage(),
@@ -119,6 +145,18 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
     run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The benchmarks, which the workspace's build leaves out.
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--package",
+        "xtask",
+        "--features",
+        "bench",
         "--all-targets",
         "--",
         "-D",

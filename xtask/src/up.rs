@@ -34,12 +34,17 @@ const NETWORK_PACKAGES: &[(&str, &str)] = &[
 fn ensure_packages() -> anyhow::Result<()> {
     let root = is_root();
     let network: &[(&str, &str)] = if root { NETWORK_PACKAGES } else { &[] };
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .chain(network)
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    // Debian's qemu-system-x86 takes out a qemu-utils of another version
+    // (backports') as it comes in: ask for the matching one with it.
+    if missing.contains(&"qemu-system-x86") && !missing.contains(&"qemu-utils") {
+        missing.push("qemu-utils");
+    }
     let lists = std::fs::read_dir("/var/lib/apt/lists")
         .map(|d| {
             d.flatten()
@@ -83,7 +88,36 @@ fn is_root() -> bool {
 }
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
     ensure_packages()?;
+    // The daemon and the CLI compile while the images and the console are
+    // made (those mostly download and compress).
+    eprintln!("+ cargo build --release -p byteportd -p byteport-cli (in the background)");
+    let mut build = Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "byteportd",
+            "-p",
+            "byteport-cli",
+        ])
+        .spawn()
+        .context("starting cargo build")?;
+    let made = make_images_and_console(root);
+    let built = build.wait().context("waiting for cargo build")?;
+    let runtimes = made?;
+    if !built.success() {
+        bail!("cargo build --release -p byteportd -p byteport-cli failed: {built}");
+    }
+    serve(root, started, &runtimes)
+}
+
+/// The guest images `up` imports (tiny, and the run-code runtimes as
+/// root) and the web console; returns the runtimes.
+fn make_images_and_console(root: &Path) -> anyhow::Result<Vec<&'static str>> {
     let image = root.join("build/images/tiny");
     if !image.join("manifest.json").exists() {
         crate::image::run(root, &["build", "tiny"])?;
@@ -106,15 +140,14 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         );
         Vec::new()
     };
-    crate::run(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--release",
-        "-p",
-        "byteportd",
-        "-p",
-        "byteport-cli",
-    ]))?;
     crate::web::build(root).context("building the web console")?;
+    Ok(runtimes)
+}
+
+/// Starts the all-in-one, logs the CLI in, imports the images and starts
+/// `hello`; then waits for the daemon.
+fn serve(root: &Path, started: Instant, runtimes: &[&str]) -> anyhow::Result<()> {
+    let image = root.join("build/images/tiny");
     let bin = root.join("target/release");
     let data = root.join(".byteport");
     std::fs::create_dir_all(&data)?;
@@ -200,7 +233,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         let _ = server.kill();
         bail!("importing the tiny image failed");
     }
-    for name in &runtimes {
+    for name in runtimes {
         let m = root.join("build/images").join(name).join("manifest.json");
         if !cli(&["image", "import", "--manifest", &m.display().to_string()])? {
             let _ = server.kill();
@@ -235,7 +268,13 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         let _ = cli(&["vm", "start", "hello", "--wait"]);
     }
     let _ = cli(&["vm", "exec", "hello", "--", "uname", "-a"]);
+    let took = started.elapsed().as_secs();
     println!();
+    println!(
+        "Up in {}m{:02}s: hello answers `byteport vm exec`.",
+        took / 60,
+        took % 60
+    );
     println!("BytePort is running at http://{LISTEN} (API docs: http://{LISTEN}/docs)");
     println!("  web console: http://{LISTEN}/ (log in as admin)");
     println!("  admin password: in {}", password_file.display());

@@ -13,7 +13,9 @@ impl DataStore {
     pub async fn open_sqlite_read_only(path: &Path) -> Result<Self> {
         let url = format!("sqlite://{}?mode=ro", path.display());
         let mut opts = sea_orm::ConnectOptions::new(url);
-        opts.sqlx_logging(false).max_connections(1).min_connections(1);
+        opts.sqlx_logging(false)
+            .max_connections(1)
+            .min_connections(1);
         opts.map_sqlx_sqlite_opts(|o| o.busy_timeout(std::time::Duration::from_secs(10)));
         Ok(Self {
             db: sea_orm::Database::connect(opts).await?,

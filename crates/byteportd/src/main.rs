@@ -695,7 +695,10 @@ async fn daemon(cli: Cli) -> anyhow::Result<()> {
             let dir = db.data_dir.clone().unwrap_or_else(default_data_dir);
             let path = dir.join("byteport.db");
             if !path.is_file() {
-                bail!("no database at {} (--data-dir names another)", path.display());
+                bail!(
+                    "no database at {} (--data-dir names another)",
+                    path.display()
+                );
             }
             let store = DataStore::open_sqlite_read_only(&path)
                 .await
