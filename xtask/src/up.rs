@@ -92,25 +92,21 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     ensure_packages()?;
     // The daemon and the CLI compile while the images and the console are
     // made (those mostly download and compress).
-    eprintln!("+ cargo build --release -p byteportd -p byteport-cli (in the background)");
+    // In the dev profile, the one `cargo xtask` itself and the tests build
+    // in: every crate compiles once, with dependencies optimised
+    // (`[profile.dev.package."*"]`). A production install builds --release
+    // (docs/admin.md).
+    eprintln!("+ cargo build -p byteportd -p byteport-cli (in the background)");
     let mut build = Command::new("cargo")
         .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "byteportd",
-            "-p",
-            "byteport-cli",
-        ])
+        .args(["build", "--quiet", "-p", "byteportd", "-p", "byteport-cli"])
         .spawn()
         .context("starting cargo build")?;
     let made = make_images_and_console(root);
     let built = build.wait().context("waiting for cargo build")?;
     let runtimes = made?;
     if !built.success() {
-        bail!("cargo build --release -p byteportd -p byteport-cli failed: {built}");
+        bail!("cargo build -p byteportd -p byteport-cli failed: {built}");
     }
     serve(root, started, &runtimes)
 }
@@ -148,7 +144,7 @@ fn make_images_and_console(root: &Path) -> anyhow::Result<Vec<&'static str>> {
 /// `hello`; then waits for the daemon.
 fn serve(root: &Path, started: Instant, runtimes: &[&str]) -> anyhow::Result<()> {
     let image = root.join("build/images/tiny");
-    let bin = root.join("target/release");
+    let bin = root.join("target/debug");
     let data = root.join(".byteport");
     std::fs::create_dir_all(&data)?;
     let config = data.join("cli-config.json");

@@ -719,47 +719,7 @@ impl Daemon {
 
     /// [`Daemon::import_image`] under another name than the manifest's.
     pub fn import_image_as(&self, dir: &Path, name: Option<&str>) {
-        let mut m: Value =
-            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
-                .expect("manifest JSON");
-        if let Some(n) = name {
-            m["name"] = json!(n);
-        }
-        let file = |k: &str| dir.join(m[k].as_str().expect("a file name"));
-        let sha = |p: &Path| {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(std::fs::read(p).expect("read")))
-        };
-        let kernel = file("kernel");
-        let initramfs = m["format"] == "initramfs";
-        let mut files = vec![("kernel", kernel.clone())];
-        let main = if initramfs {
-            file("initrd")
-        } else {
-            files.push(("initrd", file("initrd")));
-            file("disk")
-        };
-        files.insert(0, ("image", main.clone()));
-        let size = std::fs::metadata(&main).expect("image file").len();
-        self.api
-            .post(
-                "/v1/images",
-                json!({
-                    "name": m["name"], "os_family": m["os_family"], "os_version": m["os_version"],
-                    "arch": m["arch"], "format": m["format"], "size_bytes": size,
-                    "sha256": sha(&main), "boot": m["boot"], "kernel_sha256": sha(&kernel),
-                    "initrd_sha256": if initramfs { Value::Null } else { json!(sha(&file("initrd"))) },
-                    "cmdline": m["cmdline"], "has_agent": m["has_agent"],
-                    "login_user": m["login_user"],
-                }),
-            )
-            .expect("registering the image");
-        let name = m["name"].as_str().expect("the image's name");
-        for (role, path) in &files {
-            self.api
-                .put_file(&format!("/v1/images/{name}/files/{role}"), path)
-                .expect("uploading an image file");
-        }
+        self.api.import_image_as(dir, name);
     }
 
     /// Creates a VM from `tiny` and returns its id.
@@ -986,6 +946,50 @@ pub struct Api {
 }
 
 impl Api {
+    /// Registers a built guest image (`build/images/NAME`) and uploads its
+    /// files, under `name` if given.
+    pub fn import_image_as(&self, dir: &Path, name: Option<&str>) {
+        let mut m: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+                .expect("manifest JSON");
+        if let Some(n) = name {
+            m["name"] = json!(n);
+        }
+        let file = |k: &str| dir.join(m[k].as_str().expect("a file name"));
+        let sha = |p: &Path| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(std::fs::read(p).expect("read")))
+        };
+        let kernel = file("kernel");
+        let initramfs = m["format"] == "initramfs";
+        let mut files = vec![("kernel", kernel.clone())];
+        let main = if initramfs {
+            file("initrd")
+        } else {
+            files.push(("initrd", file("initrd")));
+            file("disk")
+        };
+        files.insert(0, ("image", main.clone()));
+        let size = std::fs::metadata(&main).expect("image file").len();
+        self.post(
+            "/v1/images",
+            json!({
+                "name": m["name"], "os_family": m["os_family"], "os_version": m["os_version"],
+                "arch": m["arch"], "format": m["format"], "size_bytes": size,
+                "sha256": sha(&main), "boot": m["boot"], "kernel_sha256": sha(&kernel),
+                "initrd_sha256": if initramfs { Value::Null } else { json!(sha(&file("initrd"))) },
+                "cmdline": m["cmdline"], "has_agent": m["has_agent"],
+                "login_user": m["login_user"],
+            }),
+        )
+        .expect("registering the image");
+        let name = m["name"].as_str().expect("the image's name");
+        for (role, path) in &files {
+            self.put_file(&format!("/v1/images/{name}/files/{role}"), path)
+                .expect("uploading an image file");
+        }
+    }
+
     pub fn new(base: &str, token: Option<String>) -> Api {
         Api::with(base, token, byteport_trust::Trust::system())
     }
