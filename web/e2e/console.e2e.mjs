@@ -203,6 +203,66 @@ try {
 	await admin.page.getByRole('button', { name: 'Cordon' }).click();
 	await admin.page.getByRole('button', { name: 'Uncordon' }).click();
 	await admin.page.getByRole('button', { name: 'Cordon' }).waitFor();
+
+	step('an invite link from the Users page makes one account in its project');
+	await admin.page.getByRole('link', { name: 'Users' }).click();
+	await admin.page.getByLabel('Project').selectOption('team-a');
+	await admin.page.getByLabel('Role').selectOption('viewer');
+	await admin.page.getByRole('button', { name: 'Make invite link' }).click();
+	const link = (await admin.page.getByTestId('invite-link').textContent()).trim();
+	check(link.startsWith(`${URL}/register?invite=bpi_`), `invite link: ${link}`);
+	await shot(admin.page, 'users-invite');
+	const guest = await browser.newContext({ viewport: DESKTOP, baseURL: URL });
+	watchErrors(guest, errors);
+	const reg = await guest.newPage();
+	await reg.goto(link);
+	await reg.getByTestId('invite-offer').filter({ hasText: 'team-a' }).waitFor();
+	await shot(reg, 'register-invite');
+	await reg.getByLabel('User name').fill('ivy');
+	await reg.getByLabel('Password (at least').fill('ivy-password');
+	await reg.getByLabel('Password again').fill('ivy-password');
+	await reg.getByRole('button', { name: 'Create account' }).click();
+	await reg.getByRole('heading', { name: 'Dashboard' }).waitFor();
+	await reg.getByTestId('whoami').filter({ hasText: 'ivy' }).first().waitFor({ state: 'attached' });
+	const who = await (await guest.request.get('/v1/auth/whoami')).json();
+	check(
+		who.memberships.length === 1 && who.memberships[0].project === 'team-a' && who.memberships[0].role === 'viewer',
+		`ivy's memberships: ${JSON.stringify(who.memberships)}`
+	);
+	await guest.close();
+	const again = await browser.newContext({ viewport: DESKTOP, baseURL: URL });
+	watchErrors(again, errors);
+	const used = await again.newPage();
+	await used.goto(link);
+	await used.getByText('This invite link is invalid, expired or already used').waitFor();
+	await again.close();
+
+	step('with self-registration on, the login page offers an account to anyone');
+	await admin.page.reload();
+	await admin.page.locator('[data-invite=used]').first().waitFor();
+	const open = admin.page.getByLabel('Anyone who reaches this server may create an account');
+	check(!(await open.isChecked()), 'self-registration is on by default');
+	const patched = () => admin.page.waitForResponse((r) => r.url().endsWith('/v1/settings') && r.request().method() === 'PATCH');
+	await Promise.all([patched(), open.check()]);
+	const anyone = await browser.newContext({ viewport: PHONE, baseURL: URL });
+	watchErrors(anyone, errors);
+	const self = await anyone.newPage();
+	await self.goto('/login');
+	await self.getByRole('link', { name: 'Create an account' }).click();
+	await self.getByLabel('User name').fill('sam');
+	await self.getByLabel('Password (at least').fill('sam-password');
+	await self.getByLabel('Password again').fill('other-password');
+	await self.getByRole('button', { name: 'Create account' }).click();
+	await self.getByText('the two passwords differ').waitFor();
+	await self.getByLabel('Password again').fill('sam-password');
+	await self.getByRole('button', { name: 'Create account' }).click();
+	await self.getByRole('heading', { name: 'Dashboard' }).waitFor();
+	await self.getByText('You are in no project yet').waitFor();
+	await shot(self, 'dashboard-new-account-phone');
+	await anyone.close();
+	await Promise.all([patched(), open.uncheck()]);
+	const closed = await (await admin.context.request.get('/v1/auth/signup')).json();
+	check(closed.self_registration === false, `after turning it off: ${JSON.stringify(closed)}`);
 	await admin.context.close();
 
 	step('a viewer sees the VM without any action, and a direct API mutation fails');

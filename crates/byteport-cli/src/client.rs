@@ -30,6 +30,7 @@ pub enum Method {
     Get,
     Post,
     Put,
+    Patch,
     Delete,
 }
 
@@ -117,6 +118,13 @@ impl Client {
             }
             Method::Put => {
                 let rb = prep!(self.agent.put(&url));
+                match body {
+                    Some(b) => rb.send_json(b),
+                    None => rb.send_empty(),
+                }
+            }
+            Method::Patch => {
+                let rb = prep!(self.agent.patch(&url));
                 match body {
                     Some(b) => rb.send_json(b),
                     None => rb.send_empty(),

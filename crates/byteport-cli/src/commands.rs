@@ -28,6 +28,7 @@ macro_rules! opt_ts {
 mod environments;
 mod nodes;
 mod runs;
+mod users;
 
 /// The longest wait the server grants in one request.
 const MAX_SERVER_WAIT: u64 = 600;
@@ -132,6 +133,36 @@ pub fn run(cli: Cli) -> Result<()> {
             )?;
             if out == Output::Table {
                 println!("created the first admin {user}");
+            }
+            login(out, &url, &user, &password, ca)
+        }
+        Cmd::Signup {
+            user,
+            invite,
+            password_stdin: _,
+        } => {
+            let url = login_url(flag_url, &config)?;
+            let password = read_password()?;
+            let ca = absolute(ca_flag.or_else(|| stored_ca(&config, &url)))?;
+            let c = Client::new(&url, None, Trust::load(ca.as_deref())?);
+            let invite = invite.as_deref().map(users::invite_secret);
+            let v = c.value(
+                Method::Post,
+                "/v1/auth/signup",
+                &[],
+                Some(&json!({"name": user, "password": password, "invite": invite})),
+            )?;
+            // The sign-up's own session is not needed: `login` makes a token.
+            if let Some(r) = v.get("refresh_token") {
+                let _ = c.request(
+                    Method::Post,
+                    "/v1/auth/logout",
+                    &[],
+                    Some(&json!({"refresh_token": r})),
+                );
+            }
+            if out == Output::Table {
+                println!("signed up as {user}");
             }
             login(out, &url, &user, &password, ca)
         }
@@ -286,12 +317,16 @@ fn login(
 
 fn dispatch(env: &Env, cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Login { .. } | Cmd::Bootstrap { .. } => unreachable!("handled in run"),
+        Cmd::Login { .. } | Cmd::Bootstrap { .. } | Cmd::Signup { .. } => {
+            unreachable!("handled in run")
+        }
         Cmd::Completion { .. } | Cmd::Man { .. } => unreachable!("handled in main"),
         Cmd::Logout => logout(env),
         Cmd::Whoami => whoami(env),
         Cmd::Project(c) => project(env, c),
-        Cmd::User(c) => user(env, c),
+        Cmd::User(c) => users::user(env, c),
+        Cmd::Invite(c) => users::invite(env, c),
+        Cmd::Settings(c) => users::settings(env, c),
         Cmd::Token(c) => token(env, c),
         Cmd::Flavor(c) => flavor(env, c),
         Cmd::Image(c) => image(env, c),
@@ -520,70 +555,6 @@ fn project(env: &Env, cmd: ProjectCmd) -> Result<()> {
                 None,
             )?;
             done(env, None, format!("removed {user} from {project}"))
-        }
-    }
-}
-
-fn user_table(users: &[User]) {
-    let mut t = Table::new(&["NAME", "ID", "ADMIN", "CREATED"]);
-    for u in users {
-        t.row(vec![
-            u.name.to_string(),
-            u.id.to_string(),
-            if u.admin { "yes" } else { "no" }.into(),
-            ts!(u.created_at),
-        ]);
-    }
-    t.print();
-}
-
-fn user(env: &Env, cmd: UserCmd) -> Result<()> {
-    let c = &env.client;
-    match cmd {
-        UserCmd::List => {
-            let v = c.get("/v1/users", &[])?;
-            if env.json() {
-                return print_json(&v);
-            }
-            user_table(&decode::<Vec<User>>(&v)?);
-            Ok(())
-        }
-        UserCmd::Create {
-            name,
-            admin,
-            password_stdin: _,
-        } => {
-            let password = read_password()?;
-            let v = c.value(
-                Method::Post,
-                "/v1/users",
-                &[],
-                Some(&json!({"name": name, "password": password, "admin": admin})),
-            )?;
-            done(env, Some(v), format!("created user {name}"))
-        }
-        UserCmd::Show { user } => {
-            let v = c.get(&format!("/v1/users/{}", seg(&user)), &[])?;
-            if env.json() {
-                return print_json(&v);
-            }
-            let u: User = decode(&v)?;
-            print_fields(&[
-                ("name", u.name.to_string()),
-                ("id", u.id.to_string()),
-                ("admin", u.admin.to_string()),
-                ("created", ts!(u.created_at)),
-            ]);
-            Ok(())
-        }
-        UserCmd::Delete { user } => {
-            c.request(
-                Method::Delete,
-                &format!("/v1/users/{}", seg(&user)),
-                &[],
-                None,
-            )?;
-            done(env, None, format!("deleted user {user}"))
         }
     }
 }
@@ -1008,11 +979,33 @@ fn resolve_vm(env: &Env, project: Option<&str>, key: &str) -> Result<String> {
 }
 
 /// Waits for `state`, in chunks the server accepts; returns the VM's JSON.
+/// Waits for the VM to reach `state`. On a terminal the state is shown as
+/// it changes (the server is asked in short waits, the VM read between).
 fn wait_for(env: &Env, id: &str, state: VmState, timeout: u64) -> Result<Value> {
+    let mut status = crate::progress::Status::new(format!("waiting for {state}"));
+    let r = wait_with(env, id, state, timeout, &mut status);
+    status.finish();
+    r
+}
+
+fn wait_with(
+    env: &Env,
+    id: &str,
+    state: VmState,
+    timeout: u64,
+    status: &mut crate::progress::Status,
+) -> Result<Value> {
     let path = format!("/v1/vms/{}/wait", seg(id));
+    let step = if status.shown() { 2 } else { MAX_SERVER_WAIT };
     let mut left = timeout;
     loop {
-        let chunk = left.min(MAX_SERVER_WAIT);
+        if status.shown()
+            && let Ok(v) = env.client.get(&format!("/v1/vms/{}", seg(id)), &[])
+            && let Ok(vm) = decode::<Vm>(&v)
+        {
+            status.update(&vm.state.to_string(), vm.state_reason.as_deref());
+        }
+        let chunk = left.min(step);
         let r = env.client.get(
             &path,
             &[

@@ -173,11 +173,19 @@ pub fn plan(a: ImportArgs) -> Result<Plan> {
 }
 
 /// A file's sha256 (lowercase hex) and size, read in a stream.
+/// A bar shows the reading of big files on a terminal.
 pub fn hash_file(path: &Path) -> Result<(String, u64)> {
     let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bar = crate::progress::Bar::new("checksumming  ", len).only_if(len >= 16 << 20);
     let mut h = Sha256::new();
-    let size =
-        std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut reader = crate::progress::Counting {
+        inner: &mut f,
+        bar: &mut bar,
+    };
+    let size = std::io::copy(&mut reader, &mut h)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    bar.finish();
     Ok((hex::encode(h.finalize()), size))
 }
 
@@ -294,13 +302,19 @@ pub fn run(c: &Client, plan: &Plan, quiet: bool) -> Result<Value> {
         if now != h.size {
             bail!("{} changed while it was being imported", path.display());
         }
+        let mut bar = crate::progress::Bar::new(format!("uploading {:<6}", h.file.role), h.size);
+        let mut reader = crate::progress::Counting {
+            inner: &mut f,
+            bar: &mut bar,
+        };
         let v = c
             .upload(
                 &format!("/v1/images/{}/files/{}", seg(name), h.file.role),
-                &mut f,
+                &mut reader,
                 h.size,
             )
             .with_context(|| format!("uploading {}", path.display()))?;
+        bar.finish();
         if !quiet {
             println!(
                 "uploaded {:<6}  {}  {}  sha256 {}",

@@ -4,6 +4,7 @@ mod client;
 mod commands;
 mod config;
 mod import;
+mod progress;
 mod table;
 mod vm_io;
 
@@ -58,6 +59,18 @@ pub enum Cmd {
         #[arg(long, required = true)]
         password_stdin: bool,
     },
+    /// Make an account (with an invite link, or where the server allows
+    /// self-registration), then log in.
+    Signup {
+        #[arg(long)]
+        user: String,
+        /// The invite link (or its `bpi_...` secret) you were sent.
+        #[arg(long)]
+        invite: Option<String>,
+        /// Read the password from standard input.
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
     /// Revoke the stored token and remove the config file.
     Logout,
     /// Show who you are and your project memberships.
@@ -68,6 +81,12 @@ pub enum Cmd {
     /// Manage users (admins).
     #[command(subcommand)]
     User(UserCmd),
+    /// Invite links that let people sign up (admins; owners to their project).
+    #[command(subcommand)]
+    Invite(InviteCmd),
+    /// Server-wide settings, such as self-registration (admins).
+    #[command(subcommand)]
+    Settings(SettingsCmd),
     /// Manage your personal API tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -170,6 +189,44 @@ pub enum UserCmd {
     Show { user: String },
     /// Delete a user with their tokens and memberships.
     Delete { user: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InviteCmd {
+    /// Make a single-use link; it is printed once.
+    Create {
+        /// The project the new user joins.
+        #[arg(long)]
+        project: Option<String>,
+        /// Their role there: viewer, member (the default) or owner.
+        #[arg(long)]
+        role: Option<Role>,
+        /// How long the link works, in hours (1-720; a week by default).
+        #[arg(long)]
+        expires_in_hours: Option<u32>,
+    },
+    /// List invites, newest first.
+    List,
+    /// Revoke an invite by id: its link stops working.
+    Revoke { id: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SettingsCmd {
+    /// Show the server-wide settings.
+    Show,
+    /// Change them; what is not given stays.
+    Set {
+        /// Whether anyone who reaches the server may sign up.
+        #[arg(long, value_enum)]
+        self_registration: Option<Toggle>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

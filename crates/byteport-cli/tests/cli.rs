@@ -1,47 +1,18 @@
 //! Runs the real `byteport` binary against an in-process control plane.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use byteport_testkit::CliOut as Out;
 
 /// Runs `byteport ARGS` with its own config file and optional stdin.
 fn byteport(config: &Path, args: &[&str], stdin: Option<&str>) -> Out {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_byteport"))
-        .args(args)
-        .env("BYTEPORT_CONFIG", config)
-        .env_remove("BYTEPORT_URL")
-        .env_remove("BYTEPORT_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running byteport");
-    {
-        let mut input = child.stdin.take().expect("stdin");
-        if let Some(s) = stdin {
-            input.write_all(s.as_bytes()).expect("writing stdin");
-        }
-    }
-    let o = child.wait_with_output().expect("waiting for byteport");
-    let out = Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    };
-    eprintln!(
-        "$ byteport {}\n-> {}\n{}{}",
-        args.join(" "),
-        out.code,
-        out.stdout,
-        out.stderr
-    );
-    out
+    byteport_testkit::byteport(
+        Path::new(env!("CARGO_BIN_EXE_byteport")),
+        config,
+        args,
+        stdin,
+    )
 }
 
 /// Runs `byteport` off the async runtime so the server keeps serving.
@@ -963,6 +934,197 @@ async fn cli_manages_environments() {
         let out = ok(c, &["env", "list"]).await;
         assert!(!out.contains("compat"), "{out}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_invites_and_signs_up() {
+    for backend in byteport_testkit::backends() {
+        let s = byteport_testkit::TestServer::start(backend).await;
+        let admin_cfg = temp_config();
+        let a = admin_cfg.as_path();
+        let o = run(
+            a,
+            &[
+                "login",
+                "--url",
+                &s.url,
+                "--user",
+                "admin",
+                "--password-stdin",
+            ],
+            Some("admin-password\n"),
+        )
+        .await;
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let out = ok(a, &["settings", "show"]).await;
+        assert!(
+            out.contains("self-registration") && out.contains("off"),
+            "{out}"
+        );
+
+        let out = ok(
+            a,
+            &[
+                "invite",
+                "create",
+                "--project",
+                "default",
+                "--role",
+                "viewer",
+            ],
+        )
+        .await;
+        let link = out
+            .lines()
+            .find(|l| l.contains("/register?invite=bpi_"))
+            .unwrap_or_else(|| panic!("no link in {out}"))
+            .trim()
+            .to_owned();
+        assert!(out.contains("to default"), "{out}");
+        let list = ok(a, &["invite", "list"]).await;
+        assert!(
+            list.contains("pending") && list.contains("viewer"),
+            "{list}"
+        );
+
+        // Without the invite the server refuses; with the link, the new
+        // user is signed up, logged in, and sees the project.
+        let new_cfg = temp_config();
+        let n = new_cfg.as_path();
+        let o = run(
+            n,
+            &[
+                "signup",
+                "--url",
+                &s.url,
+                "--user",
+                "tess",
+                "--password-stdin",
+            ],
+            Some("tess-password\n"),
+        )
+        .await;
+        assert_ne!(o.code, 0);
+        assert!(o.stderr.contains("invite link"), "{}", o.stderr);
+        let o = run(
+            n,
+            &[
+                "signup",
+                "--url",
+                &s.url,
+                "--user",
+                "tess",
+                "--invite",
+                &link,
+                "--password-stdin",
+            ],
+            Some("tess-password\n"),
+        )
+        .await;
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        assert!(o.stdout.contains("signed up as tess"), "{}", o.stdout);
+        let who = ok(n, &["whoami"]).await;
+        assert!(who.contains("tess") && who.contains("default"), "{who}");
+        let o = fails(
+            n,
+            &[
+                "vm", "create", "x", "--image", "tiny", "--flavor", "m1.tiny",
+            ],
+        )
+        .await;
+        assert!(
+            o.stderr.contains("viewer"),
+            "a viewer cannot create: {}",
+            o.stderr
+        );
+
+        let list = ok(a, &["invite", "list"]).await;
+        assert!(list.contains("used"), "{list}");
+        let id = list
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().next())
+            .expect("an invite id")
+            .to_owned();
+        let out = ok(a, &["invite", "revoke", &id]).await;
+        assert!(out.contains("revoked"), "{out}");
+
+        // Self-registration, turned on by the admin.
+        let out = ok(a, &["settings", "set", "--self-registration", "on"]).await;
+        assert!(out.contains("on"), "{out}");
+        let other = temp_config();
+        let o = run(
+            other.as_path(),
+            &[
+                "signup",
+                "--url",
+                &s.url,
+                "--user",
+                "uma",
+                "--password-stdin",
+            ],
+            Some("uma-password\n"),
+        )
+        .await;
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let o = fails(a, &["settings", "set", "--self-registration", "maybe"]).await;
+        assert!(o.stderr.contains("maybe"), "{}", o.stderr);
+    }
+}
+
+/// On a terminal (here a pseudo-terminal made by util-linux's `script`),
+/// an import draws a bar per upload; through a pipe it prints plain lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_on_a_terminal_draws_progress_bars() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIP: util-linux's script is not installed; it makes the terminal here");
+        return;
+    }
+    let s = byteport_testkit::TestServer::start(byteport_testkit::backends()[0]).await;
+    let cfg = temp_config();
+    let c = cfg.as_path();
+    let o = run(
+        c,
+        &[
+            "login",
+            "--url",
+            &s.url,
+            "--user",
+            "admin",
+            "--password-stdin",
+        ],
+        Some("admin-password\n"),
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let dir = c.parent().expect("dir").to_owned();
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![7u8; 3 << 20]).expect("disk");
+    let cmd = format!(
+        "{} image import barred {} --format raw --os-family linux --os-version 1",
+        env!("CARGO_BIN_EXE_byteport"),
+        disk.display()
+    );
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("BYTEPORT_CONFIG", &cfg)
+            .env_remove("BYTEPORT_URL")
+            .env_remove("BYTEPORT_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running script")
+    })
+    .await
+    .expect("joining");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    let bar = format!("[{}] 100%  3.0 MiB/3.0 MiB", "=".repeat(30));
+    assert!(
+        out.contains("uploading image") && out.contains(&bar),
+        "{out:?}"
+    );
+    assert!(out.contains("image barred is available"), "{out:?}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! reports.
 
 use axum::http::{Method, StatusCode};
-use byteport_testkit::{TestServer, backends};
+use byteport_testkit::{SimNode, TestServer, backends};
 use serde_json::{Value, json};
 
 const GET: Method = Method::GET;
@@ -913,24 +913,11 @@ async fn every_mutation_is_audited_and_metrics_count_requests() {
     }
 }
 
-/// Registers a simulated node and returns (id, credential).
+/// Registers a simulated node and returns (id, credential), for tests
+/// that write their heartbeats themselves.
 async fn sim_node(s: &TestServer, name: &str, memory_mib: u64) -> (String, String) {
-    let (_, jt) = s
-        .call(
-            POST,
-            "/v1/node-join-tokens",
-            Some(&s.admin),
-            Some(json!({})),
-        )
-        .await;
-    let reg = json!({"join_token": jt["token"], "name": name, "engines": ["qemu"],
-        "capacity": {"vcpus": 2, "memory_mib": memory_mib, "disk_gib": 100}});
-    let (st, n) = s.call(POST, "/v1/nodes/register", None, Some(reg)).await;
-    assert_eq!(st, StatusCode::CREATED, "{n}");
-    (
-        n["node"]["id"].as_str().unwrap().to_owned(),
-        n["credential"].as_str().unwrap().to_owned(),
-    )
+    let n = SimNode::join(s, name, memory_mib).await;
+    (n.id, n.credential)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1150,30 +1137,15 @@ async fn a_stopped_vm_keeps_only_its_disk_reserved() {
         let s = TestServer::start(b).await;
         let t = s.admin.clone();
         s.image("tiny").await;
-        let (n, cred) = sim_node(&s, "solo", 2048).await;
+        let solo = SimNode::join(&s, "solo", 2048).await;
+        let n = solo.id.clone();
         let body = |name: &str| json!({"name": name, "image": "tiny", "vcpus": 1, "memory_mib": 2048, "disk_gib": 10});
         let (_, a) = s.call(POST, "/v1/vms", Some(&t), Some(body("a"))).await;
         let aid = a["id"].as_str().unwrap().to_owned();
-        let report = |state: &str, generation: u64, desired: u64| {
-            json!({"capacity": {"vcpus": 2, "memory_mib": 2048, "disk_gib": 100},
-                   "vms": [{"id": aid, "state": state, "generation": generation, "desired_generation": desired}]})
-        };
-        s.call(
-            POST,
-            &format!("/v1/nodes/{n}/heartbeat"),
-            Some(&cred),
-            Some(report("running", 1, 1)),
-        )
-        .await;
+        solo.report(&s, &[(&aid, "running", 1, 1)]).await;
         s.call(POST, &format!("/v1/vms/{aid}/stop"), Some(&t), None)
             .await;
-        s.call(
-            POST,
-            &format!("/v1/nodes/{n}/heartbeat"),
-            Some(&cred),
-            Some(report("stopped", 2, 2)),
-        )
-        .await;
+        solo.report(&s, &[(&aid, "stopped", 2, 2)]).await;
         let (_, node) = s.call(GET, &format!("/v1/nodes/{n}"), Some(&t), None).await;
         assert_eq!(
             node["reserved"],
@@ -1197,15 +1169,7 @@ async fn a_stopped_vm_keeps_only_its_disk_reserved() {
         let bid = b2["id"].as_str().unwrap();
         s.call(DELETE, &format!("/v1/vms/{bid}"), Some(&t), None)
             .await;
-        let gone = json!({"capacity": {"vcpus": 2, "memory_mib": 2048, "disk_gib": 100},
-            "vms": [{"id": bid, "state": "deleted", "generation": 9, "desired_generation": 9}]});
-        s.call(
-            POST,
-            &format!("/v1/nodes/{n}/heartbeat"),
-            Some(&cred),
-            Some(gone),
-        )
-        .await;
+        solo.report(&s, &[(bid, "deleted", 9, 9)]).await;
         let (st, a3) = s
             .call(POST, &format!("/v1/vms/{aid}/start"), Some(&t), None)
             .await;
@@ -2031,7 +1995,7 @@ async fn crashes_release_compute_old_reports_are_ignored_and_drift_is_repaired()
         let s = TestServer::start(b).await;
         let t = s.admin.clone();
         s.image("tiny").await;
-        let node = byteport_testkit::SimNode::join(&s, "solo", 2048).await;
+        let node = SimNode::join(&s, "solo", 2048).await;
         let (_, a) = s
             .call(
                 POST,
@@ -2102,7 +2066,7 @@ async fn a_vm_running_again_after_an_error_holds_its_compute_again() {
         let s = TestServer::start(b).await;
         let t = s.admin.clone();
         s.image("tiny").await;
-        let node = byteport_testkit::SimNode::join(&s, "solo", 2048).await;
+        let node = SimNode::join(&s, "solo", 2048).await;
         let (_, a) = s
             .call(
                 POST,
@@ -2146,7 +2110,7 @@ async fn metrics_carry_nodes_vms_scheduler_decisions_and_boot_times() {
         let s = TestServer::start(b).await;
         let t = s.admin.clone();
         s.image("tiny").await;
-        let node = byteport_testkit::SimNode::join(&s, "solo", 2048).await;
+        let node = SimNode::join(&s, "solo", 2048).await;
         let create = |name: &'static str, mib: u64| {
             let (s, t) = (&s, &t);
             async move {
@@ -2260,7 +2224,7 @@ async fn requests_without_credentials_get_401_before_any_lookup() {
 async fn audit_names_who_logged_in_and_skips_heartbeats() {
     for b in backends() {
         let s = TestServer::start(b).await;
-        let node = byteport_testkit::SimNode::join(&s, "quiet", 2048).await;
+        let node = SimNode::join(&s, "quiet", 2048).await;
         for _ in 0..3 {
             let (st, _) = node.report(&s, &[]).await;
             assert_eq!(st, StatusCode::OK);

@@ -77,6 +77,29 @@ pub mod api_token {
     no_relations!();
 }
 
+pub mod invite {
+    use sea_orm::entity::prelude::*;
+    /// A single-use sign-up link, stored as the SHA-256 of its secret.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "invites")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        #[sea_orm(unique)]
+        pub token_hash: String,
+        /// The name of who made it (kept when that user is deleted).
+        pub created_by: String,
+        /// The project the new user joins, with `role`.
+        pub project_id: Option<Uuid>,
+        pub role: Option<String>,
+        pub created_at: DateTimeUtc,
+        pub expires_at: DateTimeUtc,
+        pub used_at: Option<DateTimeUtc>,
+        pub used_by: Option<Uuid>,
+    }
+    no_relations!();
+}
+
 pub mod project {
     use sea_orm::entity::prelude::*;
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]

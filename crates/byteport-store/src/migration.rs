@@ -20,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0007VmStats),
             Box::new(M0008Networks),
             Box::new(M0009Runs),
+            Box::new(M0010Invites),
         ]
     }
 }
@@ -636,6 +637,39 @@ impl MigrationTrait for M0009Runs {
                         .default(4)
                         .to_owned(),
                 )
+                .to_owned(),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Invites: single-use links that let someone sign up (and join a project).
+struct M0010Invites;
+
+impl MigrationName for M0010Invites {
+    fn name(&self) -> &str {
+        "m0010_invites"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0010Invites {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        m.create_table(
+            Table::create()
+                .table(invite::Entity.table_ref())
+                .if_not_exists()
+                .col(uuid(invite::Column::Id).primary_key())
+                .col(string(invite::Column::TokenHash).unique_key())
+                .col(string(invite::Column::CreatedBy))
+                .col(uuid_null(invite::Column::ProjectId))
+                .col(string_null(invite::Column::Role))
+                .col(ts(invite::Column::CreatedAt))
+                .col(ts(invite::Column::ExpiresAt))
+                .col(ts_null(invite::Column::UsedAt))
+                .col(uuid_null(invite::Column::UsedBy))
                 .to_owned(),
         )
         .await?;

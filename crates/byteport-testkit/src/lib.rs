@@ -377,3 +377,55 @@ impl SimNode {
         .await
     }
 }
+
+/// What one run of the `byteport` CLI printed, and its exit status (-1
+/// when a signal ended it).
+pub struct CliOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `byteport` binary `bin` with `args`, its own config file, and
+/// `stdin` (closed at once when `None`), free of the caller's `BYTEPORT_*`
+/// settings; logs the command and what it printed for a failing test.
+pub fn byteport(
+    bin: &std::path::Path,
+    config: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> CliOut {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("BYTEPORT_CONFIG", config)
+        .env_remove("BYTEPORT_CA_CERT")
+        .env_remove("BYTEPORT_URL")
+        .env_remove("BYTEPORT_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    {
+        let mut input = child.stdin.take().expect("stdin");
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).expect("writing stdin");
+        }
+    }
+    let o = child.wait_with_output().expect("waiting for byteport");
+    let out = CliOut {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    };
+    eprintln!(
+        "$ byteport {}\n-> {}\n{}{}",
+        args.join(" "),
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    out
+}

@@ -121,6 +121,108 @@ pub struct ApiTokenCreated {
     pub secret: String,
 }
 
+// ---------- sign-up and invites ----------
+
+/// Sign up: with an invite link's secret, or without one when the server
+/// allows self-registration. Answers as a login does (and sets the
+/// session cookie), so the new user is logged in at once.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignupRequest {
+    pub name: Name,
+    /// At least 8 characters.
+    pub password: String,
+    /// The secret of an invite link (`bpi_...`).
+    #[serde(default)]
+    pub invite: Option<String>,
+}
+
+/// What the registration form needs before it is shown.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SignupInfo {
+    /// Whether anyone who reaches the server may make an account.
+    pub self_registration: bool,
+    /// The invite asked about, when it can still be used.
+    pub invite: Option<InvitePreview>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct SignupQuery {
+    /// An invite link's secret, to learn what it gives.
+    pub invite: Option<String>,
+}
+
+/// What an invite gives, shown to whoever holds its link.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InvitePreview {
+    pub project: Option<Name>,
+    pub role: Option<Role>,
+    pub created_by: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InviteCreate {
+    /// The project the new user joins (its owners may invite to it).
+    pub project: Option<Name>,
+    /// Their role there; `member` when a project is named.
+    pub role: Option<Role>,
+    /// Lifetime in hours (1-720); 168 (a week) when absent.
+    pub expires_in_hours: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InviteState {
+    /// Can still be used.
+    Pending,
+    Used,
+    Expired,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Invite {
+    pub id: InviteId,
+    pub state: InviteState,
+    pub project: Option<Name>,
+    pub project_id: Option<ProjectId>,
+    pub role: Option<Role>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub used_at: Option<DateTime<Utc>>,
+    pub used_by: Option<UserId>,
+}
+
+/// A new invite: `secret` and `link` are shown this once; the server keeps
+/// only a hash.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InviteCreated {
+    pub invite: Invite,
+    pub secret: String,
+    /// The web console's registration form with the secret in it.
+    pub link: String,
+}
+
+/// Server-wide settings that admins change at run time (kept in the
+/// database, so every replica sees them).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ServerSettings {
+    /// Whether anyone who reaches the server may sign up (off by
+    /// default). New accounts join no project until an owner adds them.
+    pub self_registration: bool,
+}
+
+/// A change to [`ServerSettings`]: absent fields stay as they are.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettingsUpdate {
+    pub self_registration: Option<bool>,
+}
+
 // ---------- projects ----------
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]

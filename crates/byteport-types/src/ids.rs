@@ -68,4 +68,6 @@ typed_id!(
     EnvironmentId,
     /// A run of code in a VM of its own.
     RunId,
+    /// An invite: a single-use sign-up link.
+    InviteId,
 );

@@ -24,24 +24,8 @@ fn cli() -> std::path::PathBuf {
 
 /// `byteport ARGS` with its own config file; (status, stdout, stderr).
 fn byteport(config: &Path, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
-    let mut c = Command::new(cli())
-        .args(args)
-        .env("BYTEPORT_CONFIG", config)
-        .env_remove("BYTEPORT_CA_CERT")
-        .env_remove("BYTEPORT_URL")
-        .env_remove("BYTEPORT_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running byteport");
-    c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let o = c.wait_with_output().unwrap();
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    let o = byteport_testkit::byteport(&cli(), config, args, Some(stdin));
+    (Some(o.code).filter(|c| *c >= 0), o.stdout, o.stderr)
 }
 
 #[test]

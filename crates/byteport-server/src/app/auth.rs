@@ -304,7 +304,7 @@ impl App {
         Ok(Actor::Anonymous)
     }
 
-    async fn issue(&self, u: &user::Model) -> AppResult<Issued> {
+    pub(crate) async fn issue(&self, u: &user::Model) -> AppResult<Issued> {
         let now = Utc::now();
         let sid = Uuid::now_v7();
         let claims = Claims {

@@ -16,6 +16,7 @@ pub mod placement;
 pub mod projects;
 pub mod runs;
 pub mod secrets;
+pub mod signup;
 pub mod users;
 pub mod vms;
 
@@ -100,6 +101,8 @@ pub struct App {
     pub boot_times: Arc<crate::metrics::Histogram>,
     /// Failed logins per account.
     pub(crate) login_limits: Arc<auth::LoginLimits>,
+    /// Open sign-ups (without an invite) lately, on this replica.
+    pub(crate) signup_window: Arc<signup::SignupWindow>,
     /// Open event streams per user, on this replica.
     pub(crate) event_streams: events::StreamCounts,
 }
@@ -226,6 +229,7 @@ impl App {
             scheduler: Arc::default(),
             boot_times: Arc::default(),
             login_limits: Arc::default(),
+            signup_window: Arc::default(),
             event_streams: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;

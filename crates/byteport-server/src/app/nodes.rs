@@ -521,48 +521,24 @@ impl App {
         if self.store.vm_fetch(o.id.0).await.is_ok() {
             return Err(AppError::Conflict(format!("VM {} exists already", o.id)));
         }
-        let now = Utc::now();
         let name = req.name.unwrap_or(o.name.clone());
+        let size = (o.vcpus, o.memory_mib, o.disk_gib);
         let model = byteport_store::vm::Model {
-            id: o.id.0,
-            project_id: project.id,
-            name: name.to_string(),
-            image_id: image.id,
-            image_name: image.name.clone(),
-            flavor_name: None,
-            vcpus: i64::from(o.vcpus),
-            memory_mib: o.memory_mib as i64,
-            disk_gib: o.disk_gib as i64,
-            hostname: o.hostname.clone(),
-            labels: "{}".into(),
-            ssh_keys: "[]".into(),
-            user_data: None,
             state: VmState::Stopped.to_string(),
             state_reason: Some(format!("adopted from node {}", n.name)),
             desired_state: DesiredState::Stopped.to_string(),
-            desired_generation: 1,
-            observed_state: None,
-            observed_generation: 0,
             node_id: Some(n.id),
-            ports: "[]".into(),
-            created_at: now,
-            updated_at: now,
-            deleted_at: None,
-            has_agent: image.has_agent,
-            agent_version: None,
             // Its disk is held on the node from now on (the recount below
             // writes it into the node's figures); its compute when started.
             reserved: true,
-            compute_held: false,
-            metadata_token_hash: Some(self.metadata_token_hash(o.id.0)),
-            cloud_init: None,
-            ssh_user: image.login_user.clone(),
-            placement_group: None,
-            placement: None,
-            environment_id: None,
-            guest_ports: "[]".into(),
-            egress: Egress::default().as_str().into(),
-            network: None,
+            ..self.vm_row(
+                o.id.0,
+                project.id,
+                name.as_str(),
+                &image,
+                size,
+                o.hostname.clone(),
+            )
         };
         ctx.target("vm", o.id.0, Some(ProjectId(project.id)));
         let v = self.store.vm_insert(model, &[]).await?;

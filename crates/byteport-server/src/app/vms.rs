@@ -169,6 +169,60 @@ impl App {
         Ok(self.store.vm_fetch(v.id).await?)
     }
 
+    /// A new VM's row with what every new VM shares: pending, to run, on
+    /// no node, nothing reported or reserved yet, no labels, keys or
+    /// user-data; its image's agent and login user. Callers set the rest.
+    pub(crate) fn vm_row(
+        &self,
+        id: Uuid,
+        project_id: Uuid,
+        name: &str,
+        image: &byteport_store::image::Model,
+        (vcpus, memory_mib, disk_gib): (u32, u64, u64),
+        hostname: String,
+    ) -> vm::Model {
+        let now = Utc::now();
+        vm::Model {
+            id,
+            project_id,
+            name: name.to_owned(),
+            image_id: image.id,
+            image_name: image.name.clone(),
+            flavor_name: None,
+            vcpus: i64::from(vcpus),
+            memory_mib: memory_mib as i64,
+            disk_gib: disk_gib as i64,
+            hostname,
+            labels: "{}".into(),
+            ssh_keys: "[]".into(),
+            user_data: None,
+            state: VmState::Pending.to_string(),
+            state_reason: Some("waiting for a node to place it on".into()),
+            desired_state: DesiredState::Running.to_string(),
+            desired_generation: 1,
+            observed_state: None,
+            observed_generation: 0,
+            node_id: None,
+            ports: "[]".into(),
+            created_at: now,
+            updated_at: now,
+            deleted_at: None,
+            has_agent: image.has_agent,
+            agent_version: None,
+            reserved: false,
+            compute_held: false,
+            metadata_token_hash: Some(self.metadata_token_hash(id)),
+            cloud_init: None,
+            ssh_user: image.login_user.clone(),
+            placement_group: None,
+            placement: None,
+            environment_id: None,
+            guest_ports: "[]".into(),
+            egress: Egress::default().as_str().into(),
+            network: None,
+        }
+    }
+
     /// Checks a create request and makes the VM's row (not stored yet).
     pub(crate) async fn vm_model(
         &self,
@@ -220,46 +274,19 @@ impl App {
             ));
         }
 
-        let now = Utc::now();
         let id = Uuid::now_v7();
+        let hostname = req.hostname.as_ref().unwrap_or(&req.name).to_string();
         let model = vm::Model {
-            id,
-            project_id,
-            name: req.name.to_string(),
-            image_id: image.id,
-            image_name: image.name.clone(),
             flavor_name: flavor.map(|f| f.name),
-            vcpus: i64::from(size.0),
-            memory_mib: size.1 as i64,
-            disk_gib: size.2 as i64,
-            hostname: req.hostname.as_ref().unwrap_or(&req.name).to_string(),
             labels: serde_json::to_string(&req.labels).map_err(AppError::internal)?,
             ssh_keys: serde_json::to_string(&req.ssh_keys).map_err(AppError::internal)?,
             user_data: req.user_data,
-            state: VmState::Pending.to_string(),
-            state_reason: Some("waiting for a node to place it on".into()),
-            desired_state: DesiredState::Running.to_string(),
-            desired_generation: 1,
-            observed_state: None,
-            observed_generation: 0,
-            node_id: None,
-            ports: "[]".into(),
-            created_at: now,
-            updated_at: now,
-            deleted_at: None,
-            has_agent: image.has_agent,
-            agent_version: None,
-            reserved: false,
-            compute_held: false,
-            metadata_token_hash: Some(self.metadata_token_hash(id)),
-            cloud_init: None,
-            ssh_user: image.login_user.clone(),
             placement_group: req.placement.group.as_ref().map(|g| g.to_string()),
             placement: Some(serde_json::to_string(&req.placement).map_err(AppError::internal)?),
             environment_id: environment,
             guest_ports: serde_json::to_string(&req.ports).map_err(AppError::internal)?,
             egress: req.egress.as_str().into(),
-            network: None,
+            ..self.vm_row(id, project_id, req.name.as_str(), image, size, hostname)
         };
         Ok((model, req.labels.into_iter().collect()))
     }

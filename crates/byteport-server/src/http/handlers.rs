@@ -135,6 +135,99 @@ pub async fn bootstrap(
     )
 }
 
+// ---------- sign-up, invites and settings ----------
+
+/// Whether this server takes sign-ups, and what an invite gives.
+#[utoipa::path(get, path = "/v1/auth/signup", tag = "auth", params(SignupQuery),
+    responses((status = 200, body = SignupInfo)))]
+pub async fn signup_info(
+    State(app): State<App>,
+    ApiQuery(q): ApiQuery<SignupQuery>,
+) -> Resp<SignupInfo> {
+    Ok(Json(app.signup_info(q.invite.as_deref()).await?))
+}
+
+/// Make an account, with an invite or (when the server allows it)
+/// without, and log in: answers as a login does.
+#[utoipa::path(post, path = "/v1/auth/signup", tag = "auth", request_body = SignupRequest,
+    responses((status = 201, body = LoginResponse), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn signup(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(req): ApiJson<SignupRequest>,
+) -> AppResult<Response> {
+    let issued = app.signup(&ctx, req).await?;
+    let mut resp = with_cookie(&app, issued)?;
+    *resp.status_mut() = StatusCode::CREATED;
+    Ok(resp)
+}
+
+/// Where the caller reaches this server: the browser's `Origin`, or the
+/// scheme and `Host`, for the links the server hands out.
+fn origin(app: &App, headers: &HeaderMap) -> String {
+    let header = |h| headers.get(h).and_then(|v: &HeaderValue| v.to_str().ok());
+    if let Some(o) = header(header::ORIGIN).filter(|o| *o != "null") {
+        return o.to_owned();
+    }
+    let scheme = if app.settings.secure_cookies {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{}", header(header::HOST).unwrap_or("localhost"))
+}
+
+/// Make a single-use invite link (admins; a project's owners to it). The
+/// secret and link are shown only in this response.
+#[utoipa::path(post, path = "/v1/invites", tag = "users", request_body = InviteCreate,
+    responses((status = 201, body = InviteCreated), (status = 403, body = ErrorBody)))]
+pub async fn invite_create(
+    State(app): State<App>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<InviteCreate>,
+) -> AppResult<(StatusCode, Json<InviteCreated>)> {
+    let origin = origin(&app, &headers);
+    created(app.invite_create(&ctx, req, &origin).await?)
+}
+
+/// List invites, newest first (admins see all; owners, their projects').
+#[utoipa::path(get, path = "/v1/invites", tag = "users", responses((status = 200, body = Vec<Invite>)))]
+pub async fn invite_list(State(app): State<App>, ctx: Ctx) -> Resp<Vec<Invite>> {
+    Ok(Json(app.invite_list(&ctx).await?))
+}
+
+/// Revoke an invite: its link stops working.
+#[utoipa::path(delete, path = "/v1/invites/{id}", tag = "users", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn invite_delete(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> AppResult<StatusCode> {
+    app.invite_delete(&ctx, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The server-wide settings (admins).
+#[utoipa::path(get, path = "/v1/settings", tag = "users",
+    responses((status = 200, body = ServerSettings), (status = 403, body = ErrorBody)))]
+pub async fn settings_show(State(app): State<App>, ctx: Ctx) -> Resp<ServerSettings> {
+    Ok(Json(app.server_settings(&ctx).await?))
+}
+
+/// Change server-wide settings (admins); absent fields stay.
+#[utoipa::path(patch, path = "/v1/settings", tag = "users", request_body = ServerSettingsUpdate,
+    responses((status = 200, body = ServerSettings), (status = 403, body = ErrorBody)))]
+pub async fn settings_update(
+    State(app): State<App>,
+    ctx: Ctx,
+    ApiJson(req): ApiJson<ServerSettingsUpdate>,
+) -> Resp<ServerSettings> {
+    Ok(Json(app.server_settings_update(&ctx, req).await?))
+}
+
 // ---------- users and tokens ----------
 
 /// Create a user (admins).

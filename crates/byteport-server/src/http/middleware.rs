@@ -77,6 +77,7 @@ pub(crate) const ANONYMOUS: &[&str] = &[
     "/v1/auth/logout",
     "/v1/auth/refresh",
     "/v1/auth/session",
+    "/v1/auth/signup",
     "/v1/bootstrap",
     "/v1/nodes/register",
 ];
