@@ -2734,3 +2734,73 @@ async fn a_database_from_a_newer_version_is_refused_with_the_reason() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A heartbeat that reports nothing new costs no write per VM, and its
+/// answer is the same as the one before; a user's change shows in the
+/// very next answer even so.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unchanged_heartbeat_gets_the_same_answer_and_sees_a_users_change() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        s.image("other").await;
+        s.project("team-b", &[]).await;
+        let node = SimNode::join(&s, "steady", 8192).await;
+        let mut ids = Vec::new();
+        for (name, project, image) in [("a", "default", "tiny"), ("b", "team-b", "other")] {
+            let (st, v) = s
+                .call(
+                    POST,
+                    "/v1/vms",
+                    Some(&t),
+                    Some(json!({"name": name, "project": project, "image": image,
+                        "vcpus": 1, "memory_mib": 512, "disk_gib": 1})),
+                )
+                .await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+            ids.push(v["id"].as_str().unwrap().to_owned());
+        }
+        let running: Vec<(&str, &str, u64, u64)> = ids
+            .iter()
+            .map(|id| (id.as_str(), "running", 1, 1))
+            .collect();
+        let (st, first) = node.report(&s, &running).await;
+        assert_eq!(st, StatusCode::OK, "{first}");
+        assert_eq!(first["vms"].as_array().unwrap().len(), 2, "{first}");
+        for id in &ids {
+            let (_, v) = s.call(GET, &format!("/v1/vms/{id}"), Some(&t), None).await;
+            assert_eq!(v["state"], "running", "{v}");
+        }
+        let (_, again) = node.report(&s, &running).await;
+        assert_eq!(again, first, "the same reports, the same answer");
+        let images: Vec<&str> = again["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["image"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(images, ["tiny", "other"], "{again}");
+
+        // A stop by the user: the next heartbeat, with nothing new to
+        // report, carries it.
+        let (st, _) = s
+            .call(POST, &format!("/v1/vms/{}/stop", ids[0]), Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED);
+        let (_, after) = node.report(&s, &running).await;
+        assert_eq!(after["vms"][0]["desired_state"], "stopped", "{after}");
+        assert_eq!(after["vms"][1], first["vms"][1]);
+        // A report the store already has changes nothing, and a newer one
+        // still lands.
+        let (_, v) = s
+            .call(GET, &format!("/v1/vms/{}", ids[0]), Some(&t), None)
+            .await;
+        assert_eq!(v["state"], "stopping", "{v}");
+        node.report(&s, &[(&ids[0], "stopped", 2, 2)]).await;
+        let (_, v) = s
+            .call(GET, &format!("/v1/vms/{}", ids[0]), Some(&t), None)
+            .await;
+        assert_eq!(v["state"], "stopped", "{v}");
+    }
+}

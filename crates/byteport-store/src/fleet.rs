@@ -245,6 +245,14 @@ impl DataStore {
             .ok_or(StoreError::NotFound)
     }
 
+    /// The images with these ids (those that exist), in one query.
+    pub async fn images_by_ids(&self, ids: &[Uuid]) -> Result<Vec<image::Model>> {
+        Ok(image::Entity::find()
+            .filter(image::Column::Id.is_in(ids.iter().copied()))
+            .all(&self.db)
+            .await?)
+    }
+
     pub async fn image_set_status(&self, id: Uuid, status: &str) -> Result<()> {
         image::Entity::update_many()
             .col_expr(image::Column::Status, Expr::value(status))

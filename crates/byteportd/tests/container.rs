@@ -42,6 +42,46 @@ fn podman() -> Command {
     Command::new("podman")
 }
 
+/// What `podman build` and `podman run` need on this host. Some hosts
+/// (cgroups v1 and v2 mounted together, rlimits that may not be raised, as
+/// in some sandboxes) refuse crun's defaults: then runc (Debian's `runc`)
+/// with limits the host allows. Chosen by trying, and said.
+fn runtime_flags() -> Vec<String> {
+    static FLAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    FLAGS
+        .get_or_init(|| {
+            let works = |flags: &[&str]| {
+                podman()
+                    .args(["run", "--rm"])
+                    .args(flags)
+                    .args([BASE, "true"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            };
+            let fallback = [
+                "--runtime",
+                "runc",
+                "--ulimit",
+                "nofile=20000:20000",
+                "--ulimit",
+                "nproc=4096:4096",
+            ];
+            let flags: &[&str] = if works(&[]) {
+                &[]
+            } else if works(&fallback) {
+                &fallback
+            } else {
+                panic!(
+                    "podman cannot run a container here, with its defaults or with \
+                     {fallback:?} (apt-get install runc)"
+                )
+            };
+            eprintln!("podman runs containers here with {flags:?}");
+            flags.iter().map(|f| (*f).to_owned()).collect()
+        })
+        .clone()
+}
+
 fn image_exists(name: &str) -> bool {
     podman()
         .args(["image", "exists", name])
@@ -63,7 +103,11 @@ fn build_standin(tag: &str, containerfile: &str, files: &[(&Path, &str)]) {
             .arg(ctx.path().join(to)));
     }
     std::fs::write(ctx.path().join("Containerfile"), containerfile).unwrap();
-    run(podman().args(["build", "-t", tag]).arg(ctx.path()));
+    run(podman()
+        .arg("build")
+        .args(runtime_flags())
+        .args(["-t", tag])
+        .arg(ctx.path()));
 }
 
 /// The stage images this machine can make without a registry of images.
@@ -137,7 +181,9 @@ fn the_container_image_builds_and_boots_a_tiny_vm_under_tcg() {
     std::fs::create_dir_all(&target).unwrap();
     std::fs::create_dir_all(&registry).unwrap();
     run(podman()
-        .args(["build", "-f", "packaging/container/Dockerfile", "-t", IMAGE])
+        .arg("build")
+        .args(runtime_flags())
+        .args(["-f", "packaging/container/Dockerfile", "-t", IMAGE])
         .args(["--build-arg", &format!("RUST_IMAGE={RUST}")])
         .args(["--build-arg", &format!("NODE_IMAGE={NODE}")])
         .args(["--build-arg", &format!("BASE_IMAGE={BASE}")])
@@ -159,6 +205,7 @@ fn the_container_image_builds_and_boots_a_tiny_vm_under_tcg() {
     let _ = podman().args(["rm", "-f", &name]).output();
     run(podman()
         .args(["run", "-d", "--name", &name])
+        .args(runtime_flags())
         .args(["-p", &format!("127.0.0.1:{port}:7480")])
         .args(["-v", &format!("{name}-data:/var/lib/byteport")])
         .arg(IMAGE));

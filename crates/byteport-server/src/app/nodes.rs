@@ -246,14 +246,32 @@ impl App {
                 Some(serde_json::to_string(&stats).map_err(AppError::internal)?),
             )
             .await?;
+        // One read of what the node holds serves every report and, when
+        // no report changed anything, the answer too: a steady heartbeat
+        // costs a bounded number of statements whatever its VMs.
+        let held = self.store.vm_list_for_node(node_id.0).await?;
+        let mut changed = false;
+        let by_id: HashMap<Uuid, &byteport_store::vm::Model> =
+            held.iter().map(|v| (v.id, v)).collect();
         for r in hb.vms {
-            let Ok(v) = self.store.vm_fetch(r.id.0).await else {
+            // A VM placed elsewhere, or gone, is not this node's to report.
+            let Some(&v) = by_id.get(&r.id.0) else {
                 continue;
             };
-            if v.node_id != Some(node_id.0) {
+            let mut current: VmState = v.state.parse().map_err(AppError::internal)?;
+            let powered_off = r.state == ObservedState::Stopped
+                && v.desired_state == DesiredState::Running.to_string()
+                && r.desired_generation as i64 >= v.desired_generation
+                && r.reason.is_some();
+            if current != VmState::Unknown
+                && !powered_off
+                && r.generation as i64 <= v.observed_generation
+            {
+                // Nothing newer than what is stored: the write below would
+                // change no row, so it is not sent.
                 continue;
             }
-            let mut current: VmState = v.state.parse().map_err(AppError::internal)?;
+            changed = true;
             if current == VmState::Unknown {
                 // The node is back: its report counts even if not newer.
                 let desired: DesiredState = v.desired_state.parse().map_err(AppError::internal)?;
@@ -339,18 +357,52 @@ impl App {
                 let _ = self.vm_changes.send(v.id);
             }
         }
-        let mut vms = Vec::new();
+        let rows = if changed {
+            self.store.vm_list_for_node(node_id.0).await?
+        } else {
+            held
+        };
+        self.desired_vms(rows)
+            .await
+            .map(|vms| HeartbeatResponse { vms })
+    }
+
+    /// What a node is told to hold: its VMs with their images and project
+    /// networks, read in one query each.
+    async fn desired_vms(&self, rows: Vec<byteport_store::vm::Model>) -> AppResult<Vec<DesiredVm>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut image_ids: Vec<Uuid> = rows.iter().map(|v| v.image_id).collect();
+        image_ids.sort_unstable();
+        image_ids.dedup();
         let mut images: HashMap<Uuid, NodeImage> = HashMap::new();
-        let mut networks: HashMap<Uuid, Option<String>> = HashMap::new();
-        for v in self.store.vm_list_for_node(node_id.0).await? {
-            let image = match images.get(&v.image_id) {
-                Some(i) => i.clone(),
-                None => {
-                    let ni = node_image(self.store.image_fetch(v.image_id).await?)?;
-                    images.insert(v.image_id, ni.clone());
-                    ni
-                }
-            };
+        for i in self.store.images_by_ids(&image_ids).await? {
+            images.insert(i.id, node_image(i)?);
+        }
+        let mut project_ids: Vec<Uuid> = rows.iter().map(|v| v.project_id).collect();
+        project_ids.sort_unstable();
+        project_ids.dedup();
+        let networks: HashMap<Uuid, Option<String>> = self
+            .store
+            .project_list(Some(&project_ids))
+            .await?
+            .into_iter()
+            .map(|p| {
+                let cidr = p
+                    .network_index
+                    .and_then(|i| u32::try_from(i).ok())
+                    .and_then(byteport_types::net::Subnet::of_index)
+                    .map(|n| n.cidr());
+                (p.id, cidr)
+            })
+            .collect();
+        let mut vms = Vec::new();
+        for v in rows {
+            let image = images
+                .get(&v.image_id)
+                .cloned()
+                .ok_or_else(|| AppError::internal(format!("VM {} has no image", v.id)))?;
             vms.push(DesiredVm {
                 id: VmId(v.id),
                 name: Name::parse(&v.name).map_err(AppError::internal)?,
@@ -367,26 +419,12 @@ impl App {
                     .as_ref()
                     .map(|_| self.metadata_token(v.id)),
                 project_id: Some(ProjectId(v.project_id)),
-                network_cidr: match networks.get(&v.project_id) {
-                    Some(n) => n.clone(),
-                    None => {
-                        let n = self
-                            .store
-                            .project_fetch(v.project_id)
-                            .await?
-                            .network_index
-                            .and_then(|i| u32::try_from(i).ok())
-                            .and_then(byteport_types::net::Subnet::of_index)
-                            .map(|n| n.cidr());
-                        networks.insert(v.project_id, n.clone());
-                        n
-                    }
-                },
+                network_cidr: networks.get(&v.project_id).cloned().flatten(),
                 guest_ports: serde_json::from_str(&v.guest_ports).unwrap_or_default(),
                 egress: Egress::parse(&v.egress).unwrap_or_default(),
             });
         }
-        Ok(HeartbeatResponse { vms })
+        Ok(vms)
     }
 
     /// Marks nodes silent for longer than `after` as offline (their VMs
