@@ -12,7 +12,9 @@
 //! `--concurrency N` (default 16), `--vms N` (default 1000),
 //! `--sqlite-only`, `--no-build`, `--bin PATH` (another daemon binary;
 //! implies `--no-build`), `--tls` (SQLite once more over HTTPS, with a
-//! certificate from a CA made for the run, side by side with plain HTTP).
+//! certificate from a CA made for the run, side by side with plain HTTP),
+//! `--nodes N` (default 1000: simulated nodes that hold 20 VMs each and
+//! heartbeat, reporting every VM).
 
 use anyhow::{Context, bail};
 use std::io::{BufRead, BufReader};
@@ -31,6 +33,7 @@ struct Opts {
     warmup: Duration,
     concurrency: usize,
     vms: usize,
+    nodes: usize,
     sqlite_only: bool,
     tls: bool,
     build: bool,
@@ -43,6 +46,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
         warmup: Duration::from_secs(1),
         concurrency: 16,
         vms: 1000,
+        nodes: 1000,
         sqlite_only: false,
         tls: false,
         build: true,
@@ -62,6 +66,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
             "--warmup" => o.warmup = Duration::from_secs_f64(val(a)?),
             "--concurrency" => o.concurrency = (val(a)? as usize).max(1),
             "--vms" => o.vms = (val(a)? as usize).max(1),
+            "--nodes" => o.nodes = (val(a)? as usize).max(1),
             "--sqlite-only" => o.sqlite_only = true,
             "--tls" => o.tls = true,
             "--no-build" => o.build = false,
@@ -72,7 +77,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
             }
             other => bail!(
                 "unknown option {other}; usage: cargo xtask bench api [--duration SECS] \
-                 [--warmup SECS] [--concurrency N] [--vms N] [--sqlite-only] [--no-build] [--bin PATH]"
+                 [--warmup SECS] [--concurrency N] [--vms N] [--nodes N] [--sqlite-only] [--no-build] [--bin PATH]"
             ),
         }
     }
@@ -118,7 +123,12 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
 
     let mut line = String::from("RESULT");
     let mut push = |prefix: &str, r: &DbResults| {
-        for (name, s) in [("list", &r.list), ("get", &r.get), ("create", &r.create)] {
+        for (name, s) in [
+            ("list", &r.list),
+            ("get", &r.get),
+            ("create", &r.create),
+            ("heartbeat", &r.heartbeat),
+        ] {
             line.push_str(&format!(
                 " {prefix}_{name}_rps={:.0} {prefix}_{name}_p99_ms={:.1}",
                 s.rps(),
@@ -145,7 +155,11 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
             ));
         }
     }
-    line.push_str(&format!(" baseline_rps={:.0}", sqlite.baseline.rps()));
+    line.push_str(&format!(
+        " heartbeats_per_s={:.0} baseline_rps={:.0}",
+        sqlite.heartbeat.rps(),
+        sqlite.baseline.rps()
+    ));
     println!("{line}");
     Ok(())
 }
@@ -283,6 +297,7 @@ async fn start_server(
 // ---------- a minimal HTTP/1.1 client ----------
 
 /// One request, serialised once and sent as is.
+#[derive(Clone)]
 struct Req {
     bytes: Vec<u8>,
 }
@@ -563,6 +578,7 @@ struct DbResults {
     list: Stats,
     get: Stats,
     create: Stats,
+    heartbeat: Stats,
 }
 
 /// Builds the request for connection `conn`, iteration `i`.
@@ -839,13 +855,160 @@ async fn bench_one(
         }),
     )
     .await;
+    let heartbeat = heartbeats(label, &addr, &token, opts)
+        .await
+        .with_context(|| format!("server log: {}", server.log_path.display()))?;
     drop(server);
     Ok(DbResults {
         baseline,
         list,
         get,
         create,
+        heartbeat,
     })
+}
+
+/// VMs each simulated node holds: its capacity fits this many `m1.tiny`.
+const VMS_PER_NODE: u64 = 20;
+
+fn pending(counts: &serde_json::Value) -> u64 {
+    counts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["state"] == "pending")
+        .and_then(|c| c["count"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Registers nodes that take [`VMS_PER_NODE`] of the pending VMs each,
+/// waits until the control plane has placed them, reports every VM
+/// running once, then measures heartbeats that report all of a node's VMs
+/// with nothing new: a fleet in its steady state.
+async fn heartbeats(label: &str, host: &str, token: &str, opts: &Opts) -> anyhow::Result<Stats> {
+    let mut c = Conn::connect(host).await?;
+    let counts = call(
+        &mut c,
+        Req::get(host, "/v1/vm-states", Some(token)),
+        200,
+        "VM states",
+    )
+    .await?;
+    let before = pending(&counts);
+    let n = opts.nodes.min((before / VMS_PER_NODE) as usize);
+    if n == 0 {
+        bail!("no pending VMs for the nodes to hold ({before} pending)");
+    }
+    let capacity = serde_json::json!({"vcpus": 64, "memory_mib": 512 * VMS_PER_NODE,
+        "disk_gib": 5 * VMS_PER_NODE});
+    let t0 = Instant::now();
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let jt = call(
+            &mut c,
+            Req::json(
+                "POST",
+                host,
+                "/v1/node-join-tokens",
+                Some(token),
+                &serde_json::json!({}),
+            ),
+            201,
+            "a join token",
+        )
+        .await?;
+        let reg = call(
+            &mut c,
+            Req::json(
+                "POST",
+                host,
+                "/v1/nodes/register",
+                None,
+                &serde_json::json!({"join_token": jt["token"], "name": format!("sim-{i}"),
+                    "engines": ["qemu"], "capacity": capacity}),
+            ),
+            201,
+            "register a node",
+        )
+        .await?;
+        let id = reg["node"]["id"]
+            .as_str()
+            .context("node without id")?
+            .to_owned();
+        let cred = reg["credential"]
+            .as_str()
+            .context("no credential")?
+            .to_owned();
+        nodes.push((id, cred));
+    }
+    let want = before - n as u64 * VMS_PER_NODE;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let counts = call(
+            &mut c,
+            Req::get(host, "/v1/vm-states", Some(token)),
+            200,
+            "VM states",
+        )
+        .await?;
+        if pending(&counts) <= want {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("placement did not finish: {counts}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "[{label}] {n} nodes registered, {} VMs placed in {:.1} s",
+        n as u64 * VMS_PER_NODE,
+        t0.elapsed().as_secs_f64()
+    );
+    // Each node learns its VMs from a first heartbeat, then reports them
+    // all running once (the writes of a fleet coming up).
+    let mut reqs = Vec::new();
+    for (id, cred) in &nodes {
+        let path = format!("/v1/nodes/{id}/heartbeat");
+        let hb = |vms: serde_json::Value| {
+            Req::json(
+                "POST",
+                host,
+                &path,
+                Some(cred),
+                &serde_json::json!({"capacity": capacity, "vms": vms}),
+            )
+        };
+        let answer = call(&mut c, hb(serde_json::json!([])), 200, "a first heartbeat").await?;
+        let vms: Vec<serde_json::Value> = answer["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| {
+                serde_json::json!({"id": v["id"], "state": "running", "generation": 1,
+                    "desired_generation": v["desired_generation"]})
+            })
+            .collect();
+        if vms.len() as u64 != VMS_PER_NODE {
+            bail!("node {id} holds {} VMs, not {VMS_PER_NODE}", vms.len());
+        }
+        let report = hb(serde_json::Value::Array(vms));
+        call(&mut c, report.clone(), 200, "a report").await?;
+        reqs.push(report);
+    }
+    drop(c);
+    let reqs = Arc::new(reqs);
+    let conns = opts.concurrency as u64;
+    let name = "POST heartbeat (20 VMs, unchanged)";
+    Ok(scenario(
+        label,
+        name,
+        host,
+        Arc::new(move |conn, i| {
+            reqs[((i * conns + conn as u64) % reqs.len() as u64) as usize].clone()
+        }),
+        opts,
+    )
+    .await)
 }
 
 async fn scenario(label: &str, name: &str, addr: &str, make: MakeReq, opts: &Opts) -> Stats {
@@ -880,6 +1043,7 @@ fn print_table(db: &str, r: &DbResults, opts: &Opts) {
         ("GET /v1/vms?limit=100", &r.list),
         ("GET /v1/vms/{id}", &r.get),
         ("POST /v1/vms", &r.create),
+        ("POST heartbeat (20 VMs)", &r.heartbeat),
     ] {
         let ratio = if base > 0.0 { s.rps() / base } else { 0.0 };
         println!(

@@ -148,11 +148,19 @@ fn standins(root: &Path) {
             "FROM {BASE}\n\
              COPY node /usr/local/bin/node\n\
              COPY npm /usr/local/lib/node_modules/npm\n\
+             COPY ca-certificates.crt /etc/ssl/certs/host-ca-certificates.crt\n\
+             ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/host-ca-certificates.crt\n\
              RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm\n"
         ),
+        // The host's CA bundle too: where the way out to the npm registry
+        // goes through a proxy with a CA of its own, npm must trust it.
         &[
             (Path::new("/usr/bin/node"), "node"),
             (Path::new("/usr/lib/node_modules/npm"), "npm"),
+            (
+                Path::new("/etc/ssl/certs/ca-certificates.crt"),
+                "ca-certificates.crt",
+            ),
         ],
     );
 }
