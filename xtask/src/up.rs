@@ -104,45 +104,49 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         .context("starting cargo build")?;
     let made = make_images_and_console(root);
     let built = build.wait().context("waiting for cargo build")?;
-    let runtimes = made?;
+    made?;
     if !built.success() {
         bail!("cargo build -p byteportd -p byteport-cli failed: {built}");
     }
-    serve(root, started, &runtimes)
+    serve(root, started)
 }
 
-/// The guest images `up` imports (tiny, and the run-code runtimes as
-/// root) and the web console; returns the runtimes.
-fn make_images_and_console(root: &Path) -> anyhow::Result<Vec<&'static str>> {
+/// What `hello` needs, made while the daemon compiles: the `tiny` image and
+/// the web console. The run-code runtimes come after `hello` answers.
+fn make_images_and_console(root: &Path) -> anyhow::Result<()> {
     let image = root.join("build/images/tiny");
     if !image.join("manifest.json").exists() {
         crate::image::run(root, &["build", "tiny"])?;
     }
-    let runtimes: Vec<&str> = if is_root() {
-        for name in RUNTIMES {
-            if !root
-                .join("build/images")
-                .join(name)
-                .join("manifest.json")
-                .exists()
-            {
-                crate::image::run(root, &["build", name])?;
-            }
-        }
-        RUNTIMES.to_vec()
-    } else {
+    crate::web::build(root).context("building the web console")?;
+    Ok(())
+}
+
+/// The run-code runtimes (as root: debootstrap needs it), built where
+/// missing; returns the ones to import.
+fn make_runtimes(root: &Path) -> anyhow::Result<Vec<&'static str>> {
+    if !is_root() {
         eprintln!(
             "not root: skipping the run-code images (build them as root with `cargo xtask image build run-shell`)"
         );
-        Vec::new()
-    };
-    crate::web::build(root).context("building the web console")?;
-    Ok(runtimes)
+        return Ok(Vec::new());
+    }
+    for name in RUNTIMES {
+        if !root
+            .join("build/images")
+            .join(name)
+            .join("manifest.json")
+            .exists()
+        {
+            crate::image::run(root, &["build", name])?;
+        }
+    }
+    Ok(RUNTIMES.to_vec())
 }
 
 /// Starts the all-in-one, logs the CLI in, imports the images and starts
 /// `hello`; then waits for the daemon.
-fn serve(root: &Path, started: Instant, runtimes: &[&str]) -> anyhow::Result<()> {
+fn serve(root: &Path, started: Instant) -> anyhow::Result<()> {
     let image = root.join("build/images/tiny");
     let bin = root.join("target/debug");
     let data = root.join(".byteport");
@@ -229,13 +233,6 @@ fn serve(root: &Path, started: Instant, runtimes: &[&str]) -> anyhow::Result<()>
         let _ = server.kill();
         bail!("importing the tiny image failed");
     }
-    for name in runtimes {
-        let m = root.join("build/images").join(name).join("manifest.json");
-        if !cli(&["image", "import", "--manifest", &m.display().to_string()])? {
-            let _ = server.kill();
-            bail!("importing the {name} image failed");
-        }
-    }
     let exists = Command::new(bin.join("byteport"))
         .args(["vm", "show", "hello"])
         .env("BYTEPORT_CONFIG", &config)
@@ -271,6 +268,30 @@ fn serve(root: &Path, started: Instant, runtimes: &[&str]) -> anyhow::Result<()>
         took / 60,
         took % 60
     );
+    // Then run-code's runtimes, so that `byteport run` works too.
+    let runtimes = match make_runtimes(root) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = server.kill();
+            return Err(e.context("building the run-code images"));
+        }
+    };
+    for name in &runtimes {
+        let m = root.join("build/images").join(name).join("manifest.json");
+        if !cli(&["image", "import", "--manifest", &m.display().to_string()])? {
+            let _ = server.kill();
+            bail!("importing the {name} image failed");
+        }
+    }
+    if !runtimes.is_empty() {
+        let took = started.elapsed().as_secs();
+        println!(
+            "Run-code ready in {}m{:02}s: {} imported.",
+            took / 60,
+            took % 60,
+            runtimes.join(" and ")
+        );
+    }
     println!("BytePort is running at http://{LISTEN} (API docs: http://{LISTEN}/docs)");
     println!("  web console: http://{LISTEN}/ (log in as admin)");
     println!("  admin password: in {}", password_file.display());
