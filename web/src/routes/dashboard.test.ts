@@ -28,11 +28,13 @@ function stub(r: Record<string, [number, unknown]>) {
 	routes = r;
 }
 
-async function mount(admin: boolean) {
+const member = [{ project: 'team-a', project_id: 'p1', role: 'member' as const }];
+
+async function mount(admin: boolean, memberships: typeof member = member) {
 	const { session } = await import('$lib/session.svelte');
 	session.me = {
 		user: { id: 'u1', name: admin ? 'admin' : 'alice', admin, created_at: '' },
-		memberships: []
+		memberships
 	};
 	session.checked = true;
 	const Page = (await import('./+page.svelte')).default;
@@ -67,5 +69,12 @@ describe('dashboard', () => {
 		stub({ '/v1/vm-states': [200, []] });
 		await mount(false);
 		expect(await screen.findByText(/No VMs yet/)).toBeTruthy();
+	});
+
+	it('tells a new account in no project whom to ask', async () => {
+		stub({ '/v1/vm-states': [200, []] });
+		await mount(false, []);
+		expect(await screen.findByText(/You are in no project yet/)).toBeTruthy();
+		expect(screen.queryByText(/No VMs yet/)).toBeNull();
 	});
 });
