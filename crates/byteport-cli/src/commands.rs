@@ -152,19 +152,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 &[],
                 Some(&json!({"name": user, "password": password, "invite": invite})),
             )?;
-            // The sign-up's own session is not needed: `login` makes a token.
-            if let Some(r) = v.get("refresh_token") {
-                let _ = c.request(
-                    Method::Post,
-                    "/v1/auth/logout",
-                    &[],
-                    Some(&json!({"refresh_token": r})),
-                );
-            }
             if out == Output::Table {
                 println!("signed up as {user}");
             }
-            login(out, &url, &user, &password, ca)
+            // A sign-up answers as a login does.
+            keep_login(out, &url, &c, decode(&v)?, ca)
         }
         cmd => {
             let url = flag_url
@@ -259,7 +251,18 @@ fn login(
         &[],
         Some(&json!({"name": user, "password": password})),
     )?;
-    let lr: LoginResponse = decode(&v)?;
+    keep_login(out, url, &anon, decode(&v)?, ca_cert)
+}
+
+/// Turns a login's tokens into a personal API token stored in the config
+/// file, and spends the login's refresh token.
+fn keep_login(
+    out: Output,
+    url: &str,
+    anon: &Client,
+    lr: LoginResponse,
+    ca_cert: Option<PathBuf>,
+) -> Result<()> {
     let jwt = anon.with_token(Some(lr.access_token.clone()));
     let base = token_name();
     let mut created = None;

@@ -259,6 +259,7 @@ impl App {
                 continue;
             };
             let mut current: VmState = v.state.parse().map_err(AppError::internal)?;
+            // The guest powered itself off (see below).
             let powered_off = r.state == ObservedState::Stopped
                 && v.desired_state == DesiredState::Running.to_string()
                 && r.desired_generation as i64 >= v.desired_generation
@@ -284,11 +285,7 @@ impl App {
             }
             let mut desired: DesiredState = v.desired_state.parse().map_err(AppError::internal)?;
             let mut caught_up = r.desired_generation as i64 >= v.desired_generation;
-            if r.state == ObservedState::Stopped
-                && desired == DesiredState::Running
-                && caught_up
-                && r.reason.is_some()
-            {
+            if powered_off {
                 // The guest powered itself off: from now on the VM is meant
                 // to be stopped, as after a stop action.
                 let d = DesiredState::Stopped.to_string();
