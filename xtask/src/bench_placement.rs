@@ -642,6 +642,7 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                             reserved_memory_mib: 0,
                             reserved_disk_gib: 0,
                             vm_stats: None,
+                            platforms: "[]".into(),
                             last_heartbeat_at: Some(now),
                             created_at: now,
                         },
@@ -693,6 +694,8 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                             name: name.clone(),
                             image_id: img.id,
                             image_name: img.name.clone(),
+                            arch: img.arch.clone(),
+                            execution: None,
                             flavor_name: None,
                             vcpus: s.vcpus,
                             memory_mib: s.memory_mib,
@@ -836,10 +839,8 @@ async fn run_per_vm(store: &DataStore, sample: usize) -> anyhow::Result<RunResul
                 break 'run;
             }
             let t1 = Instant::now();
-            let arch = match store.image_fetch(v.image_id).await {
-                Ok(i) => i.arch,
-                Err(_) => "x86_64".into(),
-            };
+            // The VM row carries its architecture: no image read.
+            let arch = v.arch.clone();
             split.read_us += micros(t1.elapsed());
             let req = request(&v, arch);
             let mut placed = false;

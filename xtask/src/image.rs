@@ -26,11 +26,13 @@ use anyhow::{Context, bail};
 /// Where the agent's static build goes, apart from the main target dir so
 /// its RUSTFLAGS do not invalidate the main build.
 const AGENT_TARGET_DIR: &str = "target/guest";
-const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The trixie chroot that cross-builds the agent for other architectures
+/// (see [`build_agent_cross`]), kept between builds.
+const CROSS_ROOT: &str = "build/cache/cross-trixie";
 /// Kept in step with `byteport_guest::proto::AGENT_PORT_NAME`.
 const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
 
-const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, debian-12, run-shell, run-python, run-node or run-rust)";
+const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, tiny-aarch64, debian-12, run-shell, run-python, run-node or run-rust)";
 
 /// Entry point for `cargo xtask image ...`.
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -53,7 +55,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let started = Instant::now();
     let ctx = Ctx::new(root, &out)?;
     let manifest = match recipe {
-        Recipe::Tiny => build_tiny(&ctx)?,
+        Recipe::Tiny(arch) => build_tiny(&ctx, arch)?,
         Recipe::Debian12 => build_debian12(&ctx)?,
         Recipe::Runtime(lang) => build_runtime(&ctx, lang)?,
     };
@@ -72,7 +74,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
 /// The images this task knows how to build.
 enum Recipe {
     /// Debian's kernel, busybox and the agent, entirely in an initramfs.
-    Tiny,
+    Tiny(Arch),
     /// Debian bookworm with cloud-init on an ext4 disk.
     Debian12,
     /// A run-code runtime: bookworm's minbase and a language's packages on
@@ -130,15 +132,65 @@ impl Runtime {
 impl Recipe {
     fn parse(name: &str) -> anyhow::Result<Recipe> {
         match name {
-            "tiny" => Ok(Recipe::Tiny),
+            "tiny" => Ok(Recipe::Tiny(Arch::X86_64)),
+            "tiny-aarch64" => Ok(Recipe::Tiny(Arch::Aarch64)),
             "debian-12" => Ok(Recipe::Debian12),
             "run-shell" => Ok(Recipe::Runtime(Runtime::Shell)),
             "run-python" => Ok(Recipe::Runtime(Runtime::Python)),
             "run-node" => Ok(Recipe::Runtime(Runtime::Node)),
             "run-rust" => Ok(Recipe::Runtime(Runtime::Rust)),
             other => bail!(
-                "unknown image {other:?}; known images: tiny, debian-12, run-shell, run-python, run-node, run-rust"
+                "unknown image {other:?}; known images: tiny, tiny-aarch64, debian-12, run-shell, run-python, run-node, run-rust"
             ),
+        }
+    }
+}
+
+/// A guest architecture, as BytePort, Debian and Rust name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    /// BytePort's name (and the kernel's, `uname -m`).
+    fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// Debian's name.
+    fn deb(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+
+    fn rust_target(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-gnu",
+            Arch::Aarch64 => "aarch64-unknown-linux-gnu",
+        }
+    }
+
+    /// The ELF header's `e_machine`.
+    fn elf_machine(self) -> u16 {
+        match self {
+            Arch::X86_64 => 62,
+            Arch::Aarch64 => 183,
+        }
+    }
+
+    /// The serial console QEMU's machine for it has: the PC's 16550 or
+    /// the `virt` board's PL011.
+    fn console(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "ttyS0",
+            Arch::Aarch64 => "ttyAMA0",
         }
     }
 }
@@ -172,12 +224,12 @@ impl Ctx {
 }
 
 /// The `tiny` recipe; see images/README.md.
-fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
+fn build_tiny(ctx: &Ctx, arch: Arch) -> anyhow::Result<Manifest> {
     let recipe_dir = ctx.root.join("images/tiny");
-    let kernel_pkg = ctx.debs.kernel_package()?;
-    let kernel_deb = ctx.debs.fetch(&kernel_pkg)?;
-    let busybox_deb = ctx.debs.fetch("busybox-static")?;
-    let agent = build_agent(&ctx.root)?;
+    let kernel_pkg = ctx.debs.kernel_package(arch)?;
+    let kernel_deb = ctx.debs.fetch_for(&kernel_pkg, arch)?;
+    let busybox_deb = ctx.debs.fetch_for("busybox-static", arch)?;
+    let agent = build_agent(&ctx.root, arch)?;
 
     let kernel_dir = ctx.work.path().join("kernel");
     let busybox_dir = ctx.work.path().join("busybox");
@@ -202,12 +254,12 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
     cpio.file("init", 0o755, fs::read(recipe_dir.join("init"))?);
     add_tree(&mut cpio, &recipe_dir.join("files"), "")?;
 
-    add_modules(
-        &mut cpio,
-        &kernel_dir,
-        &kver,
-        &read_list(&recipe_dir.join("modules"))?,
-    )?;
+    let mut modules = read_list(&recipe_dir.join("modules"))?;
+    let extra = recipe_dir.join(format!("modules-{}", arch.name()));
+    if extra.exists() {
+        modules.extend(read_list(&extra)?);
+    }
+    add_modules(&mut cpio, &kernel_dir, &kver, &modules)?;
     cpio.file(
         "etc/os-release",
         0o644,
@@ -221,13 +273,17 @@ fn build_tiny(ctx: &Ctx) -> anyhow::Result<Manifest> {
     let (vmlinuz, initrd) = write_boot_files(ctx, cpio, &kernel_dir, &kver)?;
 
     let manifest = Manifest {
-        name: "tiny".into(),
+        name: match arch {
+            Arch::X86_64 => "tiny".into(),
+            other => format!("tiny-{}", other.name()),
+        },
+        arch,
         os_family: "linux".into(),
         os_version: busybox_version,
         kernel_version: kver,
         format: "initramfs".into(),
         boot: "kernel".into(),
-        cmdline: "console=ttyS0 quiet".into(),
+        cmdline: format!("console={} quiet", arch.console()),
         has_agent: true,
         login_user: None,
         runtime: None,
@@ -275,8 +331,20 @@ fn add_modules(
 ) -> anyhow::Result<()> {
     let modules_dir = format!("lib/modules/{kver}");
     let index = index_modules(&kernel_dir.join(&modules_dir))?;
+    // What one architecture's kernel builds as a module another's may
+    // build in (arm64 has virtio and the button built in): nothing to load.
+    let builtin: std::collections::HashSet<String> =
+        fs::read_to_string(kernel_dir.join(&modules_dir).join("modules.builtin"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.rsplit('/').next()?.strip_suffix(".ko"))
+            .map(|m| m.replace('-', "_"))
+            .collect();
     let mut load = String::new();
     for name in names {
+        if builtin.contains(&name.replace('-', "_")) {
+            continue;
+        }
         let rel = index
             .get(&name.replace('-', "_"))
             .with_context(|| format!("kernel {kver} has no module {name}"))?;
@@ -320,9 +388,9 @@ struct Unpacked {
 }
 
 fn unpack_boot_parts(ctx: &Ctx) -> anyhow::Result<Unpacked> {
-    let kernel_deb = ctx.debs.fetch(&ctx.debs.kernel_package()?)?;
+    let kernel_deb = ctx.debs.fetch(&ctx.debs.kernel_package(Arch::X86_64)?)?;
     let busybox_deb = ctx.debs.fetch("busybox-static")?;
-    let agent = build_agent(&ctx.root)?;
+    let agent = build_agent(&ctx.root, Arch::X86_64)?;
     let kernel_dir = ctx.work.path().join("kernel");
     let busybox_dir = ctx.work.path().join("busybox");
     extract_deb(&kernel_deb, &kernel_dir)?;
@@ -423,6 +491,7 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
 
     let manifest = Manifest {
         name: "debian-12".into(),
+        arch: Arch::X86_64,
         os_family: "debian".into(),
         os_version,
         kernel_version: kver,
@@ -512,6 +581,7 @@ fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
     )?;
     let manifest = Manifest {
         name: format!("run-{}", rt.language()),
+        arch: Arch::X86_64,
         os_family: "debian".into(),
         os_version,
         kernel_version: kver,
@@ -664,6 +734,7 @@ fn install_modules(
 /// What `manifest.json` says about a built image.
 struct Manifest {
     name: String,
+    arch: Arch,
     os_family: String,
     os_version: String,
     kernel_version: String,
@@ -713,7 +784,7 @@ fn write_manifest(out: &Path, m: &Manifest) -> anyhow::Result<()> {
         "os_family": m.os_family,
         "os_version": m.os_version,
         "kernel_version": m.kernel_version,
-        "arch": "x86_64",
+        "arch": m.arch.name(),
         "format": m.format,
         "boot": m.boot,
         "kernel": m.files.first().map(|f| &f.name),
@@ -746,11 +817,13 @@ impl Debs {
         Ok(Debs { cache })
     }
 
-    /// The versioned kernel package `linux-image-amd64` points at now, or,
+    /// The versioned kernel package `linux-image-ARCH` points at now, or,
     /// without apt, the newest one already in the cache.
-    fn kernel_package(&self) -> anyhow::Result<String> {
+    fn kernel_package(&self, arch: Arch) -> anyhow::Result<String> {
+        let meta = format!("linux-image-{}", arch.deb());
+        let suffix = format!("-{}", arch.deb());
         let out = Command::new("apt-cache")
-            .args(["depends", "linux-image-amd64"])
+            .args(["depends", &format!("{meta}:{}", arch.deb())])
             .stderr(Stdio::inherit())
             .output();
         if let Ok(out) = out
@@ -760,7 +833,8 @@ impl Debs {
             if let Some(pkg) = text
                 .lines()
                 .filter_map(|l| l.trim().strip_prefix("Depends: "))
-                .find(|p| p.starts_with("linux-image-") && p.ends_with("-amd64"))
+                .map(|p| p.split_once(':').map_or(p, |(p, _)| p))
+                .find(|p| p.starts_with("linux-image-") && p.ends_with(&suffix))
             {
                 return Ok(pkg.to_string());
             }
@@ -768,13 +842,19 @@ impl Debs {
         let mut cached: Vec<String> = self
             .cached()?
             .into_iter()
+            .filter(|f| f.ends_with(&format!("_{}.deb", arch.deb())))
             .filter_map(|f| f.split('_').next().map(str::to_string))
-            .filter(|p| p.starts_with("linux-image-") && p != "linux-image-amd64")
+            .filter(|p| p.starts_with("linux-image-") && p.ends_with(&suffix))
             .collect();
         cached.sort_by(|a, b| natural_cmp(a, b));
-        cached
-            .pop()
-            .context("cannot resolve linux-image-amd64 (run `apt-get update`; needs a Debian host)")
+        cached.pop().with_context(|| {
+            let foreign = if arch == Arch::X86_64 {
+                String::new()
+            } else {
+                format!("`dpkg --add-architecture {}`, then ", arch.deb())
+            };
+            format!("cannot resolve {meta} (run {foreign}`apt-get update`; needs a Debian host)")
+        })
     }
 
     fn cached(&self) -> anyhow::Result<Vec<String>> {
@@ -791,12 +871,20 @@ impl Debs {
 
     /// The .deb of `pkg` for amd64, downloading it if the cache has none.
     fn fetch(&self, pkg: &str) -> anyhow::Result<PathBuf> {
+        self.fetch_for(pkg, Arch::X86_64)
+    }
+
+    /// The .deb of `pkg` for `arch` (or for all architectures).
+    fn fetch_for(&self, pkg: &str, arch: Arch) -> anyhow::Result<PathBuf> {
         let find = || -> anyhow::Result<Option<PathBuf>> {
             let prefix = format!("{pkg}_");
+            let ours = format!("_{}.deb", arch.deb());
             Ok(self
                 .cached()?
                 .into_iter()
-                .filter(|n| n.starts_with(&prefix))
+                .filter(|n| {
+                    n.starts_with(&prefix) && (n.ends_with(&ours) || n.ends_with("_all.deb"))
+                })
                 .max_by(|a, b| natural_cmp(a, b))
                 .map(|n| self.cache.join(n)))
         };
@@ -805,11 +893,16 @@ impl Debs {
         }
         crate::run(
             Command::new("apt-get")
-                .args(["download", pkg])
+                .args(["download", &format!("{pkg}:{}", arch.deb())])
                 .current_dir(&self.cache),
         )
-        .with_context(|| format!("downloading {pkg} (is `apt-get update` done?)"))?;
-        find()?.with_context(|| format!("apt-get download left no {pkg}_*.deb"))
+        .with_context(|| {
+            format!(
+                "downloading {pkg}:{} (is `apt-get update` done?)",
+                arch.deb()
+            )
+        })?;
+        find()?.with_context(|| format!("apt-get download left no {pkg}_*_{}.deb", arch.deb()))
     }
 }
 
@@ -910,38 +1003,33 @@ fn add_tree(cpio: &mut Cpio, dir: &Path, prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the agent as a static, stripped binary and returns its path.
-fn build_agent(root: &Path) -> anyhow::Result<PathBuf> {
-    let target_dir = root.join(AGENT_TARGET_DIR);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    crate::run(
-        Command::new(cargo)
-            .current_dir(root)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "byteport-guest",
-                "--bin",
-                "byteport-guest",
-                "--target",
-                AGENT_TARGET,
-            ])
-            .env("CARGO_TARGET_DIR", &target_dir)
-            // Small over fast: it is copied into every guest. A panic ends the
-            // process, and init starts a fresh one.
-            .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s")
-            .env("CARGO_PROFILE_RELEASE_LTO", "true")
-            .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
-            .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env(
-                "RUSTFLAGS",
-                "-C target-feature=+crt-static -C strip=symbols",
-            ),
-    )?;
-    let bin = target_dir.join(AGENT_TARGET).join("release/byteport-guest");
+/// The agent's release profile: small over fast, since it is copied into
+/// every guest. A panic ends the process, and init starts a fresh one.
+const AGENT_PROFILE: &[(&str, &str)] = &[
+    ("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s"),
+    ("CARGO_PROFILE_RELEASE_LTO", "true"),
+    ("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1"),
+    ("CARGO_PROFILE_RELEASE_PANIC", "abort"),
+    (
+        "RUSTFLAGS",
+        "-C target-feature=+crt-static -C strip=symbols",
+    ),
+];
+
+/// Builds the agent for `arch` as a static, stripped binary and returns
+/// its path.
+fn build_agent(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
+    let bin = match arch {
+        Arch::X86_64 => build_agent_native(root)?,
+        other => build_agent_cross(root, other)?,
+    };
     let elf = fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+    let machine = elf
+        .get(0x12..0x14)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]));
+    if machine != Some(arch.elf_machine()) {
+        bail!("{} is not an {} executable", bin.display(), arch.name());
+    }
     if has_interpreter(&elf)? {
         bail!(
             "{} is dynamically linked; it cannot run in the initramfs",
@@ -949,6 +1037,139 @@ fn build_agent(root: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+fn build_agent_native(root: &Path) -> anyhow::Result<PathBuf> {
+    let target = Arch::X86_64.rust_target();
+    let target_dir = root.join(AGENT_TARGET_DIR);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "byteport-guest",
+            "--bin",
+            "byteport-guest",
+        ])
+        .args(["--target", target])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .envs(AGENT_PROFILE.iter().copied());
+    crate::run(&mut cmd)?;
+    Ok(target_dir.join(target).join("release/byteport-guest"))
+}
+
+/// Packages of the cross-building chroot: trixie's Rust with the standard
+/// library of every architecture BytePort builds guests for, and their
+/// C cross toolchains for linking.
+const CROSS_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev:arm64",
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "ca-certificates",
+];
+
+/// Builds the agent for another architecture. The host's Rust toolchain
+/// has only the x86_64 standard library, and no other can be downloaded;
+/// Debian's can: a trixie chroot (made once, kept in `build/cache`) has
+/// `rustc-web` with the multi-arch `libstd-rust-web-dev:arm64` and the
+/// aarch64 cross gcc. The workspace is bind-mounted into it, in a mount
+/// namespace of the build's own, and the build runs there as on the host.
+fn build_agent_cross(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
+    let chroot = root.join(CROSS_ROOT);
+    let ready = chroot.join(".byteport-ready");
+    if !ready.exists() {
+        for tool in ["debootstrap", "unshare", "chroot"] {
+            if crate::which(tool).is_none() {
+                bail!("{tool} is missing: apt-get install debootstrap util-linux coreutils");
+            }
+        }
+        let started = Instant::now();
+        let _ = fs::remove_dir_all(&chroot);
+        crate::run(
+            Command::new("debootstrap")
+                .arg("--variant=minbase")
+                .arg("trixie")
+                .arg(&chroot)
+                .arg(debian_mirror())
+                .stdout(Stdio::null()),
+        )
+        .context("debootstrap of the cross-building chroot (it needs root and Debian's mirror)")?;
+        fs::copy("/etc/resolv.conf", chroot.join("etc/resolv.conf")).ok();
+        let in_chroot = |args: &[&str]| {
+            crate::run(
+                Command::new("chroot")
+                    .arg(&chroot)
+                    .args(args)
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .stdout(Stdio::null()),
+            )
+        };
+        in_chroot(&["dpkg", "--add-architecture", "arm64"])?;
+        in_chroot(&["apt-get", "update", "-q"])?;
+        let mut install = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
+        install.extend_from_slice(CROSS_PACKAGES);
+        in_chroot(&install)?;
+        fs::write(&ready, "")?;
+        eprintln!(
+            "cross-building chroot made in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    // The host's CA bundle, for crates.io behind this host's proxy, if any.
+    fs::copy(
+        "/etc/ssl/certs/ca-certificates.crt",
+        chroot.join("etc/ssl/certs/host-ca.crt"),
+    )
+    .ok();
+    fs::create_dir_all(chroot.join("src"))?;
+    let target = arch.rust_target();
+    let linker_var = format!(
+        "CARGO_TARGET_{}_LINKER",
+        target.to_uppercase().replace('-', "_")
+    );
+    let linker = format!("{}-linux-gnu-gcc", arch.name());
+    let target_dir = format!("target/guest-{}", arch.name());
+    let mut cmd = Command::new("unshare");
+    // Positional arguments, not text in the script: the paths are ours,
+    // and the shell only sequences the mount and the chroot.
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2/src" && root=$2 && shift 2 && exec chroot "$root" sh -c 'cd /src && exec "$@"' sh "$@""#)
+        .arg("sh")
+        .arg(root)
+        .arg(&chroot)
+        .args(["cargo", "build"])
+        .args(["-j2", "--release", "-p", "byteport-guest", "--bin", "byteport-guest"])
+        .args(["--target", target])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("HOME", "/root")
+        .env("CARGO_HOME", "/src/build/cache/cargo-cross")
+        .env("CARGO_TARGET_DIR", format!("/src/{target_dir}"))
+        .env("CARGO_HTTP_CAINFO", "/etc/ssl/certs/host-ca.crt")
+        .env(linker_var, linker)
+        .envs(AGENT_PROFILE.iter().copied());
+    for proxy in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        if let Some(v) = std::env::var_os(proxy) {
+            cmd.env(proxy, v);
+        }
+    }
+    crate::run(&mut cmd).context("cross-building the agent in the trixie chroot")?;
+    Ok(root
+        .join(target_dir)
+        .join(target)
+        .join("release/byteport-guest"))
 }
 
 /// Whether an ELF64 little-endian file asks for a dynamic loader (PT_INTERP).

@@ -168,6 +168,7 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
     // The real-guest tests boot these images; they fail, not skip, here.
     for name in [
         "tiny",
+        "tiny-aarch64",
         "debian-12",
         "run-shell",
         "run-python",

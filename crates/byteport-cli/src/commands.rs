@@ -898,6 +898,7 @@ fn vm_details(v: &Vm) {
         ("state reason", opt(&v.state_reason)),
         ("desired state", v.desired_state.to_string()),
         ("image", v.image.to_string()),
+        ("arch", arch_of(v)),
         ("flavor", opt(&v.flavor)),
         ("vcpus", v.vcpus.to_string()),
         ("memory", format!("{} MiB", v.memory_mib)),
@@ -1448,4 +1449,13 @@ fn audit(env: &Env, project: Option<String>, limit: Option<u32>) -> Result<()> {
     }
     t.print();
     Ok(())
+}
+
+/// A VM's architecture, and how its node runs it once it does:
+/// `aarch64 (emulated)`.
+pub(crate) fn arch_of(v: &byteport_types::api::Vm) -> String {
+    match v.execution {
+        Some(x) => format!("{} ({})", v.arch, x.as_str()),
+        None => v.arch.clone(),
+    }
 }

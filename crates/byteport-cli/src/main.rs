@@ -483,6 +483,13 @@ pub enum EnvCmd {
         /// Image-name prefixes, comma-separated (debian,alpine).
         #[arg(long, value_delimiter = ',', required = true)]
         os_prefix: Vec<String>,
+        /// Only images of these architectures, comma-separated
+        /// (x86_64,aarch64): one VM per (image, architecture) that exists.
+        #[arg(long, value_delimiter = ',')]
+        arch: Vec<String>,
+        /// VMs of each image (1-50), named ENV-IMAGE-N.
+        #[arg(long)]
+        dup_each: Option<u32>,
         #[arg(long)]
         flavor: Option<String>,
         #[arg(long)]

@@ -25,7 +25,9 @@ pub mod template;
 pub mod vm;
 
 use byteport_guest::host::GuestConn;
-use byteport_types::api::{Capacity, DesiredVm, Heartbeat, NodeRegister, OrphanVm, VmReport};
+use byteport_types::api::{
+    Capacity, DesiredVm, Execution, Heartbeat, NodeRegister, OrphanVm, Platform, VmReport,
+};
 use byteport_types::vm_state::ObservedState;
 use byteport_types::{Name, NodeId, VmId};
 use client::ControlPlane;
@@ -181,6 +183,8 @@ pub struct Shared<D: Driver> {
     /// Run-code: templates and their clones.
     pub runs: runs::Runs,
     pub accel: Accel,
+    /// The guest architectures this node runs, and how.
+    pub platforms: Vec<Platform>,
     pub vms_dir: PathBuf,
     pub stop_timeout: Duration,
     /// What QEMU runs per guest connection to 10.0.2.254:80: a pipe
@@ -206,6 +210,23 @@ pub struct Shared<D: Driver> {
 impl<D: Driver> Shared<D> {
     pub fn credential(&self) -> String {
         self.identity.credential.clone()
+    }
+
+    /// How this node runs guests of `arch`, if it does.
+    pub fn execution(&self, arch: &str) -> Option<Execution> {
+        self.platforms
+            .iter()
+            .find(|p| p.arch == arch)
+            .map(|p| p.execution)
+    }
+
+    /// The acceleration for a guest of `arch`: KVM for the host's own
+    /// architecture where it works, emulation for every other.
+    pub fn accel_for(&self, arch: &str) -> Accel {
+        match self.execution(arch) {
+            Some(Execution::Native) => self.accel,
+            _ => Accel::Tcg,
+        }
     }
 
     pub fn vm_dir(&self, id: VmId) -> PathBuf {
@@ -270,12 +291,36 @@ async fn choose_accel(cfg: &NodeConfig, images: &ImageCache) -> (Accel, String) 
     }
 }
 
+/// The guest architectures this host runs: its own (natively with KVM,
+/// else emulated), then each other one whose QEMU is installed, emulated.
+pub fn detect_platforms(qemu: &std::path::Path, accel: Accel) -> Vec<Platform> {
+    let host = std::env::consts::ARCH;
+    let mut out = vec![Platform {
+        arch: host.into(),
+        execution: if accel == Accel::Kvm {
+            Execution::Native
+        } else {
+            Execution::Emulated
+        },
+    }];
+    for arch in driver::qemu::ARCHS.iter().filter(|a| **a != host) {
+        if driver::qemu::runnable(&driver::qemu::binary_for(qemu, arch)) {
+            out.push(Platform {
+                arch: (*arch).into(),
+                execution: Execution::Emulated,
+            });
+        }
+    }
+    out
+}
+
 /// Loads the node's identity, or registers with the join token.
 async fn identity(
     cfg: &NodeConfig,
     cp: &ControlPlane,
     cap: Capacity,
     kvm: bool,
+    platforms: &[Platform],
 ) -> Result<Identity, NodeError> {
     let path = cfg.data_dir.join("node.json");
     if let Ok(b) = std::fs::read(&path) {
@@ -298,6 +343,7 @@ async fn identity(
             engines: vec!["qemu".into()],
             kvm,
             capacity: cap,
+            platforms: platforms.to_vec(),
         })
         .await?;
     let ident = Identity {
@@ -341,7 +387,16 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
     tracing::info!(accel = ?accel, "{why}");
     let cp = ControlPlane::new(&cfg.server, cfg.trust.clone());
     let cap = detect_capacity(&cfg.data_dir).await;
-    let ident = identity(&cfg, &cp, cap, accel == Accel::Kvm).await?;
+    let platforms = detect_platforms(&cfg.qemu_binary, accel);
+    tracing::info!(
+        platforms = %platforms
+            .iter()
+            .map(|p| format!("{} ({})", p.arch, p.execution.as_str()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        "guest architectures"
+    );
+    let ident = identity(&cfg, &cp, cap, accel == Accel::Kvm, &platforms).await?;
     let relay = metadata::bind(&cfg.data_dir, cfg.metadata_port)
         .await
         .map_err(|e| NodeError::Setup(format!("cannot listen for metadata requests: {e}")))?;
@@ -395,6 +450,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
             cfg.run_templates,
         ),
         accel,
+        platforms,
         vms_dir: cfg.data_dir.join("vms"),
         stop_timeout: cfg.stop_timeout,
         metadata_pipe,
@@ -471,6 +527,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
                 .lock()
                 .map(|o| o.values().cloned().collect())
                 .unwrap_or_default(),
+            platforms: shared.platforms.clone(),
         };
         match cp.heartbeat(ident.id, &ident.credential, hb).await {
             Ok(resp) => {
@@ -634,6 +691,7 @@ fn report_gone<D: Driver>(shared: &Arc<Shared<D>>, id: VmId, want_gen: u64) {
                 reason: None,
                 ports: Vec::new(),
                 agent_version: None,
+                execution: None,
                 cloud_init: None,
                 network: None,
             },

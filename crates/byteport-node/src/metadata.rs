@@ -135,6 +135,7 @@ mod tests {
                 reason: None,
                 ports: Vec::new(),
                 agent_version: None,
+                execution: None,
                 cloud_init: None,
                 network: None,
             },

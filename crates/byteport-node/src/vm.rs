@@ -224,6 +224,10 @@ impl<D: Driver> VmTask<D> {
             reason: self.p.reason.clone(),
             ports: self.p.ports.clone(),
             agent_version: self.ready.borrow().as_ref().map(|r| r.version.clone()),
+            execution: self
+                .inst
+                .as_ref()
+                .and_then(|_| self.shared.execution(&self.p.spec.image.arch)),
             cloud_init: self.ready.borrow().as_ref().map(|r| r.cloud_init),
             network: self.network(),
         };
@@ -236,6 +240,7 @@ impl<D: Driver> VmTask<D> {
                 || old.desired_generation != report.desired_generation
                 || old.reason != report.reason
                 || old.agent_version != report.agent_version
+                || old.execution != report.execution
                 || old.cloud_init != report.cloud_init
                 || old.ports.len() != report.ports.len()
                 || old.network != report.network
@@ -675,7 +680,8 @@ impl<D: Driver> VmTask<D> {
             metadata_pipe,
             tap,
             mac: guest_mac(spec.id),
-            accel: s.accel,
+            arch: spec.image.arch.clone(),
+            accel: s.accel_for(&spec.image.arch),
         };
         self.save();
         s.cgroups.create(self.id, spec.vcpus, spec.memory_mib)?;
@@ -747,6 +753,10 @@ pub(crate) mod tests {
                 true,
             ),
             accel: crate::driver::Accel::Tcg,
+            platforms: crate::detect_platforms(
+                std::path::Path::new("qemu-system-x86_64"),
+                crate::driver::Accel::Tcg,
+            ),
             vms_dir: dir.join("vms"),
             stop_timeout: Duration::from_millis(200),
             metadata_pipe: vec!["metadata-pipe".into(), "127.0.0.1:8123".into()],
@@ -780,6 +790,7 @@ pub(crate) mod tests {
                 initrd_sha256: None,
                 cmdline: None,
                 has_agent: false,
+                arch: "x86_64".into(),
             },
             metadata_token: Some("tok-1".into()),
             project_id: None,

@@ -12,9 +12,45 @@ pub struct NodeInventory<Id> {
     pub online: bool,
     pub cordoned: bool,
     pub region: String,
-    pub arch: String,
+    /// The architectures it runs guests of.
+    pub platforms: Vec<Platform>,
     pub capacity: Resources,
     pub reserved: Resources,
+}
+
+/// An architecture a node runs guests of: natively (hardware
+/// virtualisation) or emulated (software, several times slower).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    pub arch: String,
+    pub native: bool,
+}
+
+impl Platform {
+    pub fn native(arch: &str) -> Platform {
+        Platform {
+            arch: arch.into(),
+            native: true,
+        }
+    }
+
+    pub fn emulated(arch: &str) -> Platform {
+        Platform {
+            arch: arch.into(),
+            native: false,
+        }
+    }
+}
+
+impl<Id> NodeInventory<Id> {
+    /// How the node runs guests of `arch`: `Some(true)` natively,
+    /// `Some(false)` emulated, `None` not at all.
+    pub fn runs(&self, arch: &str) -> Option<bool> {
+        self.platforms
+            .iter()
+            .find(|p| p.arch == arch)
+            .map(|p| p.native)
+    }
 }
 
 /// vCPUs, memory and disk.
@@ -84,9 +120,10 @@ pub enum Decision<Id> {
     NoFit(String),
 }
 
-/// Picks a node for `req`. Among the nodes that pass every filter, `Spread`
-/// takes the one with the largest free memory share, `Pack` the smallest;
-/// ties go to the first in inventory order.
+/// Picks a node for `req`. Only nodes that run the request's architecture
+/// pass, and one that runs it natively beats every one that emulates it.
+/// Among the rest, `Spread` takes the one with the largest free memory
+/// share, `Pack` the smallest; ties go to the first in inventory order.
 pub fn place<Id: Clone + PartialEq>(
     nodes: &[NodeInventory<Id>],
     req: &Request<Id>,
@@ -99,9 +136,12 @@ pub fn place<Id: Clone + PartialEq>(
     let mut largest_free = Resources::default();
     let mut largest_on = None;
     for n in nodes {
-        if !n.online || n.cordoned || n.arch != req.arch {
+        if !n.online || n.cordoned {
             continue;
         }
+        let Some(native) = n.runs(&req.arch) else {
+            continue;
+        };
         if req.region.as_ref().is_some_and(|r| *r != n.region) {
             continue;
         }
@@ -127,10 +167,11 @@ pub fn place<Id: Clone + PartialEq>(
             continue;
         }
         let share = (free.memory_mib - req.size.memory_mib) as f64 / limit.memory_mib.max(1) as f64;
+        // The share is within [-1, 1]: native comes first whatever it is.
         let score = match policy {
             Policy::Spread => share,
             Policy::Pack => -share,
-        };
+        } + if native { 4.0 } else { 0.0 };
         if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
             best = Some((score, n, limit));
         }
@@ -144,8 +185,8 @@ pub fn place<Id: Clone + PartialEq>(
             "every one of the {avoided} eligible node(s) already holds a VM of its anti-affinity group"
         )),
         None if eligible == 0 => Decision::NoFit(match &req.region {
-            Some(r) => format!("no online {} node in region {r}", req.arch),
-            None => format!("no online {} node", req.arch),
+            Some(r) => format!("no online node runs {} guests in region {r}", req.arch),
+            None => format!("no online node runs {} guests", req.arch),
         }),
         None => Decision::NoFit(format!(
             "no node has {} vCPU, {} MiB memory and {} GiB disk free; the most memory free is {} MiB (with {} vCPU, {} GiB disk) on {}",
@@ -171,7 +212,7 @@ mod tests {
             online: true,
             cordoned: false,
             region: "default".into(),
-            arch: "x86_64".into(),
+            platforms: vec![Platform::native("x86_64")],
             capacity: Resources {
                 vcpus: 4,
                 memory_mib: mem,
@@ -238,9 +279,12 @@ mod tests {
         let mut b = node(2, 8192, 0);
         b.cordoned = true;
         let mut c = node(3, 8192, 0);
-        c.arch = "aarch64".into();
+        c.platforms = vec![Platform::native("aarch64")];
         let d = place(&[a, b, c], &req(512), Policy::Spread, Overcommit::default());
-        assert_eq!(d, Decision::NoFit("no online x86_64 node".into()));
+        assert_eq!(
+            d,
+            Decision::NoFit("no online node runs x86_64 guests".into())
+        );
         let mut r = req(512);
         r.region = Some("eu-1".into());
         let d = place(
@@ -251,8 +295,34 @@ mod tests {
         );
         assert_eq!(
             d,
-            Decision::NoFit("no online x86_64 node in region eu-1".into())
+            Decision::NoFit("no online node runs x86_64 guests in region eu-1".into())
         );
+    }
+
+    #[test]
+    fn a_foreign_architecture_goes_where_it_runs_natively_before_where_it_is_emulated() {
+        let mut arm = req(512);
+        arm.arch = "aarch64".into();
+        let plain = node(1, 8192, 0);
+        let mut emulating = node(2, 8192, 0);
+        emulating.platforms.push(Platform::emulated("aarch64"));
+        let mut native = node(3, 8192, 6000);
+        native.platforms = vec![Platform::native("aarch64")];
+        let o = Overcommit::default();
+        // Only the nodes that run aarch64 at all, and the native one first
+        // even though it is the fullest.
+        for policy in [Policy::Spread, Policy::Pack] {
+            let nodes = [plain.clone(), emulating.clone(), native.clone()];
+            assert_eq!(chosen(place(&nodes, &arm, policy, o)), Some(3));
+        }
+        let nodes = [plain.clone(), emulating.clone()];
+        assert_eq!(chosen(place(&nodes, &arm, Policy::Spread, o)), Some(2));
+        assert_eq!(
+            place(&[plain], &arm, Policy::Spread, o),
+            Decision::NoFit("no online node runs aarch64 guests".into())
+        );
+        // x86_64 still lands on an x86_64 node, emulating one or not.
+        assert_eq!(chosen(place(&nodes, &req(512), Policy::Spread, o)), Some(1));
     }
 
     #[test]

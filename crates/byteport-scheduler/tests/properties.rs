@@ -2,7 +2,9 @@
 //! scheduler never books a node past its capacity (after overcommit), keeps
 //! to the region, and spread and pack do what their names say.
 
-use byteport_scheduler::{Decision, NodeInventory, Overcommit, Policy, Request, Resources, place};
+use byteport_scheduler::{
+    Decision, NodeInventory, Overcommit, Platform, Policy, Request, Resources, place,
+};
 use proptest::prelude::*;
 
 fn fleet() -> impl Strategy<Value = Vec<NodeInventory<usize>>> {
@@ -20,7 +22,7 @@ fn fleet() -> impl Strategy<Value = Vec<NodeInventory<usize>>> {
                 online,
                 cordoned: false,
                 region: format!("r{region}"),
-                arch: "x86_64".into(),
+                platforms: vec![Platform::native("x86_64")],
                 capacity: Resources {
                     vcpus: cpu,
                     memory_mib: gib * 1024,
@@ -129,7 +131,7 @@ proptest! {
             online: true,
             cordoned: false,
             region: "r0".into(),
-            arch: "x86_64".into(),
+            platforms: vec![Platform::native("x86_64")],
             capacity: Resources { vcpus: 64, memory_mib: 8 * 1024, disk_gib: 1000 },
             reserved: Resources::default(),
         };

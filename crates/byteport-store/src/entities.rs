@@ -244,6 +244,10 @@ pub mod vm {
         pub egress: String,
         /// JSON of how its node connected it (`VmNetwork`).
         pub network: Option<String>,
+        /// The guest's architecture (its image's).
+        pub arch: String,
+        /// `native` or `emulated`, as its node reported running it.
+        pub execution: Option<String>,
     }
     no_relations!();
 }
@@ -345,6 +349,9 @@ pub mod node {
         /// JSON of the latest per-VM figures the node sent (`VmStats`
         /// list), from its last heartbeat.
         pub vm_stats: Option<String>,
+        /// JSON array of the architectures it runs guests of (`Platform`);
+        /// empty: its own `arch` only.
+        pub platforms: String,
     }
     no_relations!();
 }

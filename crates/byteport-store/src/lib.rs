@@ -123,6 +123,8 @@ pub struct Observation<'a> {
     pub cloud_init: Option<&'a str>,
     /// JSON of how the node connected the VM, when it said.
     pub network: Option<String>,
+    /// `native` or `emulated`, when the node said.
+    pub execution: Option<&'a str>,
     /// What the VM's reservation on its node gives back with this report,
     /// in the same transaction.
     pub release: Release,
@@ -603,6 +605,9 @@ impl DataStore {
         if let Some(n) = &o.network {
             u = u.col_expr(vm::Column::Network, Expr::value(n.clone()));
         }
+        if let Some(e) = o.execution {
+            u = u.col_expr(vm::Column::Execution, Expr::value(e));
+        }
         if deleted {
             u = u.col_expr(vm::Column::DeletedAt, Expr::value(now));
         }
@@ -698,8 +703,13 @@ impl DataStore {
         cap: [i64; 3],
         used: [i64; 3],
         vm_stats: Option<String>,
+        platforms: Option<String>,
     ) -> Result<()> {
-        let res = node::Entity::update_many()
+        let mut u = node::Entity::update_many();
+        if let Some(p) = platforms {
+            u = u.col_expr(node::Column::Platforms, Expr::value(p));
+        }
+        let res = u
             .col_expr(
                 node::Column::Status,
                 Expr::cust("CASE WHEN status = 'cordoned' THEN 'cordoned' ELSE 'online' END"),

@@ -21,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0008Networks),
             Box::new(M0009Runs),
             Box::new(M0010Invites),
+            Box::new(M0011Platforms),
         ]
     }
 }
@@ -673,6 +674,50 @@ impl MigrationTrait for M0010Invites {
                 .to_owned(),
         )
         .await?;
+        Ok(())
+    }
+}
+
+/// Architectures: what each node runs guests of (and how), each VM's
+/// architecture and how its node runs it.
+struct M0011Platforms;
+
+impl MigrationName for M0011Platforms {
+    fn name(&self) -> &str {
+        "m0011_platforms"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0011Platforms {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        m.alter_table(
+            Table::alter()
+                .table(node::Entity.table_ref())
+                .add_column(text(node::Column::Platforms).default("[]").to_owned())
+                .to_owned(),
+        )
+        .await?;
+        for col in [
+            string(vm::Column::Arch).default("x86_64").to_owned(),
+            string_null(vm::Column::Execution).to_owned(),
+        ] {
+            m.alter_table(
+                Table::alter()
+                    .table(vm::Entity.table_ref())
+                    .add_column(col)
+                    .to_owned(),
+            )
+            .await?;
+        }
+        // The VMs made so far run their image's architecture.
+        m.get_connection()
+            .execute_unprepared(
+                "UPDATE vms SET arch = COALESCE((SELECT arch FROM images \
+                 WHERE images.id = vms.image_id), 'x86_64')",
+            )
+            .await?;
         Ok(())
     }
 }

@@ -238,6 +238,11 @@ impl TestServer {
 
     /// Registers an image named `name` (catalog record only).
     pub async fn image(&self, name: &str) {
+        self.image_for(name, "x86_64").await
+    }
+
+    /// Registers a (never uploaded) image `name` of architecture `arch`.
+    pub async fn image_for(&self, name: &str, arch: &str) {
         let (st, v) = self
             .call(
                 Method::POST,
@@ -245,7 +250,7 @@ impl TestServer {
                 Some(&self.admin),
                 Some(serde_json::json!({
                     "name": name, "os_family": "linux", "os_version": "1", "format": "qcow2",
-                    "size_bytes": 1048576, "sha256": "ab".repeat(32)
+                    "size_bytes": 1048576, "sha256": "ab".repeat(32), "arch": arch
                 })),
             )
             .await;
@@ -314,6 +319,19 @@ pub struct SimNode {
 impl SimNode {
     /// Registers a node `name` with 2 vCPUs, `memory_mib` and 100 GiB.
     pub async fn join(s: &TestServer, name: &str, memory_mib: u64) -> SimNode {
+        SimNode::join_running(s, name, 2, memory_mib, &[]).await
+    }
+
+    /// [`SimNode::join`] with `vcpus`, for a node that says which guest
+    /// architectures it runs: `(arch, "native" or "emulated")`, its host's first (none:
+    /// an x86_64 host without KVM).
+    pub async fn join_running(
+        s: &TestServer,
+        name: &str,
+        vcpus: u32,
+        memory_mib: u64,
+        platforms: &[(&str, &str)],
+    ) -> SimNode {
         let (_, jt) = s
             .call(
                 Method::POST,
@@ -322,9 +340,15 @@ impl SimNode {
                 Some(serde_json::json!({})),
             )
             .await;
-        let capacity = serde_json::json!({"vcpus": 2, "memory_mib": memory_mib, "disk_gib": 100});
-        let reg = serde_json::json!({"join_token": jt["token"], "name": name,
-            "engines": ["qemu"], "capacity": capacity});
+        let capacity =
+            serde_json::json!({"vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": 100});
+        let host = platforms.first().map_or("x86_64", |p| p.0);
+        let platforms: Vec<Value> = platforms
+            .iter()
+            .map(|(arch, how)| serde_json::json!({"arch": arch, "execution": how}))
+            .collect();
+        let reg = serde_json::json!({"join_token": jt["token"], "name": name, "arch": host,
+            "engines": ["qemu"], "capacity": capacity, "platforms": platforms});
         let (st, n) = s
             .call(Method::POST, "/v1/nodes/register", None, Some(reg))
             .await;

@@ -442,6 +442,10 @@ pub struct Vm {
     pub project: Name,
     pub project_id: ProjectId,
     pub image: Name,
+    /// The guest's architecture (its image's).
+    pub arch: String,
+    /// How its node runs it (native or emulated), once it was started.
+    pub execution: Option<Execution>,
     pub flavor: Option<Name>,
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -917,12 +921,51 @@ pub struct Capacity {
     pub disk_gib: u64,
 }
 
+/// How a node runs guests of one architecture: `native` on the host's
+/// own CPU with hardware virtualisation (KVM), `emulated` in software
+/// (QEMU's TCG: any architecture, on any host, several times slower).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Execution {
+    Native,
+    Emulated,
+}
+
+impl Execution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Execution::Native => "native",
+            Execution::Emulated => "emulated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Execution> {
+        match s {
+            "native" => Some(Execution::Native),
+            "emulated" => Some(Execution::Emulated),
+            _ => None,
+        }
+    }
+}
+
+/// An architecture a node runs guests of, and how.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Platform {
+    /// `x86_64`, `aarch64`, ... (as `uname -m` says in the guest).
+    pub arch: String,
+    pub execution: Execution,
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Node {
     pub id: NodeId,
     pub name: Name,
     pub region: String,
+    /// The host's own architecture.
     pub arch: String,
+    /// The architectures it runs guests of, and how (its own first).
+    pub platforms: Vec<Platform>,
     pub engines: Vec<String>,
     pub kvm: bool,
     /// `online`, `offline` or `cordoned`.
@@ -969,6 +1012,10 @@ pub struct NodeRegister {
     #[serde(default)]
     pub kvm: bool,
     pub capacity: Capacity,
+    /// The architectures it runs guests of; its own `arch` (native with
+    /// KVM, else emulated) when empty.
+    #[serde(default)]
+    pub platforms: Vec<Platform>,
 }
 
 fn default_region() -> String {
@@ -998,6 +1045,9 @@ pub struct VmReport {
     /// The guest agent's version, once it said ready.
     #[serde(default)]
     pub agent_version: Option<String>,
+    /// How the node runs it, once it started it.
+    #[serde(default)]
+    pub execution: Option<Execution>,
     /// cloud-init's progress in the guest, once the agent said ready.
     #[serde(default)]
     pub cloud_init: Option<CloudInit>,
@@ -1023,6 +1073,10 @@ pub struct Heartbeat {
     /// VMs the node holds that the control plane's answer did not list.
     #[serde(default)]
     pub orphans: Vec<OrphanVm>,
+    /// The architectures it runs guests of now (it may have gained an
+    /// emulator since it registered); unchanged when empty.
+    #[serde(default)]
+    pub platforms: Vec<Platform>,
 }
 
 /// A VM a node holds that the control plane does not know (its answer to a
@@ -1142,6 +1196,9 @@ pub struct NodeImage {
     pub initrd_sha256: Option<String>,
     pub cmdline: Option<String>,
     pub has_agent: bool,
+    /// The guest's architecture.
+    #[serde(default = "default_arch")]
+    pub arch: String,
 }
 
 /// What the control plane wants a node to run.
@@ -1256,6 +1313,13 @@ pub struct EnvironmentCreate {
     /// Image-name prefixes, such as `debian` and `alpine`: every image
     /// whose name starts with one gets a VM. Each must match an image.
     pub os_prefixes: Vec<String>,
+    /// Only images of these architectures (`x86_64`, `aarch64`, ...):
+    /// one VM per (image, architecture) pair that exists. Every one of
+    /// them when empty.
+    #[serde(default)]
+    pub archs: Vec<String>,
+    /// VMs of each image (1-50; 1 when absent), named `ENV-IMAGE-N`.
+    pub dup_each: Option<u32>,
     /// A flavor name; or give `vcpus`, `memory_mib` and `disk_gib`.
     pub flavor: Option<Name>,
     pub vcpus: Option<u32>,

@@ -21,6 +21,8 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
         EnvCmd::Add {
             name,
             os_prefix,
+            arch,
+            dup_each,
             flavor,
             vcpus,
             memory_mib,
@@ -31,8 +33,9 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
             wait,
             timeout,
         } => {
-            let mut body = json!({"name": name, "os_prefixes": os_prefix});
+            let mut body = json!({"name": name, "os_prefixes": os_prefix, "archs": arch});
             let fields = [
+                ("dup_each", dup_each.map(Value::from)),
                 ("project", args.project.clone().map(Value::from)),
                 ("flavor", flavor.map(Value::from)),
                 ("vcpus", vcpus.map(Value::from)),
@@ -254,7 +257,7 @@ fn print_env(env: &Env, v: &Value) -> Result<()> {
                 .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
         ),
     ]);
-    let mut t = Table::new(&["VM", "IMAGE", "STATE", "NODE", "SSH", "ID"]);
+    let mut t = Table::new(&["VM", "IMAGE", "ARCH", "STATE", "NODE", "SSH", "ID"]);
     for v in &e.vms {
         let ssh = v
             .ports
@@ -264,6 +267,7 @@ fn print_env(env: &Env, v: &Value) -> Result<()> {
         t.row(vec![
             v.name.to_string(),
             v.image.to_string(),
+            super::arch_of(v),
             v.state.to_string(),
             v.node_id.map_or_else(|| "-".into(), |n| n.to_string()),
             ssh,

@@ -59,6 +59,14 @@ pub(super) fn run(env: &Env, cmd: NodeCmd) -> Result<()> {
                 ("status", n.status.clone()),
                 ("region", n.region.clone()),
                 ("arch", n.arch.clone()),
+                (
+                    "guests",
+                    n.platforms
+                        .iter()
+                        .map(|p| format!("{} ({})", p.arch, p.execution.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
                 ("engines", n.engines.join(",")),
                 ("kvm", n.kvm.to_string()),
                 ("capacity", cap(&n.capacity)),

@@ -66,6 +66,9 @@ pub struct LaunchSpec {
     pub tap: Option<String>,
     /// The first NIC's MAC address.
     pub mac: String,
+    /// The guest's architecture (`x86_64`, `aarch64`).
+    pub arch: String,
+    /// KVM only for the host's own architecture; any other is emulated.
     pub accel: Accel,
 }
 

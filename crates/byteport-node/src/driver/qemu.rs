@@ -1,4 +1,4 @@
-//! The QEMU driver: one `qemu-system-x86_64` process per VM, in its own
+//! The QEMU driver: one `qemu-system-ARCH` process per VM, in its own
 //! process group so that it outlives the agent (and a Ctrl-C aimed at it),
 //! with its pidfile, QMP socket, guest-agent socket, serial console socket
 //! and console log in the VM's directory. Control goes over QMP; the
@@ -25,6 +25,8 @@ const QUIT_GRACE: Duration = Duration::from_secs(3);
 pub const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
 
 pub struct QemuDriver {
+    /// QEMU for the host's own architecture; the others are found beside
+    /// it (see [`binary_for`]).
     pub binary: PathBuf,
     /// The user QEMU drops to once it has opened its files, sockets and
     /// tap (`-runas`); it stays root when absent.
@@ -38,6 +40,37 @@ impl Default for QemuDriver {
             run_as: None,
         }
     }
+}
+
+/// The guest architectures this driver knows how to boot.
+pub const ARCHS: &[&str] = &["x86_64", "aarch64"];
+
+/// QEMU for guests of `arch`: `base` for the host's own architecture,
+/// `qemu-system-ARCH` in the same directory (or on PATH, when `base` is
+/// a bare name) for another.
+pub fn binary_for(base: &Path, arch: &str) -> PathBuf {
+    if arch == std::env::consts::ARCH {
+        return base.to_owned();
+    }
+    let name = format!("qemu-system-{arch}");
+    match base.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(name),
+        _ => PathBuf::from(name),
+    }
+}
+
+/// Whether `program` can be run: an executable file at that path, or on
+/// PATH for a bare name.
+pub fn runnable(program: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let exec = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.components().count() > 1 {
+        return exec(program);
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| exec(&d.join(program))))
 }
 
 /// Whether `name` can be a user QEMU runs as: a plain login name.
@@ -59,9 +92,14 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("guest={},debug-threads=off", spec.name)]);
     push(&["-uuid", &spec.uuid.to_string()]);
-    match spec.accel {
-        Accel::Kvm => push(&["-machine", "pc,accel=kvm", "-cpu", "host"]),
-        Accel::Tcg => push(&["-machine", "pc,accel=tcg"]),
+    let arm = spec.arch == "aarch64";
+    match (arm, spec.accel) {
+        (false, Accel::Kvm) => push(&["-machine", "pc,accel=kvm", "-cpu", "host"]),
+        (false, Accel::Tcg) => push(&["-machine", "pc,accel=tcg"]),
+        (true, Accel::Kvm) => push(&["-machine", "virt,accel=kvm", "-cpu", "host"]),
+        // QEMU's `virt` board; a Cortex-A72 rather than `max`, whose
+        // pointer authentication is slow to emulate.
+        (true, Accel::Tcg) => push(&["-machine", "virt,accel=tcg", "-cpu", "cortex-a72"]),
     }
     push(&[
         "-smp",
@@ -95,9 +133,12 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         ]),
         None => push(&["-netdev", &user_netdev(spec)]),
     }
+    // No option ROM on `virt`: it boots the kernel directly, and QEMU's
+    // network boot ROMs are built for the PC.
+    let rom = if arm { ",romfile=" } else { "" };
     push(&[
         "-device",
-        &format!("virtio-net-pci,netdev=net0,mac={}", spec.mac),
+        &format!("virtio-net-pci,netdev=net0,mac={}{rom}", spec.mac),
     ]);
     push(&[
         "-chardev",
@@ -427,7 +468,8 @@ impl Driver for QemuDriver {
         let log2 = log
             .try_clone()
             .map_err(DriverError::io("cannot open the QEMU log"))?;
-        let mut cmd = tokio::process::Command::new(&self.binary);
+        let binary = binary_for(&self.binary, &spec.arch);
+        let mut cmd = tokio::process::Command::new(&binary);
         if let Some(u) = &self.run_as {
             cmd.args(["-runas", u]);
         }
@@ -437,9 +479,9 @@ impl Driver for QemuDriver {
             .stderr(Stdio::from(log2))
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|e| {
-            DriverError::Failed(format!("cannot run {}: {e}", self.binary.display()))
-        })?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| DriverError::Failed(format!("cannot run {}: {e}", binary.display())))?;
         let pid = child.id().unwrap_or(0);
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
@@ -591,6 +633,7 @@ mod tests {
             ]),
             tap: None,
             mac: "52:54:00:aa:bb:cc".into(),
+            arch: "x86_64".into(),
             accel: Accel::Tcg,
         };
         let a = command_line(&spec);
@@ -613,5 +656,43 @@ mod tests {
             a.contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc".to_string()),
             "{a:?}"
         );
+        assert!(
+            a.windows(2).any(|w| w == ["-machine", "pc,accel=tcg"]),
+            "{a:?}"
+        );
+        // An aarch64 guest: the `virt` board, emulated.
+        let arm = command_line(&LaunchSpec {
+            arch: "aarch64".into(),
+            ..spec
+        });
+        assert!(
+            arm.windows(4)
+                .any(|w| w == ["-machine", "virt,accel=tcg", "-cpu", "cortex-a72"]),
+            "{arm:?}"
+        );
+    }
+
+    #[test]
+    fn other_architectures_use_the_qemu_beside_the_hosts() {
+        let host = std::env::consts::ARCH;
+        assert_eq!(
+            binary_for(Path::new("/opt/q/qemu-system-x86_64"), host),
+            PathBuf::from("/opt/q/qemu-system-x86_64")
+        );
+        let other = if host == "aarch64" {
+            "x86_64"
+        } else {
+            "aarch64"
+        };
+        assert_eq!(
+            binary_for(Path::new("/opt/q/qemu-system-x86_64"), other),
+            PathBuf::from(format!("/opt/q/qemu-system-{other}"))
+        );
+        assert_eq!(
+            binary_for(Path::new("qemu-system-x86_64"), other),
+            PathBuf::from(format!("qemu-system-{other}"))
+        );
+        assert!(runnable(Path::new("sh")));
+        assert!(!runnable(Path::new("/nonexistent/qemu")));
     }
 }

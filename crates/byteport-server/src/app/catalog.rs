@@ -112,7 +112,7 @@ pub(crate) const MAX_WORD: usize = 32;
 /// The disk formats the catalogue takes.
 pub(crate) const FORMATS: [&str; 3] = ["qcow2", "raw", "initramfs"];
 
-fn check_word(field: &str, v: &str) -> AppResult<()> {
+pub(crate) fn check_word(field: &str, v: &str) -> AppResult<()> {
     let ok = !v.is_empty()
         && v.len() <= MAX_WORD
         && v.bytes()

@@ -22,7 +22,9 @@ use uuid::Uuid;
 
 /// At most this many prefixes, and VMs, in one environment.
 pub(crate) const MAX_PREFIXES: usize = 16;
-const MAX_VMS: usize = 32;
+const MAX_VMS: usize = 500;
+/// VMs of each image at most (`dup_each`).
+const MAX_DUP_EACH: u32 = 50;
 /// Lifetimes from a minute to 30 days.
 pub(crate) const MIN_LIFETIME: u64 = 60;
 pub(crate) const MAX_LIFETIME: u64 = 30 * 24 * 3600;
@@ -120,11 +122,36 @@ impl App {
                 chosen.insert(i.name.clone(), i.clone());
             }
         }
-        if chosen.len() > MAX_VMS {
+        if !req.archs.is_empty() {
+            if req.archs.len() > MAX_PREFIXES {
+                return Err(AppError::bad(
+                    "invalid_archs",
+                    format!("give at most {MAX_PREFIXES} archs"),
+                ));
+            }
+            for a in &req.archs {
+                if !chosen.values().any(|i| i.arch == *a) {
+                    return Err(AppError::bad(
+                        "unknown_image",
+                        format!("no {a} image starts with {}", req.os_prefixes.join(" or ")),
+                    ));
+                }
+            }
+            chosen.retain(|_, i| req.archs.contains(&i.arch));
+        }
+        let dup = req.dup_each.unwrap_or(1);
+        if !(1..=MAX_DUP_EACH).contains(&dup) {
+            return Err(AppError::bad(
+                "invalid_dup_each",
+                format!("dup_each is {dup}; it must be between 1 and {MAX_DUP_EACH}"),
+            ));
+        }
+        let total = chosen.len() * dup as usize;
+        if total > MAX_VMS {
             return Err(AppError::bad(
                 "too_many_vms",
                 format!(
-                    "the prefixes match {} images; an environment has at most {MAX_VMS} VMs",
+                    "{} images x {dup} is {total} VMs; an environment has at most {MAX_VMS}",
                     chosen.len()
                 ),
             ));
@@ -140,9 +167,16 @@ impl App {
             created_at: now,
             deleted_at: None,
         };
-        let mut vms = Vec::with_capacity(chosen.len());
-        for image in chosen.values() {
-            let vm_name = format!("{}-{}", req.name, image.name);
+        let mut vms = Vec::with_capacity(total);
+        let copies = chosen
+            .values()
+            .flat_map(|image| (1..=dup).map(move |n| (image, n)));
+        for (image, n) in copies {
+            let vm_name = if dup == 1 {
+                format!("{}-{}", req.name, image.name)
+            } else {
+                format!("{}-{}-{n}", req.name, image.name)
+            };
             let name = Name::parse(&vm_name).map_err(|e| {
                 AppError::bad(
                     "invalid_name",

@@ -8,8 +8,9 @@ use super::{Actor, App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{Observation, Release, join_token, node};
 use byteport_types::api::{
-    BootMode, Capacity, CloudInit, DesiredVm, Egress, Heartbeat, HeartbeatResponse, JoinToken,
-    JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered, OrphanAdopt, OrphanVm, Vm,
+    BootMode, Capacity, CloudInit, DesiredVm, Egress, Execution, Heartbeat, HeartbeatResponse,
+    JoinToken, JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered, OrphanAdopt,
+    OrphanVm, Platform, Vm,
 };
 use byteport_types::node_proto::{FromNode, ToNode};
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmState};
@@ -45,6 +46,47 @@ fn check_capacity(c: &Capacity) -> AppResult<()> {
     Ok(())
 }
 
+/// The architectures node `n` runs guests of. A node that never said
+/// (it registered before platforms were reported) runs its own: natively
+/// with KVM, else emulated.
+pub(crate) fn node_platforms(n: &node::Model) -> Vec<Platform> {
+    let said: Vec<Platform> = serde_json::from_str(&n.platforms).unwrap_or_default();
+    if !said.is_empty() {
+        return said;
+    }
+    vec![Platform {
+        arch: n.arch.clone(),
+        execution: if n.kvm {
+            Execution::Native
+        } else {
+            Execution::Emulated
+        },
+    }]
+}
+
+/// At most this many architectures per node.
+const MAX_PLATFORMS: usize = 16;
+
+/// A node's platforms as stored: checked, each architecture once.
+fn platforms_json(platforms: &[Platform]) -> AppResult<String> {
+    if platforms.len() > MAX_PLATFORMS {
+        return Err(AppError::bad(
+            "invalid_platforms",
+            format!("at most {MAX_PLATFORMS} platforms"),
+        ));
+    }
+    for (i, p) in platforms.iter().enumerate() {
+        super::catalog::check_word("platforms[].arch", &p.arch)?;
+        if platforms[..i].iter().any(|q| q.arch == p.arch) {
+            return Err(AppError::bad(
+                "invalid_platforms",
+                format!("the architecture {} is listed twice", p.arch),
+            ));
+        }
+    }
+    serde_json::to_string(platforms).map_err(AppError::internal)
+}
+
 pub(crate) fn node_view(n: &node::Model) -> AppResult<Node> {
     let stats = latest(n);
     Ok(Node {
@@ -52,6 +94,7 @@ pub(crate) fn node_view(n: &node::Model) -> AppResult<Node> {
         name: Name::parse(&n.name).map_err(AppError::internal)?,
         region: n.region.clone(),
         arch: n.arch.clone(),
+        platforms: node_platforms(n),
         engines: serde_json::from_str(&n.engines).map_err(AppError::internal)?,
         kvm: n.kvm,
         status: n.status.clone(),
@@ -126,6 +169,8 @@ impl App {
     /// credential for heartbeats.
     pub async fn node_register(&self, ctx: &Ctx, req: NodeRegister) -> AppResult<NodeRegistered> {
         check_capacity(&req.capacity)?;
+        super::catalog::check_word("arch", &req.arch)?;
+        let platforms = platforms_json(&req.platforms)?;
         let credential = random_secret(NODE_PREFIX);
         let now = Utc::now();
         let n = self
@@ -151,6 +196,7 @@ impl App {
                     reserved_memory_mib: 0,
                     reserved_disk_gib: 0,
                     vm_stats: None,
+                    platforms,
                     last_heartbeat_at: Some(now),
                     created_at: now,
                 },
@@ -224,6 +270,11 @@ impl App {
                 format!("at most {MAX_VM_STATS} networks in one heartbeat"),
             ));
         }
+        let platforms = if hb.platforms.is_empty() {
+            None
+        } else {
+            Some(platforms_json(&hb.platforms)?)
+        };
         let stats = NodeVmStats {
             at: chrono::Utc::now(),
             vms: std::mem::take(&mut hb.vm_stats),
@@ -244,6 +295,7 @@ impl App {
                     hb.usage.disk_gib as i64,
                 ],
                 Some(serde_json::to_string(&stats).map_err(AppError::internal)?),
+                platforms,
             )
             .await?;
         // One read of what the node holds serves every report and, when
@@ -321,6 +373,7 @@ impl App {
                         ports: &ports,
                         deleted: state == VmState::Deleted,
                         agent_version: r.agent_version.as_deref(),
+                        execution: r.execution.map(Execution::as_str),
                         cloud_init: r.cloud_init.map(CloudInit::as_str),
                         network: r
                             .network
@@ -636,6 +689,7 @@ pub(crate) fn node_image(i: byteport_store::image::Model) -> AppResult<NodeImage
         initrd_sha256: i.initrd_sha256,
         cmdline: i.cmdline,
         has_agent: i.has_agent,
+        arch: i.arch,
     })
 }
 

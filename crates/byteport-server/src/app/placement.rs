@@ -28,7 +28,13 @@ pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
         online: n.status == "online" || n.status == "cordoned",
         cordoned: n.status == "cordoned",
         region: n.region.clone(),
-        arch: n.arch.clone(),
+        platforms: super::nodes::node_platforms(n)
+            .into_iter()
+            .map(|p| byteport_scheduler::Platform {
+                native: p.execution == byteport_types::api::Execution::Native,
+                arch: p.arch,
+            })
+            .collect(),
         capacity: Resources {
             vcpus: n.cap_vcpus,
             memory_mib: n.cap_memory_mib,
@@ -66,17 +72,7 @@ impl App {
         v: &vm::Model,
         pass: &mut Pass,
     ) -> AppResult<(Request<Uuid>, Policy)> {
-        let arch = match pass.arch.get(&v.image_id) {
-            Some(a) => a.clone(),
-            None => {
-                let a = match self.store.image_fetch(v.image_id).await {
-                    Ok(i) => i.arch,
-                    Err(_) => "x86_64".into(),
-                };
-                pass.arch.insert(v.image_id, a.clone());
-                a
-            }
-        };
+        let arch = v.arch.clone();
         let wish: Placement = v
             .placement
             .as_deref()
@@ -149,8 +145,8 @@ impl App {
         Ok(())
     }
 
-    /// Places one VM using (and keeping up to date) the inventory and image
-    /// architectures of `pass`; the inventory is read again only when it is
+    /// Places one VM using (and keeping up to date) the inventory of
+    /// `pass`; the inventory is read again only when it is
     /// missing or a placement lost a race to another placer.
     async fn place_in(&self, v: &vm::Model, pass: &mut Pass) -> AppResult<Option<Uuid>> {
         let (req, policy) = self.request_for(v, pass).await?;
@@ -267,7 +263,6 @@ pub fn to_size(r: Resources) -> Size {
 #[derive(Default)]
 struct Pass {
     nodes: Option<Vec<NodeInventory<Uuid>>>,
-    arch: std::collections::HashMap<Uuid, String>,
     /// Nodes chosen in this pass for each (project, anti-affinity group).
     groups: std::collections::HashMap<(Uuid, String), Vec<Uuid>>,
 }

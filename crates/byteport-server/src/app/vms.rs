@@ -7,7 +7,8 @@ use super::{App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{VmFilter, vm};
 use byteport_types::api::{
-    CloudInit, Egress, Page, PortForward, ReadyBy, Role, Vm, VmActionCheck, VmCreate, VmListQuery,
+    CloudInit, Egress, Execution, Page, PortForward, ReadyBy, Role, Vm, VmActionCheck, VmCreate,
+    VmListQuery,
 };
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmAction, VmState};
 use byteport_types::{Name, NodeId, ProjectId, VmId};
@@ -188,6 +189,8 @@ impl App {
             name: name.to_owned(),
             image_id: image.id,
             image_name: image.name.clone(),
+            arch: image.arch.clone(),
+            execution: None,
             flavor_name: None,
             vcpus: i64::from(vcpus),
             memory_mib: memory_mib as i64,
@@ -533,6 +536,8 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
         name: Name::parse(&v.name).map_err(AppError::internal)?,
         project: Name::parse(project).map_err(AppError::internal)?,
         project_id: ProjectId(v.project_id),
+        arch: v.arch.clone(),
+        execution: v.execution.as_deref().and_then(Execution::parse),
         image: Name::parse(&v.image_name).map_err(AppError::internal)?,
         flavor: v
             .flavor_name

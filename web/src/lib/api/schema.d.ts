@@ -1181,8 +1181,19 @@ export interface components {
          *     `os_prefixes`, made together within the project's quota (all or none).
          */
         EnvironmentCreate: {
+            /**
+             * @description Only images of these architectures (`x86_64`, `aarch64`, ...):
+             *     one VM per (image, architecture) pair that exists. Every one of
+             *     them when empty.
+             */
+            archs?: string[];
             /** Format: int64 */
             disk_gib?: number | null;
+            /**
+             * Format: int32
+             * @description VMs of each image (1-50; 1 when absent), named `ENV-IMAGE-N`.
+             */
+            dup_each?: number | null;
             flavor?: components["schemas"]["Name"] | null;
             /**
              * Format: int64
@@ -1282,6 +1293,13 @@ export interface components {
              */
             timeout_secs?: number | null;
         };
+        /**
+         * @description How a node runs guests of one architecture: `native` on the host's
+         *     own CPU with hardware virtualisation (KVM), `emulated` in software
+         *     (QEMU's TCG: any architecture, on any host, several times slower).
+         * @enum {string}
+         */
+        Execution: "native" | "emulated";
         Flavor: {
             /** Format: int64 */
             disk_gib: number;
@@ -1312,6 +1330,11 @@ export interface components {
             networks?: components["schemas"]["NodeNetwork"][];
             /** @description VMs the node holds that the control plane's answer did not list. */
             orphans?: components["schemas"]["OrphanVm"][];
+            /**
+             * @description The architectures it runs guests of now (it may have gained an
+             *     emulator since it registered); unchanged when empty.
+             */
+            platforms?: components["schemas"]["Platform"][];
             usage?: components["schemas"]["Capacity"];
             /** @description Host-side figures of the VMs with a running process. */
             vm_stats?: components["schemas"]["VmStats"][];
@@ -1469,6 +1492,7 @@ export interface components {
         /** @description 1-63 characters of a-z, 0-9, '-' and '.', starting and ending with a letter or digit, no '..' */
         Name: string;
         Node: {
+            /** @description The host's own architecture. */
             arch: string;
             capacity: components["schemas"]["Capacity"];
             /** Format: date-time */
@@ -1489,6 +1513,8 @@ export interface components {
              *     latest heartbeat (see [`OrphanVm`]).
              */
             orphans: components["schemas"]["OrphanVm"][];
+            /** @description The architectures it runs guests of, and how (its own first). */
+            platforms: components["schemas"]["Platform"][];
             region: string;
             /** @description What placements hold on it. */
             reserved: components["schemas"]["Capacity"];
@@ -1504,6 +1530,8 @@ export interface components {
         NodeId: string;
         /** @description How a node boots an image, and the files it needs (by sha256). */
         NodeImage: {
+            /** @description The guest's architecture. */
+            arch?: string;
             boot: components["schemas"]["BootMode"];
             cmdline?: string | null;
             /** @description `qcow2`, `raw` or `initramfs`. */
@@ -1536,6 +1564,11 @@ export interface components {
             join_token: string;
             kvm?: boolean;
             name: components["schemas"]["Name"];
+            /**
+             * @description The architectures it runs guests of; its own `arch` (native with
+             *     KVM, else emulated) when empty.
+             */
+            platforms?: components["schemas"]["Platform"][];
             region?: string;
         };
         /** @description The node's own credential, shown once; it authenticates heartbeats. */
@@ -1656,6 +1689,8 @@ export interface components {
                 actions: components["schemas"]["VmActionCheck"][];
                 /** @description The guest agent's version, once it said ready. */
                 agent_version?: string | null;
+                /** @description The guest's architecture (its image's). */
+                arch: string;
                 cloud_init?: components["schemas"]["CloudInit"] | null;
                 /** Format: date-time */
                 created_at: string;
@@ -1667,6 +1702,7 @@ export interface components {
                 /** @description Its outbound policy. */
                 egress: components["schemas"]["Egress"];
                 environment_id?: components["schemas"]["EnvironmentId"] | null;
+                execution?: components["schemas"]["Execution"] | null;
                 flavor?: components["schemas"]["Name"] | null;
                 /** @description Guest ports asked to be opened (22 always is). */
                 guest_ports: number[];
@@ -1727,6 +1763,12 @@ export interface components {
          * @enum {string}
          */
         PlacementPolicy: "spread" | "pack";
+        /** @description An architecture a node runs guests of, and how. */
+        Platform: {
+            /** @description `x86_64`, `aarch64`, ... (as `uname -m` says in the guest). */
+            arch: string;
+            execution: components["schemas"]["Execution"];
+        };
         /** @description Where a guest port is reachable on the node's host. */
         PortForward: {
             /** Format: int32 */
@@ -2040,6 +2082,8 @@ export interface components {
             actions: components["schemas"]["VmActionCheck"][];
             /** @description The guest agent's version, once it said ready. */
             agent_version?: string | null;
+            /** @description The guest's architecture (its image's). */
+            arch: string;
             cloud_init?: components["schemas"]["CloudInit"] | null;
             /** Format: date-time */
             created_at: string;
@@ -2051,6 +2095,7 @@ export interface components {
             /** @description Its outbound policy. */
             egress: components["schemas"]["Egress"];
             environment_id?: components["schemas"]["EnvironmentId"] | null;
+            execution?: components["schemas"]["Execution"] | null;
             flavor?: components["schemas"]["Name"] | null;
             /** @description Guest ports asked to be opened (22 always is). */
             guest_ports: number[];
@@ -2200,6 +2245,7 @@ export interface components {
              * @description The desired generation the node had applied when it observed.
              */
             desired_generation: number;
+            execution?: components["schemas"]["Execution"] | null;
             /**
              * Format: int64
              * @description The node's own counter for this VM; older reports are ignored.

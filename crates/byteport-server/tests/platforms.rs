@@ -1,0 +1,279 @@
+//! Guest architectures through the API, with simulated nodes, on SQLite
+//! and PostgreSQL: nodes say which architectures they run (natively or
+//! emulated), VMs go only where theirs runs, and environments form a
+//! matrix of images x architectures, N of each.
+
+use axum::http::{Method, StatusCode};
+use byteport_testkit::{SimNode, TestServer, backends};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+const PUT: Method = Method::PUT;
+
+/// Images `debian-R` (x86_64) and `debian-R-arm` (aarch64) for each release.
+async fn debian_images(s: &TestServer, releases: &[u32]) {
+    for r in releases {
+        s.image_for(&format!("debian-{r}"), "x86_64").await;
+        s.image_for(&format!("debian-{r}-arm"), "aarch64").await;
+    }
+}
+
+async fn roomy_quota(s: &TestServer, max_vms: u32) {
+    let (st, v) = s
+        .call(
+            PUT,
+            "/v1/projects/default/quota",
+            Some(&s.admin),
+            Some(json!({"max_vms": max_vms, "max_vcpus": 100000,
+                "max_memory_mib": 100_000_000u64, "max_disk_gib": 1_000_000u64})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+}
+
+fn env(name: &str, prefixes: &[&str], archs: &[&str], dup: Option<u32>) -> Value {
+    let mut e = json!({"name": name, "os_prefixes": prefixes, "archs": archs,
+        "vcpus": 1, "memory_mib": 256, "disk_gib": 1});
+    if let Some(d) = dup {
+        e["dup_each"] = json!(d);
+    }
+    e
+}
+
+fn vms(e: &Value) -> &Vec<Value> {
+    e["vms"].as_array().expect("the environment's VMs")
+}
+
+async fn env_count(s: &TestServer) -> usize {
+    let (st, v) = s.call(GET, "/v1/environments", Some(&s.admin), None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v.as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn environments_form_a_matrix_placed_where_each_architecture_runs() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        debian_images(&s, &[12, 13]).await;
+        s.image_for("tiny", "x86_64").await;
+        roomy_quota(&s, 100).await;
+        // An x86_64 host without KVM (it says nothing: its own arch,
+        // emulated), an aarch64 host with KVM, and an x86_64 host that
+        // also emulates aarch64.
+        let x86 = SimNode::join(&s, "x86-1", 65536).await;
+        let arm = SimNode::join_running(&s, "arm-1", 64, 65536, &[("aarch64", "native")]).await;
+        let both = SimNode::join_running(
+            &s,
+            "both-1",
+            64,
+            65536,
+            &[("x86_64", "emulated"), ("aarch64", "emulated")],
+        )
+        .await;
+        let (_, n) = s
+            .call(GET, &format!("/v1/nodes/{}", x86.id), Some(&t), None)
+            .await;
+        assert_eq!(
+            n["platforms"],
+            json!([{"arch": "x86_64", "execution": "emulated"}])
+        );
+        let (_, n) = s
+            .call(GET, &format!("/v1/nodes/{}", both.id), Some(&t), None)
+            .await;
+        assert_eq!(n["platforms"][1]["arch"], "aarch64", "{n}");
+
+        // One VM per (image, architecture); each where its architecture
+        // runs, aarch64 natively before emulated.
+        let (st, e) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(env("compat", &["debian"], &["x86_64", "aarch64"], None)),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+        let got: BTreeMap<&str, (&str, &str)> = vms(&e)
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap(),
+                    (
+                        v["arch"].as_str().unwrap(),
+                        v["node_id"].as_str().unwrap_or("-"),
+                    ),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got.keys().copied().collect::<Vec<_>>(),
+            [
+                "compat-debian-12",
+                "compat-debian-12-arm",
+                "compat-debian-13",
+                "compat-debian-13-arm"
+            ]
+        );
+        for (name, (arch, node)) in &got {
+            if name.ends_with("-arm") {
+                assert_eq!(*arch, "aarch64");
+                assert_eq!(*node, arm.id, "{name} is placed natively");
+            } else {
+                assert_eq!(*arch, "x86_64");
+                assert!(*node == x86.id || *node == both.id, "{name} on {node}");
+            }
+        }
+
+        // One architecture only, two of each image.
+        let (st, e) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(env("arm", &["debian"], &["aarch64"], Some(2))),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+        let names: Vec<&str> = vms(&e)
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "arm-debian-12-arm-1",
+                "arm-debian-12-arm-2",
+                "arm-debian-13-arm-1",
+                "arm-debian-13-arm-2"
+            ]
+        );
+        assert!(vms(&e).iter().all(|v| v["arch"] == "aarch64"), "{e}");
+
+        // Bad input is a 4xx and makes nothing.
+        let before = env_count(&s).await;
+        for (req, code) in [
+            (env("x", &["debian"], &["riscv64"], None), "unknown_image"),
+            (env("x", &["tiny"], &["aarch64"], None), "unknown_image"),
+            (env("x", &["debian"], &[], Some(0)), "invalid_dup_each"),
+            (env("x", &["debian"], &[], Some(51)), "invalid_dup_each"),
+        ] {
+            let (st, v) = s
+                .call(POST, "/v1/environments", Some(&t), Some(req.clone()))
+                .await;
+            assert!(st.is_client_error(), "{req} -> {st} {v}");
+            assert_eq!(v["error"]["code"], code, "{req} -> {v}");
+        }
+        assert_eq!(env_count(&s).await, before);
+
+        // A riscv64 VM waits with the reason until a node runs riscv64:
+        // this one gains the emulator and says so in its next heartbeat.
+        s.image_for("tiny-riscv64", "riscv64").await;
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(json!({"name": "rv", "image": "tiny-riscv64", "flavor": "m1.tiny"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        let rv = format!("/v1/vms/{}", v["id"].as_str().unwrap());
+        assert_eq!(v["state"], "pending");
+        assert_eq!(
+            v["state_reason"], "no online node runs riscv64 guests",
+            "{v}"
+        );
+        let (st, v) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{}/heartbeat", x86.id),
+                Some(&x86.credential),
+                Some(json!({"capacity": x86.capacity, "platforms": [
+                    {"arch": "x86_64", "execution": "emulated"},
+                    {"arch": "riscv64", "execution": "emulated"}]})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        // The background loop's next placement pass.
+        assert_eq!(s.app.place_pending().await.expect("a pass"), 1);
+        let (_, v) = s.call(GET, &rv, Some(&t), None).await;
+        assert_eq!(v["node_id"], x86.id.as_str(), "{v}");
+        // A node's platforms are checked.
+        let (st, v) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{}/heartbeat", x86.id),
+                Some(&x86.credential),
+                Some(json!({"capacity": x86.capacity, "platforms": [
+                    {"arch": "x86_64", "execution": "emulated"},
+                    {"arch": "x86_64", "execution": "native"}]})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_platforms");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_environment_of_500_vms_is_made_whole_across_20_nodes_by_architecture() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        debian_images(&s, &[10, 11, 12, 13, 14]).await;
+        roomy_quota(&s, 500).await;
+        let mut arch_of = HashMap::new();
+        for i in 0..10 {
+            let n = SimNode::join_running(&s, &format!("amd-{i}"), 64, 65536, &[]).await;
+            arch_of.insert(n.id, "x86_64");
+            let n =
+                SimNode::join_running(&s, &format!("arm-{i}"), 64, 65536, &[("aarch64", "native")])
+                    .await;
+            arch_of.insert(n.id, "aarch64");
+        }
+        // Ten images, both architectures, fifty of each: 500 VMs, the
+        // quota's last one included.
+        let (st, e) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(env("big", &["debian"], &["x86_64", "aarch64"], Some(50))),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+        assert_eq!(vms(&e).len(), 500);
+        // Placed at once, or by the background loop's next pass.
+        s.app.place_pending().await.expect("a pass");
+        let (_, e) = s.call(GET, "/v1/environments/big", Some(&t), None).await;
+        let mut per_node: HashMap<&str, usize> = HashMap::new();
+        for v in vms(&e) {
+            let node = v["node_id"].as_str().expect("every VM placed");
+            assert_eq!(arch_of[node], v["arch"], "{v}");
+            *per_node.entry(node).or_default() += 1;
+        }
+        assert_eq!(per_node.len(), 20, "spread over every node: {per_node:?}");
+        // No node over its limit: 64 vCPUs x 4 overcommit, 64 GiB.
+        let (_, nodes) = s.call(GET, "/v1/nodes", Some(&t), None).await;
+        for n in nodes.as_array().expect("nodes") {
+            assert!(
+                n["reserved"]["memory_mib"].as_u64().unwrap() <= 65536,
+                "{n}"
+            );
+        }
+        // All or nothing: one VM more is over the quota and makes none.
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(env("more", &["debian-10"], &["x86_64"], None)),
+            )
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+        assert_eq!(v["error"]["code"], "quota_exceeded", "{v}");
+        assert_eq!(env_count(&s).await, 1);
+    }
+}

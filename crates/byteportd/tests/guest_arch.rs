@@ -1,0 +1,132 @@
+//! Guests of another architecture, for real: an aarch64 `tiny` emulated
+//! by `qemu-system-aarch64` (the `virt` board, TCG) beside an x86_64 one,
+//! in one environment. Skips, saying why, when the images are missing,
+//! unless `BYTEPORT_REQUIRE_QEMU=1` (set by `cargo xtask test`).
+
+use byteport_testkit::daemon::{Daemon, image_or_skip, qemus_under, tiny_or_skip};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_byteportd");
+/// An emulated aarch64 boot is slower than an x86_64 one under TCG.
+const BOOT_SECS: u64 = 240;
+
+#[test]
+fn an_environment_across_architectures_answers_from_each_guest_in_its_own() {
+    let test = "an environment across architectures";
+    let (Some(tiny), Some(arm)) = (tiny_or_skip(test), image_or_skip("tiny-aarch64", test)) else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    d.import_image(&tiny);
+    d.import_image(&arm);
+    let images = d.api.get("/v1/images").expect("images");
+    let arch_of = |name: &str| {
+        images
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == name))
+            .map(|i| i["arch"].clone())
+    };
+    assert_eq!(arch_of("tiny-aarch64"), Some(json!("aarch64")), "{images}");
+    assert_eq!(arch_of("tiny"), Some(json!("x86_64")), "{images}");
+
+    // The node found qemu-system-aarch64 and says it emulates aarch64.
+    let nodes = d.api.get("/v1/nodes").expect("nodes");
+    let platforms = &nodes[0]["platforms"];
+    assert!(
+        platforms
+            .as_array()
+            .expect("platforms")
+            .iter()
+            .any(|p| p["arch"] == "aarch64" && p["execution"] == "emulated"),
+        "{nodes}"
+    );
+
+    // One VM per (image, architecture).
+    let e = d
+        .api
+        .post(
+            "/v1/environments",
+            json!({"name": "matrix", "os_prefixes": ["tiny"], "archs": ["x86_64", "aarch64"],
+                   "vcpus": 1, "memory_mib": 256, "disk_gib": 1}),
+        )
+        .expect("create the environment");
+    let id = e["id"].as_str().expect("an id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(BOOT_SECS);
+    let e = loop {
+        let e = d.api.get(&format!("/v1/environments/{id}")).expect("show");
+        if e["state"] == "ready" {
+            break e;
+        }
+        assert_ne!(e["state"], "degraded", "{e}");
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {e}\ndaemon log tail:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let vms = e["vms"].as_array().expect("vms");
+    let names: Vec<&str> = vms.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["matrix-tiny", "matrix-tiny-aarch64"]);
+    for v in vms {
+        assert_eq!(v["execution"], "emulated", "TCG on this host: {v}");
+    }
+    assert_eq!(vms[1]["arch"], "aarch64");
+
+    // The same command on both: each answers with its own architecture
+    // and its own kernel's.
+    let r = d
+        .api
+        .post(
+            "/v1/environments/matrix/run",
+            json!({"argv": ["sh", "-c", "uname -m; grep -c ^processor /proc/cpuinfo"]}),
+        )
+        .expect("run");
+    let results = r["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{r}");
+    for (res, arch) in results.iter().zip(["x86_64", "aarch64"]) {
+        assert_eq!(res["exit_code"], 0, "{r}");
+        let out = res["stdout"].as_str().unwrap();
+        assert_eq!(out.lines().next(), Some(arch), "{r}");
+    }
+
+    // The aarch64 guest powers off on the `virt` board's power button
+    // (a GPIO key, not ACPI) and comes back.
+    let arm_id = vms[1]["id"].as_str().unwrap().to_owned();
+    d.api
+        .post(&format!("/v1/vms/{arm_id}/stop"), json!({}))
+        .expect("stop");
+    d.wait(&arm_id, "stopped", 120).expect("stopped");
+    assert!(
+        !d.log().contains("ignored the power button"),
+        "the guest powered itself off; daemon log:\n{}",
+        d.log()
+    );
+    d.api
+        .post(&format!("/v1/vms/{arm_id}/start"), json!({}))
+        .expect("start");
+    d.wait(&arm_id, "running", BOOT_SECS)
+        .expect("running again");
+    let (out, _, code) = d.exec(&arm_id, &["uname", "-m"]).expect("exec");
+    assert_eq!((out.trim(), code), ("aarch64", Some(0)));
+
+    d.api
+        .delete("/v1/environments/matrix")
+        .expect("delete the environment");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let e = d.api.get(&format!("/v1/environments/{id}")).expect("show");
+        if e["state"] == "deleted" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never deleted: {e}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !qemus_under(&d.dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(qemus_under(&d.dir).is_empty(), "no QEMU left");
+}
