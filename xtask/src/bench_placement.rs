@@ -523,6 +523,7 @@ fn request(v: &vm::Model, arch: String) -> Request<Uuid> {
             disk_gib: v.disk_gib,
         },
         arch,
+        engine: v.engine.clone(),
         region: None,
         avoid: Vec::new(),
     }
@@ -696,6 +697,7 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                             image_name: img.name.clone(),
                             arch: img.arch.clone(),
                             execution: None,
+                            engine: "qemu".into(),
                             flavor_name: None,
                             vcpus: s.vcpus,
                             memory_mib: s.memory_mib,

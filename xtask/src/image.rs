@@ -32,7 +32,7 @@ const CROSS_ROOT: &str = "build/cache/cross-trixie";
 /// Kept in step with `byteport_guest::proto::AGENT_PORT_NAME`.
 const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
 
-const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, tiny-aarch64, debian-12, run-shell, run-python, run-node or run-rust)";
+const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, tiny-aarch64, debian-12, debian-13, run-shell, run-python, run-node or run-rust)";
 
 /// Entry point for `cargo xtask image ...`.
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -56,7 +56,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let ctx = Ctx::new(root, &out)?;
     let manifest = match recipe {
         Recipe::Tiny(arch) => build_tiny(&ctx, arch)?,
-        Recipe::Debian12 => build_debian12(&ctx)?,
+        Recipe::Debian(release) => build_debian(&ctx, release)?,
         Recipe::Runtime(lang) => build_runtime(&ctx, lang)?,
     };
     println!(
@@ -75,8 +75,8 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
 enum Recipe {
     /// Debian's kernel, busybox and the agent, entirely in an initramfs.
     Tiny(Arch),
-    /// Debian bookworm with cloud-init on an ext4 disk.
-    Debian12,
+    /// Debian (bookworm or trixie) with cloud-init on an ext4 disk.
+    Debian(Release),
     /// A run-code runtime: bookworm's minbase and a language's packages on
     /// a read-only ext4 disk, the guest agent as the only service.
     Runtime(Runtime),
@@ -134,14 +134,38 @@ impl Recipe {
         match name {
             "tiny" => Ok(Recipe::Tiny(Arch::X86_64)),
             "tiny-aarch64" => Ok(Recipe::Tiny(Arch::Aarch64)),
-            "debian-12" => Ok(Recipe::Debian12),
+            "debian-12" => Ok(Recipe::Debian(Release::Bookworm)),
+            "debian-13" => Ok(Recipe::Debian(Release::Trixie)),
             "run-shell" => Ok(Recipe::Runtime(Runtime::Shell)),
             "run-python" => Ok(Recipe::Runtime(Runtime::Python)),
             "run-node" => Ok(Recipe::Runtime(Runtime::Node)),
             "run-rust" => Ok(Recipe::Runtime(Runtime::Rust)),
             other => bail!(
-                "unknown image {other:?}; known images: tiny, tiny-aarch64, debian-12, run-shell, run-python, run-node, run-rust"
+                "unknown image {other:?}; known images: tiny, tiny-aarch64, debian-12, debian-13, run-shell, run-python, run-node, run-rust"
             ),
+        }
+    }
+}
+
+/// A Debian release the `debian-N` recipes build.
+#[derive(Clone, Copy, Debug)]
+enum Release {
+    Bookworm,
+    Trixie,
+}
+
+impl Release {
+    fn suite(self) -> &'static str {
+        match self {
+            Release::Bookworm => "bookworm",
+            Release::Trixie => "trixie",
+        }
+    }
+
+    fn image_name(self) -> &'static str {
+        match self {
+            Release::Bookworm => "debian-12",
+            Release::Trixie => "debian-13",
         }
     }
 }
@@ -405,8 +429,10 @@ fn unpack_boot_parts(ctx: &Ctx) -> anyhow::Result<Unpacked> {
 }
 
 /// The `debian-12` recipe; see images/README.md.
-fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
-    let recipe_dir = ctx.root.join("images/debian-12");
+/// The `debian-N` recipes. Both boot the host's (bookworm) kernel, which
+/// runs trixie's userland as well; the root filesystem is the release's.
+fn build_debian(ctx: &Ctx, release: Release) -> anyhow::Result<Manifest> {
+    let recipe_dir = ctx.root.join("images/debian");
     for tool in ["debootstrap", "mkfs.ext4", "depmod", "qemu-img"] {
         if crate::which(tool).is_none() {
             bail!("{tool} is missing: apt-get install debootstrap e2fsprogs kmod qemu-utils");
@@ -430,7 +456,10 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
 
     // The root filesystem; debootstrap keeps the packages it fetched.
     let rootfs = ctx.work.path().join("rootfs");
-    let cache = ctx.root.join("build/cache/debootstrap");
+    let cache = ctx
+        .root
+        .join("build/cache/debootstrap")
+        .join(release.suite());
     fs::create_dir_all(&cache)?;
     let started = Instant::now();
     crate::run(
@@ -438,7 +467,7 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
             .arg("--variant=minbase")
             .arg(format!("--include={}", DEBIAN_PACKAGES.join(",")))
             .arg(format!("--cache-dir={}", cache.display()))
-            .arg("bookworm")
+            .arg(release.suite())
             .arg(&rootfs)
             .arg(debian_mirror())
             .stdout(Stdio::null()),
@@ -490,14 +519,16 @@ fn build_debian12(ctx: &Ctx) -> anyhow::Result<Manifest> {
     )?;
 
     let manifest = Manifest {
-        name: "debian-12".into(),
+        name: release.image_name().into(),
         arch: Arch::X86_64,
         os_family: "debian".into(),
         os_version,
         kernel_version: kver,
         format: "qcow2".into(),
         boot: "kernel".into(),
-        cmdline: "console=ttyS0 root=/dev/vda".into(),
+        // Classic NIC names: the first one is eth0 on every release, as the
+        // network config says (trixie would name it ens3).
+        cmdline: "console=ttyS0 root=/dev/vda net.ifnames=0".into(),
         has_agent: true,
         // cloud-init's default user in Debian's cloud.cfg.
         login_user: Some("debian".into()),
@@ -528,7 +559,7 @@ fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
     } = unpack_boot_parts(ctx)?;
 
     let rootfs = ctx.work.path().join("rootfs");
-    let cache = ctx.root.join("build/cache/debootstrap");
+    let cache = ctx.root.join("build/cache/debootstrap/bookworm");
     fs::create_dir_all(&cache)?;
     let started = Instant::now();
     let mut cmd = Command::new("debootstrap");

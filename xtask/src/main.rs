@@ -170,6 +170,7 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
         "tiny",
         "tiny-aarch64",
         "debian-12",
+        "debian-13",
         "run-shell",
         "run-python",
         "run-node",

@@ -899,6 +899,7 @@ fn vm_details(v: &Vm) {
         ("desired state", v.desired_state.to_string()),
         ("image", v.image.to_string()),
         ("arch", arch_of(v)),
+        ("engine", v.engine.as_str().into()),
         ("flavor", opt(&v.flavor)),
         ("vcpus", v.vcpus.to_string()),
         ("memory", format!("{} MiB", v.memory_mib)),
@@ -1118,6 +1119,7 @@ fn vm(env: &Env, args: VmArgs) -> Result<()> {
         VmCmd::Create {
             name,
             image,
+            engine,
             flavor,
             vcpus,
             memory_mib,
@@ -1134,7 +1136,21 @@ fn vm(env: &Env, args: VmArgs) -> Result<()> {
             wait,
             timeout,
         } => {
+            // TTStack's form: `--image microvm:tiny`.
+            let (engine, image) = match image.split_once(':') {
+                Some((e, i)) if engine.is_none() || engine.as_deref() == Some(e) => {
+                    (Some(e.to_owned()), i.to_owned())
+                }
+                Some((e, _)) => anyhow::bail!(
+                    "--image names the engine {e}, and --engine {} another",
+                    engine.unwrap_or_default()
+                ),
+                None => (engine, image),
+            };
             let mut body = json!({"name": name, "image": image});
+            if let Some(e) = engine {
+                body["engine"] = json!(e);
+            }
             if !ports.is_empty() {
                 body["ports"] = json!(ports);
             }

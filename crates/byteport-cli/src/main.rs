@@ -490,6 +490,9 @@ pub enum EnvCmd {
         /// VMs of each image (1-50), named ENV-IMAGE-N.
         #[arg(long)]
         dup_each: Option<u32>,
+        /// The engine of every VM: qemu (the default) or microvm.
+        #[arg(long)]
+        engine: Option<String>,
         #[arg(long)]
         flavor: Option<String>,
         #[arg(long)]
@@ -530,6 +533,23 @@ pub enum EnvCmd {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Stop every VM of an environment, disks kept (--wait: until all
+    /// are stopped).
+    Stop {
+        env: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Start every VM of an environment again (--wait: until all run).
+    Start {
+        env: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
     /// Delete an environment and all its VMs (--wait: until they are gone).
     Del {
         env: String,
@@ -560,13 +580,20 @@ pub struct ActionArgs {
     pub timeout: u64,
 }
 
+// Parsed once per run: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Create a VM; it is `pending` until the scheduler places it on a node (--wait: until running).
     Create {
         name: String,
+        /// The image, or ENGINE:IMAGE (microvm:tiny) to pick the engine too.
         #[arg(long)]
         image: String,
+        /// The hypervisor engine: qemu (the default) or microvm (x86_64
+        /// images that boot a kernel; no firmware, faster to boot).
+        #[arg(long)]
+        engine: Option<String>,
         #[arg(long)]
         flavor: Option<String>,
         #[arg(long)]

@@ -26,7 +26,7 @@ pub mod vm;
 
 use byteport_guest::host::GuestConn;
 use byteport_types::api::{
-    Capacity, DesiredVm, Execution, Heartbeat, NodeRegister, OrphanVm, Platform, VmReport,
+    Capacity, DesiredVm, Engine, Execution, Heartbeat, NodeRegister, OrphanVm, Platform, VmReport,
 };
 use byteport_types::vm_state::ObservedState;
 use byteport_types::{Name, NodeId, VmId};
@@ -185,6 +185,9 @@ pub struct Shared<D: Driver> {
     pub accel: Accel,
     /// The guest architectures this node runs, and how.
     pub platforms: Vec<Platform>,
+    /// The hypervisor engines it has (`qemu`, and `microvm` where its
+    /// x86_64 QEMU has that machine).
+    pub engines: Vec<String>,
     pub vms_dir: PathBuf,
     pub stop_timeout: Duration,
     /// What QEMU runs per guest connection to 10.0.2.254:80: a pipe
@@ -314,6 +317,17 @@ pub fn detect_platforms(qemu: &std::path::Path, accel: Accel) -> Vec<Platform> {
     out
 }
 
+/// The engines this host has: `qemu`, and `microvm` where the x86_64
+/// QEMU has that machine.
+pub async fn detect_engines(qemu: &std::path::Path) -> Vec<String> {
+    let mut out = vec![Engine::Qemu.as_str().to_owned()];
+    let x86 = driver::qemu::binary_for(qemu, "x86_64");
+    if driver::qemu::has_microvm(&x86).await {
+        out.push(Engine::Microvm.as_str().to_owned());
+    }
+    out
+}
+
 /// Loads the node's identity, or registers with the join token.
 async fn identity(
     cfg: &NodeConfig,
@@ -321,6 +335,7 @@ async fn identity(
     cap: Capacity,
     kvm: bool,
     platforms: &[Platform],
+    engines: &[String],
 ) -> Result<Identity, NodeError> {
     let path = cfg.data_dir.join("node.json");
     if let Ok(b) = std::fs::read(&path) {
@@ -340,7 +355,7 @@ async fn identity(
             name: cfg.name.clone(),
             region: cfg.region.clone(),
             arch: std::env::consts::ARCH.into(),
-            engines: vec!["qemu".into()],
+            engines: engines.to_vec(),
             kvm,
             capacity: cap,
             platforms: platforms.to_vec(),
@@ -396,7 +411,9 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
             .join(", "),
         "guest architectures"
     );
-    let ident = identity(&cfg, &cp, cap, accel == Accel::Kvm, &platforms).await?;
+    let engines = detect_engines(&cfg.qemu_binary).await;
+    tracing::info!(engines = %engines.join(", "), "engines");
+    let ident = identity(&cfg, &cp, cap, accel == Accel::Kvm, &platforms, &engines).await?;
     let relay = metadata::bind(&cfg.data_dir, cfg.metadata_port)
         .await
         .map_err(|e| NodeError::Setup(format!("cannot listen for metadata requests: {e}")))?;
@@ -451,6 +468,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         ),
         accel,
         platforms,
+        engines,
         vms_dir: cfg.data_dir.join("vms"),
         stop_timeout: cfg.stop_timeout,
         metadata_pipe,
@@ -528,6 +546,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
                 .map(|o| o.values().cloned().collect())
                 .unwrap_or_default(),
             platforms: shared.platforms.clone(),
+            engines: shared.engines.clone(),
         };
         match cp.heartbeat(ident.id, &ident.credential, hb).await {
             Ok(resp) => {

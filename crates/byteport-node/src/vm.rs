@@ -20,7 +20,7 @@ use byteport_guest::host::{ExecRequest, GuestConn, GuestError};
 use byteport_guest::proto::{CLOUD_INIT_RUN, CloudInitStatus};
 use byteport_types::VmId;
 use byteport_types::api::{
-    BootMode, CloudInit, DesiredVm, PortForward, VmNetwork, VmReport, guest_mac,
+    BootMode, CloudInit, DesiredVm, Engine, PortForward, VmNetwork, VmReport, guest_mac,
 };
 use byteport_types::vm_state::{DesiredState, ObservedState};
 use serde::{Deserialize, Serialize};
@@ -652,6 +652,14 @@ impl<D: Driver> VmTask<D> {
             .clone()
             .unwrap_or_else(|| "console=ttyS0".into());
         cmdline.push_str(&format!(" byteport.hostname={}", spec.hostname));
+        if spec.engine == Engine::Microvm {
+            if !s.engines.iter().any(|e| e == Engine::Microvm.as_str()) {
+                return Err("this node has no microvm engine".into());
+            }
+            if let Some(khz) = crate::driver::qemu::host_tsc_khz() {
+                cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+            }
+        }
         // The NoCloud data source: `nocloud-net`, so that cloud-init runs
         // its network stages (plain `nocloud` skips them).
         let smbios_serial = spec.metadata_token.as_deref().map(|t| {
@@ -681,6 +689,7 @@ impl<D: Driver> VmTask<D> {
             tap,
             mac: guest_mac(spec.id),
             arch: spec.image.arch.clone(),
+            engine: spec.engine,
             accel: s.accel_for(&spec.image.arch),
         };
         self.save();
@@ -753,6 +762,7 @@ pub(crate) mod tests {
                 true,
             ),
             accel: crate::driver::Accel::Tcg,
+            engines: vec!["qemu".into()],
             platforms: crate::detect_platforms(
                 std::path::Path::new("qemu-system-x86_64"),
                 crate::driver::Accel::Tcg,
@@ -797,6 +807,7 @@ pub(crate) mod tests {
             network_cidr: None,
             guest_ports: Vec::new(),
             egress: Default::default(),
+            engine: Default::default(),
         }
     }
 

@@ -14,6 +14,8 @@ pub struct NodeInventory<Id> {
     pub region: String,
     /// The architectures it runs guests of.
     pub platforms: Vec<Platform>,
+    /// The hypervisor engines it has (`qemu`, `microvm`).
+    pub engines: Vec<String>,
     pub capacity: Resources,
     pub reserved: Resources,
 }
@@ -105,6 +107,8 @@ pub enum Policy {
 pub struct Request<Id> {
     pub size: Resources,
     pub arch: String,
+    /// The engine the VM runs under: only nodes that have it.
+    pub engine: String,
     /// Any region when absent.
     pub region: Option<String>,
     /// Nodes that already hold a VM of the same anti-affinity group.
@@ -133,6 +137,7 @@ pub fn place<Id: Clone + PartialEq>(
     let mut best: Option<(f64, &NodeInventory<Id>, Resources)> = None;
     let mut eligible = 0usize;
     let mut avoided = 0usize;
+    let mut lack_engine = 0usize;
     let mut largest_free = Resources::default();
     let mut largest_on = None;
     for n in nodes {
@@ -142,6 +147,10 @@ pub fn place<Id: Clone + PartialEq>(
         let Some(native) = n.runs(&req.arch) else {
             continue;
         };
+        if !n.engines.contains(&req.engine) {
+            lack_engine += 1;
+            continue;
+        }
         if req.region.as_ref().is_some_and(|r| *r != n.region) {
             continue;
         }
@@ -181,6 +190,10 @@ pub fn place<Id: Clone + PartialEq>(
             node: n.id.clone(),
             limit,
         },
+        None if eligible == 0 && avoided == 0 && lack_engine > 0 => Decision::NoFit(format!(
+            "no online node that runs {} guests has the {} engine",
+            req.arch, req.engine
+        )),
         None if eligible == 0 && avoided > 0 => Decision::NoFit(format!(
             "every one of the {avoided} eligible node(s) already holds a VM of its anti-affinity group"
         )),
@@ -213,6 +226,7 @@ mod tests {
             cordoned: false,
             region: "default".into(),
             platforms: vec![Platform::native("x86_64")],
+            engines: vec!["qemu".into()],
             capacity: Resources {
                 vcpus: 4,
                 memory_mib: mem,
@@ -234,6 +248,7 @@ mod tests {
                 disk_gib: 5,
             },
             arch: "x86_64".into(),
+            engine: "qemu".into(),
             region: None,
             avoid: Vec::new(),
         }
@@ -323,6 +338,23 @@ mod tests {
         );
         // x86_64 still lands on an x86_64 node, emulating one or not.
         assert_eq!(chosen(place(&nodes, &req(512), Policy::Spread, o)), Some(1));
+    }
+
+    #[test]
+    fn a_vm_goes_only_where_its_engine_is() {
+        let mut micro = req(512);
+        micro.engine = "microvm".into();
+        let plain = node(1, 8192, 0);
+        let mut both = node(2, 8192, 6000);
+        both.engines.push("microvm".into());
+        let o = Overcommit::default();
+        let nodes = [plain.clone(), both];
+        assert_eq!(chosen(place(&nodes, &micro, Policy::Spread, o)), Some(2));
+        assert_eq!(chosen(place(&nodes, &req(512), Policy::Spread, o)), Some(1));
+        assert_eq!(
+            place(&[plain], &micro, Policy::Spread, o),
+            Decision::NoFit("no online node that runs x86_64 guests has the microvm engine".into())
+        );
     }
 
     #[test]

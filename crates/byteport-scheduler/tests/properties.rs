@@ -23,6 +23,7 @@ fn fleet() -> impl Strategy<Value = Vec<NodeInventory<usize>>> {
                 cordoned: false,
                 region: format!("r{region}"),
                 platforms: vec![Platform::native("x86_64")],
+                engines: vec!["qemu".into()],
                 capacity: Resources {
                     vcpus: cpu,
                     memory_mib: gib * 1024,
@@ -62,6 +63,7 @@ fn run(
                     disk_gib: disk,
                 },
                 arch: "x86_64".into(),
+                engine: "qemu".into(),
                 region: region.map(|g| format!("r{g}")),
                 avoid: Vec::new(),
             };
@@ -132,6 +134,7 @@ proptest! {
             cordoned: false,
             region: "r0".into(),
             platforms: vec![Platform::native("x86_64")],
+                engines: vec!["qemu".into()],
             capacity: Resources { vcpus: 64, memory_mib: 8 * 1024, disk_gib: 1000 },
             reserved: Resources::default(),
         };

@@ -1292,8 +1292,9 @@ async fn the_metadata_service_gives_each_vm_its_own_documents_only() {
         assert_eq!(st, StatusCode::OK);
         let net: Value = serde_json::from_str(&net).unwrap();
         assert_eq!(net["version"], 2);
-        assert_eq!(net["ethernets"]["nic0"]["dhcp4"], true);
-        let mac = net["ethernets"]["nic0"]["match"]["macaddress"]
+        assert_eq!(net["ethernets"]["eth0"]["dhcp4"], true);
+        assert_eq!(net["ethernets"]["eth0"]["dhcp6"], false);
+        let mac = net["ethernets"]["eth0"]["match"]["macaddress"]
             .as_str()
             .unwrap();
         assert!(mac.starts_with("52:54:00:") && mac.len() == 17, "{mac}");

@@ -46,6 +46,30 @@ fn vms(e: &Value) -> &Vec<Value> {
     e["vms"].as_array().expect("the environment's VMs")
 }
 
+async fn env_named(s: &TestServer, name: &str) -> Value {
+    let (st, e) = s
+        .call(
+            GET,
+            &format!("/v1/environments/{name}"),
+            Some(&s.admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{e}");
+    e
+}
+
+/// One heartbeat reporting every VM of `ids` in `state`, having applied
+/// desired generation `generation` (also the report's own).
+async fn report_all(s: &TestServer, node: &SimNode, ids: &[String], state: &str, generation: u64) {
+    let vms: Vec<(&str, &str, u64, u64)> = ids
+        .iter()
+        .map(|id| (id.as_str(), state, generation, generation))
+        .collect();
+    let (st, v) = node.report(s, &vms).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+}
+
 async fn env_count(s: &TestServer) -> usize {
     let (st, v) = s.call(GET, "/v1/environments", Some(&s.admin), None).await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -275,5 +299,170 @@ async fn an_environment_of_500_vms_is_made_whole_across_20_nodes_by_architecture
         assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
         assert_eq!(v["error"]["code"], "quota_exceeded", "{v}");
         assert_eq!(env_count(&s).await, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_environment_stops_and_starts_whole_keeping_its_vms() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        debian_images(&s, &[12]).await;
+        let node = SimNode::join_running(&s, "n-1", 8, 8192, &[]).await;
+        let (st, e) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(env("pair", &["debian"], &["x86_64"], Some(2))),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+        let ids: Vec<String> = vms(&e)
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect();
+        report_all(&s, &node, &ids, "running", 1).await;
+        assert_eq!(env_named(&s, "pair").await["state"], "ready");
+
+        // Stop: every VM is asked to stop, and once the node says so the
+        // environment is stopped, its VMs kept.
+        let (st, a) = s
+            .call(POST, "/v1/environments/pair/stop", Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{a}");
+        assert_eq!(a["refused"], json!([]));
+        assert!(
+            vms(&a["environment"])
+                .iter()
+                .all(|v| v["desired_state"] == "stopped"),
+            "{a}"
+        );
+        report_all(&s, &node, &ids, "stopped", 2).await;
+        let e = env_named(&s, "pair").await;
+        assert_eq!(e["state"], "stopped", "{e}");
+        assert_eq!(vms(&e).len(), 2);
+        // Again: nothing to do, nothing refused.
+        let (st, a) = s
+            .call(POST, "/v1/environments/pair/stop", Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{a}");
+        assert_eq!(a["refused"], json!([]));
+
+        // Start: back to running on the same node, the same VMs.
+        let (st, a) = s
+            .call(POST, "/v1/environments/pair/start", Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{a}");
+        assert_eq!(a["refused"], json!([]), "{a}");
+        for v in vms(&a["environment"]) {
+            assert_eq!(v["desired_state"], "running", "{v}");
+            assert_eq!(v["node_id"], node.id.as_str(), "{v}");
+        }
+        report_all(&s, &node, &ids, "running", 3).await;
+        let e = env_named(&s, "pair").await;
+        assert_eq!(e["state"], "ready", "{e}");
+        let now: Vec<&str> = vms(&e).iter().map(|v| v["id"].as_str().unwrap()).collect();
+        assert_eq!(now, ids.iter().map(String::as_str).collect::<Vec<_>>());
+
+        // Only members act on it; an unknown one is a 404.
+        let (st, _) = s
+            .call(POST, "/v1/environments/nope/stop", Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_microvm_vm_waits_for_a_node_with_the_engine_and_needs_a_kernel_image() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image_for("disk-img", "x86_64").await;
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/images",
+                Some(&t),
+                Some(
+                    json!({"name": "kern", "os_family": "linux", "os_version": "1",
+                    "format": "initramfs", "size_bytes": 1024, "sha256": "cd".repeat(32),
+                    "boot": "kernel", "kernel_sha256": "ef".repeat(32), "has_agent": true}),
+                ),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        let node = SimNode::join(&s, "n-1", 8192).await;
+        let vm = |name: &str, image: &str, engine: &str| json!({"name": name, "image": image, "flavor": "m1.tiny", "engine": engine});
+        // An image that boots from its disk cannot run under microvm.
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(vm("a", "disk-img", "microvm")),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["error"]["code"], "engine_unsupported", "{v}");
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(vm("a", "kern", "firecracker")),
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_body", "{v}");
+        let (_, list) = s.call(GET, "/v1/vms", Some(&t), None).await;
+        assert_eq!(list["items"], json!([]), "nothing made: {list}");
+
+        // The node has only qemu: the VM waits with the reason ...
+        let (st, v) = s
+            .call(POST, "/v1/vms", Some(&t), Some(vm("m", "kern", "microvm")))
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        assert_eq!(v["engine"], "microvm");
+        assert_eq!(
+            v["state_reason"], "no online node that runs x86_64 guests has the microvm engine",
+            "{v}"
+        );
+        // ... until it says it has microvm too.
+        let (st, hb) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{}/heartbeat", node.id),
+                Some(&node.credential),
+                Some(json!({"capacity": node.capacity, "engines": ["qemu", "microvm"]})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{hb}");
+        assert_eq!(s.app.place_pending().await.expect("a pass"), 1);
+        let (_, hb) = s
+            .call(
+                POST,
+                &format!("/v1/nodes/{}/heartbeat", node.id),
+                Some(&node.credential),
+                Some(json!({"capacity": node.capacity})),
+            )
+            .await;
+        assert_eq!(hb["vms"][0]["engine"], "microvm", "the node is told: {hb}");
+        let (_, n) = s
+            .call(GET, &format!("/v1/nodes/{}", node.id), Some(&t), None)
+            .await;
+        assert_eq!(n["engines"], json!(["qemu", "microvm"]), "{n}");
+        // A plain VM still runs under qemu.
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(json!({"name": "q", "image": "kern", "flavor": "m1.tiny"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        assert_eq!(v["engine"], "qemu");
+        assert_eq!(v["node_id"], node.id.as_str(), "{v}");
     }
 }

@@ -248,6 +248,8 @@ pub mod vm {
         pub arch: String,
         /// `native` or `emulated`, as its node reported running it.
         pub execution: Option<String>,
+        /// `qemu` or `microvm`.
+        pub engine: String,
     }
     no_relations!();
 }

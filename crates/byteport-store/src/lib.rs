@@ -704,10 +704,14 @@ impl DataStore {
         used: [i64; 3],
         vm_stats: Option<String>,
         platforms: Option<String>,
+        engines: Option<String>,
     ) -> Result<()> {
         let mut u = node::Entity::update_many();
         if let Some(p) = platforms {
             u = u.col_expr(node::Column::Platforms, Expr::value(p));
+        }
+        if let Some(e) = engines {
+            u = u.col_expr(node::Column::Engines, Expr::value(e));
         }
         let res = u
             .col_expr(

@@ -678,8 +678,8 @@ impl MigrationTrait for M0010Invites {
     }
 }
 
-/// Architectures: what each node runs guests of (and how), each VM's
-/// architecture and how its node runs it.
+/// Architectures and engines: what each node runs guests of (and how),
+/// each VM's architecture, how its node runs it, and its engine.
 struct M0011Platforms;
 
 impl MigrationName for M0011Platforms {
@@ -702,6 +702,7 @@ impl MigrationTrait for M0011Platforms {
         for col in [
             string(vm::Column::Arch).default("x86_64").to_owned(),
             string_null(vm::Column::Execution).to_owned(),
+            string(vm::Column::Engine).default("qemu").to_owned(),
         ] {
             m.alter_table(
                 Table::alter()

@@ -446,6 +446,8 @@ pub struct Vm {
     pub arch: String,
     /// How its node runs it (native or emulated), once it was started.
     pub execution: Option<Execution>,
+    /// The hypervisor engine it runs under.
+    pub engine: Engine,
     pub flavor: Option<Name>,
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -819,6 +821,10 @@ pub struct VmCreate {
     /// when absent.
     #[serde(default)]
     pub egress: Egress,
+    /// The hypervisor engine; `qemu` when absent. A node that has it
+    /// runs the VM (it waits `pending` until one does).
+    #[serde(default)]
+    pub engine: Option<Engine>,
 }
 
 /// A VM's outbound policy.
@@ -945,6 +951,33 @@ impl Execution {
             "emulated" => Some(Execution::Emulated),
             _ => None,
         }
+    }
+}
+
+/// How a node runs a VM's hypervisor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// QEMU with its standard machine (`pc` on x86_64, `virt` on aarch64).
+    #[default]
+    Qemu,
+    /// QEMU's `microvm` machine: no firmware, no PCI, virtio over MMIO;
+    /// for x86_64 images that boot a kernel directly. Boots sooner.
+    Microvm,
+}
+
+impl Engine {
+    pub const ALL: &[Engine] = &[Engine::Qemu, Engine::Microvm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Qemu => "qemu",
+            Engine::Microvm => "microvm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Engine> {
+        Engine::ALL.iter().copied().find(|e| e.as_str() == s)
     }
 }
 
@@ -1077,6 +1110,9 @@ pub struct Heartbeat {
     /// emulator since it registered); unchanged when empty.
     #[serde(default)]
     pub platforms: Vec<Platform>,
+    /// The engines it has now; unchanged when empty.
+    #[serde(default)]
+    pub engines: Vec<String>,
 }
 
 /// A VM a node holds that the control plane does not know (its answer to a
@@ -1230,6 +1266,8 @@ pub struct DesiredVm {
     pub guest_ports: Vec<u16>,
     #[serde(default)]
     pub egress: Egress,
+    #[serde(default)]
+    pub engine: Engine,
 }
 
 /// The MAC address of a VM's first NIC: fixed by its id, so the
@@ -1320,6 +1358,9 @@ pub struct EnvironmentCreate {
     pub archs: Vec<String>,
     /// VMs of each image (1-50; 1 when absent), named `ENV-IMAGE-N`.
     pub dup_each: Option<u32>,
+    /// The engine every VM runs under; `qemu` when absent.
+    #[serde(default)]
+    pub engine: Option<Engine>,
     /// A flavor name; or give `vcpus`, `memory_mib` and `disk_gib`.
     pub flavor: Option<Name>,
     pub vcpus: Option<u32>,
@@ -1358,6 +1399,8 @@ pub enum EnvironmentState {
     Creating,
     Ready,
     Degraded,
+    /// Every VM stopped (`POST .../stop`): disks kept, nothing running.
+    Stopped,
     Deleting,
     Deleted,
 }
@@ -1390,6 +1433,23 @@ pub struct VmRunResult {
     /// Why the command did not run or did not finish on this VM.
     pub error: Option<String>,
     pub duration_ms: u64,
+}
+
+/// What `POST /v1/environments/{env}/stop` or `/start` did: the
+/// environment as it is now, and the VMs that refused (the others went
+/// ahead).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnvironmentAction {
+    pub environment: Environment,
+    /// VMs the action could not be applied to now, and why.
+    pub refused: Vec<EnvironmentRefusal>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnvironmentRefusal {
+    pub vm_id: VmId,
+    pub vm_name: Name,
+    pub reason: String,
 }
 
 /// The results of a command run on every VM of an environment, in the

@@ -223,3 +223,113 @@ fn configures_and_ssh_works(d: &Daemon, img: &Path, metadata_addr: &str, ssh_hos
         .expect("deleting the VM");
     d.wait(&id, "deleted", 60).expect("deleted");
 }
+
+/// An environment over the Debian releases (`--os-prefix debian`): each
+/// VM boots its own release, its cloud-init (bookworm's 22.4, trixie's
+/// 25.1) finishes, and one command names the release on each.
+#[test]
+fn an_environment_of_debian_releases_runs_each_releases_own_cloud_init() {
+    let test = "an environment of Debian releases";
+    let (Some(bookworm), Some(trixie)) = (
+        image_or_skip("debian-12", test),
+        image_or_skip("debian-13", test),
+    ) else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    d.import_image(&bookworm);
+    d.import_image(&trixie);
+    let e = d
+        .api
+        .post(
+            "/v1/environments",
+            json!({"name": "releases", "os_prefixes": ["debian"], "vcpus": 1,
+                   "memory_mib": 1024, "disk_gib": 4,
+                   "user_data": "#cloud-config\nruncmd:\n  - [sh, -c, 'echo ran > /var/lib/byteport-env-ran']\n"}),
+        )
+        .expect("create the environment");
+    let ids: Vec<String> = e["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "{e}");
+    for id in &ids {
+        let v = cloud_init_outcome(&d, id, BOOT_SECS);
+        // trixie's cloud-init finishes with one error: its resizefs
+        // module fails to grow the root filesystem (docs/platforms.md);
+        // the user-data is applied all the same (checked below).
+        if v["image"] == "debian-12" {
+            assert_eq!(v["cloud_init"], "done", "{v}");
+        }
+    }
+    let r = d
+        .api
+        .post(
+            "/v1/environments/releases/run",
+            json!({"argv": ["sh", "-c",
+                ". /etc/os-release; echo $ID $VERSION_ID; cat /var/lib/byteport-env-ran"]}),
+        )
+        .expect("run");
+    let results = r["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{r}");
+    for (res, want) in results.iter().zip(["debian 12\nran", "debian 13\nran"]) {
+        assert_eq!(res["exit_code"], 0, "{r}");
+        assert_eq!(res["stdout"].as_str().unwrap().trim(), want, "{r}");
+    }
+
+    // Stopped (each guest powers off, its disk kept) and started again:
+    // what was written before is still there.
+    let run = |argv: Value| {
+        d.api
+            .post("/v1/environments/releases/run", json!({"argv": argv}))
+            .expect("run")
+    };
+    let r = run(json!([
+        "sh",
+        "-c",
+        "echo kept-$(hostname) > /var/lib/byteport-kept; sync"
+    ]));
+    assert!(
+        r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["exit_code"] == 0),
+        "{r}"
+    );
+    let wait_env = |state: &str| {
+        let deadline = Instant::now() + Duration::from_secs(BOOT_SECS);
+        loop {
+            let e = d.api.get("/v1/environments/releases").expect("show");
+            if e["state"] == state {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "never {state}: {e}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    };
+    let a = d
+        .api
+        .post("/v1/environments/releases/stop", json!({}))
+        .expect("stop");
+    assert_eq!(a["refused"], json!([]), "{a}");
+    wait_env("stopped");
+    let a = d
+        .api
+        .post("/v1/environments/releases/start", json!({}))
+        .expect("start");
+    assert_eq!(a["refused"], json!([]), "{a}");
+    let e = wait_env("ready");
+    let r = run(json!(["cat", "/var/lib/byteport-kept"]));
+    let results = r["results"].as_array().expect("results");
+    for (res, v) in results.iter().zip(e["vms"].as_array().unwrap()) {
+        assert_eq!(res["exit_code"], 0, "{r}");
+        assert_eq!(
+            res["stdout"].as_str().unwrap().trim(),
+            format!("kept-{}", v["hostname"].as_str().unwrap()),
+            "{r}"
+        );
+    }
+}

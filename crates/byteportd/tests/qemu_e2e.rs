@@ -64,12 +64,44 @@ fn up(d: &Daemon, name: &str) -> String {
 
 #[test]
 fn a_real_guest_runs_execs_pauses_restarts_stops_and_is_deleted_cleanly() {
-    let Some(img) = tiny_or_skip("lifecycle") else {
+    lifecycle("qemu");
+}
+
+/// The same lifecycle under the microvm engine (`-machine microvm`:
+/// virtio-mmio, no firmware, ACPI's GED for the power button).
+#[test]
+fn a_microvm_guest_runs_execs_pauses_restarts_stops_and_is_deleted_cleanly() {
+    lifecycle("microvm");
+}
+
+fn lifecycle(engine: &str) {
+    let Some(img) = tiny_or_skip(&format!("lifecycle ({engine})")) else {
         return;
     };
     let d = Daemon::start(Path::new(BIN));
     d.import_tiny(&img);
-    let id = up(&d, "life");
+    let v = d
+        .api
+        .post(
+            "/v1/vms",
+            json!({"name": "life", "image": "tiny", "vcpus": 1, "memory_mib": 256,
+                   "disk_gib": 1, "engine": engine}),
+        )
+        .expect("creating a VM");
+    let id = v["id"].as_str().expect("an id").to_owned();
+    let v = d
+        .wait(&id, "running", BOOT_SECS)
+        .expect("the VM reaches running");
+    assert_eq!(v["ready_by"], "agent");
+    assert_eq!(v["engine"], engine, "{v}");
+    let pid = d.qemu_pid(&id).expect("QEMU's pid");
+    let args = std::fs::read(format!("/proc/{pid}/cmdline")).expect("QEMU's command line");
+    let machine = if engine == "microvm" { "microvm" } else { "pc" };
+    assert!(
+        String::from_utf8_lossy(&args).contains(&format!("-machine\0{machine}\0")),
+        "{engine}: {}",
+        String::from_utf8_lossy(&args)
+    );
     // The database and the node's credential are their owner's only.
     {
         use std::os::unix::fs::PermissionsExt;
@@ -189,12 +221,16 @@ fn a_real_guest_runs_execs_pauses_restarts_stops_and_is_deleted_cleanly() {
     let (_, _, code) = d.exec(&id, &["true"]).expect("exec after restart");
     assert_eq!(code, Some(0));
 
-    // Stop: the process ends (powerdown, or quit after the timeout); the
-    // disk stays.
+    // Stop: the guest powers itself off on the power button; the disk
+    // stays.
     d.api
         .post(&format!("/v1/vms/{id}/stop"), json!({}))
         .expect("stop");
     d.wait(&id, "stopped", 60).expect("stopped");
+    assert!(
+        !d.log().contains("ignored the power button"),
+        "{engine}: the guest powered off by itself"
+    );
     assert!(!alive(pid), "QEMU {pid} is gone after stop");
     assert!(
         d.vm_dir(&id).join("disk.qcow2").exists(),

@@ -5,7 +5,7 @@ use crate::client::{Method, decode, seg};
 use crate::table::{Table, print_fields};
 use crate::{EnvArgs, EnvCmd};
 use anyhow::{Context, Result, bail};
-use byteport_types::api::{Environment, EnvironmentRunResult, EnvironmentState};
+use byteport_types::api::{Environment, EnvironmentAction, EnvironmentRunResult, EnvironmentState};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
             os_prefix,
             arch,
             dup_each,
+            engine,
             flavor,
             vcpus,
             memory_mib,
@@ -36,6 +37,7 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
             let mut body = json!({"name": name, "os_prefixes": os_prefix, "archs": arch});
             let fields = [
                 ("dup_each", dup_each.map(Value::from)),
+                ("engine", engine.map(Value::from)),
                 ("project", args.project.clone().map(Value::from)),
                 ("flavor", flavor.map(Value::from)),
                 ("vcpus", vcpus.map(Value::from)),
@@ -160,6 +162,22 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
             }
             Ok(())
         }
+        EnvCmd::Stop {
+            env: name,
+            wait,
+            timeout,
+        } => {
+            let path = format!("{}/stop", path(&name));
+            act(env, &path, &query, wait, timeout, EnvironmentState::Stopped)
+        }
+        EnvCmd::Start {
+            env: name,
+            wait,
+            timeout,
+        } => {
+            let path = format!("{}/start", path(&name));
+            act(env, &path, &query, wait, timeout, EnvironmentState::Ready)
+        }
         EnvCmd::Del {
             env: name,
             wait,
@@ -179,11 +197,41 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
     }
 }
 
+/// `env stop` or `env start`: the action, the VMs that refused it (an
+/// error at the end), and with `wait` the environment once it is `want`.
+fn act(
+    env: &Env,
+    path: &str,
+    query: &[(&str, String)],
+    wait: bool,
+    timeout: u64,
+    want: EnvironmentState,
+) -> Result<()> {
+    let v = env
+        .client
+        .value(Method::Post, path, query, Some(&json!({})))?;
+    let a: EnvironmentAction = decode(&v)?;
+    for r in &a.refused {
+        eprintln!("{}: {}", r.vm_name, r.reason);
+    }
+    let v = if wait && a.refused.is_empty() {
+        wait_until(env, &a.environment.id.to_string(), timeout, |s| s == want)?
+    } else {
+        v["environment"].clone()
+    };
+    print_env(env, &v)?;
+    if !a.refused.is_empty() {
+        anyhow::bail!("{} VM(s) refused", a.refused.len());
+    }
+    Ok(())
+}
+
 fn state_str(s: EnvironmentState) -> &'static str {
     match s {
         EnvironmentState::Creating => "creating",
         EnvironmentState::Ready => "ready",
         EnvironmentState::Degraded => "degraded",
+        EnvironmentState::Stopped => "stopped",
         EnvironmentState::Deleting => "deleting",
         EnvironmentState::Deleted => "deleted",
     }

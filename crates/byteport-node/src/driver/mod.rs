@@ -68,6 +68,8 @@ pub struct LaunchSpec {
     pub mac: String,
     /// The guest's architecture (`x86_64`, `aarch64`).
     pub arch: String,
+    /// `qemu` (the architecture's standard machine) or `microvm`.
+    pub engine: byteport_types::api::Engine,
     /// KVM only for the host's own architecture; any other is emulated.
     pub accel: Accel,
 }

@@ -10,6 +10,7 @@
 
 use super::{Accel, Driver, DriverError, Instance, LaunchSpec, RunState, files};
 use byteport_qmp::Qmp;
+use byteport_types::api::Engine;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,10 @@ use tokio::sync::watch;
 const QMP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `quit` may take before the process is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
+
+/// TCG's translation cache, in MiB (see [`command_line`]); within
+/// `cgroup::QEMU_OVERHEAD_MIB` with room for QEMU itself.
+pub const TCG_TB_MIB: u64 = 128;
 
 /// The guest-agent port's name inside the guest.
 pub const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
@@ -73,6 +78,37 @@ pub fn runnable(program: &Path) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|d| exec(&d.join(program))))
 }
 
+/// Whether this QEMU has the `microvm` machine (x86_64 QEMU has since 4.2).
+pub async fn has_microvm(binary: &Path) -> bool {
+    let out = tokio::process::Command::new(binary)
+        .args(["-machine", "help"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await;
+    out.is_ok_and(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some("microvm"))
+    })
+}
+
+/// The host's TSC frequency in kHz, for a microvm guest's
+/// `tsc_early_khz=`: under TCG its kernel otherwise often hangs
+/// calibrating the TSC against a PIT that microvm does not emulate well.
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
 /// Whether `name` can be a user QEMU runs as: a plain login name.
 pub fn valid_user(name: &str) -> bool {
     !name.is_empty()
@@ -93,13 +129,28 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     push(&["-name", &format!("guest={},debug-threads=off", spec.name)]);
     push(&["-uuid", &spec.uuid.to_string()]);
     let arm = spec.arch == "aarch64";
-    match (arm, spec.accel) {
-        (false, Accel::Kvm) => push(&["-machine", "pc,accel=kvm", "-cpu", "host"]),
-        (false, Accel::Tcg) => push(&["-machine", "pc,accel=tcg"]),
-        (true, Accel::Kvm) => push(&["-machine", "virt,accel=kvm", "-cpu", "host"]),
-        // QEMU's `virt` board; a Cortex-A72 rather than `max`, whose
-        // pointer authentication is slow to emulate.
-        (true, Accel::Tcg) => push(&["-machine", "virt,accel=tcg", "-cpu", "cortex-a72"]),
+    // microvm: no firmware, no PCI; its devices sit on virtio-mmio,
+    // described to the kernel by ACPI (whose GED also gives it the power
+    // button).
+    let micro = spec.engine == Engine::Microvm;
+    let bus = if micro { "device" } else { "pci" };
+    let machine = match (micro, arm) {
+        (true, _) => "microvm",
+        (false, false) => "pc",
+        (false, true) => "virt",
+    };
+    push(&["-machine", machine]);
+    match spec.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        // TCG's translated code counts against the VM's cgroup: QEMU's
+        // default cache (1 GiB) let a Debian guest outgrow its memory
+        // limit and be killed. 128 MiB fits the allowance.
+        Accel::Tcg => push(&["-accel", &format!("tcg,tb-size={TCG_TB_MIB}")]),
+    }
+    if arm && spec.accel == Accel::Tcg {
+        // A Cortex-A72 rather than `max`, whose pointer authentication
+        // is slow to emulate.
+        push(&["-cpu", "cortex-a72"]);
     }
     push(&[
         "-smp",
@@ -124,7 +175,10 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
             spec.disk.display()
         ),
         "-device",
-        "virtio-blk-pci,drive=disk0,bootindex=1",
+        &format!(
+            "virtio-blk-{bus},drive=disk0{}",
+            if micro { "" } else { ",bootindex=1" }
+        ),
     ]);
     match &spec.tap {
         Some(tap) => push(&[
@@ -138,7 +192,7 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     let rom = if arm { ",romfile=" } else { "" };
     push(&[
         "-device",
-        &format!("virtio-net-pci,netdev=net0,mac={}{rom}", spec.mac),
+        &format!("virtio-net-{bus},netdev=net0,mac={}{rom}", spec.mac),
     ]);
     push(&[
         "-chardev",
@@ -152,7 +206,7 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     ]);
     push(&[
         "-device",
-        "virtio-serial-pci,id=vser0",
+        &format!("virtio-serial-{bus},id=vser0"),
         "-chardev",
         &format!(
             "socket,id=agent0,path={},server=on,wait=off",
@@ -167,7 +221,8 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         "-mon",
         "chardev=qmp0,mode=control",
     ]);
-    if spec.smbios_serial.is_some() {
+    // microvm has no firmware to hand SMBIOS tables to the guest.
+    if spec.smbios_serial.is_some() && !micro {
         // From a file the node writes (see `smbios_type1`): the serial
         // holds the VM's metadata token, which a command line would show
         // to every user of the host.
@@ -634,6 +689,7 @@ mod tests {
             tap: None,
             mac: "52:54:00:aa:bb:cc".into(),
             arch: "x86_64".into(),
+            engine: Engine::Qemu,
             accel: Accel::Tcg,
         };
         let a = command_line(&spec);
@@ -657,17 +713,40 @@ mod tests {
             "{a:?}"
         );
         assert!(
-            a.windows(2).any(|w| w == ["-machine", "pc,accel=tcg"]),
+            a.windows(4)
+                .any(|w| w == ["-machine", "pc", "-accel", "tcg,tb-size=128"]),
             "{a:?}"
         );
         // An aarch64 guest: the `virt` board, emulated.
+        let micro = command_line(&LaunchSpec {
+            engine: Engine::Microvm,
+            ..spec.clone()
+        });
+        assert!(
+            micro.windows(2).any(|w| w == ["-machine", "microvm"]),
+            "{micro:?}"
+        );
+        assert!(
+            micro.contains(&"virtio-net-device,netdev=net0,mac=52:54:00:aa:bb:cc".to_string())
+                && micro.contains(&"virtio-blk-device,drive=disk0".to_string())
+                && !micro.iter().any(|x| x.contains("-pci")),
+            "{micro:?}"
+        );
+        assert!(!micro.contains(&"-smbios".to_string()), "{micro:?}");
         let arm = command_line(&LaunchSpec {
             arch: "aarch64".into(),
             ..spec
         });
         assert!(
-            arm.windows(4)
-                .any(|w| w == ["-machine", "virt,accel=tcg", "-cpu", "cortex-a72"]),
+            arm.windows(6).any(|w| w
+                == [
+                    "-machine",
+                    "virt",
+                    "-accel",
+                    "tcg,tb-size=128",
+                    "-cpu",
+                    "cortex-a72"
+                ]),
             "{arm:?}"
         );
     }

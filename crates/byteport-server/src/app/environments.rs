@@ -11,10 +11,11 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use byteport_store::{environment, vm};
 use byteport_types::api::{
-    Environment, EnvironmentCreate, EnvironmentRunResult, EnvironmentState, ExecEvent, ExecRequest,
-    Role, VmCreate, VmRunResult,
+    Environment, EnvironmentAction, EnvironmentCreate, EnvironmentRefusal, EnvironmentRunResult,
+    EnvironmentState, ExecEvent, ExecRequest, Role, VmCreate, VmRunResult,
 };
-use byteport_types::{EnvironmentId, Name, ProjectId, VmAction, VmState};
+use byteport_types::vm_state::DesiredState;
+use byteport_types::{EnvironmentId, Name, ProjectId, VmAction, VmId, VmState};
 use chrono::Utc;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -68,7 +69,9 @@ fn env_state(deleted: bool, states: &[VmState]) -> EnvironmentState {
             EnvironmentState::Deleting
         };
     }
-    if states
+    if !states.is_empty() && all(|s| *s == VmState::Stopped) {
+        EnvironmentState::Stopped
+    } else if states
         .iter()
         .any(|s| matches!(s, VmState::Error | VmState::Stopped | VmState::Deleted))
     {
@@ -199,6 +202,7 @@ impl App {
                 placement: Default::default(),
                 ports: Vec::new(),
                 egress: Default::default(),
+                engine: req.engine,
             };
             vms.push(
                 self.vm_model(project.id, image, vm_req, Some(env.id))
@@ -320,6 +324,50 @@ impl App {
             }
         }
         Ok(())
+    }
+
+    /// Stops (`VmAction::Stop`: each guest powers off, its disk is kept)
+    /// or starts every VM of an environment. VMs already on their way are
+    /// left alone; one that refuses (no room on its node to start, say)
+    /// is listed with the reason and holds no other back.
+    pub async fn env_act(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        project: Option<&str>,
+        action: VmAction,
+    ) -> AppResult<EnvironmentAction> {
+        let e = self.env_resolve(ctx, key, project, Role::Member).await?;
+        if e.deleted_at.is_some() {
+            return Err(AppError::Conflict(format!(
+                "environment {} is being deleted",
+                e.name
+            )));
+        }
+        ctx.target("environment", e.id, Some(ProjectId(e.project_id)));
+        let want = match action {
+            VmAction::Stop => DesiredState::Stopped,
+            _ => DesiredState::Running,
+        };
+        let mut refused = Vec::new();
+        for v in self.store.env_vms(e.id).await? {
+            if v.deleted_at.is_some() || v.desired_state == want.to_string() {
+                continue;
+            }
+            let (id, name) = (v.id, v.name.clone());
+            if let Err(err) = self.vm_apply(v, action).await {
+                refused.push(EnvironmentRefusal {
+                    vm_id: VmId(id),
+                    vm_name: Name::parse(&name).map_err(AppError::internal)?,
+                    reason: err.to_string(),
+                });
+            }
+        }
+        let p = self.store.project_fetch(e.project_id).await?;
+        Ok(EnvironmentAction {
+            environment: self.env_view(&e, &p.name).await?,
+            refused,
+        })
     }
 
     /// Deletes the environments whose lifetime has ended; how many.

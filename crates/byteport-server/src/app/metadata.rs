@@ -216,9 +216,16 @@ fn render(
             let json = serde_json::json!({
                 "version": 2,
                 "ethernets": {
-                    "nic0": {
+                    // Named as the image names it (net.ifnames=0): a
+                    // key that is no interface's name is what cloud-init's
+                    // ENI renderer would `ifup`.
+                    "eth0": {
                         "match": { "macaddress": guest_mac(id) },
+                        "set-name": "eth0",
                         "dhcp4": true,
+                        // Said, not left out: newer cloud-init asks for
+                        // DHCPv6 too unless told, and no node answers it.
+                        "dhcp6": false,
                     }
                 }
             });

@@ -8,9 +8,9 @@ use super::{Actor, App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{Observation, Release, join_token, node};
 use byteport_types::api::{
-    BootMode, Capacity, CloudInit, DesiredVm, Egress, Execution, Heartbeat, HeartbeatResponse,
-    JoinToken, JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered, OrphanAdopt,
-    OrphanVm, Platform, Vm,
+    BootMode, Capacity, CloudInit, DesiredVm, Egress, Engine, Execution, Heartbeat,
+    HeartbeatResponse, JoinToken, JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered,
+    OrphanAdopt, OrphanVm, Platform, Vm,
 };
 use byteport_types::node_proto::{FromNode, ToNode};
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmState};
@@ -62,6 +62,17 @@ pub(crate) fn node_platforms(n: &node::Model) -> Vec<Platform> {
             Execution::Emulated
         },
     }]
+}
+
+/// A node's engines as stored: known words, at most eight.
+fn engines_json(engines: &[String]) -> AppResult<String> {
+    if engines.len() > 8 {
+        return Err(AppError::bad("invalid_engines", "at most 8 engines"));
+    }
+    for e in engines {
+        super::catalog::check_word("engines[]", e)?;
+    }
+    serde_json::to_string(engines).map_err(AppError::internal)
 }
 
 /// At most this many architectures per node.
@@ -182,7 +193,7 @@ impl App {
                     name: req.name.to_string(),
                     region: req.region,
                     arch: req.arch,
-                    engines: serde_json::to_string(&req.engines).map_err(AppError::internal)?,
+                    engines: engines_json(&req.engines)?,
                     kvm: req.kvm,
                     status: "online".into(),
                     credential_hash: hash_secret(&credential),
@@ -275,6 +286,11 @@ impl App {
         } else {
             Some(platforms_json(&hb.platforms)?)
         };
+        let engines = if hb.engines.is_empty() {
+            None
+        } else {
+            Some(engines_json(&hb.engines)?)
+        };
         let stats = NodeVmStats {
             at: chrono::Utc::now(),
             vms: std::mem::take(&mut hb.vm_stats),
@@ -296,6 +312,7 @@ impl App {
                 ],
                 Some(serde_json::to_string(&stats).map_err(AppError::internal)?),
                 platforms,
+                engines,
             )
             .await?;
         // One read of what the node holds serves every report and, when
@@ -472,6 +489,7 @@ impl App {
                 network_cidr: networks.get(&v.project_id).cloned().flatten(),
                 guest_ports: serde_json::from_str(&v.guest_ports).unwrap_or_default(),
                 egress: Egress::parse(&v.egress).unwrap_or_default(),
+                engine: Engine::parse(&v.engine).unwrap_or_default(),
             });
         }
         Ok(vms)

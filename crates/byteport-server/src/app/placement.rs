@@ -35,6 +35,7 @@ pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
                 arch: p.arch,
             })
             .collect(),
+        engines: serde_json::from_str(&n.engines).unwrap_or_default(),
         capacity: Resources {
             vcpus: n.cap_vcpus,
             memory_mib: n.cap_memory_mib,
@@ -97,6 +98,7 @@ impl App {
         let req = Request {
             size: size_of(v),
             arch,
+            engine: v.engine.clone(),
             region: wish.region,
             avoid,
         };

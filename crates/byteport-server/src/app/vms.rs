@@ -7,8 +7,8 @@ use super::{App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{VmFilter, vm};
 use byteport_types::api::{
-    CloudInit, Egress, Execution, Page, PortForward, ReadyBy, Role, Vm, VmActionCheck, VmCreate,
-    VmListQuery,
+    CloudInit, Egress, Engine, Execution, Page, PortForward, ReadyBy, Role, Vm, VmActionCheck,
+    VmCreate, VmListQuery,
 };
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmAction, VmState};
 use byteport_types::{Name, NodeId, ProjectId, VmId};
@@ -191,6 +191,7 @@ impl App {
             image_name: image.name.clone(),
             arch: image.arch.clone(),
             execution: None,
+            engine: Engine::Qemu.as_str().into(),
             flavor_name: None,
             vcpus: i64::from(vcpus),
             memory_mib: memory_mib as i64,
@@ -266,6 +267,8 @@ impl App {
         check_ssh_keys(&req.ssh_keys)?;
         check_labels(&req.labels)?;
         check_guest_ports(&req.ports)?;
+        let engine = req.engine.unwrap_or_default();
+        check_engine(engine, image)?;
         if let Some(r) = &req.placement.region
             && (r.is_empty()
                 || r.len() > 63
@@ -289,6 +292,7 @@ impl App {
             environment_id: environment,
             guest_ports: serde_json::to_string(&req.ports).map_err(AppError::internal)?,
             egress: req.egress.as_str().into(),
+            engine: engine.as_str().into(),
             ..self.vm_row(id, project_id, req.name.as_str(), image, size, hostname)
         };
         Ok((model, req.labels.into_iter().collect()))
@@ -524,6 +528,27 @@ fn check_guest_ports(ports: &[u16]) -> AppResult<()> {
     Ok(())
 }
 
+/// Whether `image` can run under `engine`: `microvm` has no firmware and
+/// no PCI, so it boots a kernel directly, and it is an x86_64 machine.
+fn check_engine(engine: Engine, image: &byteport_store::image::Model) -> AppResult<()> {
+    if engine == Engine::Microvm && (image.boot != "kernel" || image.arch != "x86_64") {
+        return Err(AppError::bad(
+            "engine_unsupported",
+            format!(
+                "the microvm engine boots x86_64 kernels directly; image {} is {} and boots from its {}",
+                image.name,
+                image.arch,
+                if image.boot == "kernel" {
+                    "kernel"
+                } else {
+                    "disk"
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
     let state: VmState = parse(&v.state)?;
     let desired: DesiredState = parse(&v.desired_state)?;
@@ -538,6 +563,7 @@ pub(crate) fn vm_view(v: &vm::Model, project: &str) -> AppResult<Vm> {
         project_id: ProjectId(v.project_id),
         arch: v.arch.clone(),
         execution: v.execution.as_deref().and_then(Execution::parse),
+        engine: Engine::parse(&v.engine).unwrap_or_default(),
         image: Name::parse(&v.image_name).map_err(AppError::internal)?,
         flavor: v
             .flavor_name

@@ -564,6 +564,36 @@ pub async fn env_delete(
     accepted(app.env_delete(&ctx, &env, q.project.as_deref()).await?)
 }
 
+macro_rules! env_action {
+    ($fn:ident, $path:literal, $action:expr, $doc:literal) => {
+        #[doc = $doc]
+        #[utoipa::path(post, path = $path, tag = "environments",
+            params(("env" = String, Path, description = "id or name"), EnvironmentQuery),
+            responses((status = 202, body = EnvironmentAction), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        pub async fn $fn(
+            State(app): State<App>,
+            ctx: Ctx,
+            Path(env): Path<String>,
+            ApiQuery(q): ApiQuery<EnvironmentQuery>,
+        ) -> AppResult<(StatusCode, Json<EnvironmentAction>)> {
+            accepted(app.env_act(&ctx, &env, q.project.as_deref(), $action).await?)
+        }
+    };
+}
+
+env_action!(
+    env_stop,
+    "/v1/environments/{env}/stop",
+    VmAction::Stop,
+    "Stop every VM of an environment: each guest powers off, its disk is kept."
+);
+env_action!(
+    env_start,
+    "/v1/environments/{env}/start",
+    VmAction::Start,
+    "Start every stopped VM of an environment again."
+);
+
 /// Run a command on every VM of an environment at once, through their
 /// guest agents, and get each VM's output and exit code.
 #[utoipa::path(post, path = "/v1/environments/{env}/run", tag = "environments",

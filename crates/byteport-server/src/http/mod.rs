@@ -114,6 +114,8 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::env_create, h::env_list))
         .routes(routes!(h::env_show, h::env_delete))
         .routes(routes!(h::env_run))
+        .routes(routes!(h::env_stop))
+        .routes(routes!(h::env_start))
         .routes(routes!(runs::run_create, runs::run_list))
         .routes(routes!(runs::run_show, runs::run_cancel))
         .routes(routes!(h::join_token_create))

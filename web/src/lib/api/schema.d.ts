@@ -211,6 +211,40 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/environments/{env}/start": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Start every stopped VM of an environment again. */
+        post: operations["env_start"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/environments/{env}/stop": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Stop every VM of an environment: each guest powers off, its disk is kept. */
+        post: operations["env_stop"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/events": {
         parameters: {
             query?: never;
@@ -1133,6 +1167,7 @@ export interface components {
             /** Format: int64 */
             disk_gib: number;
             egress?: components["schemas"]["Egress"];
+            engine?: components["schemas"]["Engine"];
             /** @description Guest ports to map from host ports (besides 22). */
             guest_ports?: number[];
             hostname: string;
@@ -1156,6 +1191,11 @@ export interface components {
          * @enum {string}
          */
         Egress: "allow" | "deny";
+        /**
+         * @description How a node runs a VM's hypervisor.
+         * @enum {string}
+         */
+        Engine: "qemu" | "microvm";
         /** @description An environment and its VMs. */
         Environment: {
             /** Format: date-time */
@@ -1177,6 +1217,16 @@ export interface components {
             vms: components["schemas"]["Vm"][];
         };
         /**
+         * @description What `POST /v1/environments/{env}/stop` or `/start` did: the
+         *     environment as it is now, and the VMs that refused (the others went
+         *     ahead).
+         */
+        EnvironmentAction: {
+            environment: components["schemas"]["Environment"];
+            /** @description VMs the action could not be applied to now, and why. */
+            refused: components["schemas"]["EnvironmentRefusal"][];
+        };
+        /**
          * @description A group of VMs, one per image whose name starts with one of
          *     `os_prefixes`, made together within the project's quota (all or none).
          */
@@ -1194,6 +1244,7 @@ export interface components {
              * @description VMs of each image (1-50; 1 when absent), named `ENV-IMAGE-N`.
              */
             dup_each?: number | null;
+            engine?: components["schemas"]["Engine"] | null;
             flavor?: components["schemas"]["Name"] | null;
             /**
              * Format: int64
@@ -1222,6 +1273,11 @@ export interface components {
          * @description An environment (a group of VMs made and removed together).
          */
         EnvironmentId: string;
+        EnvironmentRefusal: {
+            reason: string;
+            vm_id: components["schemas"]["VmId"];
+            vm_name: components["schemas"]["Name"];
+        };
         /**
          * @description The results of a command run on every VM of an environment, in the
          *     order of the environment's VMs.
@@ -1231,7 +1287,7 @@ export interface components {
             results: components["schemas"]["VmRunResult"][];
         };
         /** @enum {string} */
-        EnvironmentState: "creating" | "ready" | "degraded" | "deleting" | "deleted";
+        EnvironmentState: "creating" | "ready" | "degraded" | "stopped" | "deleting" | "deleted";
         /** @description The error body every failing request returns. */
         ErrorBody: {
             error: components["schemas"]["ErrorDetail"];
@@ -1326,6 +1382,8 @@ export interface components {
         FlavorId: string;
         Heartbeat: {
             capacity: components["schemas"]["Capacity"];
+            /** @description The engines it has now; unchanged when empty. */
+            engines?: string[];
             /** @description The node's networks (bridged mode). */
             networks?: components["schemas"]["NodeNetwork"][];
             /** @description VMs the node holds that the control plane's answer did not list. */
@@ -1701,6 +1759,8 @@ export interface components {
                 disk_gib: number;
                 /** @description Its outbound policy. */
                 egress: components["schemas"]["Egress"];
+                /** @description The hypervisor engine it runs under. */
+                engine: components["schemas"]["Engine"];
                 environment_id?: components["schemas"]["EnvironmentId"] | null;
                 execution?: components["schemas"]["Execution"] | null;
                 flavor?: components["schemas"]["Name"] | null;
@@ -2094,6 +2154,8 @@ export interface components {
             disk_gib: number;
             /** @description Its outbound policy. */
             egress: components["schemas"]["Egress"];
+            /** @description The hypervisor engine it runs under. */
+            engine: components["schemas"]["Engine"];
             environment_id?: components["schemas"]["EnvironmentId"] | null;
             execution?: components["schemas"]["Execution"] | null;
             flavor?: components["schemas"]["Name"] | null;
@@ -2161,6 +2223,7 @@ export interface components {
              *     when absent.
              */
             egress?: components["schemas"]["Egress"];
+            engine?: components["schemas"]["Engine"] | null;
             flavor?: components["schemas"]["Name"] | null;
             hostname?: components["schemas"]["Name"] | null;
             /** @description The image's name. */
@@ -3443,6 +3506,166 @@ export interface operations {
             };
             /** @description A well-formed body of the wrong shape: unknown or missing fields, wrong types */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many requests of this kind: see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_start: {
+        parameters: {
+            query?: {
+                /**
+                 * @description The project's name or id, when the path names the environment by
+                 *     name; `default` when absent.
+                 */
+                project?: string;
+            };
+            header?: never;
+            path: {
+                /** @description id or name */
+                env: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnvironmentAction"];
+                };
+            };
+            /** @description The input breaks a rule; the error says which */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No credentials, or bad ones (even where anonymous callers are let in) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not allowed for this caller, or a cross-origin use of the session cookie */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many requests of this kind: see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_stop: {
+        parameters: {
+            query?: {
+                /**
+                 * @description The project's name or id, when the path names the environment by
+                 *     name; `default` when absent.
+                 */
+                project?: string;
+            };
+            header?: never;
+            path: {
+                /** @description id or name */
+                env: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnvironmentAction"];
+                };
+            };
+            /** @description The input breaks a rule; the error says which */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No credentials, or bad ones (even where anonymous callers are let in) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not allowed for this caller, or a cross-origin use of the session cookie */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
