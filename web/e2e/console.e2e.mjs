@@ -206,7 +206,7 @@ try {
 
 	step('an invite link from the Users page makes one account in its project');
 	await admin.page.getByRole('link', { name: 'Users' }).click();
-	await admin.page.getByLabel('Project').selectOption('team-a');
+	await admin.page.getByLabel('Project', { exact: true }).selectOption('team-a');
 	await admin.page.getByLabel('Role').selectOption('viewer');
 	await admin.page.getByRole('button', { name: 'Make invite link' }).click();
 	const link = (await admin.page.getByTestId('invite-link').textContent()).trim();

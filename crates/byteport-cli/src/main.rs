@@ -529,6 +529,12 @@ pub enum EnvCmd {
         /// Kill the command after this many seconds (default 300).
         #[arg(long)]
         timeout: Option<u64>,
+        /// Only VMs whose image name starts with one of these (comma-separated).
+        #[arg(long)]
+        os_prefix: Option<String>,
+        /// Only these VMs, by name or id (comma-separated).
+        #[arg(long)]
+        vm: Option<String>,
         /// The program and its arguments, after `--`; no shell.
         #[arg(last = true, required = true)]
         argv: Vec<String>,

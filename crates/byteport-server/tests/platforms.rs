@@ -104,6 +104,21 @@ async fn environments_form_a_matrix_placed_where_each_architecture_runs() {
             n["platforms"],
             json!([{"arch": "x86_64", "execution": "emulated"}])
         );
+        // A node that names no engine has qemu, and VMs land on it.
+        let (_, jt) = s
+            .call(POST, "/v1/node-join-tokens", Some(&t), Some(json!({})))
+            .await;
+        let (st, quiet) = s
+            .call(
+                POST,
+                "/v1/nodes/register",
+                None,
+                Some(json!({"join_token": jt["token"], "name": "quiet-1",
+                    "capacity": {"vcpus": 1, "memory_mib": 256, "disk_gib": 10}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{quiet}");
+        assert_eq!(quiet["node"]["engines"], json!(["qemu"]), "{quiet}");
         let (_, n) = s
             .call(GET, &format!("/v1/nodes/{}", both.id), Some(&t), None)
             .await;
@@ -150,6 +165,51 @@ async fn environments_form_a_matrix_placed_where_each_architecture_runs() {
                 assert!(*node == x86.id || *node == both.id, "{name} on {node}");
             }
         }
+
+        // A run goes to the VMs the filters name (none runs yet: each
+        // result says so), and filters that match none are a 400.
+        for (query, want) in [
+            (
+                "os_prefix=debian-12",
+                vec!["compat-debian-12", "compat-debian-12-arm"],
+            ),
+            (
+                "vm=compat-debian-13,compat-debian-12",
+                vec!["compat-debian-12", "compat-debian-13"],
+            ),
+            (
+                "os_prefix=debian-13&vm=compat-debian-13-arm",
+                vec!["compat-debian-13-arm"],
+            ),
+        ] {
+            let (st, r) = s
+                .call(
+                    POST,
+                    &format!("/v1/environments/compat/run?{query}"),
+                    Some(&t),
+                    Some(json!({"argv": ["uname", "-m"]})),
+                )
+                .await;
+            assert_eq!(st, StatusCode::OK, "{query}: {r}");
+            let mut got: Vec<&str> = r["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["vm_name"].as_str().unwrap())
+                .collect();
+            got.sort();
+            assert_eq!(got, want, "{query}: {r}");
+        }
+        let (st, r) = s
+            .call(
+                POST,
+                "/v1/environments/compat/run?os_prefix=alpine",
+                Some(&t),
+                Some(json!({"argv": ["true"]})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{r}");
+        assert_eq!(r["error"]["code"], "no_matching_vm");
 
         // One architecture only, two of each image.
         let (st, e) = s

@@ -1415,6 +1415,21 @@ pub struct EnvironmentQuery {
     pub project: Option<String>,
 }
 
+/// Which environment a run is on, and which of its VMs it goes to.
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentRunQuery {
+    /// The project's name or id, when the path names the environment by
+    /// name; `default` when absent.
+    pub project: Option<String>,
+    /// Only VMs whose image name starts with one of these prefixes
+    /// (comma-separated).
+    pub os_prefix: Option<String>,
+    /// Only these VMs, by name or id (comma-separated).
+    pub vm: Option<String>,
+}
+
 /// What one VM of an environment made of a command run on all of them.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmRunResult {

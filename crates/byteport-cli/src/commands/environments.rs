@@ -105,12 +105,17 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
         EnvCmd::Run {
             env: name,
             timeout,
+            os_prefix,
+            vm,
             argv,
         } => {
             let mut body = json!({"argv": argv});
             if let Some(t) = timeout {
                 body["timeout_secs"] = json!(t);
             }
+            let mut query = query.clone();
+            query.extend(os_prefix.map(|p| ("os_prefix", p)));
+            query.extend(vm.map(|v| ("vm", v)));
             let v = c.value(
                 Method::Post,
                 &format!("{}/run", path(&name)),

@@ -11,8 +11,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use byteport_store::{environment, vm};
 use byteport_types::api::{
-    Environment, EnvironmentAction, EnvironmentCreate, EnvironmentRefusal, EnvironmentRunResult,
-    EnvironmentState, ExecEvent, ExecRequest, Role, VmCreate, VmRunResult,
+    Environment, EnvironmentAction, EnvironmentCreate, EnvironmentRefusal, EnvironmentRunQuery,
+    EnvironmentRunResult, EnvironmentState, ExecEvent, ExecRequest, Role, VmCreate, VmRunResult,
 };
 use byteport_types::vm_state::DesiredState;
 use byteport_types::{EnvironmentId, Name, ProjectId, VmAction, VmId, VmState};
@@ -391,10 +391,12 @@ impl App {
         &self,
         ctx: &Ctx,
         key: &str,
-        project: Option<&str>,
+        q: &EnvironmentRunQuery,
         req: ExecRequest,
     ) -> AppResult<EnvironmentRunResult> {
-        let e = self.env_resolve(ctx, key, project, Role::Member).await?;
+        let e = self
+            .env_resolve(ctx, key, q.project.as_deref(), Role::Member)
+            .await?;
         if e.deleted_at.is_some() {
             return Err(AppError::not_found("environment", key));
         }
@@ -404,13 +406,37 @@ impl App {
                 "a run on an environment takes no stdin",
             ));
         }
+        let list = |s: &Option<String>| -> Vec<String> {
+            s.iter()
+                .flat_map(|s| s.split(','))
+                .map(str::trim)
+                .filter(|w| !w.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let (prefixes, names) = (list(&q.os_prefix), list(&q.vm));
         let vms: Vec<vm::Model> = self
             .store
             .env_vms(e.id)
             .await?
             .into_iter()
             .filter(|v| v.deleted_at.is_none())
+            .filter(|v| {
+                prefixes.is_empty()
+                    || prefixes
+                        .iter()
+                        .any(|p| v.image_name.starts_with(p.as_str()))
+            })
+            .filter(|v| {
+                names.is_empty() || names.iter().any(|n| *n == v.name || *n == v.id.to_string())
+            })
             .collect();
+        if vms.is_empty() && !(prefixes.is_empty() && names.is_empty()) {
+            return Err(AppError::bad(
+                "no_matching_vm",
+                "no VM of the environment matches os_prefix and vm",
+            ));
+        }
         let runs = vms.iter().map(|v| {
             let req = ExecRequest {
                 argv: req.argv.clone(),

@@ -64,6 +64,17 @@ pub(crate) fn node_platforms(n: &node::Model) -> Vec<Platform> {
     }]
 }
 
+/// The engines node `n` has: what it said, or `qemu` for a node that
+/// never said (every node has that one).
+pub(crate) fn node_engines(n: &node::Model) -> Vec<String> {
+    let said: Vec<String> = serde_json::from_str(&n.engines).unwrap_or_default();
+    if said.is_empty() {
+        vec![Engine::Qemu.as_str().to_owned()]
+    } else {
+        said
+    }
+}
+
 /// A node's engines as stored: known words, at most eight.
 fn engines_json(engines: &[String]) -> AppResult<String> {
     if engines.len() > 8 {
@@ -106,7 +117,7 @@ pub(crate) fn node_view(n: &node::Model) -> AppResult<Node> {
         region: n.region.clone(),
         arch: n.arch.clone(),
         platforms: node_platforms(n),
-        engines: serde_json::from_str(&n.engines).map_err(AppError::internal)?,
+        engines: node_engines(n),
         kvm: n.kvm,
         status: n.status.clone(),
         capacity: Capacity {

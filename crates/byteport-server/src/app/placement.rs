@@ -35,7 +35,7 @@ pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
                 arch: p.arch,
             })
             .collect(),
-        engines: serde_json::from_str(&n.engines).unwrap_or_default(),
+        engines: super::nodes::node_engines(n),
         capacity: Resources {
             vcpus: n.cap_vcpus,
             memory_mib: n.cap_memory_mib,

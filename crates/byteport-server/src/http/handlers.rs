@@ -597,19 +597,17 @@ env_action!(
 /// Run a command on every VM of an environment at once, through their
 /// guest agents, and get each VM's output and exit code.
 #[utoipa::path(post, path = "/v1/environments/{env}/run", tag = "environments",
-    params(("env" = String, Path, description = "id or name"), EnvironmentQuery),
+    params(("env" = String, Path, description = "id or name"), EnvironmentRunQuery),
     request_body = ExecRequest,
     responses((status = 200, body = EnvironmentRunResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn env_run(
     State(app): State<App>,
     ctx: Ctx,
     Path(env): Path<String>,
-    ApiQuery(q): ApiQuery<EnvironmentQuery>,
+    ApiQuery(q): ApiQuery<EnvironmentRunQuery>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Resp<EnvironmentRunResult> {
-    Ok(Json(
-        app.env_run(&ctx, &env, q.project.as_deref(), req).await?,
-    ))
+    Ok(Json(app.env_run(&ctx, &env, &q, req).await?))
 }
 
 macro_rules! vm_action {

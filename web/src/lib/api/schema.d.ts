@@ -3421,6 +3421,13 @@ export interface operations {
                  *     name; `default` when absent.
                  */
                 project?: string;
+                /**
+                 * @description Only VMs whose image name starts with one of these prefixes
+                 *     (comma-separated).
+                 */
+                os_prefix?: string;
+                /** @description Only these VMs, by name or id (comma-separated). */
+                vm?: string;
             };
             header?: never;
             path: {
