@@ -737,6 +737,43 @@ impl Daemon {
             .expect("showing a VM")
     }
 
+    /// Polls environment `env` (id or name) until it is in `state`, and
+    /// returns it; panics (with the daemon's log) after `secs`, or at once
+    /// if it shows one of `never`.
+    pub fn wait_env(&self, env: &str, state: &str, never: &[&str], secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let e = self
+                .api
+                .get(&format!("/v1/environments/{env}"))
+                .expect("showing the environment");
+            if e["state"] == state {
+                return e;
+            }
+            assert!(
+                !never.iter().any(|n| e["state"] == *n),
+                "environment {env} went {}: {e}",
+                e["state"]
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "environment {env} never {state}: {e}\ndaemon log tail:\n{}",
+                tail(&self.log(), 3000)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits up to `secs` for no QEMU of this daemon to be left, and says
+    /// whether none is.
+    pub fn no_qemu_left(&self, secs: u64) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while !qemus_under(&self.dir).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        qemus_under(&self.dir).is_empty()
+    }
+
     /// Waits for a state through the API's own wait.
     pub fn wait(&self, id: &str, state: &str, secs: u64) -> Result<Value, String> {
         self.api

@@ -299,29 +299,18 @@ fn an_environment_of_debian_releases_runs_each_releases_own_cloud_init() {
             .all(|x| x["exit_code"] == 0),
         "{r}"
     );
-    let wait_env = |state: &str| {
-        let deadline = Instant::now() + Duration::from_secs(BOOT_SECS);
-        loop {
-            let e = d.api.get("/v1/environments/releases").expect("show");
-            if e["state"] == state {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "never {state}: {e}");
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    };
     let a = d
         .api
         .post("/v1/environments/releases/stop", json!({}))
         .expect("stop");
     assert_eq!(a["refused"], json!([]), "{a}");
-    wait_env("stopped");
+    d.wait_env("releases", "stopped", &[], BOOT_SECS);
     let a = d
         .api
         .post("/v1/environments/releases/start", json!({}))
         .expect("start");
     assert_eq!(a["refused"], json!([]), "{a}");
-    let e = wait_env("ready");
+    let e = d.wait_env("releases", "ready", &[], BOOT_SECS);
     let r = run(json!(["cat", "/var/lib/byteport-kept"]));
     let results = r["results"].as_array().expect("results");
     for (res, v) in results.iter().zip(e["vms"].as_array().unwrap()) {

@@ -3,10 +3,9 @@
 //! in one environment. Skips, saying why, when the images are missing,
 //! unless `BYTEPORT_REQUIRE_QEMU=1` (set by `cargo xtask test`).
 
-use byteport_testkit::daemon::{Daemon, image_or_skip, qemus_under, tiny_or_skip};
+use byteport_testkit::daemon::{Daemon, image_or_skip, tiny_or_skip};
 use serde_json::json;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_byteportd");
 /// An emulated aarch64 boot is slower than an x86_64 one under TCG.
@@ -53,20 +52,7 @@ fn an_environment_across_architectures_answers_from_each_guest_in_its_own() {
         )
         .expect("create the environment");
     let id = e["id"].as_str().expect("an id").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(BOOT_SECS);
-    let e = loop {
-        let e = d.api.get(&format!("/v1/environments/{id}")).expect("show");
-        if e["state"] == "ready" {
-            break e;
-        }
-        assert_ne!(e["state"], "degraded", "{e}");
-        assert!(
-            Instant::now() < deadline,
-            "never ready: {e}\ndaemon log tail:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let e = d.wait_env(&id, "ready", &["degraded"], BOOT_SECS);
     let vms = e["vms"].as_array().expect("vms");
     let names: Vec<&str> = vms.iter().map(|v| v["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["matrix-tiny", "matrix-tiny-aarch64"]);
@@ -115,18 +101,6 @@ fn an_environment_across_architectures_answers_from_each_guest_in_its_own() {
     d.api
         .delete("/v1/environments/matrix")
         .expect("delete the environment");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let e = d.api.get(&format!("/v1/environments/{id}")).expect("show");
-        if e["state"] == "deleted" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never deleted: {e}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !qemus_under(&d.dir).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(qemus_under(&d.dir).is_empty(), "no QEMU left");
+    d.wait_env(&id, "deleted", &[], 120);
+    assert!(d.no_qemu_left(10), "no QEMU left");
 }

@@ -290,11 +290,7 @@ fn five_guests_run_at_once_on_one_node() {
     for id in &ids {
         d.wait(id, "deleted", 60).expect("deleted");
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !qemus_under(&d.dir).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(qemus_under(&d.dir).is_empty(), "no QEMU left");
+    assert!(d.no_qemu_left(5), "no QEMU left");
 }
 
 #[test]
@@ -675,16 +671,7 @@ fn an_environment_runs_one_command_on_every_guest_and_goes_away_whole() {
         .map(|v| v["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["compat-tiny-one", "compat-tiny-two"]);
-    let deadline = Instant::now() + Duration::from_secs(BOOT_SECS * 2);
-    loop {
-        let e = d.api.get(&format!("/v1/environments/{id}")).expect("show");
-        if e["state"] == "ready" {
-            break;
-        }
-        assert_ne!(e["state"], "degraded", "{e}");
-        assert!(Instant::now() < deadline, "never ready: {e}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    d.wait_env(&id, "ready", &["degraded"], BOOT_SECS * 2);
 
     // One command, every VM, each with its own answer.
     let r = d
@@ -731,20 +718,8 @@ fn an_environment_runs_one_command_on_every_guest_and_goes_away_whole() {
     d.api
         .delete("/v1/environments/compat")
         .expect("delete the environment");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let e = d.api.get(&format!("/v1/environments/{id}")).expect("show");
-        if e["state"] == "deleted" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never deleted: {e}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !qemus_under(&d.dir).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(qemus_under(&d.dir).is_empty(), "no QEMU left");
+    d.wait_env(&id, "deleted", &[], 120);
+    assert!(d.no_qemu_left(10), "no QEMU left");
     let list = d.api.get("/v1/environments").expect("list");
     assert_eq!(list, json!([]));
 }
