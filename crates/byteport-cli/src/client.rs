@@ -137,6 +137,17 @@ impl Client {
     /// Streams `len` bytes from `reader` as the raw body of a PUT; the
     /// file is never held in memory.
     pub fn upload(&self, path: &str, reader: &mut dyn Read, len: u64) -> Result<Value> {
+        self.upload_with(path, &[], reader, len)
+    }
+
+    /// [`Client::upload`] with a query string.
+    pub fn upload_with(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        reader: &mut dyn Read,
+        len: u64,
+    ) -> Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut rb = self
             .agent
@@ -146,6 +157,9 @@ impl Client {
             .header("Content-Length", len.to_string());
         if let Some(a) = self.bearer() {
             rb = rb.header("Authorization", a);
+        }
+        for (k, v) in query {
+            rb = rb.query(*k, v.as_str());
         }
         let sent = rb.send(ureq::SendBody::from_reader(reader));
         self.json_response(sent)?
@@ -175,6 +189,41 @@ impl Client {
         } else {
             Err(api_error(status, &bytes).into())
         }
+    }
+
+    /// A GET whose success body is read as it arrives, with the value of
+    /// one response header.
+    pub fn download(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        header: &str,
+    ) -> Result<(Option<String>, ureq::BodyReader<'static>)> {
+        let url = format!("{}{path}", self.base);
+        let mut rb = self.agent.get(&url);
+        if let Some(a) = self.bearer() {
+            rb = rb.header("Authorization", a);
+        }
+        for (k, v) in query {
+            rb = rb.query(*k, v.as_str());
+        }
+        let mut resp = rb.call().map_err(|e| self.transport(e))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let bytes = resp
+                .body_mut()
+                .with_config()
+                .limit(MAX_TEXT_BODY)
+                .read_to_vec()
+                .with_context(|| format!("cannot read the response from {}", self.base))?;
+            return Err(api_error(status, &bytes).into());
+        }
+        let value = resp
+            .headers()
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok((value, resp.into_body().into_reader()))
     }
 
     /// POSTs a JSON body and hands back the success body as a reader, to

@@ -26,6 +26,7 @@ macro_rules! opt_ts {
 }
 
 mod environments;
+mod files;
 mod nodes;
 mod runs;
 mod users;
@@ -1330,6 +1331,7 @@ fn vm(env: &Env, args: VmArgs) -> Result<()> {
             }
         }
         VmCmd::Exec(a) => vm_exec(env, project, a),
+        VmCmd::Cp { src, dst } => files::vm_cp(env, project, &src, &dst),
         VmCmd::Console { vm, bytes, follow } => {
             if follow {
                 // Refuse an https:// server before any request.

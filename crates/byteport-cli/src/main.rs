@@ -535,9 +535,43 @@ pub enum EnvCmd {
         /// Only these VMs, by name or id (comma-separated).
         #[arg(long)]
         vm: Option<String>,
+        /// A local script to run on every VM: sent as the standard input
+        /// of `/bin/sh -s`, with the arguments after `--` as its `$1...`.
+        #[arg(long)]
+        script: Option<std::path::PathBuf>,
         /// The program and its arguments, after `--`; no shell.
-        #[arg(last = true, required = true)]
+        #[arg(last = true, required_unless_present = "script")]
         argv: Vec<String>,
+    },
+    /// Copy a local file to every VM of an environment (to DEST, by
+    /// default /tmp/ and the file's name; a DEST ending in / is a directory), checked by sha256 in each
+    /// guest. At most 64 MiB.
+    Push {
+        env: String,
+        file: std::path::PathBuf,
+        dest: Option<String>,
+        /// Only VMs whose image name starts with one of these (comma-separated).
+        #[arg(long)]
+        os_prefix: Option<String>,
+        /// Only these VMs, by name or id (comma-separated).
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Copy a file from every VM of an environment, each saved as
+    /// DIR/VM-NAME/FILE-NAME and checked by sha256.
+    Get {
+        env: String,
+        /// The absolute path in the guests.
+        path: String,
+        /// Where the copies go (default: the current directory).
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+        /// Only VMs whose image name starts with one of these (comma-separated).
+        #[arg(long)]
+        os_prefix: Option<String>,
+        /// Only these VMs, by name or id (comma-separated).
+        #[arg(long)]
+        vm: Option<String>,
     },
     /// Stop every VM of an environment, disks kept (--wait: until all
     /// are stopped).
@@ -704,6 +738,14 @@ pub enum VmCmd {
     ///   echo hello | byteport vm exec web-1 --stdin -- cat
     #[command(verbatim_doc_comment)]
     Exec(ExecArgs),
+    /// Copy a file into or out of a running VM through its guest agent,
+    /// checked by sha256; one side is VM:PATH (an absolute path).
+    ///
+    /// Examples:
+    ///   byteport vm cp build.tar web-1:/tmp/
+    ///   byteport vm cp web-1:/var/log/syslog .
+    #[command(verbatim_doc_comment)]
+    Cp { src: String, dst: String },
     /// Show a VM's serial console: the end of its log, or live with --follow.
     ///
     /// With --follow, the console's output streams here and what you type

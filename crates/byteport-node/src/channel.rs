@@ -93,7 +93,12 @@ async fn session<D: Driver>(shared: &Arc<Shared<D>>) -> Result<(), String> {
                     tracing::warn!("unknown message on the node channel");
                     continue;
                 };
-                handle(shared, &inputs, &out_tx, req);
+                match req {
+                    ToNode::Input { .. } | ToNode::InputEnd { .. } | ToNode::Close { .. } => {
+                        feed(&inputs, req).await;
+                    }
+                    req => handle(shared, &inputs, &out_tx, req),
+                }
             }
         }
     };
@@ -107,12 +112,6 @@ fn handle<D: Driver>(
     out: &mpsc::Sender<FromNode>,
     req: ToNode,
 ) {
-    let route = |stream: u64, i: Input| {
-        let tx = inputs.lock().ok().and_then(|m| m.get(&stream).cloned());
-        if let Some(tx) = tx {
-            let _ = tx.try_send(i);
-        }
-    };
     match req {
         ToNode::Poke => shared.wake.notify_one(),
         ToNode::ConsoleTail { stream, vm, bytes } => {
@@ -207,11 +206,6 @@ fn handle<D: Driver>(
                 }
             });
         }
-        ToNode::Input { stream, data } => {
-            if let Ok(b) = B64.decode(data) {
-                route(stream, Input::Data(b));
-            }
-        }
         ToNode::RemoveOrphan { stream, vm } => {
             let known = shared.orphans.lock().is_ok_and(|o| o.contains_key(&vm));
             let msg = if known {
@@ -229,8 +223,33 @@ fn handle<D: Driver>(
             };
             let _ = out.try_send(msg);
         }
-        ToNode::InputEnd { stream } => route(stream, Input::End),
-        ToNode::Close { stream } => route(stream, Input::Close),
+        // The channel's reader feeds these to their streams itself (`feed`).
+        ToNode::Input { .. } | ToNode::InputEnd { .. } | ToNode::Close { .. } => {}
+    }
+}
+
+/// How long the channel's reader waits for a stream to take its input
+/// before dropping it (its process stopped reading).
+const INPUT_WAIT: Duration = Duration::from_secs(30);
+
+/// Hands input to its stream, waiting while the stream's queue is full:
+/// the channel's reader slows down (and with it the control plane's
+/// sender) instead of losing bytes of a file or a script.
+async fn feed(inputs: &Inputs, req: ToNode) {
+    let (stream, i) = match req {
+        ToNode::Input { stream, data } => match B64.decode(data) {
+            Ok(b) => (stream, Input::Data(b)),
+            Err(_) => return,
+        },
+        ToNode::InputEnd { stream } => (stream, Input::End),
+        ToNode::Close { stream } => (stream, Input::Close),
+        _ => return,
+    };
+    let tx = inputs.lock().ok().and_then(|m| m.get(&stream).cloned());
+    if let Some(tx) = tx
+        && tokio::time::timeout(INPUT_WAIT, tx.send(i)).await.is_err()
+    {
+        tracing::warn!(stream, "dropped input for a stream that stopped taking it");
     }
 }
 

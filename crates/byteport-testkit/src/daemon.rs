@@ -1137,6 +1137,43 @@ impl Api {
         Self::finish(r)
     }
 
+    /// PUTs raw bytes (a file's contents).
+    pub fn put_bytes(&self, path: &str, body: &[u8]) -> Result<Value, String> {
+        let r = self
+            .agent
+            .put(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .header("Content-Type", "application/octet-stream")
+            .send(body)
+            .map_err(|e| e.to_string())?;
+        Self::finish(r)
+    }
+
+    /// GETs raw bytes, with the value of one response header.
+    pub fn get_bytes(&self, path: &str, header: &str) -> Result<(Option<String>, Vec<u8>), String> {
+        let mut r = self
+            .agent
+            .get(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .call()
+            .map_err(|e| e.to_string())?;
+        if r.status().as_u16() >= 400 {
+            return Err(Self::finish(r).err().unwrap_or_default());
+        }
+        let value = r
+            .headers()
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = r
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .map_err(|e| e.to_string())?;
+        Ok((value, body))
+    }
+
     /// POSTs and reads an NDJSON response line by line.
     pub fn post_lines(&self, path: &str, body: Value) -> Result<Vec<Value>, String> {
         let mut r = self
@@ -1158,4 +1195,10 @@ impl Api {
         }
         Ok(out)
     }
+}
+
+/// Hex SHA-256 of some bytes.
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
 }

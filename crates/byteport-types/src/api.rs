@@ -1430,6 +1430,62 @@ pub struct EnvironmentRunQuery {
     pub vm: Option<String>,
 }
 
+/// Which file of a VM a copy writes or reads.
+#[derive(Debug, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct VmFileQuery {
+    /// An absolute path in the guest, at most 4096 bytes.
+    pub path: String,
+}
+
+/// Which file an environment's copy writes, and to which of its VMs.
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentFileQuery {
+    /// An absolute path in each guest, at most 4096 bytes.
+    pub path: String,
+    /// The project's name or id, when the path names the environment by
+    /// name; `default` when absent.
+    pub project: Option<String>,
+    /// Only VMs whose image name starts with one of these prefixes
+    /// (comma-separated).
+    pub os_prefix: Option<String>,
+    /// Only these VMs, by name or id (comma-separated).
+    pub vm: Option<String>,
+}
+
+/// A file written into a VM, as the guest read it back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FileWritten {
+    pub path: String,
+    pub size: u64,
+    /// Hex SHA-256 of the file in the guest, equal to that of the bytes sent.
+    pub sha256: String,
+}
+
+/// What one VM of an environment made of a file sent to all of them.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct VmFileResult {
+    pub vm_id: VmId,
+    pub vm_name: Name,
+    pub image: Name,
+    /// The file as written, when it was.
+    pub written: Option<FileWritten>,
+    /// Why this VM has no copy (not running, no agent, the guest refused).
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// A file sent to every VM of an environment.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnvironmentFileResult {
+    pub environment: Name,
+    pub path: String,
+    pub results: Vec<VmFileResult>,
+}
+
 /// What one VM of an environment made of a command run on all of them.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmRunResult {

@@ -5,7 +5,7 @@
 //! the image is missing, unless `BYTEPORT_REQUIRE_QEMU=1` (set by
 //! `cargo xtask test`, which builds the image first).
 
-use byteport_testkit::daemon::{Daemon, image_or_skip};
+use byteport_testkit::daemon::{Daemon, image_or_skip, sha256_hex};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Command;
@@ -299,6 +299,18 @@ fn an_environment_of_debian_releases_runs_each_releases_own_cloud_init() {
             .all(|x| x["exit_code"] == 0),
         "{r}"
     );
+    // A 10 MiB file pushed to both before the stop.
+    let blob: Vec<u8> = (0u64..10 << 20)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9) >> 11) as u8)
+        .collect();
+    let sha = sha256_hex(&blob);
+    let p = d
+        .api
+        .put_bytes("/v1/environments/releases/files?path=/var/lib/blob", &blob)
+        .expect("push");
+    for res in p["results"].as_array().expect("results") {
+        assert_eq!(res["written"]["sha256"], json!(sha), "{p}");
+    }
     let a = d
         .api
         .post("/v1/environments/releases/stop", json!({}))
@@ -320,5 +332,17 @@ fn an_environment_of_debian_releases_runs_each_releases_own_cloud_init() {
             format!("kept-{}", v["hostname"].as_str().unwrap()),
             "{r}"
         );
+        let (said, got) = d
+            .api
+            .get_bytes(
+                &format!(
+                    "/v1/vms/{}/files?path=/var/lib/blob",
+                    v["id"].as_str().unwrap()
+                ),
+                "x-byteport-sha256",
+            )
+            .expect("get");
+        assert_eq!(said.as_deref(), Some(sha.as_str()), "{v}");
+        assert!(got == blob, "the copy back from {} differs", v["name"]);
     }
 }

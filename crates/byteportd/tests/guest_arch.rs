@@ -3,7 +3,7 @@
 //! in one environment. Skips, saying why, when the images are missing,
 //! unless `BYTEPORT_REQUIRE_QEMU=1` (set by `cargo xtask test`).
 
-use byteport_testkit::daemon::{Daemon, image_or_skip, tiny_or_skip};
+use byteport_testkit::daemon::{Daemon, image_or_skip, sha256_hex, tiny_or_skip};
 use serde_json::json;
 use std::path::Path;
 
@@ -77,6 +77,53 @@ fn an_environment_across_architectures_answers_from_each_guest_in_its_own() {
         let out = res["stdout"].as_str().unwrap();
         assert_eq!(out.lines().next(), Some(arch), "{r}");
     }
+
+    // A 10 MiB file to both guests, and back from each, byte for byte.
+    let blob: Vec<u8> = (0u64..10 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let sha = sha256_hex(&blob);
+    let r = d
+        .api
+        .put_bytes("/v1/environments/matrix/files?path=/tmp/blob", &blob)
+        .expect("push");
+    let results = r["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{r}");
+    for res in results {
+        assert_eq!(res["error"], json!(null), "{r}");
+        assert_eq!(res["written"]["sha256"], json!(sha), "{r}");
+        assert_eq!(res["written"]["size"], json!(10 << 20), "{r}");
+    }
+    for v in vms {
+        let id = v["id"].as_str().unwrap();
+        let (said, got) = d
+            .api
+            .get_bytes(
+                &format!("/v1/vms/{id}/files?path=/tmp/blob"),
+                "x-byteport-sha256",
+            )
+            .expect("get");
+        assert_eq!(said.as_deref(), Some(sha.as_str()), "{v}");
+        assert!(got == blob, "the copy back from {} differs", v["name"]);
+    }
+    // A relative path is refused before any VM is touched; a missing file
+    // is a 404.
+    let bad = d
+        .api
+        .put_bytes("/v1/environments/matrix/files?path=tmp/x", b"x")
+        .expect_err("a relative path");
+    assert!(bad.starts_with("400"), "{bad}");
+    let missing = d
+        .api
+        .get_bytes(
+            &format!(
+                "/v1/vms/{}/files?path=/tmp/none",
+                vms[0]["id"].as_str().unwrap()
+            ),
+            "x-byteport-sha256",
+        )
+        .expect_err("a missing file");
+    assert!(missing.starts_with("404"), "{missing}");
 
     // The aarch64 guest powers off on the `virt` board's power button
     // (a GPIO key, not ACPI) and comes back.

@@ -5,7 +5,9 @@ use crate::client::{Method, decode, seg};
 use crate::table::{Table, print_fields};
 use crate::{EnvArgs, EnvCmd};
 use anyhow::{Context, Result, bail};
-use byteport_types::api::{Environment, EnvironmentAction, EnvironmentRunResult, EnvironmentState};
+use byteport_types::api::{
+    Environment, EnvironmentAction, EnvironmentFileResult, EnvironmentRunResult, EnvironmentState,
+};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -107,9 +109,30 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
             timeout,
             os_prefix,
             vm,
+            script,
             argv,
         } => {
             let mut body = json!({"argv": argv});
+            if let Some(file) = script {
+                use base64::Engine;
+                let text = std::fs::read(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let mut argv = vec!["/bin/sh".to_owned(), "-s".to_owned()];
+                if !body["argv"].as_array().is_none_or(|a| a.is_empty()) {
+                    argv.push("--".to_owned());
+                }
+                argv.extend(
+                    body["argv"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a.as_str().map(str::to_owned)),
+                );
+                body = json!({
+                    "argv": argv,
+                    "stdin_base64": base64::engine::general_purpose::STANDARD.encode(text),
+                });
+            }
             if let Some(t) = timeout {
                 body["timeout_secs"] = json!(t);
             }
@@ -166,6 +189,61 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
                 return Err(Exit(1).into());
             }
             Ok(())
+        }
+        EnvCmd::Push {
+            env: name,
+            file,
+            dest,
+            os_prefix,
+            vm,
+        } => {
+            let dest = super::files::guest_dest(dest.as_deref().unwrap_or("/tmp/"), &file)?;
+            let len = std::fs::metadata(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .len();
+            let mut f = std::fs::File::open(&file)
+                .with_context(|| format!("cannot open {}", file.display()))?;
+            let mut query = query.clone();
+            query.push(("path", dest));
+            query.extend(os_prefix.map(|p| ("os_prefix", p)));
+            query.extend(vm.map(|v| ("vm", v)));
+            let v = c.upload_with(&format!("{}/files", path(&name)), &query, &mut f, len)?;
+            let r: EnvironmentFileResult = decode(&v)?;
+            if env.json() {
+                print_json(&v)?;
+            } else {
+                for x in &r.results {
+                    match (&x.written, &x.error) {
+                        (Some(w), _) => println!(
+                            "{}: {} {} bytes sha256 {}, {} ms",
+                            x.vm_name, w.path, w.size, w.sha256, x.duration_ms
+                        ),
+                        (None, e) => println!(
+                            "{}: error: {}",
+                            x.vm_name,
+                            e.as_deref().unwrap_or("no copy")
+                        ),
+                    }
+                }
+            }
+            let failed = r.results.iter().filter(|x| x.written.is_none()).count();
+            if failed > 0 {
+                if !env.json() {
+                    eprintln!("failed on {failed} of {} VMs", r.results.len());
+                }
+                return Err(Exit(1).into());
+            }
+            Ok(())
+        }
+        EnvCmd::Get {
+            env: name,
+            path: file,
+            dir,
+            os_prefix,
+            vm,
+        } => {
+            let e: Environment = decode(&c.get(&path(&name), &query)?)?;
+            super::files::env_get(env, &e, &file, &dir, os_prefix.as_deref(), vm.as_deref())
         }
         EnvCmd::Stop {
             env: name,

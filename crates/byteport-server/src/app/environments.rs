@@ -394,17 +394,45 @@ impl App {
         q: &EnvironmentRunQuery,
         req: ExecRequest,
     ) -> AppResult<EnvironmentRunResult> {
-        let e = self
-            .env_resolve(ctx, key, q.project.as_deref(), Role::Member)
+        let (e, vms) = self
+            .env_targets(ctx, key, q.project.as_deref(), &q.os_prefix, &q.vm)
             .await?;
+        let runs = vms.iter().map(|v| {
+            let req = ExecRequest {
+                argv: req.argv.clone(),
+                env: req.env.clone(),
+                cwd: req.cwd.clone(),
+                stdin_base64: req.stdin_base64.clone(),
+                timeout_secs: req.timeout_secs,
+            };
+            self.run_one(ctx, v, req)
+        });
+        let results = futures_util::future::join_all(runs).await;
+        // A bad request is the same on every VM: say it once, as a 4xx.
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            out.push(r?);
+        }
+        Ok(EnvironmentRunResult {
+            environment: Name::parse(&e.name).map_err(AppError::internal)?,
+            results: out,
+        })
+    }
+
+    /// The environment (a member's, not deleted) and those of its VMs that
+    /// `os_prefix` and `vm` select (all when both are absent; a 400 when
+    /// they are given and select none).
+    pub(crate) async fn env_targets(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        project: Option<&str>,
+        os_prefix: &Option<String>,
+        vm: &Option<String>,
+    ) -> AppResult<(environment::Model, Vec<vm::Model>)> {
+        let e = self.env_resolve(ctx, key, project, Role::Member).await?;
         if e.deleted_at.is_some() {
             return Err(AppError::not_found("environment", key));
-        }
-        if req.stdin_base64.is_some() {
-            return Err(AppError::bad(
-                "invalid_stdin",
-                "a run on an environment takes no stdin",
-            ));
         }
         let list = |s: &Option<String>| -> Vec<String> {
             s.iter()
@@ -414,7 +442,7 @@ impl App {
                 .map(str::to_owned)
                 .collect()
         };
-        let (prefixes, names) = (list(&q.os_prefix), list(&q.vm));
+        let (prefixes, names) = (list(os_prefix), list(vm));
         let vms: Vec<vm::Model> = self
             .store
             .env_vms(e.id)
@@ -437,26 +465,7 @@ impl App {
                 "no VM of the environment matches os_prefix and vm",
             ));
         }
-        let runs = vms.iter().map(|v| {
-            let req = ExecRequest {
-                argv: req.argv.clone(),
-                env: req.env.clone(),
-                cwd: req.cwd.clone(),
-                stdin_base64: None,
-                timeout_secs: req.timeout_secs,
-            };
-            self.run_one(ctx, v, req)
-        });
-        let results = futures_util::future::join_all(runs).await;
-        // A bad request is the same on every VM: say it once, as a 4xx.
-        let mut out = Vec::with_capacity(results.len());
-        for r in results {
-            out.push(r?);
-        }
-        Ok(EnvironmentRunResult {
-            environment: Name::parse(&e.name).map_err(AppError::internal)?,
-            results: out,
-        })
+        Ok((e, vms))
     }
 
     async fn run_one(&self, ctx: &Ctx, v: &vm::Model, req: ExecRequest) -> AppResult<VmRunResult> {

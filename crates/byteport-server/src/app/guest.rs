@@ -147,29 +147,16 @@ impl App {
             }
             None => None,
         };
-        let v = self.vm_resolve(ctx, id, Role::Member).await?;
-        let state: VmState = v.state.parse().map_err(AppError::internal)?;
-        if state != VmState::Running {
-            return Err(AppError::Conflict(format!(
-                "the VM is {state}; exec needs it running"
-            )));
-        }
-        if !v.has_agent {
-            return Err(AppError::Conflict(
-                "the VM's image has no guest agent; exec needs one".into(),
-            ));
-        }
-        let vm = VmId(v.id);
+        let v = self.exec_target(ctx, id).await?;
         let s = self
-            .open_on_node(&v, |stream| ToNode::Exec {
-                stream,
-                vm,
-                argv: req.argv,
-                env: req.env.into_iter().collect(),
-                cwd: req.cwd,
-                stdin: stdin.is_some(),
+            .exec_open(
+                &v,
+                req.argv,
+                req.env.into_iter().collect(),
+                req.cwd,
+                stdin.is_some(),
                 timeout_secs,
-            })
+            )
             .await?;
         if let Some(b) = stdin {
             for chunk in b.chunks(32 * 1024) {
@@ -185,6 +172,53 @@ impl App {
         tokio::spawn(relay_exec(s, tx));
         Ok(rx)
     }
+
+    /// A VM the caller may exec in: a member's, running, with an agent.
+    pub(crate) async fn exec_target(&self, ctx: &Ctx, id: &str) -> AppResult<vm::Model> {
+        let v = self.vm_resolve(ctx, id, Role::Member).await?;
+        exec_ready(&v)?;
+        Ok(v)
+    }
+
+    /// Starts a process in the VM through its node; its answers come on
+    /// the stream, and `Input` / `InputEnd` feed it when `stdin` is set.
+    pub(crate) async fn exec_open(
+        &self,
+        v: &vm::Model,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        stdin: bool,
+        timeout_secs: u64,
+    ) -> AppResult<Stream> {
+        let vm = VmId(v.id);
+        self.open_on_node(v, |stream| ToNode::Exec {
+            stream,
+            vm,
+            argv,
+            env,
+            cwd,
+            stdin,
+            timeout_secs,
+        })
+        .await
+    }
+}
+
+/// Why exec cannot reach this VM now, if it cannot.
+pub(crate) fn exec_ready(v: &vm::Model) -> AppResult<()> {
+    let state: VmState = v.state.parse().map_err(AppError::internal)?;
+    if state != VmState::Running {
+        return Err(AppError::Conflict(format!(
+            "the VM is {state}; exec needs it running"
+        )));
+    }
+    if !v.has_agent {
+        return Err(AppError::Conflict(
+            "the VM's image has no guest agent; exec needs one".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Turns the node's answers into exec events until the last one.

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod catalog;
 pub mod environments;
 pub mod events;
+pub mod files;
 pub mod guest;
 pub mod hub;
 pub mod image_files;

@@ -101,6 +101,8 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(st::vm_console))
         .routes(routes!(st::vm_console_ws))
         .routes(routes!(st::vm_exec))
+        .routes(routes!(st::vm_file_put, st::vm_file_get))
+        .routes(routes!(st::env_file_put))
         .routes(routes!(st::node_channel))
         .routes(routes!(h::vm_create, h::vm_list))
         .routes(routes!(h::vm_show, h::vm_delete))

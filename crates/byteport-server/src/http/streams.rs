@@ -5,7 +5,7 @@
 use super::extract::{ApiJson, ApiQuery};
 use crate::app::image_files::FileRole;
 use crate::app::{App, Ctx};
-use crate::error::AppResult;
+use crate::error::{AppError, AppResult};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -162,6 +162,72 @@ pub async fn vm_exec(
         Body::from_stream(lines),
     )
         .into_response())
+}
+
+/// Write a file into a running VM through its guest agent: the body's
+/// bytes replace `path`, and the answer is the guest's size and sha256 of
+/// it (equal to those of the bytes sent, or the copy is an error).
+#[utoipa::path(put, path = "/v1/vms/{id}/files", tag = "vms",
+    params(("id" = String, Path), VmFileQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = FileWritten), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn vm_file_put(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<VmFileQuery>,
+    body: Body,
+) -> AppResult<Json<FileWritten>> {
+    let stream = body
+        .into_data_stream()
+        .map(|c| c.map_err(|e| AppError::bad("invalid_body", e.to_string())));
+    Ok(Json(app.vm_file_put(&ctx, &id, &q.path, stream).await?))
+}
+
+/// Read a file of a running VM through its guest agent. The guest's
+/// sha256 of it comes first, in the `x-byteport-sha256` header; a body
+/// whose bytes do not hash to it ends in an error instead of completing.
+#[utoipa::path(get, path = "/v1/vms/{id}/files", tag = "vms",
+    params(("id" = String, Path), VmFileQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn vm_file_get(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<VmFileQuery>,
+) -> AppResult<Response> {
+    let file = app.vm_file_get(&ctx, &id, &q.path).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (
+                header::HeaderName::from_static("x-byteport-sha256"),
+                file.sha256,
+            ),
+        ],
+        Body::from_stream(tokio_stream_from(file.body)),
+    )
+        .into_response())
+}
+
+/// Write one file into every VM of an environment (or those `os_prefix`
+/// and `vm` select) at once; each VM's result says its guest's sha256 of
+/// it, or why it has none. The body is at most 64 MiB.
+#[utoipa::path(put, path = "/v1/environments/{env}/files", tag = "environments",
+    params(("env" = String, Path, description = "id or name"), EnvironmentFileQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = EnvironmentFileResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn env_file_put(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(env): Path<String>,
+    ApiQuery(q): ApiQuery<EnvironmentFileQuery>,
+    body: Body,
+) -> AppResult<Json<EnvironmentFileResult>> {
+    let stream = body
+        .into_data_stream()
+        .map(|c| c.map_err(|e| AppError::bad("invalid_body", e.to_string())));
+    Ok(Json(app.env_file_put(&ctx, &env, &q, stream).await?))
 }
 
 fn tokio_stream_from<T: Send + 'static>(

@@ -191,6 +191,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/environments/{env}/files": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        /**
+         * Write one file into every VM of an environment (or those `os_prefix`
+         *     and `vm` select) at once; each VM's result says its guest's sha256 of
+         *     it, or why it has none. The body is at most 64 MiB.
+         */
+        put: operations["env_file_put"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/environments/{env}/run": {
         parameters: {
             query?: never;
@@ -967,6 +988,32 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vms/{id}/files": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Read a file of a running VM through its guest agent. The guest's
+         *     sha256 of it comes first, in the `x-byteport-sha256` header; a body
+         *     whose bytes do not hash to it ends in an error instead of completing.
+         */
+        get: operations["vm_file_get"];
+        /**
+         * Write a file into a running VM through its guest agent: the body's
+         *     bytes replace `path`, and the answer is the guest's size and sha256 of
+         *     it (equal to those of the bytes sent, or the copy is an error).
+         */
+        put: operations["vm_file_put"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/vms/{id}/pause": {
         parameters: {
             query?: never;
@@ -1268,6 +1315,12 @@ export interface components {
             /** Format: int32 */
             vcpus?: number | null;
         };
+        /** @description A file sent to every VM of an environment. */
+        EnvironmentFileResult: {
+            environment: components["schemas"]["Name"];
+            path: string;
+            results: components["schemas"]["VmFileResult"][];
+        };
         /**
          * Format: uuid
          * @description An environment (a group of VMs made and removed together).
@@ -1356,6 +1409,14 @@ export interface components {
          * @enum {string}
          */
         Execution: "native" | "emulated";
+        /** @description A file written into a VM, as the guest read it back. */
+        FileWritten: {
+            path: string;
+            /** @description Hex SHA-256 of the file in the guest, equal to that of the bytes sent. */
+            sha256: string;
+            /** Format: int64 */
+            size: number;
+        };
         Flavor: {
             /** Format: int64 */
             disk_gib: number;
@@ -2248,6 +2309,17 @@ export interface components {
             user_data?: string | null;
             /** Format: int32 */
             vcpus?: number | null;
+        };
+        /** @description What one VM of an environment made of a file sent to all of them. */
+        VmFileResult: {
+            /** Format: int64 */
+            duration_ms: number;
+            /** @description Why this VM has no copy (not running, no agent, the guest refused). */
+            error?: string | null;
+            image: components["schemas"]["Name"];
+            vm_id: components["schemas"]["VmId"];
+            vm_name: components["schemas"]["Name"];
+            written?: components["schemas"]["FileWritten"] | null;
         };
         /**
          * Format: uuid
@@ -3395,6 +3467,107 @@ export interface operations {
             };
             /** @description The change conflicts with the resource's state or another change */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many requests of this kind: see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_file_put: {
+        parameters: {
+            query: {
+                /** @description An absolute path in each guest, at most 4096 bytes. */
+                path: string;
+                /**
+                 * @description The project's name or id, when the path names the environment by
+                 *     name; `default` when absent.
+                 */
+                project?: string;
+                /**
+                 * @description Only VMs whose image name starts with one of these prefixes
+                 *     (comma-separated).
+                 */
+                os_prefix?: string;
+                /** @description Only these VMs, by name or id (comma-separated). */
+                vm?: string;
+            };
+            header?: never;
+            path: {
+                /** @description id or name */
+                env: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/octet-stream": number[];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnvironmentFileResult"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No credentials, or bad ones (even where anonymous callers are let in) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not allowed for this caller, or a cross-origin use of the session cookie */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The change conflicts with the resource's state or another change */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7905,6 +8078,170 @@ export interface operations {
                 };
             };
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_file_get: {
+        parameters: {
+            query: {
+                /** @description An absolute path in the guest, at most 4096 bytes. */
+                path: string;
+            };
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/octet-stream": number[];
+                };
+            };
+            /** @description The input breaks a rule; the error says which */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No credentials, or bad ones (even where anonymous callers are let in) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not allowed for this caller, or a cross-origin use of the session cookie */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many requests of this kind: see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_file_put: {
+        parameters: {
+            query: {
+                /** @description An absolute path in the guest, at most 4096 bytes. */
+                path: string;
+            };
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/octet-stream": number[];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["FileWritten"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No credentials, or bad ones (even where anonymous callers are let in) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not allowed for this caller, or a cross-origin use of the session cookie */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such resource, or not one the caller may see */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many requests of this kind: see Retry-After */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
