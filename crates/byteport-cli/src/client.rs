@@ -168,6 +168,20 @@ impl Client {
 
     /// A GET whose success body is returned as bytes (plain text, say).
     pub fn get_bytes(&self, path: &str, query: &[(&str, String)]) -> Result<Vec<u8>> {
+        let mut resp = self.get_ok(path, query)?;
+        resp.body_mut()
+            .with_config()
+            .limit(MAX_TEXT_BODY)
+            .read_to_vec()
+            .with_context(|| format!("cannot read the response from {}", self.base))
+    }
+
+    /// A GET's response when it succeeded; the server's error otherwise.
+    fn get_ok(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<ureq::http::Response<ureq::Body>> {
         let url = format!("{}{path}", self.base);
         let mut rb = self.agent.get(&url);
         if let Some(a) = self.bearer() {
@@ -176,19 +190,27 @@ impl Client {
         for (k, v) in query {
             rb = rb.query(*k, v.as_str());
         }
-        let mut resp = rb.call().map_err(|e| self.transport(e))?;
+        let resp = rb.call().map_err(|e| self.transport(e))?;
+        self.success(resp)
+    }
+
+    /// The response itself when its status is a success; the server's
+    /// error (read from its body) otherwise.
+    fn success(
+        &self,
+        mut resp: ureq::http::Response<ureq::Body>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
         let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(resp);
+        }
         let bytes = resp
             .body_mut()
             .with_config()
             .limit(MAX_TEXT_BODY)
             .read_to_vec()
             .with_context(|| format!("cannot read the response from {}", self.base))?;
-        if (200..300).contains(&status) {
-            Ok(bytes)
-        } else {
-            Err(api_error(status, &bytes).into())
-        }
+        Err(api_error(status, &bytes).into())
     }
 
     /// A GET whose success body is read as it arrives, with the value of
@@ -199,25 +221,7 @@ impl Client {
         query: &[(&str, String)],
         header: &str,
     ) -> Result<(Option<String>, ureq::BodyReader<'static>)> {
-        let url = format!("{}{path}", self.base);
-        let mut rb = self.agent.get(&url);
-        if let Some(a) = self.bearer() {
-            rb = rb.header("Authorization", a);
-        }
-        for (k, v) in query {
-            rb = rb.query(*k, v.as_str());
-        }
-        let mut resp = rb.call().map_err(|e| self.transport(e))?;
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            let bytes = resp
-                .body_mut()
-                .with_config()
-                .limit(MAX_TEXT_BODY)
-                .read_to_vec()
-                .with_context(|| format!("cannot read the response from {}", self.base))?;
-            return Err(api_error(status, &bytes).into());
-        }
+        let resp = self.get_ok(path, query)?;
         let value = resp
             .headers()
             .get(header)
@@ -239,17 +243,7 @@ impl Client {
         if let Some(a) = self.bearer() {
             rb = rb.header("Authorization", a);
         }
-        let mut resp = rb.send_json(body).map_err(|e| self.transport(e))?;
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            let bytes = resp
-                .body_mut()
-                .with_config()
-                .limit(MAX_TEXT_BODY)
-                .read_to_vec()
-                .with_context(|| format!("cannot read the response from {}", self.base))?;
-            return Err(api_error(status, &bytes).into());
-        }
+        let resp = self.success(rb.send_json(body).map_err(|e| self.transport(e))?)?;
         Ok(BufReader::new(resp.into_body().into_reader()))
     }
 

@@ -1430,6 +1430,17 @@ pub struct EnvironmentRunQuery {
     pub vm: Option<String>,
 }
 
+/// The words of a comma-separated filter (`os_prefix`, `vm`), trimmed,
+/// empty ones left out.
+pub fn comma_list(s: Option<&str>) -> Vec<String> {
+    s.into_iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Which file of a VM a copy writes or reads.
 #[derive(Debug, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -6,7 +6,7 @@
 use super::{Env, Exit, print_json};
 use crate::client::{Client, seg};
 use anyhow::{Context, Result, bail};
-use byteport_types::api::{Environment, FileWritten};
+use byteport_types::api::{Environment, FileWritten, comma_list};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -168,15 +168,7 @@ pub(super) fn env_get(
     os_prefix: Option<&str>,
     vm: Option<&str>,
 ) -> Result<()> {
-    let list = |s: Option<&str>| -> Vec<String> {
-        s.into_iter()
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .filter(|w| !w.is_empty())
-            .map(str::to_owned)
-            .collect()
-    };
-    let (prefixes, names) = (list(os_prefix), list(vm));
+    let (prefixes, names) = (comma_list(os_prefix), comma_list(vm));
     let vms: Vec<_> = e
         .vms
         .iter()

@@ -434,15 +434,10 @@ impl App {
         if e.deleted_at.is_some() {
             return Err(AppError::not_found("environment", key));
         }
-        let list = |s: &Option<String>| -> Vec<String> {
-            s.iter()
-                .flat_map(|s| s.split(','))
-                .map(str::trim)
-                .filter(|w| !w.is_empty())
-                .map(str::to_owned)
-                .collect()
-        };
-        let (prefixes, names) = (list(os_prefix), list(vm));
+        let (prefixes, names) = (
+            byteport_types::api::comma_list(os_prefix.as_deref()),
+            byteport_types::api::comma_list(vm.as_deref()),
+        );
         let vms: Vec<vm::Model> = self
             .store
             .env_vms(e.id)

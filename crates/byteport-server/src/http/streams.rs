@@ -178,10 +178,15 @@ pub async fn vm_file_put(
     ApiQuery(q): ApiQuery<VmFileQuery>,
     body: Body,
 ) -> AppResult<Json<FileWritten>> {
-    let stream = body
-        .into_data_stream()
-        .map(|c| c.map_err(|e| AppError::bad("invalid_body", e.to_string())));
-    Ok(Json(app.vm_file_put(&ctx, &id, &q.path, stream).await?))
+    Ok(Json(
+        app.vm_file_put(&ctx, &id, &q.path, file_body(body)).await?,
+    ))
+}
+
+/// A request body as the chunks a file copy takes; a broken body is a 400.
+fn file_body(body: Body) -> impl futures_util::Stream<Item = AppResult<bytes::Bytes>> + Unpin {
+    body.into_data_stream()
+        .map(|c| c.map_err(|e| AppError::bad("invalid_body", e.to_string())))
 }
 
 /// Read a file of a running VM through its guest agent. The guest's
@@ -224,10 +229,9 @@ pub async fn env_file_put(
     ApiQuery(q): ApiQuery<EnvironmentFileQuery>,
     body: Body,
 ) -> AppResult<Json<EnvironmentFileResult>> {
-    let stream = body
-        .into_data_stream()
-        .map(|c| c.map_err(|e| AppError::bad("invalid_body", e.to_string())));
-    Ok(Json(app.env_file_put(&ctx, &env, &q, stream).await?))
+    Ok(Json(
+        app.env_file_put(&ctx, &env, &q, file_body(body)).await?,
+    ))
 }
 
 fn tokio_stream_from<T: Send + 'static>(
