@@ -302,13 +302,43 @@ try {
 	await page.getByRole('button', { name: 'Create environment' }).click();
 	await page.waitForURL(/\/environments\/[0-9a-f-]{36}$/);
 	await page.locator('[data-testid=env-state] [data-state=ready]').waitFor({ timeout: BOOT });
-	await page.getByLabel('Command').fill("sh -c 'uname -s; exit 3'");
+	await page.getByLabel('Command').fill("sh -c 'uname -s; sleep 3; echo done; exit 3'");
 	await page.getByRole('button', { name: 'Run', exact: true }).click();
 	const result = page.locator('[data-result="compat-tiny"]');
+	// The first line shows while the command still runs.
+	await result.locator('[data-stream=stdout]').waitFor({ timeout: 60_000 });
+	check(
+		(await result.locator('[data-outcome]').getAttribute('data-outcome')) === 'running',
+		'the output shows only once the command has ended'
+	);
+	check((await result.locator('[data-stream=stdout]').innerText()).trim() === 'Linux', 'the first line');
 	await result.locator('[data-outcome=failed]').waitFor({ timeout: 60_000 });
 	check((await result.locator('[data-outcome]').innerText()).trim() === 'exit 3', 'the exit code');
-	check((await result.locator('[data-stream=stdout]').innerText()).trim() === 'Linux', 'the output');
+	check(
+		(await result.locator('[data-stream=stdout]').innerText()).trim() === 'Linux\ndone',
+		'the whole output'
+	);
+	await page.getByTestId('run-done').waitFor();
+	check((await page.getByTestId('run-done').innerText()).startsWith('exit 0 on 0 of 1 VMs'), 'the count');
 	await shot(page, 'environment-run');
+
+	step('a file copied to every VM from the page comes back from each');
+	const text = `pushed from the console ${Date.now()}\n`;
+	await page.locator('#push-file').setInputFiles({
+		name: 'hello.txt',
+		mimeType: 'text/plain',
+		buffer: Buffer.from(text)
+	});
+	await page.getByRole('button', { name: 'Copy to every VM' }).click();
+	const copy = page.locator('[data-push="compat-tiny"] [data-outcome=ok]');
+	await copy.waitFor({ timeout: 60_000 });
+	check((await copy.innerText()).includes(`${text.length} bytes at /tmp/hello.txt`), 'the copy');
+	await page.locator('#get-path').fill('/tmp/hello.txt');
+	await page.getByRole('button', { name: 'Get from every VM' }).click();
+	const download = page.locator('[data-get="compat-tiny"] a');
+	check((await download.getAttribute('download')) === 'compat-tiny-hello.txt', 'the saved name');
+	const back = await download.evaluate((a) => fetch(a.href).then((r) => r.text()));
+	check(back === text, `the file came back as ${JSON.stringify(back)}`);
 	await page.getByRole('button', { name: 'Delete environment' }).click();
 	await page.locator('[data-testid=env-state] [data-state=deleted]').waitFor({ timeout: BOOT });
 	await page.goto('/environments');

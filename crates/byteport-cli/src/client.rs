@@ -235,11 +235,15 @@ impl Client {
     pub fn post_stream(
         &self,
         path: &str,
+        query: &[(&str, String)],
         body: &Value,
         accept: &str,
     ) -> Result<BufReader<ureq::BodyReader<'static>>> {
         let url = format!("{}{path}", self.base);
         let mut rb = self.agent.post(&url).header("Accept", accept);
+        for (k, v) in query {
+            rb = rb.query(*k, v.as_str());
+        }
         if let Some(a) = self.bearer() {
             rb = rb.header("Authorization", a);
         }

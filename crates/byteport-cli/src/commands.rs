@@ -1390,6 +1390,7 @@ fn vm_exec(env: &Env, project: Option<&str>, a: ExecArgs) -> Result<()> {
     }
     let events = env.client.post_stream(
         &format!("/v1/vms/{}/exec", seg(&id)),
+        &[],
         &body,
         "application/x-ndjson",
     )?;

@@ -521,7 +521,9 @@ pub enum EnvCmd {
     List,
     /// Show an environment and its VMs.
     Show { env: String },
-    /// Run a command on every VM at once and print each VM's output.
+    /// Run a command on every VM at once, each line of output printed as
+    /// it comes, prefixed with its VM's name (with --json: every VM's
+    /// output and exit code at the end, as one JSON).
     ///
     /// Exits 0 when it exited 0 on every VM, 1 otherwise.
     Run {

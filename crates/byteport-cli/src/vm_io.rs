@@ -516,6 +516,7 @@ mod tests {
         let events = c
             .post_stream(
                 "/v1/vms/x/exec",
+                &[],
                 &serde_json::json!({"argv": ["ls"]}),
                 "application/x-ndjson",
             )

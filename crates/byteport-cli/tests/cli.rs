@@ -889,18 +889,32 @@ async fn cli_manages_environments() {
         // Not running yet: each VM says so, and the exit status is 1.
         let o = run(c, &["env", "run", "compat", "--", "uname", "-a"], None).await;
         assert_eq!(o.code, 1);
-        assert_eq!(
-            o.stdout
-                .lines()
-                .filter(
-                    |l| l.starts_with("== compat-tiny-") && l.contains("error: the VM is pending")
-                )
-                .count(),
-            2,
-            "{}",
-            o.stdout
+        for vm in ["compat-tiny-a", "compat-tiny-b"] {
+            assert!(
+                o.stderr
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{vm}: the VM is pending"))),
+                "{vm}: {}",
+                o.stderr
+            );
+        }
+        assert!(o.stderr.contains("exit 0 on 0 of 2 VMs"), "{}", o.stderr);
+        // --json: the gathered answer, each VM's error in it.
+        let o = run(
+            c,
+            &["env", "run", "compat", "--output", "json", "--", "true"],
+            None,
+        )
+        .await;
+        assert_eq!(o.code, 1);
+        let r: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+        assert_eq!(r["results"].as_array().map(Vec::len), Some(2), "{r}");
+        assert!(
+            r["results"][0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("pending")
         );
-        assert!(o.stderr.contains("failed on 2 of 2 VMs"), "{}", o.stderr);
 
         let o = fails(
             c,

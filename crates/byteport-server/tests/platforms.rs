@@ -12,11 +12,13 @@ const GET: Method = Method::GET;
 const POST: Method = Method::POST;
 const PUT: Method = Method::PUT;
 
-/// Images `debian-R` (x86_64) and `debian-R-arm` (aarch64) for each release.
+/// Images `debian-R` (x86_64) and `debian-R-arm` (aarch64) for each
+/// release, with the guest agent.
 async fn debian_images(s: &TestServer, releases: &[u32]) {
     for r in releases {
-        s.image_for(&format!("debian-{r}"), "x86_64").await;
-        s.image_for(&format!("debian-{r}-arm"), "aarch64").await;
+        s.agent_image_for(&format!("debian-{r}"), "x86_64").await;
+        s.agent_image_for(&format!("debian-{r}-arm"), "aarch64")
+            .await;
     }
 }
 
@@ -309,13 +311,16 @@ async fn an_environment_of_500_vms_is_made_whole_across_20_nodes_by_architecture
         debian_images(&s, &[10, 11, 12, 13, 14]).await;
         roomy_quota(&s, 500).await;
         let mut arch_of = HashMap::new();
+        let mut sims = Vec::new();
         for i in 0..10 {
             let n = SimNode::join_running(&s, &format!("amd-{i}"), 64, 65536, &[]).await;
-            arch_of.insert(n.id, "x86_64");
+            arch_of.insert(n.id.clone(), "x86_64");
+            sims.push(n);
             let n =
                 SimNode::join_running(&s, &format!("arm-{i}"), 64, 65536, &[("aarch64", "native")])
                     .await;
-            arch_of.insert(n.id, "aarch64");
+            arch_of.insert(n.id.clone(), "aarch64");
+            sims.push(n);
         }
         // Ten images, both architectures, fifty of each: 500 VMs, the
         // quota's last one included.
@@ -339,6 +344,13 @@ async fn an_environment_of_500_vms_is_made_whole_across_20_nodes_by_architecture
             *per_node.entry(node).or_default() += 1;
         }
         assert_eq!(per_node.len(), 20, "spread over every node: {per_node:?}");
+        let mut on_node: HashMap<String, Vec<String>> = HashMap::new();
+        for v in vms(&e) {
+            on_node
+                .entry(v["node_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(v["id"].as_str().unwrap().to_owned());
+        }
         // No node over its limit: 64 vCPUs x 4 overcommit, 64 GiB.
         let (_, nodes) = s.call(GET, "/v1/nodes", Some(&t), None).await;
         for n in nodes.as_array().expect("nodes") {
@@ -359,6 +371,124 @@ async fn an_environment_of_500_vms_is_made_whole_across_20_nodes_by_architecture
         assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
         assert_eq!(v["error"]["code"], "quota_exceeded", "{v}");
         assert_eq!(env_count(&s).await, 1);
+
+        // Every VM runs; one command fans out to all 500 and every VM's
+        // own answer comes back, streamed and gathered.
+        let mut serving = Vec::new();
+        for n in &sims {
+            report_all(&s, n, &on_node[&n.id], "running", 1).await;
+            serving.push(n.serve_exec(&s, |vm, argv| (format!("{vm} {}\n", argv.join(" ")), 0)));
+        }
+        let (st, lines) = s
+            .post_lines(
+                "/v1/environments/big/exec",
+                &t,
+                json!({"argv": ["uname", "-m"]}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{lines:?}");
+        let fan = fan_out(&lines);
+        assert_eq!(fan.started.len(), 500);
+        assert_eq!(fan.done, json!({"succeeded": 500, "failed": 0}));
+        for id in &fan.started {
+            assert_eq!(fan.stdout[id], format!("{id} uname -m\n"));
+            assert_eq!(fan.ends[id], json!({"code": 0}), "{id}");
+        }
+        let (st, r) = s
+            .call(
+                POST,
+                "/v1/environments/big/run",
+                Some(&t),
+                Some(json!({"argv": ["uname", "-m"]})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{r}");
+        let results = r["results"].as_array().expect("results");
+        assert_eq!(results.len(), 500);
+        for x in results {
+            assert_eq!(
+                x["stdout"],
+                format!("{} uname -m\n", x["vm_id"].as_str().unwrap())
+            );
+            assert_eq!(x["exit_code"], 0, "{x}");
+        }
+
+        // A node that goes away fails its own VMs' runs, and only those.
+        serving.pop().expect("a node").abort();
+        let gone = &on_node[&sims.last().unwrap().id];
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (st, lines) = s
+            .post_lines("/v1/environments/big/exec", &t, json!({"argv": ["true"]}))
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let fan = fan_out(&lines);
+        assert_eq!(
+            fan.done,
+            json!({"succeeded": 500 - gone.len(), "failed": gone.len()})
+        );
+        for id in gone {
+            assert!(fan.ends[id]["error"].is_string(), "{id}: {}", fan.ends[id]);
+        }
+
+        // A bad command is one 400, and nothing runs.
+        let (st, lines) = s
+            .post_lines("/v1/environments/big/exec", &t, json!({"argv": []}))
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+        assert_eq!(lines[0]["error"]["code"], "invalid_argv");
+    }
+}
+
+/// A streamed environment run taken apart: the VMs of `started`, each
+/// VM's standard output, how each ended (`code`, or `error`), and `done`
+/// without its time. Fails on a line out of place.
+struct FanOut {
+    started: Vec<String>,
+    stdout: HashMap<String, String>,
+    ends: HashMap<String, Value>,
+    done: Value,
+}
+
+fn fan_out(lines: &[Value]) -> FanOut {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let started: Vec<String> = lines[0]["started"]["vms"]
+        .as_array()
+        .expect("started first")
+        .iter()
+        .map(|v| v["vm_id"].as_str().unwrap().to_owned())
+        .collect();
+    let (mut stdout, mut ends) = (HashMap::<String, String>::new(), HashMap::new());
+    for l in &lines[1..lines.len() - 1] {
+        let (kind, ev) = l.as_object().unwrap().iter().next().unwrap();
+        let id = ev["vm_id"].as_str().unwrap().to_owned();
+        assert!(!ends.contains_key(&id), "a line after {id}'s end: {l}");
+        match kind.as_str() {
+            "stdout" => {
+                let b = b64.decode(ev["data"].as_str().unwrap()).unwrap();
+                stdout
+                    .entry(id)
+                    .or_default()
+                    .push_str(&String::from_utf8(b).unwrap());
+            }
+            "exit" => {
+                ends.insert(id, json!({"code": ev["code"]}));
+            }
+            "error" => {
+                ends.insert(id, json!({"error": ev["message"]}));
+            }
+            _ => panic!("unexpected line {l}"),
+        }
+    }
+    assert_eq!(ends.len(), started.len(), "every VM ended");
+    let mut done = lines.last().unwrap()["done"].clone();
+    assert!(done["duration_ms"].is_u64(), "done last: {done}");
+    done.as_object_mut().unwrap().remove("duration_ms");
+    FanOut {
+        started,
+        stdout,
+        ends,
+        done,
     }
 }
 

@@ -208,6 +208,35 @@ impl TestServer {
         (status, headers, v)
     }
 
+    /// POSTs `body` to an endpoint that answers `application/x-ndjson`;
+    /// returns the status and each line parsed (an error's body as the
+    /// one line).
+    pub async fn post_lines(
+        &self,
+        path: &str,
+        token: &str,
+        body: Value,
+    ) -> (StatusCode, Vec<Value>) {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        let lines = bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("a line of JSON"))
+            .collect();
+        (status, lines)
+    }
+
     /// Logs in; returns the access token.
     pub async fn login(&self, name: &str, password: &str) -> String {
         let (st, v) = self
@@ -243,6 +272,16 @@ impl TestServer {
 
     /// Registers a (never uploaded) image `name` of architecture `arch`.
     pub async fn image_for(&self, name: &str, arch: &str) {
+        self.register_image(name, arch, false).await
+    }
+
+    /// [`TestServer::image_for`] of an image with the guest agent, so that
+    /// its VMs take exec (from a [`SimNode::serve_exec`] node).
+    pub async fn agent_image_for(&self, name: &str, arch: &str) {
+        self.register_image(name, arch, true).await
+    }
+
+    async fn register_image(&self, name: &str, arch: &str, has_agent: bool) {
         let (st, v) = self
             .call(
                 Method::POST,
@@ -250,7 +289,8 @@ impl TestServer {
                 Some(&self.admin),
                 Some(serde_json::json!({
                     "name": name, "os_family": "linux", "os_version": "1", "format": "qcow2",
-                    "size_bytes": 1048576, "sha256": "ab".repeat(32), "arch": arch
+                    "size_bytes": 1048576, "sha256": "ab".repeat(32), "arch": arch,
+                    "has_agent": has_agent
                 })),
             )
             .await;
@@ -399,6 +439,60 @@ impl SimNode {
             Some(serde_json::json!({"capacity": self.capacity, "vms": vms, "vm_stats": stats})),
         )
         .await
+    }
+}
+
+impl SimNode {
+    /// Holds the node's channel in this process, as its agent's WebSocket
+    /// would, and answers every exec on one of its VMs at once: `answer`
+    /// gives the standard output and the exit code from the VM and the
+    /// argv. Other requests are answered with an error. Ends when the
+    /// server drops the channel.
+    pub fn serve_exec(
+        &self,
+        s: &TestServer,
+        answer: impl Fn(&str, &[String]) -> (String, i32) + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        use base64::Engine;
+        use byteport_types::node_proto::{FromNode, ToNode};
+        let node: uuid::Uuid = self.id.parse().expect("a node id");
+        let mut link = s.app.hub.attach(node);
+        tokio::spawn(async move {
+            while let Some(m) = link.rx.recv().await {
+                match m {
+                    ToNode::Exec {
+                        stream, vm, argv, ..
+                    } => {
+                        let (out, code) = answer(&vm.to_string(), &argv);
+                        let data = base64::engine::general_purpose::STANDARD.encode(out);
+                        link.deliver(FromNode::Stdout { stream, data });
+                        link.deliver(FromNode::Exit {
+                            stream,
+                            code: Some(code),
+                            signal: None,
+                        });
+                    }
+                    ToNode::Poke
+                    | ToNode::Input { .. }
+                    | ToNode::InputEnd { .. }
+                    | ToNode::Close { .. } => {}
+                    other => {
+                        let stream = match other {
+                            ToNode::ConsoleTail { stream, .. }
+                            | ToNode::ConsoleAttach { stream, .. }
+                            | ToNode::RemoveOrphan { stream, .. }
+                            | ToNode::Run { stream, .. } => stream,
+                            _ => continue,
+                        };
+                        link.deliver(FromNode::Error {
+                            stream,
+                            message: "a simulated node runs exec only".into(),
+                            not_found: false,
+                        });
+                    }
+                }
+            }
+        })
     }
 }
 

@@ -1541,3 +1541,47 @@ pub struct EnvironmentRunResult {
     pub environment: Name,
     pub results: Vec<VmRunResult>,
 }
+
+/// One VM of an environment a streamed run goes to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EnvironmentExecTarget {
+    pub vm_id: VmId,
+    pub vm_name: Name,
+    pub image: Name,
+    pub arch: String,
+}
+
+/// One line of `POST /v1/environments/{env}/exec` (`application/x-ndjson`):
+/// first `started` with the VMs, then each VM's output and end as they
+/// come (lines of different VMs interleave; one VM's are in order), and
+/// last `done`. A VM that fails or is slow never holds back the others'
+/// lines.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvironmentExecEvent {
+    /// The VMs the command runs on.
+    Started { vms: Vec<EnvironmentExecTarget> },
+    /// Bytes one VM's command wrote to standard output, base64.
+    Stdout { vm_id: VmId, data: String },
+    /// Bytes one VM's command wrote to standard error, base64.
+    Stderr { vm_id: VmId, data: String },
+    /// One VM's command ended; `duration_ms` since the request.
+    Exit {
+        vm_id: VmId,
+        code: Option<i32>,
+        signal: Option<i32>,
+        duration_ms: u64,
+    },
+    /// The command did not run or did not finish on one VM, and why.
+    Error {
+        vm_id: VmId,
+        message: String,
+        duration_ms: u64,
+    },
+    /// Every VM has ended: how many exited 0, and how many did not.
+    Done {
+        succeeded: usize,
+        failed: usize,
+        duration_ms: u64,
+    },
+}

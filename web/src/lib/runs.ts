@@ -19,12 +19,12 @@ export function splitLines(buf: string): [string[], string] {
 	return [parts.filter((l) => l.trim() !== ''), rest];
 }
 
-/** Runs a program; `onLine` sees each line as it arrives. */
-export async function startRun(
-	body: Record<string, unknown>,
-	onLine: (l: RunLine) => void
-): Promise<void> {
-	const res = await fetch('/v1/runs', {
+/**
+ * POSTs `body` as JSON to an endpoint that answers NDJSON; `onLine` sees
+ * each line as it arrives. A refusal throws with the server's message.
+ */
+export async function postLines<T>(path: string, body: unknown, onLine: (l: T) => void): Promise<void> {
+	const res = await fetch(path, {
 		method: 'POST',
 		credentials: 'same-origin',
 		headers: { 'content-type': 'application/json', accept: 'application/x-ndjson' },
@@ -32,7 +32,7 @@ export async function startRun(
 	});
 	if (!res.ok || !res.body) {
 		const e = await res.json().catch(() => null);
-		throw new Error(e?.error?.message ?? `the run was refused (HTTP ${res.status})`);
+		throw new Error(e?.error?.message ?? `the request was refused (HTTP ${res.status})`);
 	}
 	const reader = res.body.getReader();
 	const dec = new TextDecoder();
@@ -43,6 +43,11 @@ export async function startRun(
 		buf += dec.decode(value, { stream: true });
 		const [lines, rest] = splitLines(buf);
 		buf = rest;
-		for (const l of lines) onLine(JSON.parse(l) as RunLine);
+		for (const l of lines) onLine(JSON.parse(l) as T);
 	}
+}
+
+/** Runs a program; `onLine` sees each line as it arrives. */
+export function startRun(body: Record<string, unknown>, onLine: (l: RunLine) => void): Promise<void> {
+	return postLines<RunLine>('/v1/runs', body, onLine);
 }

@@ -5,10 +5,14 @@ use crate::client::{Method, decode, seg};
 use crate::table::{Table, print_fields};
 use crate::{EnvArgs, EnvCmd};
 use anyhow::{Context, Result, bail};
+use byteport_types::VmId;
 use byteport_types::api::{
-    Environment, EnvironmentAction, EnvironmentFileResult, EnvironmentRunResult, EnvironmentState,
+    Environment, EnvironmentAction, EnvironmentExecEvent, EnvironmentFileResult,
+    EnvironmentRunResult, EnvironmentState,
 };
 use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
 pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
@@ -139,53 +143,29 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
             let mut query = query.clone();
             query.extend(os_prefix.map(|p| ("os_prefix", p)));
             query.extend(vm.map(|v| ("vm", v)));
-            let v = c.value(
-                Method::Post,
-                &format!("{}/run", path(&name)),
-                &query,
-                Some(&body),
-            )?;
-            let r: EnvironmentRunResult = decode(&v)?;
-            if env.json() {
+            let failed = if env.json() {
+                let v = c.value(
+                    Method::Post,
+                    &format!("{}/run", path(&name)),
+                    &query,
+                    Some(&body),
+                )?;
+                let r: EnvironmentRunResult = decode(&v)?;
                 print_json(&v)?;
+                r.results
+                    .iter()
+                    .filter(|x| x.error.is_some() || x.exit_code != Some(0))
+                    .count()
             } else {
-                for x in &r.results {
-                    let how = match (&x.error, x.exit_code, x.signal) {
-                        (Some(e), _, _) => format!("error: {e}"),
-                        (None, Some(c), _) => format!("exit {c}"),
-                        (None, None, Some(s)) => format!("killed by signal {s}"),
-                        (None, None, None) => "no exit status".into(),
-                    };
-                    println!(
-                        "== {} ({}): {how}, {} ms{}",
-                        x.vm_name,
-                        x.image,
-                        x.duration_ms,
-                        if x.truncated {
-                            ", output truncated"
-                        } else {
-                            ""
-                        }
-                    );
-                    print!("{}", x.stdout);
-                    if !x.stdout.is_empty() && !x.stdout.ends_with('\n') {
-                        println!();
-                    }
-                    eprint!("{}", x.stderr);
-                    if !x.stderr.is_empty() && !x.stderr.ends_with('\n') {
-                        eprintln!();
-                    }
-                }
-            }
-            let failed = r
-                .results
-                .iter()
-                .filter(|x| x.error.is_some() || x.exit_code != Some(0))
-                .count();
+                let lines = c.post_stream(
+                    &format!("{}/exec", path(&name)),
+                    &query,
+                    &body,
+                    "application/x-ndjson",
+                )?;
+                print_fan_out(lines)?
+            };
             if failed > 0 {
-                if !env.json() {
-                    eprintln!("failed on {failed} of {} VMs", r.results.len());
-                }
                 return Err(Exit(1).into());
             }
             Ok(())
@@ -408,4 +388,138 @@ fn print_env(env: &Env, v: &Value) -> Result<()> {
     println!();
     t.print();
     Ok(())
+}
+
+/// Prints a streamed environment run as it comes: each line a VM writes,
+/// prefixed with the VM's name (standard error's on standard error), then
+/// how each VM that did not exit 0 ended and a count. The number of VMs
+/// that failed.
+fn print_fan_out(lines: impl BufRead) -> Result<usize> {
+    let mut p = FanOut::default();
+    let mut failures: Vec<String> = Vec::new();
+    for line in lines.lines() {
+        let line = line.context("the run's stream broke off")?;
+        if line.is_empty() {
+            continue;
+        }
+        let ev: EnvironmentExecEvent =
+            serde_json::from_str(&line).context("the server sent a line this CLI cannot read")?;
+        match ev {
+            EnvironmentExecEvent::Started { vms } => {
+                p.width = vms
+                    .iter()
+                    .map(|v| v.vm_name.as_str().len())
+                    .max()
+                    .unwrap_or(0);
+                p.names = vms
+                    .into_iter()
+                    .map(|v| (v.vm_id, v.vm_name.to_string()))
+                    .collect();
+            }
+            EnvironmentExecEvent::Stdout { vm_id, data } => p.output(vm_id, false, &data),
+            EnvironmentExecEvent::Stderr { vm_id, data } => p.output(vm_id, true, &data),
+            EnvironmentExecEvent::Exit {
+                vm_id,
+                code,
+                signal,
+                duration_ms,
+            } => {
+                let name = p.end(vm_id);
+                match (code, signal) {
+                    (Some(0), _) => {}
+                    (Some(c), _) => {
+                        failures.push(format!("{name}: exit {c} after {duration_ms} ms"))
+                    }
+                    (None, Some(s)) => failures.push(format!(
+                        "{name}: killed by signal {s} after {duration_ms} ms"
+                    )),
+                    (None, None) => failures.push(format!("{name}: no exit status")),
+                }
+            }
+            EnvironmentExecEvent::Error {
+                vm_id,
+                message,
+                duration_ms,
+            } => {
+                let name = p.end(vm_id);
+                failures.push(format!("{name}: {message} (after {duration_ms} ms)"));
+            }
+            EnvironmentExecEvent::Done {
+                succeeded,
+                failed,
+                duration_ms,
+            } => {
+                for f in &failures {
+                    eprintln!("{f}");
+                }
+                eprintln!(
+                    "exit 0 on {succeeded} of {} VMs, {duration_ms} ms",
+                    succeeded + failed
+                );
+                return Ok(failed);
+            }
+        }
+    }
+    bail!("the run's stream ended before every VM had")
+}
+
+/// The VMs of a streamed run and the bytes each wrote after its last
+/// newline, per stream (true: standard error).
+#[derive(Default)]
+struct FanOut {
+    names: HashMap<VmId, String>,
+    width: usize,
+    partial: HashMap<(VmId, bool), Vec<u8>>,
+}
+
+impl FanOut {
+    /// Prints every whole line `data` completes for the VM.
+    fn output(&mut self, vm: VmId, to_err: bool, data: &str) {
+        use base64::Engine;
+        let Some(name) = self.names.get(&vm) else {
+            return;
+        };
+        let buf = self.partial.entry((vm, to_err)).or_default();
+        buf.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .unwrap_or_default(),
+        );
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            emit(name, self.width, to_err, &line);
+        }
+    }
+
+    /// Prints what the VM left without a newline; its name.
+    fn end(&mut self, vm: VmId) -> String {
+        let name = self
+            .names
+            .get(&vm)
+            .cloned()
+            .unwrap_or_else(|| vm.to_string());
+        for to_err in [false, true] {
+            if let Some(mut rest) = self.partial.remove(&(vm, to_err))
+                && !rest.is_empty()
+            {
+                rest.push(b'\n');
+                emit(&name, self.width, to_err, &rest);
+            }
+        }
+        name
+    }
+}
+
+fn emit(name: &str, width: usize, to_err: bool, line: &[u8]) {
+    let prefix = format!("{name:width$} | ");
+    let _ = if to_err {
+        let mut e = std::io::stderr().lock();
+        e.write_all(prefix.as_bytes())
+            .and_then(|_| e.write_all(line))
+    } else {
+        let mut o = std::io::stdout().lock();
+        o.write_all(prefix.as_bytes())
+            .and_then(|_| o.write_all(line))
+            .and_then(|_| o.flush())
+    };
 }

@@ -209,7 +209,7 @@ fn start(env: &Env, mut a: RunArgs) -> Result<()> {
     }
     let lines = env
         .client
-        .post_stream("/v1/runs", &body, "application/x-ndjson")?;
+        .post_stream("/v1/runs", &[], &body, "application/x-ndjson")?;
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     let mut end: Option<Run> = None;
     for line in lines.lines() {

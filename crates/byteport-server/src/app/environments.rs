@@ -4,6 +4,7 @@
 //! parallel, and removal of the whole group, by hand or when its lifetime
 //! ends.
 
+use super::guest::{CheckedExec, check_exec};
 use super::projects::DEFAULT_PROJECT;
 use super::{App, Ctx};
 use crate::error::{AppError, AppResult};
@@ -11,14 +12,17 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use byteport_store::{environment, vm};
 use byteport_types::api::{
-    Environment, EnvironmentAction, EnvironmentCreate, EnvironmentRefusal, EnvironmentRunQuery,
-    EnvironmentRunResult, EnvironmentState, ExecEvent, ExecRequest, Role, VmCreate, VmRunResult,
+    Environment, EnvironmentAction, EnvironmentCreate, EnvironmentExecEvent, EnvironmentExecTarget,
+    EnvironmentRefusal, EnvironmentRunQuery, EnvironmentRunResult, EnvironmentState, ExecEvent,
+    ExecRequest, Role, VmCreate, VmRunResult,
 };
 use byteport_types::vm_state::DesiredState;
 use byteport_types::{EnvironmentId, Name, ProjectId, VmAction, VmId, VmState};
 use chrono::Utc;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 /// At most this many prefixes, and VMs, in one environment.
@@ -31,6 +35,9 @@ pub(crate) const MIN_LIFETIME: u64 = 60;
 pub(crate) const MAX_LIFETIME: u64 = 30 * 24 * 3600;
 /// Output kept per stream and VM of a run.
 const MAX_RUN_OUTPUT: usize = 1 << 20;
+/// Events of a streamed run queued before its VMs' relays wait for the
+/// requester to read.
+const EXEC_QUEUE: usize = 256;
 /// The label every VM of an environment carries, with its name.
 pub const ENV_LABEL: &str = "environment";
 
@@ -384,9 +391,131 @@ impl App {
         Ok(expired.len())
     }
 
-    /// Runs one command on every running VM of the environment at once and
-    /// gathers each one's output, exit code and time. A VM that is not
-    /// running gets an error in its result; the others still run.
+    /// Runs one command on every selected VM of the environment at once;
+    /// the events say which VMs it went to, then each VM's output and end
+    /// as they come, then `Done`. A VM that is not running ends with an
+    /// error of its own; the others still run. A bad request is the same
+    /// on every VM: it is one 400, and nothing runs.
+    pub async fn env_exec(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        q: &EnvironmentRunQuery,
+        req: ExecRequest,
+    ) -> AppResult<(environment::Model, mpsc::Receiver<EnvironmentExecEvent>)> {
+        let x = Arc::new(check_exec(req)?);
+        let (e, vms) = self
+            .env_targets(ctx, key, q.project.as_deref(), &q.os_prefix, &q.vm)
+            .await?;
+        let started = Instant::now();
+        let targets = vms
+            .iter()
+            .map(|v| {
+                Ok(EnvironmentExecTarget {
+                    vm_id: VmId(v.id),
+                    vm_name: Name::parse(&v.name).map_err(AppError::internal)?,
+                    image: Name::parse(&v.image_name).map_err(AppError::internal)?,
+                    arch: v.arch.clone(),
+                })
+            })
+            .collect::<AppResult<Vec<_>>>()?;
+        let (tx, rx) = mpsc::channel(EXEC_QUEUE);
+        // The first message of an empty channel always has room.
+        let _ = tx.try_send(EnvironmentExecEvent::Started { vms: targets });
+        let app = self.clone();
+        tokio::spawn(async move {
+            let total = vms.len();
+            let each = vms.into_iter().map(|v| {
+                let (app, x, tx) = (app.clone(), x.clone(), tx.clone());
+                async move { app.exec_relay(v, &x, &tx, started).await }
+            });
+            let succeeded = futures_util::future::join_all(each)
+                .await
+                .into_iter()
+                .filter(|ok| *ok)
+                .count();
+            let _ = tx
+                .send(EnvironmentExecEvent::Done {
+                    succeeded,
+                    failed: total - succeeded,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                })
+                .await;
+        });
+        Ok((e, rx))
+    }
+
+    /// Runs the command on one VM, its events tagged with the VM; true
+    /// when it exited 0.
+    async fn exec_relay(
+        &self,
+        v: vm::Model,
+        x: &CheckedExec,
+        tx: &mpsc::Sender<EnvironmentExecEvent>,
+        started: Instant,
+    ) -> bool {
+        let vm_id = VmId(v.id);
+        let ms = || started.elapsed().as_millis() as u64;
+        let mut rx = match self.exec_start(&v, x).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                let _ = tx
+                    .send(EnvironmentExecEvent::Error {
+                        vm_id,
+                        message: e.to_string(),
+                        duration_ms: ms(),
+                    })
+                    .await;
+                return false;
+            }
+        };
+        loop {
+            let (ev, end) = match rx.recv().await {
+                Some(ExecEvent::Stdout(data)) => {
+                    (EnvironmentExecEvent::Stdout { vm_id, data }, None)
+                }
+                Some(ExecEvent::Stderr(data)) => {
+                    (EnvironmentExecEvent::Stderr { vm_id, data }, None)
+                }
+                Some(ExecEvent::Exit { code, signal }) => (
+                    EnvironmentExecEvent::Exit {
+                        vm_id,
+                        code,
+                        signal,
+                        duration_ms: ms(),
+                    },
+                    Some(code == Some(0)),
+                ),
+                Some(ExecEvent::Error(message)) => (
+                    EnvironmentExecEvent::Error {
+                        vm_id,
+                        message,
+                        duration_ms: ms(),
+                    },
+                    Some(false),
+                ),
+                None => (
+                    EnvironmentExecEvent::Error {
+                        vm_id,
+                        message: "the run ended without an exit status".into(),
+                        duration_ms: ms(),
+                    },
+                    Some(false),
+                ),
+            };
+            if tx.send(ev).await.is_err() {
+                // The requester went away; dropping `rx` closes the stream,
+                // and the node kills the command.
+                return false;
+            }
+            if let Some(ok) = end {
+                return ok;
+            }
+        }
+    }
+
+    /// [`App::env_exec`] gathered: each VM's output (up to 1 MiB per
+    /// stream), exit code and time, in the environment's order.
     pub async fn env_run(
         &self,
         ctx: &Ctx,
@@ -394,28 +523,82 @@ impl App {
         q: &EnvironmentRunQuery,
         req: ExecRequest,
     ) -> AppResult<EnvironmentRunResult> {
-        let (e, vms) = self
-            .env_targets(ctx, key, q.project.as_deref(), &q.os_prefix, &q.vm)
-            .await?;
-        let runs = vms.iter().map(|v| {
-            let req = ExecRequest {
-                argv: req.argv.clone(),
-                env: req.env.clone(),
-                cwd: req.cwd.clone(),
-                stdin_base64: req.stdin_base64.clone(),
-                timeout_secs: req.timeout_secs,
-            };
-            self.run_one(ctx, v, req)
-        });
-        let results = futures_util::future::join_all(runs).await;
-        // A bad request is the same on every VM: say it once, as a 4xx.
-        let mut out = Vec::with_capacity(results.len());
-        for r in results {
-            out.push(r?);
+        let (e, mut rx) = self.env_exec(ctx, key, q, req).await?;
+        let mut results: Vec<(VmRunResult, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut at: HashMap<VmId, usize> = HashMap::new();
+        let keep = |buf: &mut Vec<u8>, data: &str, truncated: &mut bool| {
+            let bytes = B64.decode(data).unwrap_or_default();
+            let room = MAX_RUN_OUTPUT.saturating_sub(buf.len());
+            if bytes.len() > room {
+                *truncated = true;
+            }
+            buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        };
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                EnvironmentExecEvent::Started { vms } => {
+                    for (i, t) in vms.into_iter().enumerate() {
+                        at.insert(t.vm_id, i);
+                        results.push((
+                            VmRunResult {
+                                vm_id: t.vm_id,
+                                vm_name: t.vm_name,
+                                image: t.image,
+                                exit_code: None,
+                                signal: None,
+                                stdout: String::new(),
+                                stderr: String::new(),
+                                truncated: false,
+                                error: None,
+                                duration_ms: 0,
+                            },
+                            Vec::new(),
+                            Vec::new(),
+                        ));
+                    }
+                }
+                EnvironmentExecEvent::Stdout { vm_id, data } => {
+                    if let Some((r, out, _)) = at.get(&vm_id).and_then(|i| results.get_mut(*i)) {
+                        keep(out, &data, &mut r.truncated);
+                    }
+                }
+                EnvironmentExecEvent::Stderr { vm_id, data } => {
+                    if let Some((r, _, err)) = at.get(&vm_id).and_then(|i| results.get_mut(*i)) {
+                        keep(err, &data, &mut r.truncated);
+                    }
+                }
+                EnvironmentExecEvent::Exit {
+                    vm_id,
+                    code,
+                    signal,
+                    duration_ms,
+                } => {
+                    if let Some((r, _, _)) = at.get(&vm_id).and_then(|i| results.get_mut(*i)) {
+                        (r.exit_code, r.signal, r.duration_ms) = (code, signal, duration_ms);
+                    }
+                }
+                EnvironmentExecEvent::Error {
+                    vm_id,
+                    message,
+                    duration_ms,
+                } => {
+                    if let Some((r, _, _)) = at.get(&vm_id).and_then(|i| results.get_mut(*i)) {
+                        (r.error, r.duration_ms) = (Some(message), duration_ms);
+                    }
+                }
+                EnvironmentExecEvent::Done { .. } => break,
+            }
         }
         Ok(EnvironmentRunResult {
             environment: Name::parse(&e.name).map_err(AppError::internal)?,
-            results: out,
+            results: results
+                .into_iter()
+                .map(|(mut r, out, err)| {
+                    r.stdout = String::from_utf8_lossy(&out).into_owned();
+                    r.stderr = String::from_utf8_lossy(&err).into_owned();
+                    r
+                })
+                .collect(),
         })
     }
 
@@ -461,64 +644,6 @@ impl App {
             ));
         }
         Ok((e, vms))
-    }
-
-    async fn run_one(&self, ctx: &Ctx, v: &vm::Model, req: ExecRequest) -> AppResult<VmRunResult> {
-        let started = Instant::now();
-        let mut r = VmRunResult {
-            vm_id: byteport_types::VmId(v.id),
-            vm_name: Name::parse(&v.name).map_err(AppError::internal)?,
-            image: Name::parse(&v.image_name).map_err(AppError::internal)?,
-            exit_code: None,
-            signal: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            truncated: false,
-            error: None,
-            duration_ms: 0,
-        };
-        let mut rx = match self.vm_exec(ctx, &v.id.to_string(), req).await {
-            Ok(rx) => rx,
-            Err(e @ AppError::BadRequest { .. }) => return Err(e),
-            Err(e) => {
-                r.error = Some(e.to_string());
-                return Ok(r);
-            }
-        };
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let keep = |buf: &mut Vec<u8>, data: &str, truncated: &mut bool| {
-            let bytes = B64.decode(data).unwrap_or_default();
-            let room = MAX_RUN_OUTPUT.saturating_sub(buf.len());
-            if bytes.len() > room {
-                *truncated = true;
-            }
-            buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
-        };
-        let mut truncated = false;
-        loop {
-            match rx.recv().await {
-                Some(ExecEvent::Stdout(d)) => keep(&mut out, &d, &mut truncated),
-                Some(ExecEvent::Stderr(d)) => keep(&mut err, &d, &mut truncated),
-                Some(ExecEvent::Exit { code, signal }) => {
-                    r.exit_code = code;
-                    r.signal = signal;
-                    break;
-                }
-                Some(ExecEvent::Error(m)) => {
-                    r.error = Some(m);
-                    break;
-                }
-                None => {
-                    r.error = Some("the run ended without an exit status".into());
-                    break;
-                }
-            }
-        }
-        r.stdout = String::from_utf8_lossy(&out).into_owned();
-        r.stderr = String::from_utf8_lossy(&err).into_owned();
-        r.truncated = truncated;
-        r.duration_ms = started.elapsed().as_millis() as u64;
-        Ok(r)
     }
 }
 

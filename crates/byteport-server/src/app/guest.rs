@@ -102,63 +102,30 @@ impl App {
         id: &str,
         req: ExecRequest,
     ) -> AppResult<mpsc::Receiver<ExecEvent>> {
-        if req.argv.is_empty() || req.argv[0].is_empty() {
-            return Err(AppError::bad(
-                "invalid_argv",
-                "argv needs at least the program",
-            ));
-        }
-        if req.argv.len() > MAX_ARGV || req.argv.iter().any(|a| a.contains('\0')) {
-            return Err(AppError::bad(
-                "invalid_argv",
-                format!("argv takes at most {MAX_ARGV} arguments without NUL bytes"),
-            ));
-        }
-        if req
-            .env
-            .keys()
-            .any(|k| k.is_empty() || k.contains(['=', '\0']))
-            || req.env.values().any(|v| v.contains('\0'))
-        {
-            return Err(AppError::bad(
-                "invalid_env",
-                "environment names must be non-empty without '=' or NUL; values without NUL",
-            ));
-        }
-        let timeout_secs = req.timeout_secs.unwrap_or(300);
-        if !(1..=MAX_EXEC_SECS).contains(&timeout_secs) {
-            return Err(AppError::bad(
-                "invalid_timeout",
-                format!("timeout_secs is {timeout_secs}; it must be between 1 and {MAX_EXEC_SECS}"),
-            ));
-        }
-        let stdin = match &req.stdin_base64 {
-            Some(s) => {
-                let b = B64.decode(s).map_err(|_| {
-                    AppError::bad("invalid_stdin", "stdin_base64 is not valid base64")
-                })?;
-                if b.len() > MAX_STDIN {
-                    return Err(AppError::bad(
-                        "invalid_stdin",
-                        format!("stdin is {} bytes; at most {MAX_STDIN}", b.len()),
-                    ));
-                }
-                Some(b)
-            }
-            None => None,
-        };
-        let v = self.exec_target(ctx, id).await?;
+        let x = check_exec(req)?;
+        let v = self.vm_resolve(ctx, id, Role::Member).await?;
+        self.exec_start(&v, &x).await
+    }
+
+    /// Starts a checked command on a VM the caller may exec in (running,
+    /// with an agent, or a 409): its events, ending with `Exit` or `Error`.
+    pub(crate) async fn exec_start(
+        &self,
+        v: &vm::Model,
+        x: &CheckedExec,
+    ) -> AppResult<mpsc::Receiver<ExecEvent>> {
+        exec_ready(v)?;
         let s = self
             .exec_open(
-                &v,
-                req.argv,
-                req.env.into_iter().collect(),
-                req.cwd,
-                stdin.is_some(),
-                timeout_secs,
+                v,
+                x.argv.clone(),
+                x.env.clone(),
+                x.cwd.clone(),
+                x.stdin.is_some(),
+                x.timeout_secs,
             )
             .await?;
-        if let Some(b) = stdin {
+        if let Some(b) = &x.stdin {
             for chunk in b.chunks(32 * 1024) {
                 s.send(ToNode::Input {
                     stream: s.id,
@@ -203,6 +170,71 @@ impl App {
         })
         .await
     }
+}
+
+/// An exec request that passed its checks: what every VM it goes to gets.
+pub(crate) struct CheckedExec {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    stdin: Option<Vec<u8>>,
+    timeout_secs: u64,
+}
+
+/// The 400s of an exec request, before any VM is looked at.
+pub(crate) fn check_exec(req: ExecRequest) -> AppResult<CheckedExec> {
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(AppError::bad(
+            "invalid_argv",
+            "argv needs at least the program",
+        ));
+    }
+    if req.argv.len() > MAX_ARGV || req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(AppError::bad(
+            "invalid_argv",
+            format!("argv takes at most {MAX_ARGV} arguments without NUL bytes"),
+        ));
+    }
+    if req
+        .env
+        .keys()
+        .any(|k| k.is_empty() || k.contains(['=', '\0']))
+        || req.env.values().any(|v| v.contains('\0'))
+    {
+        return Err(AppError::bad(
+            "invalid_env",
+            "environment names must be non-empty without '=' or NUL; values without NUL",
+        ));
+    }
+    let timeout_secs = req.timeout_secs.unwrap_or(300);
+    if !(1..=MAX_EXEC_SECS).contains(&timeout_secs) {
+        return Err(AppError::bad(
+            "invalid_timeout",
+            format!("timeout_secs is {timeout_secs}; it must be between 1 and {MAX_EXEC_SECS}"),
+        ));
+    }
+    let stdin = match &req.stdin_base64 {
+        Some(s) => {
+            let b = B64
+                .decode(s)
+                .map_err(|_| AppError::bad("invalid_stdin", "stdin_base64 is not valid base64"))?;
+            if b.len() > MAX_STDIN {
+                return Err(AppError::bad(
+                    "invalid_stdin",
+                    format!("stdin is {} bytes; at most {MAX_STDIN}", b.len()),
+                ));
+            }
+            Some(b)
+        }
+        None => None,
+    };
+    Ok(CheckedExec {
+        argv: req.argv,
+        env: req.env.into_iter().collect(),
+        cwd: req.cwd,
+        stdin,
+        timeout_secs,
+    })
 }
 
 /// Why exec cannot reach this VM now, if it cannot.

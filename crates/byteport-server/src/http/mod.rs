@@ -116,6 +116,7 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::env_create, h::env_list))
         .routes(routes!(h::env_show, h::env_delete))
         .routes(routes!(h::env_run))
+        .routes(routes!(st::env_exec))
         .routes(routes!(h::env_stop))
         .routes(routes!(h::env_start))
         .routes(routes!(runs::run_create, runs::run_list))

@@ -4,9 +4,8 @@ use super::extract::{ApiJson, ApiQuery};
 use crate::app::{App, Ctx};
 use crate::error::{AppError, AppResult};
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use byteport_types::api::{ErrorBody, Page, Run, RunCreate, RunCreateQuery, RunLine, RunListQuery};
 
@@ -34,31 +33,7 @@ pub async fn run_create(
         }
         return Err(AppError::Unavailable("the run's stream ended early".into()));
     }
-    let lines = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map_line();
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(lines),
-    )
-        .into_response())
-}
-
-trait MapLine {
-    fn map_line(
-        self,
-    ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::convert::Infallible>> + Send;
-}
-
-impl<S: futures_util::Stream<Item = RunLine> + Send> MapLine for S {
-    fn map_line(
-        self,
-    ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::convert::Infallible>> + Send {
-        use futures_util::StreamExt;
-        self.map(|l| {
-            let mut b = serde_json::to_vec(&l).unwrap_or_default();
-            b.push(b'\n');
-            Ok(b)
-        })
-    }
+    Ok(super::streams::ndjson(rx))
 }
 
 /// List runs the caller may see, newest first, a page at a time.

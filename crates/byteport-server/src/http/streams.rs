@@ -151,17 +151,45 @@ pub async fn vm_exec(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> AppResult<Response> {
-    let rx = app.vm_exec(&ctx, &id, req).await?;
+    Ok(ndjson(app.vm_exec(&ctx, &id, req).await?))
+}
+
+/// Run a command on every VM of an environment at once (or those
+/// `os_prefix` and `vm` select), its output streamed as it comes. The
+/// response is `application/x-ndjson`: one [`EnvironmentExecEvent`] per
+/// line, `started` first (the VMs), then each VM's output and its `exit`
+/// or `error` (one VM's lines in order, different VMs' interleaved), and
+/// `done` last. `POST .../run` gives the same gathered into one answer.
+#[utoipa::path(post, path = "/v1/environments/{env}/exec", tag = "environments",
+    params(("env" = String, Path, description = "id or name"), EnvironmentRunQuery),
+    request_body = ExecRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = EnvironmentExecEvent), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn env_exec(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(env): Path<String>,
+    ApiQuery(q): ApiQuery<EnvironmentRunQuery>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> AppResult<Response> {
+    let (_, rx) = app.env_exec(&ctx, &env, &q, req).await?;
+    Ok(ndjson(rx))
+}
+
+/// An `application/x-ndjson` response: each message `rx` yields, as one
+/// line of JSON, until it ends.
+pub(super) fn ndjson<T: serde::Serialize + Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> Response {
     let lines = tokio_stream_from(rx).map(|ev| {
         let mut line = serde_json::to_vec(&ev).unwrap_or_default();
         line.push(b'\n');
         Ok::<_, std::convert::Infallible>(line)
     });
-    Ok((
+    (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(lines),
     )
-        .into_response())
+        .into_response()
 }
 
 /// Write a file into a running VM through its guest agent: the body's

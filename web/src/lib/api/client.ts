@@ -24,7 +24,6 @@ export type Role = Schemas['Role'];
 export type Event = Schemas['Event'];
 export type Environment = Schemas['Environment'];
 export type VmStatsView = Schemas['VmStatsView'];
-export type EnvironmentRunResult = Schemas['EnvironmentRunResult'];
 
 /** An API error, carrying the server's own message. */
 export class ApiError extends Error {

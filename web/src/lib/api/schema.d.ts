@@ -191,6 +191,30 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/environments/{env}/exec": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Run a command on every VM of an environment at once (or those
+         *     `os_prefix` and `vm` select), its output streamed as it comes. The
+         *     response is `application/x-ndjson`: one [`EnvironmentExecEvent`] per
+         *     line, `started` first (the VMs), then each VM's output and its `exit`
+         *     or `error` (one VM's lines in order, different VMs' interleaved), and
+         *     `done` last. `POST .../run` gives the same gathered into one answer.
+         */
+        post: operations["env_exec"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/environments/{env}/files": {
         parameters: {
             query?: never;
@@ -1314,6 +1338,65 @@ export interface components {
             user_data?: string | null;
             /** Format: int32 */
             vcpus?: number | null;
+        };
+        /**
+         * @description One line of `POST /v1/environments/{env}/exec` (`application/x-ndjson`):
+         *     first `started` with the VMs, then each VM's output and end as they
+         *     come (lines of different VMs interleave; one VM's are in order), and
+         *     last `done`. A VM that fails or is slow never holds back the others'
+         *     lines.
+         */
+        EnvironmentExecEvent: {
+            /** @description The VMs the command runs on. */
+            started: {
+                vms: components["schemas"]["EnvironmentExecTarget"][];
+            };
+        } | {
+            /** @description Bytes one VM's command wrote to standard output, base64. */
+            stdout: {
+                data: string;
+                vm_id: components["schemas"]["VmId"];
+            };
+        } | {
+            /** @description Bytes one VM's command wrote to standard error, base64. */
+            stderr: {
+                data: string;
+                vm_id: components["schemas"]["VmId"];
+            };
+        } | {
+            /** @description One VM's command ended; `duration_ms` since the request. */
+            exit: {
+                /** Format: int32 */
+                code?: number | null;
+                /** Format: int64 */
+                duration_ms: number;
+                /** Format: int32 */
+                signal?: number | null;
+                vm_id: components["schemas"]["VmId"];
+            };
+        } | {
+            /** @description The command did not run or did not finish on one VM, and why. */
+            error: {
+                /** Format: int64 */
+                duration_ms: number;
+                message: string;
+                vm_id: components["schemas"]["VmId"];
+            };
+        } | {
+            /** @description Every VM has ended: how many exited 0, and how many did not. */
+            done: {
+                /** Format: int64 */
+                duration_ms: number;
+                failed: number;
+                succeeded: number;
+            };
+        };
+        /** @description One VM of an environment a streamed run goes to. */
+        EnvironmentExecTarget: {
+            arch: string;
+            image: components["schemas"]["Name"];
+            vm_id: components["schemas"]["VmId"];
+            vm_name: components["schemas"]["Name"];
         };
         /** @description A file sent to every VM of an environment. */
         EnvironmentFileResult: {
@@ -3467,6 +3550,124 @@ export interface operations {
             };
             /** @description The change conflicts with the resource's state or another change */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many requests of this kind: see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_exec: {
+        parameters: {
+            query?: {
+                /**
+                 * @description The project's name or id, when the path names the environment by
+                 *     name; `default` when absent.
+                 */
+                project?: string;
+                /**
+                 * @description Only VMs whose image name starts with one of these prefixes
+                 *     (comma-separated).
+                 */
+                os_prefix?: string;
+                /** @description Only these VMs, by name or id (comma-separated). */
+                vm?: string;
+            };
+            header?: never;
+            path: {
+                /** @description id or name */
+                env: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ExecRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/x-ndjson": components["schemas"]["EnvironmentExecEvent"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No credentials, or bad ones (even where anonymous callers are let in) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not allowed for this caller, or a cross-origin use of the session cookie */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The change conflicts with the resource's state or another change */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is larger than the limit */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not sent as application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A well-formed body of the wrong shape: unknown or missing fields, wrong types */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
