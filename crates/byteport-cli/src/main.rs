@@ -510,12 +510,53 @@ pub enum EnvCmd {
         /// Delete it after this long (90s, 30m, 2h, 1d).
         #[arg(long, value_parser = parse_lifetime)]
         lifetime: Option<u64>,
+        /// Guest TCP ports every VM maps from host ports, comma-separated
+        /// or repeated (22 always is).
+        #[arg(long = "port", value_delimiter = ',')]
+        ports: Vec<u16>,
+        /// No outbound connections from the VMs (DHCP, DNS, metadata and
+        /// the project's VMs stay reachable).
+        #[arg(long)]
+        no_egress: bool,
         /// Wait until every VM is running.
         #[arg(long)]
         wait: bool,
         /// Seconds to wait with --wait.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+    },
+    /// Change an environment: its lifetime, VMs to drop, and every VM's
+    /// ports and outbound policy (a running VM takes those when it next
+    /// starts: `env stop`, then `env start`). Checked whole first: an
+    /// error changes nothing.
+    Update {
+        env: String,
+        /// A new lifetime from now (90s, 30m, 2h, 1d).
+        #[arg(long, value_parser = parse_lifetime, conflicts_with = "no_expiry")]
+        lifetime: Option<u64>,
+        /// Never delete it by itself.
+        #[arg(long)]
+        no_expiry: bool,
+        /// Delete these VMs, by name or id (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        remove_vm: Vec<String>,
+        /// Delete the VMs whose image name starts with one of these.
+        #[arg(long, value_delimiter = ',')]
+        remove_os_prefix: Vec<String>,
+        /// Delete the VMs that stopped answering (in error, or on a node
+        /// that went silent).
+        #[arg(long)]
+        remove_unresponsive: bool,
+        /// The guest ports every VM maps, comma-separated (replaces the
+        /// old ones; 22 always is).
+        #[arg(long = "port", value_delimiter = ',', conflicts_with = "no_ports")]
+        ports: Vec<u16>,
+        /// No mapped port but 22.
+        #[arg(long)]
+        no_ports: bool,
+        /// Outbound connections: allow or deny.
+        #[arg(long)]
+        egress: Option<String>,
     },
     /// List environments.
     List,

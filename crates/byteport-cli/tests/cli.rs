@@ -943,6 +943,41 @@ async fn cli_manages_environments() {
         let o = fails(c, &["env", "show", "nope"]).await;
         assert!(o.stderr.contains("not found"), "{}", o.stderr);
 
+        // Update: a lifetime, ports and policy for every VM, then one VM
+        // dropped; a VM it does not have is an error that changes nothing.
+        let out = ok(
+            c,
+            &[
+                "env",
+                "update",
+                "compat",
+                "--lifetime",
+                "2h",
+                "--port",
+                "80,443",
+                "--egress",
+                "deny",
+            ],
+        )
+        .await;
+        assert!(out.contains("compat"), "{out}");
+        let e: serde_json::Value =
+            serde_json::from_str(&ok(c, &["env", "show", "compat", "--output", "json"]).await)
+                .expect("json");
+        assert!(e["expires_at"].is_string(), "{e}");
+        for v in e["vms"].as_array().expect("VMs") {
+            assert_eq!(v["guest_ports"], serde_json::json!([80, 443]), "{v}");
+            assert_eq!(v["egress"], "deny", "{v}");
+        }
+        let o = fails(c, &["env", "update", "compat", "--remove-vm", "nope"]).await;
+        assert!(o.stderr.contains("not a live VM"), "{}", o.stderr);
+        let out = ok(
+            c,
+            &["env", "update", "compat", "--remove-vm", "compat-tiny-b"],
+        )
+        .await;
+        assert!(out.contains("removing compat-tiny-b"), "{out}");
+
         let out = ok(c, &["env", "del", "compat", "--wait"]).await;
         assert!(out.contains("deleted"), "{out}");
         let out = ok(c, &["env", "list"]).await;

@@ -614,10 +614,34 @@ impl<D: Driver> VmTask<D> {
         if !disk.exists() {
             crate::images::create_disk(&disk, base, spec.disk_gib).await?;
         }
-        if self.p.ports.is_empty() {
-            let mut wanted = FORWARDED.to_vec();
-            wanted.extend(spec.guest_ports.iter().filter(|p| !FORWARDED.contains(p)));
-            self.p.ports = s.net.allocate(self.id, &wanted)?;
+        // The forwards it holds, when they are still the ones it wants
+        // (stable for its life); the ports it no longer wants are given
+        // back, and new ones found for those it now wants too.
+        let mut wanted = FORWARDED.to_vec();
+        wanted.extend(spec.guest_ports.iter().filter(|p| !FORWARDED.contains(p)));
+        let mut have: Vec<u16> = self.p.ports.iter().map(|p| p.guest_port).collect();
+        have.sort_unstable();
+        let mut sorted = wanted.clone();
+        sorted.sort_unstable();
+        if have != sorted {
+            let kept: Vec<PortForward> = self
+                .p
+                .ports
+                .iter()
+                .filter(|p| wanted.contains(&p.guest_port))
+                .cloned()
+                .collect();
+            s.net.release(self.id);
+            s.net.adopt(self.id, &kept);
+            let missing: Vec<u16> = wanted
+                .iter()
+                .copied()
+                .filter(|g| !kept.iter().any(|k| k.guest_port == *g))
+                .collect();
+            let mut ports = kept;
+            ports.extend(s.net.allocate(self.id, &missing)?);
+            ports.sort_by_key(|p| wanted.iter().position(|g| *g == p.guest_port));
+            self.p.ports = ports;
         }
         // Its project's bridge where the node runs them; QEMU's restricted
         // user-mode network otherwise.

@@ -656,3 +656,237 @@ async fn a_microvm_vm_waits_for_a_node_with_the_engine_and_needs_a_kernel_image(
         assert_eq!(v["node_id"], node.id.as_str(), "{v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_environment_is_updated_whole_or_not_at_all() {
+    const PATCH: Method = Method::PATCH;
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        debian_images(&s, &[11, 12]).await;
+        let node = SimNode::join_running(&s, "n-1", 16, 16384, &[]).await;
+        let mut req = env("upd", &["debian"], &["x86_64"], Some(2));
+        req["ports"] = json!([80, 443]);
+        req["egress"] = json!("deny");
+        req["lifetime_secs"] = json!(600);
+        let (st, e) = s.call(POST, "/v1/environments", Some(&t), Some(req)).await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+        assert_eq!(vms(&e).len(), 4);
+        for v in vms(&e) {
+            assert_eq!(
+                (&v["guest_ports"], &v["egress"]),
+                (&json!([80, 443]), &json!("deny"))
+            );
+        }
+        let ids: Vec<String> = vms(&e)
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect();
+        // Three run, one failed.
+        let (st, v) = node
+            .report(
+                &s,
+                &[
+                    (&ids[0], "running", 1, 1),
+                    (&ids[1], "error", 1, 1),
+                    (&ids[2], "running", 1, 1),
+                    (&ids[3], "running", 1, 1),
+                ],
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+
+        // Every bad field is a 400, and nothing changes.
+        let before = env_named(&s, "upd").await;
+        for (body, code) in [
+            (json!({}), "empty_update"),
+            (json!({"lifetime_secs": 5}), "invalid_lifetime"),
+            (
+                json!({"lifetime_secs": 600, "no_expiry": true}),
+                "invalid_lifetime",
+            ),
+            (
+                json!({"remove_vms": ["nope"], "lifetime_secs": 900}),
+                "unknown_vm",
+            ),
+            (
+                json!({"remove_os_prefixes": ["Bad"]}),
+                "invalid_os_prefixes",
+            ),
+            (json!({"ports": [22]}), "invalid_ports"),
+            (
+                json!({"ports": [80, 80], "remove_unresponsive": true}),
+                "invalid_ports",
+            ),
+        ] {
+            let (st, v) = s
+                .call(PATCH, "/v1/environments/upd", Some(&t), Some(body.clone()))
+                .await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{body}: {v}");
+            assert_eq!(v["error"]["code"], code, "{body}: {v}");
+        }
+        let (st, v) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&t),
+                Some(json!({"egress": "sometimes"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_eq!(env_named(&s, "upd").await, before);
+
+        // The lifetime: extended from now, then no end at all.
+        let (st, u) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&t),
+                Some(json!({"lifetime_secs": 86400})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{u}");
+        let at: chrono::DateTime<chrono::Utc> = u["environment"]["expires_at"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let left = (at - chrono::Utc::now()).num_seconds();
+        assert!((86000..=86400).contains(&left), "{left}");
+        let (_, u) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&t),
+                Some(json!({"no_expiry": true})),
+            )
+            .await;
+        assert_eq!(u["environment"]["expires_at"], Value::Null, "{u}");
+
+        // Ports and egress for every VM; the running ones take them at
+        // their next start, and say so.
+        let (st, u) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&t),
+                Some(json!({"ports": [8080], "egress": "allow"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{u}");
+        for v in vms(&u["environment"]) {
+            assert_eq!(
+                (&v["guest_ports"], &v["egress"]),
+                (&json!([8080]), &json!("allow"))
+            );
+        }
+        let later: Vec<&str> = u["apply_at_next_start"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["vm_id"].as_str().unwrap())
+            .collect();
+        // The three that run, not the failed one (it starts anew).
+        assert_eq!(later, [&ids[0], &ids[2], &ids[3]], "{u}");
+        // The same again changes nothing.
+        let (_, u) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&t),
+                Some(json!({"ports": [8080], "egress": "allow"})),
+            )
+            .await;
+        assert_eq!(u["apply_at_next_start"], json!([]), "{u}");
+
+        // Dropping VMs: those that stopped answering (here the failed
+        // one), then by image prefix, then one by name.
+        let removed = |u: &Value| -> Vec<String> {
+            u["removed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["vm_id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (st, u) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&t),
+                Some(json!({"remove_unresponsive": true})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{u}");
+        assert_eq!(removed(&u), [ids[1].clone()], "{u}");
+        let (st, u) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&t),
+                Some(json!({"remove_os_prefixes": ["debian-12"]})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{u}");
+        assert_eq!(removed(&u), [ids[2].clone(), ids[3].clone()], "{u}");
+        let name0 = vms(&e)[0]["name"].as_str().unwrap().to_owned();
+        let (st, u) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&t),
+                Some(json!({"remove_vms": [name0]})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{u}");
+        assert_eq!(u["removed"][0]["vm_name"], name0.as_str());
+        assert!(
+            vms(&u["environment"])
+                .iter()
+                .all(|v| v["desired_state"] == "deleted"),
+            "{u}"
+        );
+        // A removed VM cannot be named again.
+        let (st, v) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&t),
+                Some(json!({"remove_vms": [ids[1]]})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+
+        // Viewers may not; outsiders get 404.
+        let viewer = s.user("vic").await;
+        let outsider = s.user("otto").await;
+        let (st, _) = s
+            .call(
+                PUT,
+                "/v1/projects/default/members/vic",
+                Some(&t),
+                Some(json!({"role": "viewer"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let no_expiry = json!({"no_expiry": true});
+        let (st, _) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&viewer),
+                Some(no_expiry.clone()),
+            )
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        let (st, _) = s
+            .call(
+                PATCH,
+                "/v1/environments/upd",
+                Some(&outsider),
+                Some(no_expiry),
+            )
+            .await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+    }
+}

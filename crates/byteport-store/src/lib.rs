@@ -7,6 +7,7 @@
 mod audit_log;
 mod changes;
 pub mod entities;
+mod environments;
 mod fleet;
 mod maintenance;
 pub use maintenance::{known_schema_versions, migrate_first};
@@ -18,7 +19,7 @@ mod users;
 pub use fleet::{PlaceItem, Size};
 pub use runs::RunFilter;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 pub use entities::*;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
@@ -431,67 +432,6 @@ impl DataStore {
         }
         tx.commit().await?;
         Ok(made)
-    }
-
-    pub async fn env_fetch(&self, id: Uuid) -> Result<environment::Model> {
-        environment::Entity::find_by_id(id)
-            .one(&self.db)
-            .await?
-            .ok_or(StoreError::NotFound)
-    }
-
-    /// The live environment of that name in the project.
-    pub async fn env_fetch_by_name(
-        &self,
-        project_id: Uuid,
-        name: &str,
-    ) -> Result<Option<environment::Model>> {
-        Ok(environment::Entity::find()
-            .filter(environment::Column::ProjectId.eq(project_id))
-            .filter(environment::Column::Name.eq(name))
-            .filter(environment::Column::DeletedAt.is_null())
-            .one(&self.db)
-            .await?)
-    }
-
-    /// Live environments of these projects, oldest first.
-    pub async fn env_list(&self, projects: &[Uuid]) -> Result<Vec<environment::Model>> {
-        Ok(environment::Entity::find()
-            .filter(environment::Column::ProjectId.is_in(projects.iter().copied()))
-            .filter(environment::Column::DeletedAt.is_null())
-            .order_by_asc(environment::Column::Id)
-            .all(&self.db)
-            .await?)
-    }
-
-    /// Live environments whose lifetime ended before `now`.
-    pub async fn env_expired(&self, now: DateTime<Utc>) -> Result<Vec<environment::Model>> {
-        Ok(environment::Entity::find()
-            .filter(environment::Column::DeletedAt.is_null())
-            .filter(environment::Column::ExpiresAt.lt(now))
-            .all(&self.db)
-            .await?)
-    }
-
-    /// Marks an environment deleted; false if it already was (another
-    /// request or replica got there first).
-    pub async fn env_mark_deleted(&self, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
-        let r = environment::Entity::update_many()
-            .col_expr(environment::Column::DeletedAt, Expr::value(now))
-            .filter(environment::Column::Id.eq(id))
-            .filter(environment::Column::DeletedAt.is_null())
-            .exec(&self.db)
-            .await?;
-        Ok(r.rows_affected == 1)
-    }
-
-    /// The VMs made for an environment (deleted ones too), in creation order.
-    pub async fn env_vms(&self, id: Uuid) -> Result<Vec<vm::Model>> {
-        Ok(vm::Entity::find()
-            .filter(vm::Column::EnvironmentId.eq(id))
-            .order_by_asc(vm::Column::Id)
-            .all(&self.db)
-            .await?)
     }
 
     pub async fn vm_fetch(&self, id: Uuid) -> Result<vm::Model> {

@@ -1113,6 +1113,16 @@ impl Api {
         Self::finish(r)
     }
 
+    pub fn patch(&self, path: &str, body: Value) -> Result<Value, String> {
+        let r = self
+            .agent
+            .patch(&format!("{}{path}", self.base))
+            .header("Authorization", &self.auth())
+            .send_json(&body)
+            .map_err(|e| e.to_string())?;
+        Self::finish(r)
+    }
+
     pub fn delete(&self, path: &str) -> Result<Value, String> {
         let r = self
             .agent

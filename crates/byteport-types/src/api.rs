@@ -1373,6 +1373,64 @@ pub struct EnvironmentCreate {
     /// Deleted this many seconds after creation (60 to 30 days); kept
     /// until deleted when absent.
     pub lifetime_secs: Option<u64>,
+    /// Guest TCP ports every VM opens to the outside through its node
+    /// (port 22 always is); at most 16.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Whether the VMs may open connections to the outside; `allow` when
+    /// absent.
+    #[serde(default)]
+    pub egress: Egress,
+}
+
+/// A change to a live environment (`PATCH /v1/environments/{env}`): its
+/// lifetime, VMs to drop, and every VM's ports and outbound policy. All
+/// of it is checked before anything changes; a bad field is a 400 and
+/// changes nothing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentUpdate {
+    /// A new lifetime counted from now (60 s to 30 days): the environment
+    /// is deleted then.
+    pub lifetime_secs: Option<u64>,
+    /// The environment no longer expires (not with `lifetime_secs`).
+    #[serde(default)]
+    pub no_expiry: bool,
+    /// Delete these VMs of it, by name or id; each must be one of its
+    /// live VMs.
+    #[serde(default)]
+    pub remove_vms: Vec<String>,
+    /// Delete its VMs whose image name starts with one of these.
+    #[serde(default)]
+    pub remove_os_prefixes: Vec<String>,
+    /// Delete its VMs that stopped answering: those in `error`, and those
+    /// `unknown` because their node went silent.
+    #[serde(default)]
+    pub remove_unresponsive: bool,
+    /// Replaces the guest ports every VM opens (port 22 always is; at
+    /// most 16). A running VM gets them when it next starts.
+    pub ports: Option<Vec<u16>>,
+    /// Replaces every VM's outbound policy; a running VM gets it when it
+    /// next starts.
+    pub egress: Option<Egress>,
+}
+
+/// What `PATCH /v1/environments/{env}` did.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnvironmentUpdated {
+    pub environment: Environment,
+    /// The VMs it deleted (they go `deleting`, then `deleted`).
+    pub removed: Vec<EnvironmentVmRef>,
+    /// Running VMs whose new ports or outbound policy apply when they
+    /// next start (`env stop`, then `env start`).
+    pub apply_at_next_start: Vec<EnvironmentVmRef>,
+}
+
+/// One VM of an environment, by id and name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EnvironmentVmRef {
+    pub vm_id: VmId,
+    pub vm_name: Name,
 }
 
 /// An environment and its VMs.

@@ -714,6 +714,57 @@ fn an_environment_runs_one_command_on_every_guest_and_goes_away_whole() {
         t0.elapsed()
     );
 
+    // The CLI reads the run as it streams: each VM's lines under its
+    // name; and a file goes to every VM and comes back from each.
+    match cli_bin() {
+        Some(cli) => env_through_the_cli(&d, &cli),
+        None => {
+            assert!(
+                std::env::var("BYTEPORT_REQUIRE_QEMU").as_deref() != Ok("1"),
+                "the byteport binary is not built beside byteportd"
+            );
+            eprintln!("SKIP: env run through the CLI: build the workspace (`cargo build`)");
+        }
+    }
+
+    // New ports for every VM: the running ones say they take them at
+    // their next start, and after a stop and a start each forwards them.
+    let u = d
+        .api
+        .patch("/v1/environments/compat", json!({"ports": [8080]}))
+        .expect("update the environment");
+    assert_eq!(
+        u["apply_at_next_start"].as_array().map(Vec::len),
+        Some(2),
+        "{u}"
+    );
+    d.api
+        .post("/v1/environments/compat/stop", json!({}))
+        .expect("stop");
+    d.wait_env(&id, "stopped", &[], 120);
+    d.api
+        .post("/v1/environments/compat/start", json!({}))
+        .expect("start");
+    let e = d.wait_env(&id, "ready", &["degraded"], BOOT_SECS * 2);
+    for v in e["vms"].as_array().expect("vms") {
+        let fwd = v["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|p| p["guest_port"] == 8080)
+            .unwrap_or_else(|| panic!("no forward of 8080: {v}"));
+        let port = fwd["host_port"].as_u64().expect("a host port");
+        assert!(!port_free(port), "QEMU listens on {port} for 8080: {v}");
+        assert!(
+            v["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["guest_port"] == 22),
+            "22 is kept: {v}"
+        );
+    }
+
     // Deleting it removes every VM and its QEMU.
     d.api
         .delete("/v1/environments/compat")
@@ -722,6 +773,89 @@ fn an_environment_runs_one_command_on_every_guest_and_goes_away_whole() {
     assert!(d.no_qemu_left(10), "no QEMU left");
     let list = d.api.get("/v1/environments").expect("list");
     assert_eq!(list, json!([]));
+}
+
+/// `env run`, `env push` and `env get` of the CLI on the environment
+/// `compat` of two running guests, `compat-tiny-one` and `-two`.
+fn env_through_the_cli(d: &Daemon, cli: &Path) {
+    use byteport_testkit::byteport;
+    let config = d.dir.join("cli-env.json");
+    let login = [
+        "login",
+        "--url",
+        &d.url,
+        "--user",
+        "admin",
+        "--password-stdin",
+    ];
+    let o = byteport(cli, &config, &login, Some("admin-password"));
+    assert_eq!(o.code, 0, "login: {}", o.stderr);
+    let o = byteport(
+        cli,
+        &config,
+        &[
+            "env",
+            "run",
+            "compat",
+            "--",
+            "sh",
+            "-c",
+            "echo one; echo two >&2; exit 4",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    for name in ["compat-tiny-one", "compat-tiny-two"] {
+        assert!(
+            o.stdout.lines().any(|l| l == format!("{name} | one")),
+            "{}",
+            o.stdout
+        );
+        assert!(
+            o.stderr.lines().any(|l| l == format!("{name} | two")),
+            "{}",
+            o.stderr
+        );
+        assert!(
+            o.stderr.contains(&format!("{name}: exit 4")),
+            "{}",
+            o.stderr
+        );
+    }
+    assert!(o.stderr.contains("exit 0 on 0 of 2 VMs"), "{}", o.stderr);
+
+    // 1 MiB of bytes that are not text, there and back.
+    let local = d.dir.join("blob.bin");
+    let bytes: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&local, &bytes).expect("a local file");
+    let o = byteport(
+        cli,
+        &config,
+        &["env", "push", "compat", local.to_str().unwrap(), "/tmp/"],
+        None,
+    );
+    assert_eq!(o.code, 0, "push: {} {}", o.stdout, o.stderr);
+    let back = d.dir.join("back");
+    let o = byteport(
+        cli,
+        &config,
+        &[
+            "env",
+            "get",
+            "compat",
+            "/tmp/blob.bin",
+            "--dir",
+            back.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "get: {} {}", o.stdout, o.stderr);
+    for name in ["compat-tiny-one", "compat-tiny-two"] {
+        let got = std::fs::read(back.join(name).join("blob.bin")).expect("each VM's copy");
+        assert!(got == bytes, "{name}'s copy differs");
+    }
 }
 
 /// A guest that floods its serial console does not fill the node's disk:

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use byteport_types::VmId;
 use byteport_types::api::{
     Environment, EnvironmentAction, EnvironmentExecEvent, EnvironmentFileResult,
-    EnvironmentRunResult, EnvironmentState,
+    EnvironmentRunResult, EnvironmentState, EnvironmentUpdated,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -37,10 +37,18 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
             user_data,
             ssh_key,
             lifetime,
+            ports,
+            no_egress,
             wait,
             timeout,
         } => {
             let mut body = json!({"name": name, "os_prefixes": os_prefix, "archs": arch});
+            if !ports.is_empty() {
+                body["ports"] = json!(ports);
+            }
+            if no_egress {
+                body["egress"] = json!("deny");
+            }
             let fields = [
                 ("dup_each", dup_each.map(Value::from)),
                 ("engine", engine.map(Value::from)),
@@ -82,6 +90,62 @@ pub(super) fn run(env: &Env, args: EnvArgs) -> Result<()> {
                 v
             };
             print_env(env, &v)
+        }
+        EnvCmd::Update {
+            env: name,
+            lifetime,
+            no_expiry,
+            remove_vm,
+            remove_os_prefix,
+            remove_unresponsive,
+            ports,
+            no_ports,
+            egress,
+        } => {
+            let mut body = json!({});
+            if let Some(l) = lifetime {
+                body["lifetime_secs"] = json!(l);
+            }
+            for (k, on) in [
+                ("no_expiry", no_expiry),
+                ("remove_unresponsive", remove_unresponsive),
+            ] {
+                if on {
+                    body[k] = json!(true);
+                }
+            }
+            if !remove_vm.is_empty() {
+                body["remove_vms"] = json!(remove_vm);
+            }
+            if !remove_os_prefix.is_empty() {
+                body["remove_os_prefixes"] = json!(remove_os_prefix);
+            }
+            if !ports.is_empty() || no_ports {
+                body["ports"] = json!(ports);
+            }
+            if let Some(g) = egress {
+                body["egress"] = json!(g);
+            }
+            let v = c.value(Method::Patch, &path(&name), &query, Some(&body))?;
+            if env.json() {
+                return print_json(&v);
+            }
+            let u: EnvironmentUpdated = decode(&v)?;
+            for r in &u.removed {
+                println!("removing {}", r.vm_name);
+            }
+            if !u.apply_at_next_start.is_empty() {
+                let names: Vec<&str> = u
+                    .apply_at_next_start
+                    .iter()
+                    .map(|r| r.vm_name.as_str())
+                    .collect();
+                println!(
+                    "new ports and outbound policy apply when these next start: {} (byteport env stop {name}, then env start {name})",
+                    names.join(", ")
+                );
+            }
+            print_env(env, &serde_json::to_value(&u.environment)?)
         }
         EnvCmd::List => {
             let v = c.get("/v1/environments", &[])?;

@@ -13,8 +13,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use byteport_store::{environment, vm};
 use byteport_types::api::{
     Environment, EnvironmentAction, EnvironmentCreate, EnvironmentExecEvent, EnvironmentExecTarget,
-    EnvironmentRefusal, EnvironmentRunQuery, EnvironmentRunResult, EnvironmentState, ExecEvent,
-    ExecRequest, Role, VmCreate, VmRunResult,
+    EnvironmentRefusal, EnvironmentRunQuery, EnvironmentRunResult, EnvironmentState,
+    EnvironmentUpdate, EnvironmentUpdated, EnvironmentVmRef, ExecEvent, ExecRequest, Role,
+    VmCreate, VmRunResult,
 };
 use byteport_types::vm_state::DesiredState;
 use byteport_types::{EnvironmentId, Name, ProjectId, VmAction, VmId, VmState};
@@ -67,6 +68,17 @@ fn check_prefixes(prefixes: &[String]) -> AppResult<()> {
 }
 
 /// The state of an environment from its VMs' states.
+/// A lifetime in range (60 s to 30 days), or a 400.
+fn check_lifetime(secs: Option<u64>) -> AppResult<Option<u64>> {
+    match secs {
+        Some(s) if !(MIN_LIFETIME..=MAX_LIFETIME).contains(&s) => Err(AppError::bad(
+            "invalid_lifetime",
+            format!("lifetime_secs is {s}; it must be between {MIN_LIFETIME} and {MAX_LIFETIME}"),
+        )),
+        l => Ok(l),
+    }
+}
+
 fn env_state(deleted: bool, states: &[VmState]) -> EnvironmentState {
     let all = |f: fn(&VmState) -> bool| states.iter().all(f);
     if deleted {
@@ -103,17 +115,7 @@ impl App {
         )
         .await?;
         check_prefixes(&req.os_prefixes)?;
-        let lifetime = match req.lifetime_secs {
-            Some(s) if !(MIN_LIFETIME..=MAX_LIFETIME).contains(&s) => {
-                return Err(AppError::bad(
-                    "invalid_lifetime",
-                    format!(
-                        "lifetime_secs is {s}; it must be between {MIN_LIFETIME} and {MAX_LIFETIME}"
-                    ),
-                ));
-            }
-            l => l,
-        };
+        let lifetime = check_lifetime(req.lifetime_secs)?;
         // One VM per matching image, in name order, each image once.
         let images = self.store.image_list().await?;
         let mut chosen: BTreeMap<String, byteport_store::image::Model> = BTreeMap::new();
@@ -207,8 +209,8 @@ impl App {
                 labels,
                 hostname: None,
                 placement: Default::default(),
-                ports: Vec::new(),
-                egress: Default::default(),
+                ports: req.ports.clone(),
+                egress: req.egress,
                 engine: req.engine,
             };
             vms.push(
@@ -331,6 +333,146 @@ impl App {
             }
         }
         Ok(())
+    }
+
+    /// Changes a live environment: its lifetime, VMs to drop (named, by
+    /// image prefix, or those that stopped answering) and every VM's ports
+    /// and outbound policy. Everything is checked first; a 400 changes
+    /// nothing.
+    pub async fn env_update(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        project: Option<&str>,
+        req: EnvironmentUpdate,
+    ) -> AppResult<EnvironmentUpdated> {
+        let e = self.env_resolve(ctx, key, project, Role::Member).await?;
+        if e.deleted_at.is_some() {
+            return Err(AppError::Conflict(format!(
+                "environment {} is being deleted",
+                e.name
+            )));
+        }
+        ctx.target("environment", e.id, Some(ProjectId(e.project_id)));
+        let lifetime = check_lifetime(req.lifetime_secs)?;
+        if lifetime.is_some() && req.no_expiry {
+            return Err(AppError::bad(
+                "invalid_lifetime",
+                "give lifetime_secs or no_expiry, not both",
+            ));
+        }
+        if !req.remove_os_prefixes.is_empty() {
+            check_prefixes(&req.remove_os_prefixes)?;
+        }
+        if let Some(p) = &req.ports {
+            super::vms::check_guest_ports(p)?;
+        }
+        let nothing = lifetime.is_none()
+            && !req.no_expiry
+            && req.remove_vms.is_empty()
+            && req.remove_os_prefixes.is_empty()
+            && !req.remove_unresponsive
+            && req.ports.is_none()
+            && req.egress.is_none();
+        if nothing {
+            return Err(AppError::bad(
+                "empty_update",
+                "nothing to change: give lifetime_secs, no_expiry, remove_vms, remove_os_prefixes, remove_unresponsive, ports or egress",
+            ));
+        }
+        let live: Vec<vm::Model> = self
+            .store
+            .env_vms(e.id)
+            .await?
+            .into_iter()
+            .filter(|v| v.deleted_at.is_none() && v.desired_state != "deleted")
+            .collect();
+        for n in &req.remove_vms {
+            if !live.iter().any(|v| v.name == *n || v.id.to_string() == *n) {
+                return Err(AppError::bad(
+                    "unknown_vm",
+                    format!("{n} is not a live VM of environment {}", e.name),
+                ));
+            }
+        }
+        let unresponsive = |v: &vm::Model| {
+            matches!(
+                v.state.parse::<VmState>(),
+                Ok(VmState::Error | VmState::Unknown)
+            )
+        };
+        let (gone, kept): (Vec<vm::Model>, Vec<vm::Model>) = live.into_iter().partition(|v| {
+            req.remove_vms
+                .iter()
+                .any(|n| v.name == *n || v.id.to_string() == *n)
+                || req
+                    .remove_os_prefixes
+                    .iter()
+                    .any(|p| v.image_name.starts_with(p.as_str()))
+                || (req.remove_unresponsive && unresponsive(v))
+        });
+
+        if lifetime.is_some() || req.no_expiry {
+            let at = lifetime.map(|s| Utc::now() + chrono::Duration::seconds(s as i64));
+            if !self.store.env_set_expiry(e.id, at).await? {
+                return Err(AppError::Conflict(format!(
+                    "environment {} is being deleted",
+                    e.name
+                )));
+            }
+        }
+        let vm_ref = |v: &vm::Model| -> AppResult<EnvironmentVmRef> {
+            Ok(EnvironmentVmRef {
+                vm_id: VmId(v.id),
+                vm_name: Name::parse(&v.name).map_err(AppError::internal)?,
+            })
+        };
+        let mut apply_at_next_start = Vec::new();
+        if req.ports.is_some() || req.egress.is_some() {
+            // Each VM keeps what the update does not name.
+            let mut changes: BTreeMap<(String, String), Vec<Uuid>> = BTreeMap::new();
+            for v in &kept {
+                let ports = match &req.ports {
+                    Some(p) => serde_json::to_string(p).map_err(AppError::internal)?,
+                    None => v.guest_ports.clone(),
+                };
+                let egress = req
+                    .egress
+                    .map_or(v.egress.clone(), |g| g.as_str().to_owned());
+                if ports == v.guest_ports && egress == v.egress {
+                    continue;
+                }
+                // A VM whose hypervisor runs or is being started keeps the
+                // ports and policy it started with until its next start.
+                if matches!(
+                    v.state.parse::<VmState>(),
+                    Ok(VmState::Provisioning
+                        | VmState::Running
+                        | VmState::Paused
+                        | VmState::Rebooting)
+                ) {
+                    apply_at_next_start.push(vm_ref(v)?);
+                }
+                changes.entry((ports, egress)).or_default().push(v.id);
+            }
+            // One statement per distinct (ports, egress): one in all when
+            // the update names both.
+            for ((ports, egress), ids) in changes {
+                self.store.vms_set_network(&ids, &ports, &egress).await?;
+            }
+        }
+        let mut removed = Vec::with_capacity(gone.len());
+        for v in gone {
+            removed.push(vm_ref(&v)?);
+            self.vm_apply(v, VmAction::Delete).await?;
+        }
+        let p = self.store.project_fetch(e.project_id).await?;
+        let e = self.store.env_fetch(e.id).await?;
+        Ok(EnvironmentUpdated {
+            environment: self.env_view(&e, &p.name).await?,
+            removed,
+            apply_at_next_start,
+        })
     }
 
     /// Stops (`VmAction::Stop`: each guest powers off, its disk is kept)

@@ -509,7 +509,7 @@ fn action_checks(state: VmState, desired: DesiredState, placed: bool) -> Vec<VmA
 /// At most this many extra guest ports per VM.
 const MAX_GUEST_PORTS: usize = 16;
 
-fn check_guest_ports(ports: &[u16]) -> AppResult<()> {
+pub(crate) fn check_guest_ports(ports: &[u16]) -> AppResult<()> {
     if ports.len() > MAX_GUEST_PORTS {
         return Err(AppError::bad(
             "invalid_ports",

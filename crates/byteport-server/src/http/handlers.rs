@@ -564,6 +564,28 @@ pub async fn env_delete(
     accepted(app.env_delete(&ctx, &env, q.project.as_deref()).await?)
 }
 
+/// Change a live environment: extend or shorten its lifetime (or end
+/// it), drop VMs by name or id, by image prefix or those that stopped
+/// answering, and set every VM's ports and outbound policy (a running VM
+/// takes those when it next starts). Checked whole first: a 400 changes
+/// nothing.
+#[utoipa::path(patch, path = "/v1/environments/{env}", tag = "environments",
+    params(("env" = String, Path, description = "id or name"), EnvironmentQuery),
+    request_body = EnvironmentUpdate,
+    responses((status = 200, body = EnvironmentUpdated), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn env_update(
+    State(app): State<App>,
+    ctx: Ctx,
+    Path(env): Path<String>,
+    ApiQuery(q): ApiQuery<EnvironmentQuery>,
+    ApiJson(req): ApiJson<EnvironmentUpdate>,
+) -> Resp<EnvironmentUpdated> {
+    Ok(Json(
+        app.env_update(&ctx, &env, q.project.as_deref(), req)
+            .await?,
+    ))
+}
+
 macro_rules! env_action {
     ($fn:ident, $path:literal, $action:expr, $doc:literal) => {
         #[doc = $doc]

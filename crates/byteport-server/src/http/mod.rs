@@ -114,7 +114,7 @@ fn api_router() -> OpenApiRouter<App> {
         .routes(routes!(h::vm_wait))
         .routes(routes!(h::vm_stats))
         .routes(routes!(h::env_create, h::env_list))
-        .routes(routes!(h::env_show, h::env_delete))
+        .routes(routes!(h::env_show, h::env_delete, h::env_update))
         .routes(routes!(h::env_run))
         .routes(routes!(st::env_exec))
         .routes(routes!(h::env_stop))

@@ -188,7 +188,14 @@ export interface paths {
         delete: operations["env_delete"];
         options?: never;
         head?: never;
-        patch?: never;
+        /**
+         * Change a live environment: extend or shorten its lifetime (or end
+         *     it), drop VMs by name or id, by image prefix or those that stopped
+         *     answering, and set every VM's ports and outbound policy (a running VM
+         *     takes those when it next starts). Checked whole first: a 400 changes
+         *     nothing.
+         */
+        patch: operations["env_update"];
         trace?: never;
     };
     "/v1/environments/{env}/exec": {
@@ -1315,6 +1322,11 @@ export interface components {
              * @description VMs of each image (1-50; 1 when absent), named `ENV-IMAGE-N`.
              */
             dup_each?: number | null;
+            /**
+             * @description Whether the VMs may open connections to the outside; `allow` when
+             *     absent.
+             */
+            egress?: components["schemas"]["Egress"];
             engine?: components["schemas"]["Engine"] | null;
             flavor?: components["schemas"]["Name"] | null;
             /**
@@ -1331,6 +1343,11 @@ export interface components {
              *     whose name starts with one gets a VM. Each must match an image.
              */
             os_prefixes: string[];
+            /**
+             * @description Guest TCP ports every VM opens to the outside through its node
+             *     (port 22 always is); at most 16.
+             */
+            ports?: number[];
             /** @description The project's name or id; `default` when absent. */
             project?: string | null;
             ssh_keys?: string[];
@@ -1424,6 +1441,56 @@ export interface components {
         };
         /** @enum {string} */
         EnvironmentState: "creating" | "ready" | "degraded" | "stopped" | "deleting" | "deleted";
+        /**
+         * @description A change to a live environment (`PATCH /v1/environments/{env}`): its
+         *     lifetime, VMs to drop, and every VM's ports and outbound policy. All
+         *     of it is checked before anything changes; a bad field is a 400 and
+         *     changes nothing.
+         */
+        EnvironmentUpdate: {
+            egress?: components["schemas"]["Egress"] | null;
+            /**
+             * Format: int64
+             * @description A new lifetime counted from now (60 s to 30 days): the environment
+             *     is deleted then.
+             */
+            lifetime_secs?: number | null;
+            /** @description The environment no longer expires (not with `lifetime_secs`). */
+            no_expiry?: boolean;
+            /**
+             * @description Replaces the guest ports every VM opens (port 22 always is; at
+             *     most 16). A running VM gets them when it next starts.
+             */
+            ports?: number[] | null;
+            /** @description Delete its VMs whose image name starts with one of these. */
+            remove_os_prefixes?: string[];
+            /**
+             * @description Delete its VMs that stopped answering: those in `error`, and those
+             *     `unknown` because their node went silent.
+             */
+            remove_unresponsive?: boolean;
+            /**
+             * @description Delete these VMs of it, by name or id; each must be one of its
+             *     live VMs.
+             */
+            remove_vms?: string[];
+        };
+        /** @description What `PATCH /v1/environments/{env}` did. */
+        EnvironmentUpdated: {
+            /**
+             * @description Running VMs whose new ports or outbound policy apply when they
+             *     next start (`env stop`, then `env start`).
+             */
+            apply_at_next_start: components["schemas"]["EnvironmentVmRef"][];
+            environment: components["schemas"]["Environment"];
+            /** @description The VMs it deleted (they go `deleting`, then `deleted`). */
+            removed: components["schemas"]["EnvironmentVmRef"][];
+        };
+        /** @description One VM of an environment, by id and name. */
+        EnvironmentVmRef: {
+            vm_id: components["schemas"]["VmId"];
+            vm_name: components["schemas"]["Name"];
+        };
         /** @description The error body every failing request returns. */
         ErrorBody: {
             error: components["schemas"]["ErrorDetail"];
@@ -3550,6 +3617,116 @@ export interface operations {
             };
             /** @description The change conflicts with the resource's state or another change */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many requests of this kind: see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    env_update: {
+        parameters: {
+            query?: {
+                /**
+                 * @description The project's name or id, when the path names the environment by
+                 *     name; `default` when absent.
+                 */
+                project?: string;
+            };
+            header?: never;
+            path: {
+                /** @description id or name */
+                env: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["EnvironmentUpdate"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnvironmentUpdated"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No credentials, or bad ones (even where anonymous callers are let in) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not allowed for this caller, or a cross-origin use of the session cookie */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is larger than the limit */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not sent as application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A well-formed body of the wrong shape: unknown or missing fields, wrong types */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
