@@ -411,7 +411,8 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
             .join(", "),
         "guest architectures"
     );
-    let engines = detect_engines(&cfg.qemu_binary).await;
+    let mut engines = detect_engines(&cfg.qemu_binary).await;
+    engines.extend(driver.engines().iter().map(|e| e.as_str().to_owned()));
     tracing::info!(engines = %engines.join(", "), "engines");
     let ident = identity(&cfg, &cp, cap, accel == Accel::Kvm, &platforms, &engines).await?;
     let relay = metadata::bind(&cfg.data_dir, cfg.metadata_port)

@@ -42,9 +42,11 @@ struct Proc {
 }
 
 fn read_proc(pid: u32, dir: &Path) -> Option<Proc> {
-    // The pid must still be this VM's QEMU (a pidfile outlives it).
+    // The pid must still be this VM's QEMU (a pidfile outlives it): it
+    // names the VM's disk, whichever engine started it (libvirt hands
+    // QEMU its sockets as descriptors, so only paths of files show).
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let needle = dir.join(files::QMP).display().to_string();
+    let needle = dir.join(files::DISK).display().to_string();
     if !String::from_utf8_lossy(&cmdline).contains(&needle) {
         return None;
     }
@@ -152,7 +154,7 @@ mod tests {
         let dir = tmp.path().join(id.to_string());
         std::fs::create_dir_all(&dir).unwrap();
         // A live pid, but not this VM's QEMU (its command line does not
-        // name the VM's QMP socket).
+        // name the VM's disk).
         std::fs::write(
             dir.join(files::PIDFILE),
             format!("{}\n", std::process::id()),

@@ -86,6 +86,110 @@ fn free_port() -> u16 {
 /// In split mode, a node silent this long is offline.
 pub const NODE_TIMEOUT_SECS: u64 = 4;
 
+/// A libvirtd of one test's own: its sockets and log in a temporary
+/// directory, reached at [`Libvirtd::uri`], stopped when dropped. It is a
+/// privileged daemon, so it uses the host's /etc/libvirt/qemu.conf (which
+/// `.ci/run` writes) and must be the only libvirtd on the host.
+pub struct Libvirtd {
+    pub uri: String,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Libvirtd {
+    /// Starts one and waits until it answers with its QEMU driver; a
+    /// skip (`None`, saying why) where libvirt is not installed, or a
+    /// failure under `BYTEPORT_REQUIRE_QEMU=1`.
+    pub fn start(test: &str) -> Option<Libvirtd> {
+        let require = std::env::var("BYTEPORT_REQUIRE_QEMU").as_deref() == Ok("1");
+        let skip = |why: String| {
+            assert!(
+                !require,
+                "{test}: {why}, and BYTEPORT_REQUIRE_QEMU=1 requires it"
+            );
+            eprintln!("SKIP: {test}: {why}; `.ci/run` installs and configures libvirt");
+            None
+        };
+        if !Path::new("/usr/sbin/libvirtd").exists()
+            || Command::new("virsh").arg("--version").output().is_err()
+        {
+            return skip(
+                "libvirt is not installed (libvirt-daemon-driver-qemu, libvirt-clients)".into(),
+            );
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "byteport-libvirt-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(dir.join("sock")).expect("a temp dir");
+        let conf = dir.join("libvirtd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "unix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nlog_outputs = \"3:file:{}\"\n",
+                dir.join("sock").display(),
+                dir.join("libvirtd.log").display()
+            ),
+        )
+        .expect("libvirtd.conf");
+        let child = Command::new("/usr/sbin/libvirtd")
+            .arg("--config")
+            .arg(&conf)
+            .arg("--pid-file")
+            .arg(dir.join("libvirtd.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stderr.log")).expect("a log"),
+            ))
+            .spawn()
+            .expect("starting libvirtd");
+        let uri = format!(
+            "qemu:///system?socket={}",
+            dir.join("sock/libvirt-sock").display()
+        );
+        let d = Libvirtd { uri, dir, child };
+        // The first connection probes QEMU's capabilities: seconds.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            let out = Command::new("virsh")
+                .args(["-q", "-c", &d.uri, "version"])
+                .output();
+            if out.is_ok_and(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).contains("QEMU")
+            }) {
+                return Some(d);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let log = std::fs::read_to_string(d.dir.join("stderr.log")).unwrap_or_default()
+            + &std::fs::read_to_string(d.dir.join("libvirtd.log")).unwrap_or_default();
+        panic!(
+            "{test}: libvirtd did not answer on {}: {}",
+            d.uri,
+            tail(&log, 3000)
+        );
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A running all-in-one `byteportd`; killed (not its VMs) on drop, and its
 /// data directory removed once every QEMU of it is gone.
 pub struct Daemon {

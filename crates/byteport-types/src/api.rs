@@ -964,15 +964,19 @@ pub enum Engine {
     /// QEMU's `microvm` machine: no firmware, no PCI, virtio over MMIO;
     /// for x86_64 images that boot a kernel directly. Boots sooner.
     Microvm,
+    /// QEMU started and driven by libvirtd from a domain XML the node
+    /// writes (x86_64 images, on nodes given a libvirt connection).
+    Libvirt,
 }
 
 impl Engine {
-    pub const ALL: &[Engine] = &[Engine::Qemu, Engine::Microvm];
+    pub const ALL: &[Engine] = &[Engine::Qemu, Engine::Microvm, Engine::Libvirt];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Engine::Qemu => "qemu",
             Engine::Microvm => "microvm",
+            Engine::Libvirt => "libvirt",
         }
     }
 

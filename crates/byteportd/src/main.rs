@@ -175,6 +175,11 @@ struct NodeOpts {
     /// as the node's own user when absent.
     #[arg(long, env = "BYTEPORT_QEMU_USER")]
     qemu_user: Option<String>,
+    /// A libvirt connection for the `libvirt` engine, such as
+    /// `qemu:///system`; the node offers that engine when libvirtd
+    /// answers on it.
+    #[arg(long, env = "BYTEPORT_LIBVIRT_URI")]
+    libvirt_uri: Option<String>,
     /// The metadata relay's port on 127.0.0.1 (guests reach it at
     /// 10.0.2.254:80); 0 keeps the port used before, or takes a free one.
     #[arg(long, env = "BYTEPORT_METADATA_PORT", default_value_t = 0)]
@@ -396,16 +401,31 @@ fn node_config(
     Ok(c)
 }
 
-fn qemu_driver(o: &NodeOpts) -> anyhow::Result<byteport_node::driver::qemu::QemuDriver> {
+/// The node's engines: QEMU's own, and libvirt when a connection is
+/// given and answers (a warning says why not when it does not).
+async fn drivers(o: &NodeOpts) -> anyhow::Result<byteport_node::driver::engines::Engines> {
     if let Some(u) = &o.qemu_user
         && !byteport_node::driver::qemu::valid_user(u)
     {
         bail!("--qemu-user {u:?} is not a user name (a-z, 0-9, _ and -)");
     }
-    Ok(byteport_node::driver::qemu::QemuDriver {
+    let qemu = byteport_node::driver::qemu::QemuDriver {
         binary: o.qemu.clone(),
         run_as: o.qemu_user.clone(),
-    })
+    };
+    let libvirt = match &o.libvirt_uri {
+        Some(uri) => {
+            match byteport_node::driver::libvirt::LibvirtDriver::connect(uri, &o.qemu).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::warn!(uri = %uri, "no libvirt engine: {e}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    Ok(byteport_node::driver::engines::Engines { qemu, libvirt })
 }
 
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
@@ -415,7 +435,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| default_data_dir().join("node"));
     let cfg = node_config(&args.server, dir, args.join_token.clone(), &args.opts)?;
     tokio::select! {
-        r = byteport_node::run(cfg, qemu_driver(&args.opts)?) => {
+        r = byteport_node::run(cfg, drivers(&args.opts).await?) => {
             r.map_err(|e| anyhow::anyhow!("{e}"))
         }
         _ = shutdown() => Ok(()),
@@ -455,10 +475,10 @@ async fn all_in_one(args: AllInOneArgs) -> anyhow::Result<()> {
     // its certificate must name 127.0.0.1 and be signed by a CA the node
     // trusts (the system's store or --ca-cert).
     let cfg = node_config(&url, node_dir, token, &node_opts)?;
-    let qemu = qemu_driver(&node_opts)?;
+    let engines = drivers(&node_opts).await?;
     tokio::select! {
         r = serving => r.context("the control plane")?,
-        r = byteport_node::run(cfg, qemu) => r.map_err(|e| anyhow::anyhow!("node agent: {e}")),
+        r = byteport_node::run(cfg, engines) => r.map_err(|e| anyhow::anyhow!("node agent: {e}")),
     }
 }
 

@@ -3,7 +3,9 @@
 //! They skip, saying why, when QEMU or the image is missing, unless
 //! `BYTEPORT_REQUIRE_QEMU=1` (set by `cargo xtask test`), where they fail.
 
-use byteport_testkit::daemon::{Daemon, NODE_TIMEOUT_SECS, alive, qemus_under, tiny_or_skip};
+use byteport_testkit::daemon::{
+    Daemon, Libvirtd, NODE_TIMEOUT_SECS, alive, qemus_under, tiny_or_skip,
+};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -74,11 +76,41 @@ fn a_microvm_guest_runs_execs_pauses_restarts_stops_and_is_deleted_cleanly() {
     lifecycle("microvm");
 }
 
+/// The same lifecycle under the libvirt engine: a domain XML the node
+/// writes, started and driven by a libvirtd of this test's own.
+#[test]
+fn a_libvirt_guest_runs_execs_pauses_restarts_stops_and_is_deleted_cleanly() {
+    if tiny_or_skip("lifecycle (libvirt)").is_none() {
+        return;
+    }
+    let Some(lv) = Libvirtd::start("lifecycle (libvirt)") else {
+        return;
+    };
+    lifecycle_with("libvirt", &[("BYTEPORT_LIBVIRT_URI", &lv.uri)]);
+    // libvirtd holds no domain of it any more.
+    let out = std::process::Command::new("virsh")
+        .args(["-q", "-c", &lv.uri, "list", "--all", "--name"])
+        .output()
+        .expect("virsh list");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "",
+        "domains left"
+    );
+}
+
 fn lifecycle(engine: &str) {
+    lifecycle_with(engine, &[]);
+}
+
+/// Create, exec, figures, console, port, pause, resume, an agent restart
+/// that adopts the running guest, restart, stop, start and delete of one
+/// `tiny` guest under `engine`, the daemon run with `envs`.
+fn lifecycle_with(engine: &str, envs: &[(&str, &str)]) {
     let Some(img) = tiny_or_skip(&format!("lifecycle ({engine})")) else {
         return;
     };
-    let d = Daemon::start(Path::new(BIN));
+    let mut d = Daemon::start_with_env(Path::new(BIN), envs);
     d.import_tiny(&img);
     let v = d
         .api
@@ -96,11 +128,19 @@ fn lifecycle(engine: &str) {
     assert_eq!(v["engine"], engine, "{v}");
     let pid = d.qemu_pid(&id).expect("QEMU's pid");
     let args = std::fs::read(format!("/proc/{pid}/cmdline")).expect("QEMU's command line");
-    let machine = if engine == "microvm" { "microvm" } else { "pc" };
-    assert!(
-        String::from_utf8_lossy(&args).contains(&format!("-machine\0{machine}\0")),
-        "{engine}: {}",
-        String::from_utf8_lossy(&args)
+    // libvirt names the machine by its version, and the guest after
+    // its domain.
+    let machine = match engine {
+        "microvm" => "-machine\0microvm\0",
+        "libvirt" => "-machine\0pc-i440fx-",
+        _ => "-machine\0pc\0",
+    };
+    let args = String::from_utf8_lossy(&args);
+    assert!(args.contains(machine), "{engine}: {args}");
+    assert_eq!(
+        args.contains(&format!("guest=bp-{id},")),
+        engine == "libvirt",
+        "{engine}: {args}"
     );
     // The database and the node's credential are their owner's only.
     {
@@ -202,6 +242,31 @@ fn lifecycle(engine: &str) {
     assert!(
         alive(pid) && d.qemu_pid(&id) == Some(pid),
         "the same QEMU ran on"
+    );
+
+    // The agent dies (kill -9) and comes back: it adopts the guest that
+    // ran on meanwhile, the same process, and exec reaches it again.
+    d.kill9();
+    assert!(alive(pid), "{engine}: the guest outlives its agent");
+    d.spawn();
+    d.wait(&id, "running", 60)
+        .expect("running after the agent restart");
+    // Until the node's channel is back, exec says so (503): retry.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        match d.exec(&id, &["echo", "adopted"]) {
+            Ok((out, _, _)) => break out,
+            Err(e) if e.starts_with("503") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{engine}: exec after the agent restart: {e}"),
+        }
+    };
+    assert_eq!(out, "adopted\n");
+    assert_eq!(
+        d.qemu_pid(&id),
+        Some(pid),
+        "{engine}: the same QEMU, adopted"
     );
 
     // Restart: a reset; the guest boots again and its agent says ready.

@@ -1,10 +1,14 @@
 //! Hypervisor drivers. A [`Driver`] starts a VM from a [`LaunchSpec`] or
 //! re-adopts one that kept running while the agent was away; the
 //! [`Instance`] it returns controls that one running VM. QEMU (a process
-//! per VM, controlled over QMP) is the real driver; [`fake`] records calls
-//! for fast tests. libvirt and Firecracker fit the same shape.
+//! per VM, controlled over QMP) and libvirt (a domain XML, driven through
+//! libvirtd) are the real drivers, [`engines`] puts them behind one;
+//! [`fake`] records calls for fast tests. Firecracker would fit the same
+//! shape; it needs a working KVM, and is not built.
 
+pub mod engines;
 pub mod fake;
+pub mod libvirt;
 pub mod qemu;
 
 use byteport_types::api::PortForward;
@@ -121,6 +125,12 @@ pub trait Instance: Send + Sync + 'static {
 pub trait Driver: Send + Sync + 'static {
     type Instance: Instance;
     fn name(&self) -> &'static str;
+    /// The engines beyond those of the host's QEMU (`qemu`, and `microvm`
+    /// where it has the machine, which the node finds itself) that this
+    /// driver runs.
+    fn engines(&self) -> Vec<byteport_types::api::Engine> {
+        Vec::new()
+    }
     fn start(
         &self,
         spec: &LaunchSpec,

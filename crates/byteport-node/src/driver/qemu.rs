@@ -261,7 +261,7 @@ pub fn smbios_type1(serial: &str, uuid: uuid::Uuid) -> Vec<u8> {
 }
 
 /// Writes `bytes` to `path`, readable by its owner only.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -279,7 +279,7 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 /// stays: DHCP and DNS answered inside QEMU, the forwards into the guest
 /// (`hostfwd`, on the operator's address), and the metadata address
 /// (`guestfwd` to a pipe program that relays one connection to the node).
-fn user_netdev(spec: &LaunchSpec) -> String {
+pub(crate) fn user_netdev(spec: &LaunchSpec) -> String {
     let mut netdev = String::from("user,id=net0,restrict=on");
     for p in &spec.ports {
         netdev.push_str(&format!(

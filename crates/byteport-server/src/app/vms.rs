@@ -546,6 +546,15 @@ fn check_engine(engine: Engine, image: &byteport_store::image::Model) -> AppResu
             ),
         ));
     }
+    if engine == Engine::Libvirt && image.arch != "x86_64" {
+        return Err(AppError::bad(
+            "engine_unsupported",
+            format!(
+                "the libvirt engine runs x86_64 guests; image {} is {}",
+                image.name, image.arch
+            ),
+        ));
+    }
     Ok(())
 }
 

@@ -1273,7 +1273,7 @@ export interface components {
          * @description How a node runs a VM's hypervisor.
          * @enum {string}
          */
-        Engine: "qemu" | "microvm";
+        Engine: "qemu" | "microvm" | "libvirt";
         /** @description An environment and its VMs. */
         Environment: {
             /** Format: date-time */
