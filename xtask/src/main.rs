@@ -8,6 +8,8 @@ mod bench_api;
 #[cfg(feature = "bench")]
 mod bench_boot;
 #[cfg(feature = "bench")]
+mod bench_env;
+#[cfg(feature = "bench")]
 mod bench_metadata;
 #[cfg(feature = "bench")]
 mod bench_net;
@@ -77,7 +79,7 @@ fn release_daemon(
 
 fn usage() -> anyhow::Result<()> {
     eprintln!(
-        "usage: cargo xtask up | test | openapi | bench api|boot|placement|metadata|net|run|web | web build | image build NAME"
+        "usage: cargo xtask up | test | openapi | bench api|boot|env|placement|metadata|net|run|web | web build | image build NAME"
     );
     bail!("unknown task")
 }
@@ -109,6 +111,8 @@ fn main() -> anyhow::Result<()> {
         ["bench", "boot", rest @ ..] => bench_boot::run(&root(), rest),
         #[cfg(feature = "bench")]
         ["bench", "placement", rest @ ..] => bench_placement::run(&root(), rest),
+        #[cfg(feature = "bench")]
+        ["bench", "env", rest @ ..] => bench_env::run(&root(), rest),
         #[cfg(feature = "bench")]
         ["bench", "metadata", rest @ ..] => bench_metadata::run(&root(), rest),
         #[cfg(feature = "bench")]
