@@ -168,19 +168,38 @@ fn handle<D: Driver>(
                 m.insert(stream, tx);
             }
             let conn = shared.guests.lock().ok().and_then(|g| g.get(&vm).cloned());
+            let over_ssh = ssh_target(shared, vm);
             let (out, inputs) = (out.clone(), inputs.clone());
-            let req = GuestExec {
-                argv,
-                env,
-                cwd,
-                stdin,
-                set_clock: None,
-                identity: None,
-            };
+            let key = shared.ssh_key.clone();
             tokio::spawn(async move {
-                let end = match conn {
-                    Some(c) => exec(stream, c, req, rx, timeout_secs, &out, vm).await,
-                    None => FromNode::Error {
+                let end = match (conn, over_ssh, key) {
+                    (Some(c), _, _) => {
+                        let req = GuestExec {
+                            argv,
+                            env,
+                            cwd,
+                            stdin,
+                            set_clock: None,
+                            identity: None,
+                        };
+                        exec(stream, c, req, rx, timeout_secs, &out, vm).await
+                    }
+                    (None, Some(t), Some(key)) => {
+                        let command = crate::ssh::remote_command(&argv, &env, cwd.as_deref());
+                        crate::ssh::exec(
+                            stream,
+                            &key,
+                            &t,
+                            command,
+                            stdin,
+                            rx,
+                            timeout_secs,
+                            &out,
+                            vm,
+                        )
+                        .await
+                    }
+                    (None, _, _) => FromNode::Error {
                         stream,
                         message: "the VM's guest agent is not connected".into(),
                         not_found: false,
@@ -351,6 +370,28 @@ async fn console_attach(
             }
         }
     }
+}
+
+/// Where exec reaches a VM without the agent over SSH: its login user
+/// and its port 22 forward (on loopback when it listens on every
+/// address); `None` for a VM with the agent, or without either.
+fn ssh_target<D: Driver>(shared: &Shared<D>, vm: VmId) -> Option<crate::ssh::Target> {
+    let user = shared.ssh_users.lock().ok()?.get(&vm).cloned()?;
+    let reports = shared.reports.lock().ok()?;
+    let fwd = reports
+        .get(&vm)?
+        .ports
+        .iter()
+        .find(|p| p.guest_port == 22)?;
+    let host = match fwd.host.as_str() {
+        "0.0.0.0" | "" => "127.0.0.1".to_owned(),
+        h => h.to_owned(),
+    };
+    Some(crate::ssh::Target {
+        user,
+        host,
+        port: fwd.host_port,
+    })
 }
 
 async fn exec(

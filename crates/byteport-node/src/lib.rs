@@ -20,6 +20,7 @@ pub mod images;
 pub mod metadata;
 pub mod network;
 pub mod runs;
+pub mod ssh;
 pub mod stats;
 pub mod template;
 pub mod vm;
@@ -199,6 +200,12 @@ pub struct Shared<D: Driver> {
     pub generations: generation::Generations,
     /// Connected, ready guest agents.
     pub guests: Mutex<HashMap<VmId, GuestConn>>,
+    /// The node's own SSH key, for images without the agent (none when
+    /// this host has no `ssh-keygen`).
+    pub ssh_key: Option<ssh::NodeKey>,
+    /// VMs without the agent whose image has a login user: exec reaches
+    /// them over SSH as that user.
+    pub ssh_users: Mutex<HashMap<VmId, String>>,
     /// Heartbeat now (a VM changed, or the control plane poked).
     pub wake: Notify,
     /// VMs here that the control plane's answer does not list: stopped,
@@ -476,6 +483,8 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         reports: Mutex::default(),
         generations: generation::Generations::open(cfg.data_dir.join("report-generation")),
         guests: Mutex::default(),
+        ssh_key: ssh::NodeKey::ensure(&cfg.data_dir.join("ssh")).await,
+        ssh_users: Mutex::default(),
         wake: Notify::new(),
         orphans: Mutex::default(),
         remove_orphans: Mutex::default(),

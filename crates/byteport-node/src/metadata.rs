@@ -99,6 +99,11 @@ async fn document<D: Driver>(
     {
         Ok((status, body)) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let body = if status == StatusCode::OK && document == "meta-data" {
+                with_node_key(&s, vm, body)
+            } else {
+                body
+            };
             tracing::debug!(vm = %vm, document, status = status.as_u16(), "metadata request");
             (
                 status,
@@ -112,6 +117,24 @@ async fn document<D: Driver>(
             StatusCode::BAD_GATEWAY.into_response()
         }
     }
+}
+
+/// A VM without the agent is reached over SSH with the node's key: its
+/// meta-data (JSON) gets that key among its `public-keys`, so cloud-init
+/// authorizes it for the login user. Any other VM's is passed as is.
+fn with_node_key<D: Driver>(s: &Shared<D>, vm: VmId, body: Vec<u8>) -> Vec<u8> {
+    let ssh = s.ssh_users.lock().is_ok_and(|u| u.contains_key(&vm));
+    let (true, Some(key)) = (ssh, &s.ssh_key) else {
+        return body;
+    };
+    let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return body;
+    };
+    match doc.get_mut("public-keys").and_then(|k| k.as_array_mut()) {
+        Some(keys) => keys.push(key.public.clone().into()),
+        None => doc["public-keys"] = serde_json::json!([key.public]),
+    }
+    format!("{doc:#}\n").into_bytes()
 }
 
 #[cfg(test)]

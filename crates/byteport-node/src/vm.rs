@@ -338,6 +338,14 @@ impl<D: Driver> VmTask<D> {
     /// connection: QEMU serves one client per socket) and records `ready`.
     fn watch_guest(&mut self) {
         if !self.p.spec.image.has_agent {
+            // No agent: exec goes over SSH as the image's login user,
+            // with the node's key that the metadata service hands it.
+            if let (Some(user), Ok(mut u)) = (
+                self.p.spec.image.login_user.clone(),
+                self.shared.ssh_users.lock(),
+            ) {
+                u.insert(self.id, user);
+            }
             return;
         }
         if let Some(t) = self.guest_task.take() {
@@ -407,6 +415,9 @@ impl<D: Driver> VmTask<D> {
     fn forget_guest(&mut self) {
         if let Some(t) = self.guest_task.take() {
             t.abort();
+        }
+        if let Ok(mut u) = self.shared.ssh_users.lock() {
+            u.remove(&self.id);
         }
         self.ready_tx.send_replace(None);
         if let Ok(mut g) = self.shared.guests.lock()
@@ -797,6 +808,8 @@ pub(crate) mod tests {
             reports: Mutex::default(),
             generations: crate::generation::Generations::open(dir.join("report-generation")),
             guests: Mutex::default(),
+            ssh_key: None,
+            ssh_users: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             orphans: Default::default(),
             remove_orphans: Default::default(),
@@ -825,6 +838,7 @@ pub(crate) mod tests {
                 cmdline: None,
                 has_agent: false,
                 arch: "x86_64".into(),
+                login_user: None,
             },
             metadata_token: Some("tok-1".into()),
             project_id: None,

@@ -1090,12 +1090,20 @@ impl Api {
     /// Registers a built guest image (`build/images/NAME`) and uploads its
     /// files, under `name` if given.
     pub fn import_image_as(&self, dir: &Path, name: Option<&str>) {
+        self.import_image_edited(dir, |m| {
+            if let Some(n) = name {
+                m["name"] = json!(n);
+            }
+        });
+    }
+
+    /// Imports the image in `dir` with its manifest changed by `edit`
+    /// first (another name, `has_agent: false`, ...).
+    pub fn import_image_edited(&self, dir: &Path, edit: impl FnOnce(&mut Value)) {
         let mut m: Value =
             serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
                 .expect("manifest JSON");
-        if let Some(n) = name {
-            m["name"] = json!(n);
-        }
+        edit(&mut m);
         let file = |k: &str| dir.join(m[k].as_str().expect("a file name"));
         let sha = |p: &Path| {
             use sha2::Digest;

@@ -1239,6 +1239,11 @@ pub struct NodeImage {
     /// The guest's architecture.
     #[serde(default = "default_arch")]
     pub arch: String,
+    /// The user its cloud-init makes with the SSH keys (Debian's
+    /// `debian`): the node runs exec over SSH as that user (through
+    /// `sudo`) on an image without the agent.
+    #[serde(default)]
+    pub login_user: Option<String>,
 }
 
 /// What the control plane wants a node to run.

@@ -346,3 +346,99 @@ fn an_environment_of_debian_releases_runs_each_releases_own_cloud_init() {
         assert!(got == blob, "the copy back from {} differs", v["name"]);
     }
 }
+
+/// An image without the guest agent (here `debian-12` registered with
+/// `has_agent: false`, so the node never speaks to its agent) is reached
+/// over SSH: the node's key goes to the guest through the metadata
+/// service, and `env run`, standard input and file copies work as with
+/// the agent, every argument arriving as it was sent.
+#[test]
+fn an_image_without_the_agent_answers_env_run_over_ssh() {
+    let Some(img) = image_or_skip("debian-12", "exec over SSH") else {
+        return;
+    };
+    let d = Daemon::start(Path::new(BIN));
+    d.api.import_image_edited(&img, |m| {
+        m["name"] = json!("debian-12-ssh");
+        m["has_agent"] = json!(false);
+    });
+    let e = d
+        .api
+        .post(
+            "/v1/environments",
+            json!({"name": "nossh", "os_prefixes": ["debian-12-ssh"], "vcpus": 1,
+                   "memory_mib": 1024, "disk_gib": 4}),
+        )
+        .expect("create the environment");
+    let env_id = e["id"].as_str().unwrap().to_owned();
+    let vm = e["vms"][0].clone();
+    let (id, name) = (
+        vm["id"].as_str().unwrap().to_owned(),
+        vm["name"].as_str().unwrap().to_owned(),
+    );
+    let e = d.wait_env("nossh", "ready", &["degraded"], BOOT_SECS);
+    assert_eq!(e["vms"][0]["ready_by"], "process", "{e}");
+    let run = |body: Value| {
+        d.api.post("/v1/environments/nossh/run", body).expect("run")["results"][0].clone()
+    };
+    // Until cloud-init has authorized the node's key and sshd answers,
+    // the run says why it could not reach the guest.
+    let deadline = Instant::now() + Duration::from_secs(BOOT_SECS);
+    let first = loop {
+        let r = run(json!({"argv": ["sh", "-c", "echo \"$SUDO_USER\"; id -u; hostname"]}));
+        if r["exit_code"] == 0 {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer over SSH: {r}\nconsole:\n{}",
+            d.api
+                .get_text(&format!("/v1/vms/{id}/console?bytes=8192"))
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    let out = first["stdout"].as_str().unwrap().to_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{first}");
+    // Run as root by sudo for the login user: the SSH path (the agent
+    // runs commands as root itself, without sudo).
+    assert_eq!(lines[0], "debian", "not over SSH: {first}");
+    assert_eq!((lines[1], lines[2]), ("0", name.as_str()), "{first}");
+
+    // Words with quotes, $() and spaces arrive as they were sent.
+    let r = run(json!({"argv": ["printf", "%s|", "a b", "$(id)", "it's", "*"]}));
+    assert_eq!(r["stdout"], "a b|$(id)|it's|*|", "{r}");
+    // Standard input, the exit code, and a file there and back.
+    let r = run(json!({"argv": ["sh", "-c", "cat; exit 5"], "stdin_base64": "aGVsbG8="}));
+    assert_eq!(
+        (r["stdout"].as_str(), r["exit_code"].as_i64()),
+        (Some("hello"), Some(5)),
+        "{r}"
+    );
+    let blob: Vec<u8> = (0u32..1 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
+    let p = d
+        .api
+        .put_bytes("/v1/environments/nossh/files?path=/var/tmp/blob", &blob)
+        .expect("push");
+    assert_eq!(
+        p["results"][0]["written"]["sha256"],
+        json!(sha256_hex(&blob)),
+        "{p}"
+    );
+    let (sha, back) = d
+        .api
+        .get_bytes(
+            &format!("/v1/vms/{id}/files?path=/var/tmp/blob"),
+            "x-byteport-sha256",
+        )
+        .expect("get");
+    assert!(back == blob, "the copy read back differs");
+    assert_eq!(sha.as_deref(), Some(sha256_hex(&blob).as_str()));
+
+    d.api.delete("/v1/environments/nossh").expect("delete");
+    d.wait_env(&env_id, "deleted", &[], 120);
+    assert!(d.no_qemu_left(10), "no QEMU left");
+}

@@ -245,9 +245,11 @@ pub(crate) fn exec_ready(v: &vm::Model) -> AppResult<()> {
             "the VM is {state}; exec needs it running"
         )));
     }
-    if !v.has_agent {
+    // Without the agent, the node runs exec over SSH as the image's login
+    // user; an image with neither cannot be reached.
+    if !v.has_agent && v.ssh_user.is_none() {
         return Err(AppError::Conflict(
-            "the VM's image has no guest agent; exec needs one".into(),
+            "the VM's image has no guest agent and no login user for SSH; exec needs one".into(),
         ));
     }
     Ok(())

@@ -719,6 +719,7 @@ pub(crate) fn node_image(i: byteport_store::image::Model) -> AppResult<NodeImage
         cmdline: i.cmdline,
         has_agent: i.has_agent,
         arch: i.arch,
+        login_user: i.login_user,
     })
 }
 

@@ -1808,6 +1808,12 @@ export interface components {
             has_agent: boolean;
             initrd_sha256?: string | null;
             kernel_sha256?: string | null;
+            /**
+             * @description The user its cloud-init makes with the SSH keys (Debian's
+             *     `debian`): the node runs exec over SSH as that user (through
+             *     `sudo`) on an image without the agent.
+             */
+            login_user?: string | null;
             name: components["schemas"]["Name"];
             /** @description Of the disk (or initramfs) file. */
             sha256: string;
