@@ -7,7 +7,7 @@ use crate::Shared;
 use crate::driver::{Driver, files};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use byteport_guest::host::ExecEvent as GuestEvent;
+use byteport_guest::host::{ExecEvent as GuestEvent, GuestConn};
 use byteport_guest::proto::ExecRequest as GuestExec;
 use byteport_types::VmId;
 use byteport_types::node_proto::{FromNode, ToNode};
@@ -167,11 +167,15 @@ fn handle<D: Driver>(
             if let Ok(mut m) = inputs.lock() {
                 m.insert(stream, tx);
             }
-            let conn = shared.guests.lock().ok().and_then(|g| g.get(&vm).cloned());
             let over_ssh = ssh_target(shared, vm);
             let (out, inputs) = (out.clone(), inputs.clone());
             let key = shared.ssh_key.clone();
+            let shared = shared.clone();
             tokio::spawn(async move {
+                let conn = match over_ssh {
+                    Some(_) => None,
+                    None => agent_of(&shared, vm).await,
+                };
                 let end = match (conn, over_ssh, key) {
                     (Some(c), _, _) => {
                         let req = GuestExec {
@@ -369,6 +373,27 @@ async fn console_attach(
                 }
             }
         }
+    }
+}
+
+/// How long an exec waits for a VM's agent connection that is being
+/// made again (the node agent restarted and adopted the VM, or the guest
+/// rebooted) before it fails.
+const AGENT_WAIT: Duration = Duration::from_secs(15);
+
+/// The VM's guest-agent connection; for a VM this node holds whose
+/// connection is not there yet, the one that comes within [`AGENT_WAIT`].
+async fn agent_of<D: Driver>(shared: &Shared<D>, vm: VmId) -> Option<GuestConn> {
+    let deadline = tokio::time::Instant::now() + AGENT_WAIT;
+    loop {
+        if let Some(c) = shared.guests.lock().ok().and_then(|g| g.get(&vm).cloned()) {
+            return Some(c);
+        }
+        let held = shared.reports.lock().is_ok_and(|r| r.contains_key(&vm));
+        if !held || tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
