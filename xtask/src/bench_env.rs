@@ -107,7 +107,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         );
         result.push(format!("sim{n}_create_ms={create:.0}"));
         result.push(format!("sim{n}_exec_ms={:.1}", exec.median));
-        result.push(format!("sim_exec1_ms={:.2}", one.median));
+        result.push(format!("sim{n}_exec1_ms={:.2}", one.median));
     }
     drop(rt);
 
