@@ -40,6 +40,47 @@ impl ImageCache {
         None
     }
 
+    /// The uncompressed kernel (an ELF with a PVH entry) inside a cached
+    /// x86 `bzImage`, made once beside it as `SHA.vmlinux`: QEMU's microvm
+    /// machine boots it directly, without the kernel's own decompression,
+    /// which takes seconds under TCG. `None` (and the bzImage is booted)
+    /// when the payload is not xz, `xz` is missing, or the ELF has no PVH
+    /// note.
+    pub async fn pvh_kernel(&self, bzimage: &Path) -> Option<PathBuf> {
+        let out = bzimage.with_extension("vmlinux");
+        if out.exists() {
+            return Some(out);
+        }
+        let image = tokio::fs::read(bzimage).await.ok()?;
+        let at = find(&image, b"\xfd7zXZ\x00")?;
+        let mut child = tokio::process::Command::new("xz")
+            .args(["--decompress", "--single-stream", "--stdout"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .ok()?;
+        let mut stdin = child.stdin.take()?;
+        let payload = image[at..].to_vec();
+        let feed = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // xz stops reading after the stream: a broken pipe is fine.
+            let _ = stdin.write_all(&payload).await;
+        });
+        let done = child.wait_with_output().await.ok()?;
+        let _ = feed.await;
+        if !done.status.success() || !has_pvh_note(&done.stdout) {
+            tracing::info!(kernel = %bzimage.display(), "no PVH kernel in it; microvm boots the bzImage");
+            return None;
+        }
+        let part = bzimage.with_extension("vmlinux.part");
+        tokio::fs::write(&part, &done.stdout).await.ok()?;
+        tokio::fs::rename(&part, &out).await.ok()?;
+        tracing::info!(kernel = %bzimage.display(), bytes = done.stdout.len(), "uncompressed the kernel for microvm");
+        Some(out)
+    }
+
     /// The local path of a file, downloading and verifying it first if it
     /// is not cached. Concurrent callers for one file download it once.
     pub async fn ensure(
@@ -158,5 +199,35 @@ mod tests {
                     .ends_with(&format!("base-{gib}.qcow2"))
             );
         }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Whether an ELF kernel has the PVH entry note (`Xen`, type 18,
+/// `XEN_ELFNOTE_PHYS32_ENTRY`) that QEMU needs to boot it uncompressed.
+fn has_pvh_note(elf: &[u8]) -> bool {
+    // namesz 4, then descsz, then type 18, then "Xen\0".
+    elf.starts_with(b"\x7fELF")
+        && elf
+            .windows(16)
+            .any(|w| w[0..4] == [4, 0, 0, 0] && w[8..12] == [18, 0, 0, 0] && &w[12..16] == b"Xen\0")
+}
+
+#[cfg(test)]
+mod pvh_tests {
+    use super::*;
+
+    #[test]
+    fn a_pvh_note_is_found_and_its_absence_seen() {
+        let mut elf = b"\x7fELF".to_vec();
+        elf.extend([0u8; 40]);
+        assert!(!has_pvh_note(&elf));
+        elf.extend([4, 0, 0, 0, 8, 0, 0, 0, 18, 0, 0, 0]);
+        elf.extend(b"Xen\0");
+        assert!(has_pvh_note(&elf));
+        assert!(!has_pvh_note(&elf[1..]), "not an ELF");
     }
 }

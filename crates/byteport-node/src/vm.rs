@@ -694,6 +694,13 @@ impl<D: Driver> VmTask<D> {
             if let Some(khz) = crate::driver::qemu::host_tsc_khz() {
                 cmdline.push_str(&format!(" tsc_early_khz={khz}"));
             }
+            // Its kernel uncompressed, booted at its PVH entry: the
+            // bzImage's own decompression is most of a TCG boot.
+            if let Some(k) = &kernel
+                && let Some(v) = s.images.pvh_kernel(k).await
+            {
+                kernel = Some(v);
+            }
         }
         // The NoCloud data source: `nocloud-net`, so that cloud-init runs
         // its network stages (plain `nocloud` skips them).
