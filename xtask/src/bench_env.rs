@@ -130,7 +130,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let mut fan = Vec::new();
     for &n in sizes {
         let name = format!("b{n}");
-        let (ready, exec, one) = real(&d, &name, "tiny", n, o.runs, &[])?;
+        let (ready, exec, one) = real(&d, &name, "tiny", n, o.runs)?;
         println!(
             "real tiny, {n} VMs: env add to ready {ready:.0} ms; env exec p50 {:.1} ms (min {:.1}, max {:.1}); one VM's exec p50 {:.1} ms; ratio {:.2}",
             exec.median,
@@ -268,7 +268,6 @@ fn real(
     image: &str,
     n: usize,
     runs: usize,
-    ssh_keys: &[String],
 ) -> anyhow::Result<(f64, Summary, Summary)> {
     let t0 = Instant::now();
     let e = d
@@ -276,7 +275,7 @@ fn real(
         .post(
             "/v1/environments",
             json!({"name": name, "os_prefixes": [image], "dup_each": n, "vcpus": 1,
-                "memory_mib": 256, "disk_gib": 2, "ssh_keys": ssh_keys}),
+                "memory_mib": 256, "disk_gib": 2}),
         )
         .map_err(anyhow::Error::msg)?;
     let id = e["id"].as_str().context("an id")?.to_owned();
@@ -289,28 +288,41 @@ fn real(
     let one_id = e["vms"][0]["id"].as_str().context("a VM")?.to_owned();
     let (mut fan, mut one) = (Vec::new(), Vec::new());
     for _ in 0..runs + 1 {
-        let t0 = Instant::now();
-        let lines = d
-            .api
-            .post_lines(
-                &format!("/v1/environments/{id}/exec"),
-                json!({"argv": ["true"]}),
-            )
-            .map_err(anyhow::Error::msg)?;
-        fan.push(ms(t0.elapsed()));
-        anyhow::ensure!(
-            succeeded(&lines)? == n as u64,
-            "not every VM answered: {lines:?}"
-        );
+        fan.push(timed_env_true(d, &id, n)?);
         let t0 = Instant::now();
         d.exec(&one_id, &["true"]).map_err(anyhow::Error::msg)?;
         one.push(ms(t0.elapsed()));
     }
+    delete_env(d, &id)?;
+    Ok((ready, Summary::of(&fan[1..]), Summary::of(&one[1..])))
+}
+
+/// ms of one streamed `env exec -- true` on environment `id` to its
+/// `done` line, which must count `n` VMs that exited 0.
+fn timed_env_true(d: &Daemon, id: &str, n: usize) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let lines = d
+        .api
+        .post_lines(
+            &format!("/v1/environments/{id}/exec"),
+            json!({"argv": ["true"]}),
+        )
+        .map_err(anyhow::Error::msg)?;
+    let took = ms(t0.elapsed());
+    anyhow::ensure!(
+        succeeded(&lines)? == n as u64,
+        "not every VM answered: {lines:?}"
+    );
+    Ok(took)
+}
+
+/// Deletes environment `id` and waits until it is gone.
+fn delete_env(d: &Daemon, id: &str) -> anyhow::Result<()> {
     d.api
         .delete(&format!("/v1/environments/{id}"))
         .map_err(anyhow::Error::msg)?;
-    d.wait_env(&id, "deleted", &[], 120);
-    Ok((ready, Summary::of(&fan[1..]), Summary::of(&one[1..])))
+    d.wait_env(id, "deleted", &[], 120);
+    Ok(())
 }
 
 /// Two debian-12 VMs with a fresh key: p50 ms of `env exec -- true`, and
@@ -381,16 +393,7 @@ fn against_ssh(d: &Daemon, runs: usize) -> anyhow::Result<(f64, f64)> {
     }
     let (mut env, mut over_ssh) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let t0 = Instant::now();
-        let lines = d
-            .api
-            .post_lines(
-                &format!("/v1/environments/{id}/exec"),
-                json!({"argv": ["true"]}),
-            )
-            .map_err(anyhow::Error::msg)?;
-        env.push(ms(t0.elapsed()));
-        anyhow::ensure!(succeeded(&lines)? == 2, "not every VM answered: {lines:?}");
+        env.push(timed_env_true(d, &id, 2)?);
         let t0 = Instant::now();
         let children: Vec<_> = targets
             .iter()
@@ -401,9 +404,6 @@ fn against_ssh(d: &Daemon, runs: usize) -> anyhow::Result<(f64, f64)> {
         }
         over_ssh.push(ms(t0.elapsed()));
     }
-    d.api
-        .delete(&format!("/v1/environments/{id}"))
-        .map_err(anyhow::Error::msg)?;
-    d.wait_env(&id, "deleted", &[], 120);
+    delete_env(d, &id)?;
     Ok((Summary::of(&env).median, Summary::of(&over_ssh).median))
 }

@@ -17,7 +17,9 @@
 use super::qemu::{
     AGENT_PORT_NAME, TCG_TB_MIB, binary_for, smbios_type1, user_netdev, write_private,
 };
-use super::{Accel, Driver, DriverError, Instance, LaunchSpec, RunState, files};
+use super::{
+    Accel, Driver, DriverError, Instance, LaunchSpec, RunState, files, live_process_naming,
+};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -237,22 +239,11 @@ fn find_qemu(domain: &str) -> Option<u32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        if is_domain_qemu(pid, &needle) {
+        if live_process_naming(pid, &needle) {
             return Some(pid);
         }
     }
     None
-}
-
-fn is_domain_qemu(pid: u32, needle: &str) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-    !zombie && String::from_utf8_lossy(&cmdline).contains(needle)
 }
 
 /// Why libvirt says a domain ended, from the last `shutting down,
@@ -288,7 +279,7 @@ impl LibvirtInstance {
         let needle = format!("guest={domain},");
         let name = domain.to_owned();
         tokio::spawn(async move {
-            while is_domain_qemu(pid, &needle) {
+            while live_process_naming(pid, &needle) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             // libvirt writes its line once it has reaped the process.

@@ -78,6 +78,19 @@ pub struct LaunchSpec {
     pub accel: Accel,
 }
 
+/// Whether `pid` is a live process (not a zombie) whose command line
+/// holds `needle`: how a driver knows a pid is still its VM's QEMU.
+pub(crate) fn live_process_naming(pid: u32, needle: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    !zombie && String::from_utf8_lossy(&cmdline).contains(needle)
+}
+
 /// Files inside a VM's directory.
 pub mod files {
     pub const QMP: &str = "qmp.sock";

@@ -328,15 +328,7 @@ fn read_tail(path: &Path, max: usize) -> String {
 
 /// Whether `pid` is a live (not zombie) QEMU of the VM in `dir`.
 fn is_our_qemu(pid: u32, dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-    let needle = dir.join(files::QMP).display().to_string();
-    !zombie && String::from_utf8_lossy(&cmdline).contains(&needle)
+    super::live_process_naming(pid, &dir.join(files::QMP).display().to_string())
 }
 
 impl QemuInstance {

@@ -68,6 +68,11 @@ fn check_prefixes(prefixes: &[String]) -> AppResult<()> {
 }
 
 /// The state of an environment from its VMs' states.
+/// The 409 of a change to an environment being deleted.
+fn being_deleted(e: &environment::Model) -> AppError {
+    AppError::Conflict(format!("environment {} is being deleted", e.name))
+}
+
 /// A lifetime in range (60 s to 30 days), or a 400.
 fn check_lifetime(secs: Option<u64>) -> AppResult<Option<u64>> {
     match secs {
@@ -335,6 +340,22 @@ impl App {
         Ok(())
     }
 
+    /// A live environment a member may change, named as the audit
+    /// event's target; a 409 once it is being deleted.
+    async fn env_to_change(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        project: Option<&str>,
+    ) -> AppResult<environment::Model> {
+        let e = self.env_resolve(ctx, key, project, Role::Member).await?;
+        if e.deleted_at.is_some() {
+            return Err(being_deleted(&e));
+        }
+        ctx.target("environment", e.id, Some(ProjectId(e.project_id)));
+        Ok(e)
+    }
+
     /// Changes a live environment: its lifetime, VMs to drop (named, by
     /// image prefix, or those that stopped answering) and every VM's ports
     /// and outbound policy. Everything is checked first; a 400 changes
@@ -346,14 +367,7 @@ impl App {
         project: Option<&str>,
         req: EnvironmentUpdate,
     ) -> AppResult<EnvironmentUpdated> {
-        let e = self.env_resolve(ctx, key, project, Role::Member).await?;
-        if e.deleted_at.is_some() {
-            return Err(AppError::Conflict(format!(
-                "environment {} is being deleted",
-                e.name
-            )));
-        }
-        ctx.target("environment", e.id, Some(ProjectId(e.project_id)));
+        let e = self.env_to_change(ctx, key, project).await?;
         let lifetime = check_lifetime(req.lifetime_secs)?;
         if lifetime.is_some() && req.no_expiry {
             return Err(AppError::bad(
@@ -415,10 +429,7 @@ impl App {
         if lifetime.is_some() || req.no_expiry {
             let at = lifetime.map(|s| Utc::now() + chrono::Duration::seconds(s as i64));
             if !self.store.env_set_expiry(e.id, at).await? {
-                return Err(AppError::Conflict(format!(
-                    "environment {} is being deleted",
-                    e.name
-                )));
+                return Err(being_deleted(&e));
             }
         }
         let vm_ref = |v: &vm::Model| -> AppResult<EnvironmentVmRef> {
@@ -486,14 +497,7 @@ impl App {
         project: Option<&str>,
         action: VmAction,
     ) -> AppResult<EnvironmentAction> {
-        let e = self.env_resolve(ctx, key, project, Role::Member).await?;
-        if e.deleted_at.is_some() {
-            return Err(AppError::Conflict(format!(
-                "environment {} is being deleted",
-                e.name
-            )));
-        }
-        ctx.target("environment", e.id, Some(ProjectId(e.project_id)));
+        let e = self.env_to_change(ctx, key, project).await?;
         let want = match action {
             VmAction::Stop => DesiredState::Stopped,
             _ => DesiredState::Running,
