@@ -17,6 +17,13 @@
 //!    environment of 2 VMs with a key; the same `env exec -- true` beside
 //!    `ssh VM true` to every VM at once (one `ssh` process per VM, as a
 //!    parallel SSH loop does), p50 of the rounds.
+//! 4. **Boot per engine and architecture**: one `tiny` VM at a time, from
+//!    `POST /v1/vms` to `running` (the node says so once the guest agent
+//!    is ready), deleted after; each round boots it under `qemu` (`pc`,
+//!    the baseline), `microvm` and `libvirt` (a private libvirtd, when
+//!    libvirt is installed) on x86_64, and `tiny-aarch64` emulated on
+//!    `virt`, one after the other so that load hits them alike. p50 of
+//!    the rounds, and each against `qemu`.
 //!
 //! Prints each figure, the ratios and a `RESULT` line. Options:
 //! `--quick`, `--runs N` (default 10; 4 with `--quick`), `--no-build`,
@@ -24,7 +31,7 @@
 
 use crate::bench_boot::Summary;
 use anyhow::{Context, bail};
-use byteport_testkit::daemon::{Daemon, image_or_skip};
+use byteport_testkit::daemon::{Daemon, Libvirtd, image_or_skip};
 use byteport_testkit::{SimNode, TestServer};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -117,7 +124,12 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     };
     let bin = crate::release_daemon(root, o.build, o.bin.clone())?;
     println!("daemon: {}", bin.display());
-    let d = Daemon::start(&bin);
+    // libvirtd for part 4, when libvirt is installed.
+    let libvirtd = Libvirtd::start("bench env (the libvirt engine)");
+    let d = match &libvirtd {
+        Some(lv) => Daemon::start_with_env(&bin, &[("BYTEPORT_LIBVIRT_URI", &lv.uri)]),
+        None => Daemon::start(&bin),
+    };
     d.import_tiny(&tiny);
     d.api
         .put(
@@ -171,8 +183,79 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
             println!("SKIP: SSH comparison: build debian-12 (cargo xtask image build debian-12)")
         }
     }
+    // 4. Boot to agent ready, per engine and architecture.
+    let mut kinds: Vec<(&str, &str, &str)> =
+        vec![("qemu", "tiny", "qemu"), ("microvm", "tiny", "microvm")];
+    if libvirtd.is_some() {
+        kinds.push(("libvirt", "tiny", "libvirt"));
+    } else {
+        println!("SKIP: boot under libvirt: libvirt is not installed");
+    }
+    match image_or_skip("tiny-aarch64", "bench env (aarch64 boot)") {
+        Some(img) => {
+            d.import_image(&img);
+            kinds.push(("aarch64", "tiny-aarch64", "qemu"));
+        }
+        None => println!("SKIP: aarch64 boot: cargo xtask image build tiny-aarch64"),
+    }
+    let boots = boot_per_engine(&d, &kinds, if o.quick { 2 } else { 5 })?;
+    let base = boots[0].1.median;
+    for (label, b) in &boots {
+        println!(
+            "boot to agent ready, tiny under {label}: p50 {:.0} ms (min {:.0}, max {:.0}); {:.2}x qemu's",
+            b.median,
+            b.min,
+            b.max,
+            b.median / base
+        );
+        result.push(format!("boot_{label}_ms={:.0}", b.median));
+    }
     println!("RESULT {}", result.join(" "));
+    drop(d);
+    drop(libvirtd);
     Ok(())
+}
+
+/// `rounds` boots of one VM per `(label, image, engine)`, interleaved:
+/// ms from the create to `running`, summarised per kind.
+fn boot_per_engine(
+    d: &Daemon,
+    kinds: &[(&str, &str, &str)],
+    rounds: usize,
+) -> anyhow::Result<Vec<(String, Summary)>> {
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    // Round 0 warms each image's cache on the node (and microvm's
+    // unpacked kernel): not counted.
+    for round in 0..=rounds {
+        for (k, (label, image, engine)) in kinds.iter().enumerate() {
+            let t0 = Instant::now();
+            let v = d
+                .api
+                .post(
+                    "/v1/vms",
+                    json!({"name": format!("boot-{label}-{round}"), "image": image,
+                        "engine": engine, "vcpus": 1, "memory_mib": 256, "disk_gib": 1}),
+                )
+                .map_err(anyhow::Error::msg)?;
+            let id = v["id"].as_str().context("an id")?.to_owned();
+            d.wait(&id, "running", 300)
+                .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+            let took = ms(t0.elapsed());
+            if round > 0 {
+                times[k].push(took);
+            }
+            d.api
+                .delete(&format!("/v1/vms/{id}"))
+                .map_err(anyhow::Error::msg)?;
+            d.wait(&id, "deleted", 120)
+                .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+        }
+    }
+    Ok(kinds
+        .iter()
+        .zip(times)
+        .map(|((label, _, _), t)| (label.to_string(), Summary::of(&t)))
+        .collect())
 }
 
 /// One environment of `n` VMs on simulated nodes: ms from the create to

@@ -630,6 +630,7 @@ async fn setup(store: &DataStore, fleet: Fleet, vms: usize) -> anyhow::Result<()
                             region: "default".into(),
                             arch: "x86_64".into(),
                             engines: r#"["qemu"]"#.into(),
+                            unavailable_engines: "[]".into(),
                             kvm: true,
                             status: "online".into(),
                             credential_hash: format!("bench-credential-{i}"),

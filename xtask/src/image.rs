@@ -32,7 +32,7 @@ const CROSS_ROOT: &str = "build/cache/cross-trixie";
 /// Kept in step with `byteport_guest::proto::AGENT_PORT_NAME`.
 const AGENT_PORT_NAME: &str = "org.byteport.agent.0";
 
-const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, tiny-aarch64, debian-12, debian-13, run-shell, run-python, run-node or run-rust)";
+const USAGE: &str = "usage: cargo xtask image build NAME [--out DIR]   (NAME: tiny, tiny-aarch64, debian-12, debian-13, debian-12-aarch64, debian-13-aarch64, run-shell, run-python, run-node or run-rust)";
 
 /// Entry point for `cargo xtask image ...`.
 pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -56,7 +56,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let ctx = Ctx::new(root, &out)?;
     let manifest = match recipe {
         Recipe::Tiny(arch) => build_tiny(&ctx, arch)?,
-        Recipe::Debian(release) => build_debian(&ctx, release)?,
+        Recipe::Debian(release, arch) => build_debian(&ctx, release, arch)?,
         Recipe::Runtime(lang) => build_runtime(&ctx, lang)?,
     };
     println!(
@@ -76,7 +76,7 @@ enum Recipe {
     /// Debian's kernel, busybox and the agent, entirely in an initramfs.
     Tiny(Arch),
     /// Debian (bookworm or trixie) with cloud-init on an ext4 disk.
-    Debian(Release),
+    Debian(Release, Arch),
     /// A run-code runtime: bookworm's minbase and a language's packages on
     /// a read-only ext4 disk, the guest agent as the only service.
     Runtime(Runtime),
@@ -134,14 +134,16 @@ impl Recipe {
         match name {
             "tiny" => Ok(Recipe::Tiny(Arch::X86_64)),
             "tiny-aarch64" => Ok(Recipe::Tiny(Arch::Aarch64)),
-            "debian-12" => Ok(Recipe::Debian(Release::Bookworm)),
-            "debian-13" => Ok(Recipe::Debian(Release::Trixie)),
+            "debian-12" => Ok(Recipe::Debian(Release::Bookworm, Arch::X86_64)),
+            "debian-13" => Ok(Recipe::Debian(Release::Trixie, Arch::X86_64)),
+            "debian-12-aarch64" => Ok(Recipe::Debian(Release::Bookworm, Arch::Aarch64)),
+            "debian-13-aarch64" => Ok(Recipe::Debian(Release::Trixie, Arch::Aarch64)),
             "run-shell" => Ok(Recipe::Runtime(Runtime::Shell)),
             "run-python" => Ok(Recipe::Runtime(Runtime::Python)),
             "run-node" => Ok(Recipe::Runtime(Runtime::Node)),
             "run-rust" => Ok(Recipe::Runtime(Runtime::Rust)),
             other => bail!(
-                "unknown image {other:?}; known images: tiny, tiny-aarch64, debian-12, debian-13, run-shell, run-python, run-node, run-rust"
+                "unknown image {other:?}; known images: tiny, tiny-aarch64, debian-12, debian-13, debian-12-aarch64, debian-13-aarch64, run-shell, run-python, run-node, run-rust"
             ),
         }
     }
@@ -162,10 +164,15 @@ impl Release {
         }
     }
 
-    fn image_name(self) -> &'static str {
-        match self {
+    /// `debian-12`, and `debian-12-aarch64` for another architecture.
+    fn image_name(self, arch: Arch) -> String {
+        let base = match self {
             Release::Bookworm => "debian-12",
             Release::Trixie => "debian-13",
+        };
+        match arch {
+            Arch::X86_64 => base.to_string(),
+            other => format!("{base}-{}", other.name()),
         }
     }
 }
@@ -411,10 +418,10 @@ struct Unpacked {
     kver: String,
 }
 
-fn unpack_boot_parts(ctx: &Ctx) -> anyhow::Result<Unpacked> {
-    let kernel_deb = ctx.debs.fetch(&ctx.debs.kernel_package(Arch::X86_64)?)?;
-    let busybox_deb = ctx.debs.fetch("busybox-static")?;
-    let agent = build_agent(&ctx.root, Arch::X86_64)?;
+fn unpack_boot_parts(ctx: &Ctx, arch: Arch) -> anyhow::Result<Unpacked> {
+    let kernel_deb = ctx.debs.fetch_for(&ctx.debs.kernel_package(arch)?, arch)?;
+    let busybox_deb = ctx.debs.fetch_for("busybox-static", arch)?;
+    let agent = build_agent(&ctx.root, arch)?;
     let kernel_dir = ctx.work.path().join("kernel");
     let busybox_dir = ctx.work.path().join("busybox");
     extract_deb(&kernel_deb, &kernel_dir)?;
@@ -428,10 +435,10 @@ fn unpack_boot_parts(ctx: &Ctx) -> anyhow::Result<Unpacked> {
     })
 }
 
-/// The `debian-12` recipe; see images/README.md.
-/// The `debian-N` recipes. Both boot the host's (bookworm) kernel, which
-/// runs trixie's userland as well; the root filesystem is the release's.
-fn build_debian(ctx: &Ctx, release: Release) -> anyhow::Result<Manifest> {
+/// The `debian-N` and `debian-N-ARCH` recipes; see images/README.md.
+/// All boot bookworm's kernel of their architecture, which runs trixie's
+/// userland as well; the root filesystem is the release's.
+fn build_debian(ctx: &Ctx, release: Release, arch: Arch) -> anyhow::Result<Manifest> {
     let recipe_dir = ctx.root.join("images/debian");
     for tool in ["debootstrap", "mkfs.ext4", "depmod", "qemu-img"] {
         if crate::which(tool).is_none() {
@@ -443,36 +450,57 @@ fn build_debian(ctx: &Ctx, release: Release) -> anyhow::Result<Manifest> {
         kernel_dir,
         busybox_dir,
         kver,
-    } = unpack_boot_parts(ctx)?;
+    } = unpack_boot_parts(ctx, arch)?;
 
     // The modules the root filesystem gets, staged before the slow part.
     let modules_root = ctx.work.path().join("modules-root");
-    install_modules(
-        &kernel_dir,
-        &kver,
-        &modules_root,
-        &read_list(&recipe_dir.join("modules"))?,
-    )?;
+    let mut modules = read_list(&recipe_dir.join("modules"))?;
+    let extra = recipe_dir.join(format!("modules-{}", arch.name()));
+    if extra.exists() {
+        modules.extend(read_list(&extra)?);
+    }
+    install_modules(&kernel_dir, &kver, &modules_root, &modules)?;
 
     // The root filesystem; debootstrap keeps the packages it fetched.
     let rootfs = ctx.work.path().join("rootfs");
-    let cache = ctx
-        .root
-        .join("build/cache/debootstrap")
-        .join(release.suite());
+    let cache = ctx.root.join("build/cache/debootstrap").join(match arch {
+        Arch::X86_64 => release.suite().to_string(),
+        other => format!("{}-{}", release.suite(), other.deb()),
+    });
     fs::create_dir_all(&cache)?;
     let started = Instant::now();
+    let foreign = arch != Arch::X86_64;
+    let mut cmd = Command::new("debootstrap");
+    cmd.arg("--variant=minbase")
+        .arg(format!("--arch={}", arch.deb()))
+        .arg(format!("--include={}", DEBIAN_PACKAGES.join(",")))
+        .arg(format!("--cache-dir={}", cache.display()));
+    if foreign {
+        // Unpack only: the packages' scripts are the guest's programs.
+        cmd.arg("--foreign");
+    }
     crate::run(
-        Command::new("debootstrap")
-            .arg("--variant=minbase")
-            .arg(format!("--include={}", DEBIAN_PACKAGES.join(",")))
-            .arg(format!("--cache-dir={}", cache.display()))
-            .arg(release.suite())
+        cmd.arg(release.suite())
             .arg(&rootfs)
             .arg(debian_mirror())
             .stdout(Stdio::null()),
     )
     .context("debootstrap (it needs root and Debian's package mirror)")?;
+    if foreign {
+        // The second stage runs the guest's own dpkg and maintainer
+        // scripts, through qemu-user-static.
+        let emulator = Binfmt::register(arch, &rootfs)?;
+        crate::run(
+            Command::new("chroot")
+                .arg(&rootfs)
+                .args(["/debootstrap/debootstrap", "--second-stage"])
+                .env("LC_ALL", "C")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null()),
+        )
+        .context("debootstrap's second stage under qemu-user-static")?;
+        drop(emulator);
+    }
     eprintln!("debootstrap took {:.0} s", started.elapsed().as_secs_f64());
     copy_tree(&recipe_dir.join("files"), &rootfs)?;
     let sbin = rootfs.join("usr/local/sbin");
@@ -480,10 +508,9 @@ fn build_debian(ctx: &Ctx, release: Release) -> anyhow::Result<Manifest> {
     fs::copy(&agent, sbin.join("byteport-guest"))?;
     let wants = rootfs.join("etc/systemd/system/sysinit.target.wants");
     fs::create_dir_all(&wants)?;
-    std::os::unix::fs::symlink(
-        "/etc/systemd/system/byteport-guest.service",
-        wants.join("byteport-guest.service"),
-    )?;
+    for unit in ["byteport-guest.service", "byteport-seed.service"] {
+        std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), wants.join(unit))?;
+    }
     // Debian's /lib is a link to /usr/lib.
     copy_tree(&modules_root.join("lib"), &rootfs.join("usr/lib"))?;
     // Every VM makes its own identity: machine id, SSH host keys (cloud-init
@@ -519,8 +546,8 @@ fn build_debian(ctx: &Ctx, release: Release) -> anyhow::Result<Manifest> {
     )?;
 
     let manifest = Manifest {
-        name: release.image_name().into(),
-        arch: Arch::X86_64,
+        name: release.image_name(arch),
+        arch,
         os_family: "debian".into(),
         os_version,
         kernel_version: kver,
@@ -528,7 +555,7 @@ fn build_debian(ctx: &Ctx, release: Release) -> anyhow::Result<Manifest> {
         boot: "kernel".into(),
         // Classic NIC names: the first one is eth0 on every release, as the
         // network config says (trixie would name it ens3).
-        cmdline: "console=ttyS0 root=/dev/vda net.ifnames=0".into(),
+        cmdline: format!("console={} root=/dev/vda net.ifnames=0", arch.console()),
         has_agent: true,
         // cloud-init's default user in Debian's cloud.cfg.
         login_user: Some("debian".into()),
@@ -556,7 +583,7 @@ fn build_runtime(ctx: &Ctx, rt: Runtime) -> anyhow::Result<Manifest> {
         kernel_dir,
         busybox_dir,
         kver,
-    } = unpack_boot_parts(ctx)?;
+    } = unpack_boot_parts(ctx, Arch::X86_64)?;
 
     let rootfs = ctx.work.path().join("rootfs");
     let cache = ctx.root.join("build/cache/debootstrap/bookworm");
@@ -900,12 +927,8 @@ impl Debs {
         Ok(names)
     }
 
-    /// The .deb of `pkg` for amd64, downloading it if the cache has none.
-    fn fetch(&self, pkg: &str) -> anyhow::Result<PathBuf> {
-        self.fetch_for(pkg, Arch::X86_64)
-    }
-
-    /// The .deb of `pkg` for `arch` (or for all architectures).
+    /// The .deb of `pkg` for `arch` (or for all architectures),
+    /// downloading it if the cache has none.
     fn fetch_for(&self, pkg: &str, arch: Arch) -> anyhow::Result<PathBuf> {
         let find = || -> anyhow::Result<Option<PathBuf>> {
             let prefix = format!("{pkg}_");
@@ -1223,6 +1246,85 @@ fn has_interpreter(elf: &[u8]) -> anyhow::Result<bool> {
         }
     }
     Ok(false)
+}
+
+/// The kernel's binfmt_misc entry that runs `arch`'s programs with
+/// qemu-user-static, for a foreign chroot. Registered from the package's
+/// own `/usr/lib/binfmt.d` line when the host has none, and removed again
+/// on drop, with the mount if this made it: the host is left as it was.
+struct Binfmt {
+    entry: Option<PathBuf>,
+    mounted: bool,
+    /// The emulator copied into the chroot for an entry without the `F`
+    /// flag (its interpreter is then looked up inside the chroot).
+    copied: Option<PathBuf>,
+}
+
+const BINFMT_DIR: &str = "/proc/sys/fs/binfmt_misc";
+
+impl Binfmt {
+    fn register(arch: Arch, chroot: &Path) -> anyhow::Result<Binfmt> {
+        let dir = Path::new(BINFMT_DIR);
+        let mut b = Binfmt {
+            entry: None,
+            mounted: false,
+            copied: None,
+        };
+        if !dir.join("register").exists() {
+            crate::run(
+                Command::new("mount")
+                    .args(["-t", "binfmt_misc", "binfmt_misc"])
+                    .arg(dir),
+            )
+            .context("mounting binfmt_misc (foreign images need it, and root)")?;
+            b.mounted = true;
+        }
+        let name = format!("qemu-{}", arch.name());
+        let entry = dir.join(&name);
+        match fs::read_to_string(&entry) {
+            Ok(text) if text.lines().next() == Some("enabled") => {
+                let flags = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags: "))
+                    .unwrap_or("");
+                if !flags.contains('F') {
+                    let interp = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("interpreter "))
+                        .context("binfmt_misc entry without an interpreter")?;
+                    let inside = chroot.join(interp.trim_start_matches('/'));
+                    fs::create_dir_all(inside.parent().context("interpreter path")?)?;
+                    fs::copy(fs::canonicalize(interp)?, &inside)
+                        .with_context(|| format!("copying {interp} into the chroot"))?;
+                    b.copied = Some(inside);
+                }
+            }
+            _ => {
+                let conf = format!("/usr/lib/binfmt.d/{name}.conf");
+                let line = fs::read_to_string(&conf).with_context(|| {
+                    format!("{conf} is missing: apt-get install qemu-user-static")
+                })?;
+                fs::write(dir.join("register"), line.trim())
+                    .with_context(|| format!("registering {name} with binfmt_misc"))?;
+                b.entry = Some(entry);
+            }
+        }
+        Ok(b)
+    }
+}
+
+impl Drop for Binfmt {
+    fn drop(&mut self) {
+        if let Some(copied) = &self.copied {
+            let _ = fs::remove_file(copied);
+        }
+        if let Some(entry) = &self.entry {
+            let _ = fs::write(entry, "-1");
+        }
+        if self.mounted {
+            let _ = Command::new("umount").arg(BINFMT_DIR).status();
+        }
+    }
 }
 
 fn gzip(src: &Path, dst: &Path) -> anyhow::Result<()> {

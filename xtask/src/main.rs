@@ -175,6 +175,8 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
         "tiny-aarch64",
         "debian-12",
         "debian-13",
+        "debian-12-aarch64",
+        "debian-13-aarch64",
         "run-shell",
         "run-python",
         "run-node",

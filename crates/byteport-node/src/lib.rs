@@ -27,7 +27,8 @@ pub mod vm;
 
 use byteport_guest::host::GuestConn;
 use byteport_types::api::{
-    Capacity, DesiredVm, Engine, Execution, Heartbeat, NodeRegister, OrphanVm, Platform, VmReport,
+    Capacity, DesiredVm, Engine, EngineUnavailable, Execution, Heartbeat, NodeRegister, OrphanVm,
+    Platform, VmReport,
 };
 use byteport_types::vm_state::ObservedState;
 use byteport_types::{Name, NodeId, VmId};
@@ -189,6 +190,8 @@ pub struct Shared<D: Driver> {
     /// The hypervisor engines it has (`qemu`, and `microvm` where its
     /// x86_64 QEMU has that machine).
     pub engines: Vec<String>,
+    /// The engines it lacks, each with why.
+    pub unavailable_engines: Vec<EngineUnavailable>,
     pub vms_dir: PathBuf,
     pub stop_timeout: Duration,
     /// What QEMU runs per guest connection to 10.0.2.254:80: a pipe
@@ -335,6 +338,29 @@ pub async fn detect_engines(qemu: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// Why this node lacks each engine it does not have: `kvm_why` says how
+/// the accelerator was chosen (a KVM probe's failure, say).
+pub fn unavailable_engines(have: &[String], kvm: bool, kvm_why: &str) -> Vec<EngineUnavailable> {
+    Engine::ALL
+        .iter()
+        .filter(|e| !have.iter().any(|h| h == e.as_str()))
+        .map(|e| EngineUnavailable {
+            engine: e.as_str().to_owned(),
+            reason: match e {
+                Engine::Qemu => "QEMU is not installed".into(),
+                Engine::Microvm => "the x86_64 QEMU has no microvm machine".into(),
+                Engine::Libvirt => {
+                    "no libvirt connection (start the node with --libvirt-uri)".into()
+                }
+                Engine::Firecracker if !kvm => {
+                    format!("Firecracker needs KVM, and this host has none that works ({kvm_why})")
+                }
+                Engine::Firecracker => "this node agent has no Firecracker driver yet".into(),
+            },
+        })
+        .collect()
+}
+
 /// Loads the node's identity, or registers with the join token.
 async fn identity(
     cfg: &NodeConfig,
@@ -343,6 +369,7 @@ async fn identity(
     kvm: bool,
     platforms: &[Platform],
     engines: &[String],
+    unavailable: &[EngineUnavailable],
 ) -> Result<Identity, NodeError> {
     let path = cfg.data_dir.join("node.json");
     if let Ok(b) = std::fs::read(&path) {
@@ -363,6 +390,7 @@ async fn identity(
             region: cfg.region.clone(),
             arch: std::env::consts::ARCH.into(),
             engines: engines.to_vec(),
+            unavailable_engines: unavailable.to_vec(),
             kvm,
             capacity: cap,
             platforms: platforms.to_vec(),
@@ -420,8 +448,26 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
     );
     let mut engines = detect_engines(&cfg.qemu_binary).await;
     engines.extend(driver.engines().iter().map(|e| e.as_str().to_owned()));
-    tracing::info!(engines = %engines.join(", "), "engines");
-    let ident = identity(&cfg, &cp, cap, accel == Accel::Kvm, &platforms, &engines).await?;
+    let unavailable = unavailable_engines(&engines, accel == Accel::Kvm, &why);
+    tracing::info!(
+        engines = %engines.join(", "),
+        unavailable = %unavailable
+            .iter()
+            .map(|u| format!("{} ({})", u.engine, u.reason))
+            .collect::<Vec<_>>()
+            .join("; "),
+        "engines"
+    );
+    let ident = identity(
+        &cfg,
+        &cp,
+        cap,
+        accel == Accel::Kvm,
+        &platforms,
+        &engines,
+        &unavailable,
+    )
+    .await?;
     let relay = metadata::bind(&cfg.data_dir, cfg.metadata_port)
         .await
         .map_err(|e| NodeError::Setup(format!("cannot listen for metadata requests: {e}")))?;
@@ -477,6 +523,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         accel,
         platforms,
         engines,
+        unavailable_engines: unavailable,
         vms_dir: cfg.data_dir.join("vms"),
         stop_timeout: cfg.stop_timeout,
         metadata_pipe,
@@ -557,6 +604,7 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
                 .unwrap_or_default(),
             platforms: shared.platforms.clone(),
             engines: shared.engines.clone(),
+            unavailable_engines: Some(shared.unavailable_engines.clone()),
         };
         match cp.heartbeat(ident.id, &ident.credential, hb).await {
             Ok(resp) => {
@@ -726,5 +774,26 @@ fn report_gone<D: Driver>(shared: &Arc<Shared<D>>, id: VmId, want_gen: u64) {
             },
         );
         shared.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_engine_the_node_lacks_is_listed_with_what_it_would_take() {
+        let have = ["qemu".to_string(), "microvm".to_string()];
+        let u = unavailable_engines(&have, false, "TCG: a Linux kernel did not boot under KVM");
+        let names: Vec<&str> = u.iter().map(|e| e.engine.as_str()).collect();
+        assert_eq!(names, ["libvirt", "firecracker"]);
+        assert!(u[0].reason.contains("--libvirt-uri"), "{u:?}");
+        assert!(
+            u[1].reason.contains("needs KVM") && u[1].reason.contains("did not boot under KVM"),
+            "{u:?}"
+        );
+        // With KVM, Firecracker is still not claimed: there is no driver.
+        let u = unavailable_engines(&have, true, "KVM");
+        assert_eq!(u[1].reason, "this node agent has no Firecracker driver yet");
     }
 }

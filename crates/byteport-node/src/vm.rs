@@ -805,6 +805,7 @@ pub(crate) mod tests {
             ),
             accel: crate::driver::Accel::Tcg,
             engines: vec!["qemu".into()],
+            unavailable_engines: Vec::new(),
             platforms: crate::detect_platforms(
                 std::path::Path::new("qemu-system-x86_64"),
                 crate::driver::Accel::Tcg,

@@ -16,6 +16,8 @@ pub struct NodeInventory<Id> {
     pub platforms: Vec<Platform>,
     /// The hypervisor engines it has (`qemu`, `microvm`).
     pub engines: Vec<String>,
+    /// Engines it lacks, each with the reason it gave (engine, reason).
+    pub unavailable: Vec<(String, String)>,
     pub capacity: Resources,
     pub reserved: Resources,
 }
@@ -138,6 +140,7 @@ pub fn place<Id: Clone + PartialEq>(
     let mut eligible = 0usize;
     let mut avoided = 0usize;
     let mut lack_engine = 0usize;
+    let mut why_no_engine: Option<String> = None;
     let mut largest_free = Resources::default();
     let mut largest_on = None;
     for n in nodes {
@@ -149,6 +152,13 @@ pub fn place<Id: Clone + PartialEq>(
         };
         if !n.engines.contains(&req.engine) {
             lack_engine += 1;
+            if why_no_engine.is_none() {
+                why_no_engine = n
+                    .unavailable
+                    .iter()
+                    .find(|(e, _)| *e == req.engine)
+                    .map(|(_, r)| format!(" ({}: {r})", n.name));
+            }
             continue;
         }
         if req.region.as_ref().is_some_and(|r| *r != n.region) {
@@ -191,8 +201,10 @@ pub fn place<Id: Clone + PartialEq>(
             limit,
         },
         None if eligible == 0 && avoided == 0 && lack_engine > 0 => Decision::NoFit(format!(
-            "no online node that runs {} guests has the {} engine",
-            req.arch, req.engine
+            "no online node that runs {} guests has the {} engine{}",
+            req.arch,
+            req.engine,
+            why_no_engine.unwrap_or_default()
         )),
         None if eligible == 0 && avoided > 0 => Decision::NoFit(format!(
             "every one of the {avoided} eligible node(s) already holds a VM of its anti-affinity group"
@@ -227,6 +239,7 @@ mod tests {
             region: "default".into(),
             platforms: vec![Platform::native("x86_64")],
             engines: vec!["qemu".into()],
+            unavailable: Vec::new(),
             capacity: Resources {
                 vcpus: 4,
                 memory_mib: mem,
@@ -354,6 +367,18 @@ mod tests {
         assert_eq!(
             place(&[plain], &micro, Policy::Spread, o),
             Decision::NoFit("no online node that runs x86_64 guests has the microvm engine".into())
+        );
+        // A node that says why it lacks an engine: the reason is passed on.
+        let mut fc = req(512);
+        fc.engine = "firecracker".into();
+        let mut said = node(1, 8192, 0);
+        said.unavailable = vec![("firecracker".into(), "it needs KVM".into())];
+        assert_eq!(
+            place(&[said], &fc, Policy::Spread, o),
+            Decision::NoFit(
+                "no online node that runs x86_64 guests has the firecracker engine (node-1: it needs KVM)"
+                    .into()
+            )
         );
     }
 

@@ -24,6 +24,7 @@ fn fleet() -> impl Strategy<Value = Vec<NodeInventory<usize>>> {
                 region: format!("r{region}"),
                 platforms: vec![Platform::native("x86_64")],
                 engines: vec!["qemu".into()],
+                unavailable: Vec::new(),
                 capacity: Resources {
                     vcpus: cpu,
                     memory_mib: gib * 1024,
@@ -135,6 +136,7 @@ proptest! {
             region: "r0".into(),
             platforms: vec![Platform::native("x86_64")],
                 engines: vec!["qemu".into()],
+                unavailable: Vec::new(),
             capacity: Resources { vcpus: 64, memory_mib: 8 * 1024, disk_gib: 1000 },
             reserved: Resources::default(),
         };

@@ -596,12 +596,7 @@ async fn a_microvm_vm_waits_for_a_node_with_the_engine_and_needs_a_kernel_image(
         assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
         assert_eq!(v["error"]["code"], "engine_unsupported", "{v}");
         let (st, v) = s
-            .call(
-                POST,
-                "/v1/vms",
-                Some(&t),
-                Some(vm("a", "kern", "firecracker")),
-            )
+            .call(POST, "/v1/vms", Some(&t), Some(vm("a", "kern", "xen")))
             .await;
         assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
         assert_eq!(v["error"]["code"], "invalid_body", "{v}");
@@ -642,6 +637,58 @@ async fn a_microvm_vm_waits_for_a_node_with_the_engine_and_needs_a_kernel_image(
             .call(GET, &format!("/v1/nodes/{}", node.id), Some(&t), None)
             .await;
         assert_eq!(n["engines"], json!(["qemu", "microvm"]), "{n}");
+
+        // Firecracker: the node says why it has none, and a VM asking for
+        // it waits with that reason.
+        let why = "Firecracker needs KVM, and this host has none that works";
+        let beat = |unavailable: Value| {
+            let s = &s;
+            let node = &node;
+            async move {
+                s.call(
+                    POST,
+                    &format!("/v1/nodes/{}/heartbeat", node.id),
+                    Some(&node.credential),
+                    Some(json!({"capacity": node.capacity,
+                        "unavailable_engines": unavailable})),
+                )
+                .await
+            }
+        };
+        let (st, hb) = beat(json!([{"engine": "firecracker", "reason": why}])).await;
+        assert_eq!(st, StatusCode::OK, "{hb}");
+        let (_, n) = s
+            .call(GET, &format!("/v1/nodes/{}", node.id), Some(&t), None)
+            .await;
+        assert_eq!(
+            n["unavailable_engines"],
+            json!([{"engine": "firecracker", "reason": why}]),
+            "{n}"
+        );
+        // A reason that is not one line of text is refused, nothing kept.
+        let (st, hb) = beat(json!([{"engine": "firecracker", "reason": "a\nb"}])).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{hb}");
+        let (_, again) = s
+            .call(GET, &format!("/v1/nodes/{}", node.id), Some(&t), None)
+            .await;
+        assert_eq!(again["unavailable_engines"], n["unavailable_engines"]);
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&t),
+                Some(vm("f", "kern", "firecracker")),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        assert_eq!(v["state"], "pending", "{v}");
+        assert_eq!(
+            v["state_reason"],
+            format!(
+                "no online node that runs x86_64 guests has the firecracker engine (n-1: {why})"
+            ),
+            "{v}"
+        );
         // A plain VM still runs under qemu.
         let (st, v) = s
             .call(

@@ -354,6 +354,9 @@ pub mod node {
         /// JSON array of the architectures it runs guests of (`Platform`);
         /// empty: its own `arch` only.
         pub platforms: String,
+        /// JSON array of the engines it lacks, with why
+        /// (`EngineUnavailable`).
+        pub unavailable_engines: String,
     }
     no_relations!();
 }

@@ -93,6 +93,19 @@ pub struct VmFilter {
     pub limit: u64,
 }
 
+/// What one heartbeat records of a node ([`DataStore::node_heartbeat`]):
+/// its capacity and use (vCPUs, MiB, GiB), and, as JSON, its latest VM
+/// figures and what it says it runs; `None` leaves that column as it is.
+#[derive(Clone, Debug, Default)]
+pub struct NodeBeat {
+    pub cap: [i64; 3],
+    pub used: [i64; 3],
+    pub vm_stats: Option<String>,
+    pub platforms: Option<String>,
+    pub engines: Option<String>,
+    pub unavailable_engines: Option<String>,
+}
+
 /// COUNT and the three SUMs (NULL when no rows) of a usage query.
 type UsageSums = (i64, Option<i64>, Option<i64>, Option<i64>);
 
@@ -637,21 +650,24 @@ impl DataStore {
     /// Records a heartbeat: capacity, usage, time, and `online` unless the
     /// node is cordoned. One guarded statement: a cordon that lands while
     /// the heartbeat is served is never overwritten with `online`.
-    pub async fn node_heartbeat(
-        &self,
-        id: Uuid,
-        cap: [i64; 3],
-        used: [i64; 3],
-        vm_stats: Option<String>,
-        platforms: Option<String>,
-        engines: Option<String>,
-    ) -> Result<()> {
+    pub async fn node_heartbeat(&self, id: Uuid, beat: NodeBeat) -> Result<()> {
+        let NodeBeat {
+            cap,
+            used,
+            vm_stats,
+            platforms,
+            engines,
+            unavailable_engines,
+        } = beat;
         let mut u = node::Entity::update_many();
         if let Some(p) = platforms {
             u = u.col_expr(node::Column::Platforms, Expr::value(p));
         }
         if let Some(e) = engines {
             u = u.col_expr(node::Column::Engines, Expr::value(e));
+        }
+        if let Some(e) = unavailable_engines {
+            u = u.col_expr(node::Column::UnavailableEngines, Expr::value(e));
         }
         let res = u
             .col_expr(

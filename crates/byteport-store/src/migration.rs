@@ -22,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0009Runs),
             Box::new(M0010Invites),
             Box::new(M0011Platforms),
+            Box::new(M0012UnavailableEngines),
         ]
     }
 }
@@ -720,5 +721,33 @@ impl MigrationTrait for M0011Platforms {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// The engines each node lacks, and why (Firecracker without KVM, libvirt
+/// without a connection).
+struct M0012UnavailableEngines;
+
+impl MigrationName for M0012UnavailableEngines {
+    fn name(&self) -> &str {
+        "m0012_unavailable_engines"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0012UnavailableEngines {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        use sea_orm::EntityName;
+        m.alter_table(
+            Table::alter()
+                .table(node::Entity.table_ref())
+                .add_column(
+                    text(node::Column::UnavailableEngines)
+                        .default("[]")
+                        .to_owned(),
+                )
+                .to_owned(),
+        )
+        .await
     }
 }

@@ -868,6 +868,27 @@ impl Daemon {
         }
     }
 
+    /// Waits until the guest's agent has reported how cloud-init ended
+    /// (`cloud_init` no longer `running`), and returns the VM; panics with
+    /// its console after `secs`.
+    pub fn wait_cloud_init(&self, id: &str, secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.vm(id);
+            if v["cloud_init"].as_str().is_some_and(|c| c != "running") {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cloud-init did not finish in {secs} s: {v}\nconsole:\n{}",
+                self.api
+                    .get_text(&format!("/v1/vms/{id}/console?bytes=8192"))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
     /// Waits up to `secs` for no QEMU of this daemon to be left, and says
     /// whether none is.
     pub fn no_qemu_left(&self, secs: u64) -> bool {

@@ -967,22 +967,40 @@ pub enum Engine {
     /// QEMU started and driven by libvirtd from a domain XML the node
     /// writes (x86_64 images, on nodes given a libvirt connection).
     Libvirt,
+    /// Firecracker microVMs. It needs KVM, and no node agent has its
+    /// driver yet: nodes list it among their unavailable engines with the
+    /// reason, and a VM asking for it stays pending, saying so.
+    Firecracker,
 }
 
 impl Engine {
-    pub const ALL: &[Engine] = &[Engine::Qemu, Engine::Microvm, Engine::Libvirt];
+    pub const ALL: &[Engine] = &[
+        Engine::Qemu,
+        Engine::Microvm,
+        Engine::Libvirt,
+        Engine::Firecracker,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Engine::Qemu => "qemu",
             Engine::Microvm => "microvm",
             Engine::Libvirt => "libvirt",
+            Engine::Firecracker => "firecracker",
         }
     }
 
     pub fn parse(s: &str) -> Option<Engine> {
         Engine::ALL.iter().copied().find(|e| e.as_str() == s)
     }
+}
+
+/// An engine a node does not have, and why (what it would take).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EngineUnavailable {
+    pub engine: String,
+    pub reason: String,
 }
 
 /// An architecture a node runs guests of, and how.
@@ -1004,6 +1022,8 @@ pub struct Node {
     /// The architectures it runs guests of, and how (its own first).
     pub platforms: Vec<Platform>,
     pub engines: Vec<String>,
+    /// The engines it does not have, each with the reason.
+    pub unavailable_engines: Vec<EngineUnavailable>,
     pub kvm: bool,
     /// `online`, `offline` or `cordoned`.
     pub status: String,
@@ -1046,6 +1066,9 @@ pub struct NodeRegister {
     pub arch: String,
     #[serde(default)]
     pub engines: Vec<String>,
+    /// The engines it does not have, and why.
+    #[serde(default)]
+    pub unavailable_engines: Vec<EngineUnavailable>,
     #[serde(default)]
     pub kvm: bool,
     pub capacity: Capacity,
@@ -1117,6 +1140,9 @@ pub struct Heartbeat {
     /// The engines it has now; unchanged when empty.
     #[serde(default)]
     pub engines: Vec<String>,
+    /// The engines it does not have now, and why; unchanged when absent.
+    #[serde(default)]
+    pub unavailable_engines: Option<Vec<EngineUnavailable>>,
 }
 
 /// A VM a node holds that the control plane does not know (its answer to a

@@ -27,25 +27,6 @@ fn ssh_keygen(dir: &Path) -> (std::path::PathBuf, String) {
     (key, public.trim().to_owned())
 }
 
-/// Waits until the guest's agent has reported how cloud-init ended.
-fn cloud_init_outcome(d: &Daemon, id: &str, secs: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let v = d.vm(id);
-        if v["cloud_init"].as_str().is_some_and(|c| c != "running") {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cloud-init did not finish in {secs} s: {v}\nconsole:\n{}",
-            d.api
-                .get_text(&format!("/v1/vms/{id}/console?bytes=8192"))
-                .unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
-}
-
 #[test]
 fn cloud_init_configures_a_debian_vm_from_the_metadata_service_and_ssh_works() {
     let Some(img) = image_or_skip("debian-12", "cloud-init") else {
@@ -121,7 +102,7 @@ fn configures_and_ssh_works(d: &Daemon, img: &Path, metadata_addr: &str, ssh_hos
         .unwrap()
         .0;
     assert!(serial.starts_with("ds=nocloud-net;s=http://"), "{serial}");
-    let v = cloud_init_outcome(d, &id, BOOT_SECS);
+    let v = d.wait_cloud_init(&id, BOOT_SECS);
     if v["cloud_init"] != "done" {
         // What cloud-init itself says went wrong.
         let said = |argv: &[&str]| {
@@ -256,7 +237,7 @@ fn an_environment_of_debian_releases_runs_each_releases_own_cloud_init() {
         .collect();
     assert_eq!(ids.len(), 2, "{e}");
     for id in &ids {
-        let v = cloud_init_outcome(&d, id, BOOT_SECS);
+        let v = d.wait_cloud_init(id, BOOT_SECS);
         // trixie's cloud-init finishes with one error: its resizefs
         // module fails to grow the root filesystem (docs/platforms.md);
         // the user-data is applied all the same (checked below).

@@ -4,7 +4,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 // The dashboard against a stubbed API: what it shows while loading, with
 // data, and when the API refuses.
 const node = {
-	id: 'n1', name: 'node-1', region: 'default', arch: 'x86_64', engines: ['qemu'], kvm: false,
+	id: 'n1', name: 'node-1', region: 'default', arch: 'x86_64', engines: ['qemu'], unavailable_engines: [], kvm: false,
 	status: 'online', capacity: { vcpus: 4, memory_mib: 8192, disk_gib: 100 },
 	usage: { vcpus: 1, memory_mib: 1024, disk_gib: 1 }, reserved: { vcpus: 3, memory_mib: 2048, disk_gib: 10 },
 	last_heartbeat_at: new Date().toISOString(), created_at: new Date().toISOString()

@@ -68,6 +68,14 @@ pub(super) fn run(env: &Env, cmd: NodeCmd) -> Result<()> {
                         .join(", "),
                 ),
                 ("engines", n.engines.join(",")),
+                (
+                    "unavailable",
+                    n.unavailable_engines
+                        .iter()
+                        .map(|u| format!("{} ({})", u.engine, u.reason))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
                 ("kvm", n.kvm.to_string()),
                 ("capacity", cap(&n.capacity)),
                 ("in use", cap(&n.usage)),

@@ -98,6 +98,10 @@ impl Driver for Engines {
                 )),
             },
             Engine::Qemu | Engine::Microvm => self.qemu.start(spec).await.map(EngineInstance::Qemu),
+            // Never placed here: no node lists it among its engines.
+            Engine::Firecracker => Err(DriverError::Failed(
+                "this node agent has no Firecracker driver".into(),
+            )),
         }
     }
 

@@ -60,6 +60,7 @@ pub struct LaunchSpec {
     pub ports: Vec<PortForward>,
     /// The SMBIOS serial number (the metadata data source), if any; QEMU
     /// reads it from a file in the VM's directory, never its arguments.
+    /// On aarch64 it goes to the guest as a fw_cfg file instead.
     pub smbios_serial: Option<String>,
     /// The program (and its arguments) QEMU runs for each guest connection
     /// to the metadata address under user-mode networking; its standard
@@ -103,7 +104,14 @@ pub mod files {
     pub const STATE: &str = "vm.json";
     /// The SMBIOS type 1 table (owner-only: its serial holds the token).
     pub const SMBIOS: &str = "smbios.bin";
+    /// The same serial as a fw_cfg file, for boards without SMBIOS tables
+    /// (aarch64 `virt` booted without firmware); owner-only too.
+    pub const SEED: &str = "seed.fwcfg";
 }
+
+/// The fw_cfg name the seed goes under; the debian images' byteport-seed
+/// reads it from /sys/firmware/qemu_fw_cfg.
+pub const SEED_FW_CFG: &str = "opt/org.byteport/seed";
 
 /// What a VM's hypervisor reports.
 #[derive(Clone, Debug, PartialEq, Eq)]

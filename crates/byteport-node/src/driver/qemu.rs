@@ -8,7 +8,7 @@
 //! `system_powerdown` (ACPI); reset = `system_reset`; kill = QMP `quit`,
 //! then SIGKILL if the process is still there after a few seconds.
 
-use super::{Accel, Driver, DriverError, Instance, LaunchSpec, RunState, files};
+use super::{Accel, Driver, DriverError, Instance, LaunchSpec, RunState, SEED_FW_CFG, files};
 use byteport_qmp::Qmp;
 use byteport_types::api::Engine;
 use std::path::{Path, PathBuf};
@@ -221,12 +221,20 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         "-mon",
         "chardev=qmp0,mode=control",
     ]);
-    // microvm has no firmware to hand SMBIOS tables to the guest.
+    // From a file the node writes (see `smbios_type1`): the serial holds
+    // the VM's metadata token, which a command line would show to every
+    // user of the host. microvm has no firmware to hand SMBIOS tables to
+    // the guest; neither has `virt` booting a kernel directly, which gets
+    // the serial in a fw_cfg file instead.
     if spec.smbios_serial.is_some() && !micro {
-        // From a file the node writes (see `smbios_type1`): the serial
-        // holds the VM's metadata token, which a command line would show
-        // to every user of the host.
-        push(&["-smbios", &format!("file={}", d(files::SMBIOS))]);
+        if arm {
+            push(&[
+                "-fw_cfg",
+                &format!("name={SEED_FW_CFG},file={}", d(files::SEED)),
+            ]);
+        } else {
+            push(&["-smbios", &format!("file={}", d(files::SMBIOS))]);
+        }
     }
     push(&["-pidfile", &d(files::PIDFILE)]);
     // seccomp: QEMU's own filter, obsolete system calls denied. Spawning
@@ -506,6 +514,8 @@ impl Driver for QemuDriver {
                 &smbios_type1(serial, spec.uuid),
             )
             .map_err(DriverError::io("cannot write the VM's SMBIOS table"))?;
+            write_private(&spec.dir.join(files::SEED), serial.as_bytes())
+                .map_err(DriverError::io("cannot write the VM's fw_cfg seed"))?;
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -741,6 +751,17 @@ mod tests {
                 ]),
             "{arm:?}"
         );
+        // No SMBIOS on `virt` without firmware: the seed is a fw_cfg file.
+        assert!(!arm.contains(&"-smbios".to_string()), "{arm:?}");
+        assert!(
+            arm.windows(2).any(|w| w
+                == [
+                    "-fw_cfg",
+                    "name=opt/org.byteport/seed,file=/vms/a/seed.fwcfg"
+                ]),
+            "{arm:?}"
+        );
+        assert!(!arm.iter().any(|x| x.contains("t,x")), "{arm:?}");
     }
 
     #[test]

@@ -8,9 +8,9 @@ use super::{Actor, App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{Observation, Release, join_token, node};
 use byteport_types::api::{
-    BootMode, Capacity, CloudInit, DesiredVm, Egress, Engine, Execution, Heartbeat,
-    HeartbeatResponse, JoinToken, JoinTokenCreate, Node, NodeImage, NodeRegister, NodeRegistered,
-    OrphanAdopt, OrphanVm, Platform, Vm,
+    BootMode, Capacity, CloudInit, DesiredVm, Egress, Engine, EngineUnavailable, Execution,
+    Heartbeat, HeartbeatResponse, JoinToken, JoinTokenCreate, Node, NodeImage, NodeRegister,
+    NodeRegistered, OrphanAdopt, OrphanVm, Platform, Vm,
 };
 use byteport_types::node_proto::{FromNode, ToNode};
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmState};
@@ -86,6 +86,37 @@ fn engines_json(engines: &[String]) -> AppResult<String> {
     serde_json::to_string(engines).map_err(AppError::internal)
 }
 
+/// The engines node `n` lacks, with why, as it last said.
+pub(crate) fn node_unavailable_engines(n: &node::Model) -> Vec<EngineUnavailable> {
+    serde_json::from_str(&n.unavailable_engines).unwrap_or_default()
+}
+
+/// At most this long, each reason a node gives for lacking an engine.
+const MAX_REASON: usize = 300;
+
+/// A node's unavailable engines as stored: known words, a short reason.
+fn unavailable_json(u: &[EngineUnavailable]) -> AppResult<String> {
+    if u.len() > 8 {
+        return Err(AppError::bad(
+            "invalid_engines",
+            "at most 8 unavailable engines",
+        ));
+    }
+    for e in u {
+        super::catalog::check_word("unavailable_engines[].engine", &e.engine)?;
+        if e.reason.len() > MAX_REASON || e.reason.chars().any(char::is_control) {
+            return Err(AppError::bad(
+                "invalid_engines",
+                format!(
+                    "the reason for {} must be at most {MAX_REASON} bytes of text",
+                    e.engine
+                ),
+            ));
+        }
+    }
+    serde_json::to_string(u).map_err(AppError::internal)
+}
+
 /// At most this many architectures per node.
 const MAX_PLATFORMS: usize = 16;
 
@@ -118,6 +149,7 @@ pub(crate) fn node_view(n: &node::Model) -> AppResult<Node> {
         arch: n.arch.clone(),
         platforms: node_platforms(n),
         engines: node_engines(n),
+        unavailable_engines: node_unavailable_engines(n),
         kvm: n.kvm,
         status: n.status.clone(),
         capacity: Capacity {
@@ -205,6 +237,7 @@ impl App {
                     region: req.region,
                     arch: req.arch,
                     engines: engines_json(&req.engines)?,
+                    unavailable_engines: unavailable_json(&req.unavailable_engines)?,
                     kvm: req.kvm,
                     status: "online".into(),
                     credential_hash: hash_secret(&credential),
@@ -308,22 +341,29 @@ impl App {
             networks: std::mem::take(&mut hb.networks),
             orphans: std::mem::take(&mut hb.orphans),
         };
+        let unavailable_engines = match &hb.unavailable_engines {
+            Some(u) => Some(unavailable_json(u)?),
+            None => None,
+        };
         self.store
             .node_heartbeat(
                 node_id.0,
-                [
-                    i64::from(hb.capacity.vcpus),
-                    hb.capacity.memory_mib as i64,
-                    hb.capacity.disk_gib as i64,
-                ],
-                [
-                    i64::from(hb.usage.vcpus),
-                    hb.usage.memory_mib as i64,
-                    hb.usage.disk_gib as i64,
-                ],
-                Some(serde_json::to_string(&stats).map_err(AppError::internal)?),
-                platforms,
-                engines,
+                byteport_store::NodeBeat {
+                    cap: [
+                        i64::from(hb.capacity.vcpus),
+                        hb.capacity.memory_mib as i64,
+                        hb.capacity.disk_gib as i64,
+                    ],
+                    used: [
+                        i64::from(hb.usage.vcpus),
+                        hb.usage.memory_mib as i64,
+                        hb.usage.disk_gib as i64,
+                    ],
+                    vm_stats: Some(serde_json::to_string(&stats).map_err(AppError::internal)?),
+                    platforms,
+                    engines,
+                    unavailable_engines,
+                },
             )
             .await?;
         // One read of what the node holds serves every report and, when

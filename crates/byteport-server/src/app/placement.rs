@@ -36,6 +36,10 @@ pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
             })
             .collect(),
         engines: super::nodes::node_engines(n),
+        unavailable: super::nodes::node_unavailable_engines(n)
+            .into_iter()
+            .map(|u| (u.engine, u.reason))
+            .collect(),
         capacity: Resources {
             vcpus: n.cap_vcpus,
             memory_mib: n.cap_memory_mib,

@@ -1273,7 +1273,12 @@ export interface components {
          * @description How a node runs a VM's hypervisor.
          * @enum {string}
          */
-        Engine: "qemu" | "microvm" | "libvirt";
+        Engine: "qemu" | "microvm" | "libvirt" | "firecracker";
+        /** @description An engine a node does not have, and why (what it would take). */
+        EngineUnavailable: {
+            engine: string;
+            reason: string;
+        };
         /** @description An environment and its VMs. */
         Environment: {
             /** Format: date-time */
@@ -1604,6 +1609,8 @@ export interface components {
              *     emulator since it registered); unchanged when empty.
              */
             platforms?: components["schemas"]["Platform"][];
+            /** @description The engines it does not have now, and why; unchanged when absent. */
+            unavailable_engines?: components["schemas"]["EngineUnavailable"][] | null;
             usage?: components["schemas"]["Capacity"];
             /** @description Host-side figures of the VMs with a running process. */
             vm_stats?: components["schemas"]["VmStats"][];
@@ -1789,6 +1796,8 @@ export interface components {
             reserved: components["schemas"]["Capacity"];
             /** @description `online`, `offline` or `cordoned`. */
             status: string;
+            /** @description The engines it does not have, each with the reason. */
+            unavailable_engines: components["schemas"]["EngineUnavailable"][];
             /** @description What the node reported in use. */
             usage: components["schemas"]["Capacity"];
         };
@@ -1845,6 +1854,8 @@ export interface components {
              */
             platforms?: components["schemas"]["Platform"][];
             region?: string;
+            /** @description The engines it does not have, and why. */
+            unavailable_engines?: components["schemas"]["EngineUnavailable"][];
         };
         /** @description The node's own credential, shown once; it authenticates heartbeats. */
         NodeRegistered: {
