@@ -9,7 +9,8 @@
 //! Recipes: `tiny` (Debian kernel + busybox + agent, all in the initramfs)
 //! and `debian-12` (a debootstrap root with cloud-init and the agent as a
 //! service, packed as an ext4 qcow2, booted by Debian's kernel and a busybox
-//! initramfs that mounts it).
+//! initramfs that mounts it), each also for aarch64 (a foreign debootstrap
+//! finished under qemu-user-static), and the run-code runtimes.
 //!
 //! Every external tool runs as an argument vector, never through a shell.
 
@@ -488,7 +489,10 @@ fn build_debian(ctx: &Ctx, release: Release, arch: Arch) -> anyhow::Result<Manif
     .context("debootstrap (it needs root and Debian's package mirror)")?;
     if foreign {
         // The second stage runs the guest's own dpkg and maintainer
-        // scripts, through qemu-user-static.
+        // scripts, through qemu-user-static; it also reads the package
+        // index with an emulated perl several times, over a minute each
+        // on trixie's full one: cut it to the packages being installed.
+        trim_package_index(&rootfs)?;
         let emulator = Binfmt::register(arch, &rootfs)?;
         crate::run(
             Command::new("chroot")
@@ -1246,6 +1250,46 @@ fn has_interpreter(elf: &[u8]) -> anyhow::Result<bool> {
         }
     }
     Ok(false)
+}
+
+/// Cuts the package index a first-stage debootstrap left in `rootfs` to
+/// the stanzas of the packages it unpacked (`debootstrap/debpaths`): all
+/// the second stage looks up. The image drops the lists afterwards anyway.
+fn trim_package_index(rootfs: &Path) -> anyhow::Result<()> {
+    let debpaths = fs::read_to_string(rootfs.join("debootstrap/debpaths"))
+        .context("the first stage left no debootstrap/debpaths")?;
+    let wanted: std::collections::HashSet<&str> = debpaths
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let lists = rootfs.join("var/lib/apt/lists");
+    for entry in fs::read_dir(&lists)? {
+        let path = entry?.path();
+        if !path.to_string_lossy().ends_with("_Packages") {
+            continue;
+        }
+        let text = fs::read_to_string(&path)?;
+        let before = text.len();
+        let kept: Vec<&str> = text
+            .split("\n\n")
+            .filter(|stanza| {
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Package: "))
+                    .is_some_and(|p| wanted.contains(p.trim()))
+            })
+            .collect();
+        let mut out = kept.join("\n\n");
+        out.push_str("\n\n");
+        fs::write(&path, &out)?;
+        eprintln!(
+            "package index cut to {} packages ({} of {} bytes)",
+            kept.len(),
+            out.len(),
+            before
+        );
+    }
+    Ok(())
 }
 
 /// The kernel's binfmt_misc entry that runs `arch`'s programs with
