@@ -1,6 +1,7 @@
 //! Guests of another architecture, for real: an aarch64 `tiny` emulated
 //! by `qemu-system-aarch64` (the `virt` board, TCG) beside an x86_64 one,
-//! in one environment. Skips, saying why, when the images are missing,
+//! in one environment (two of each with `dup_each`), and Debian on both.
+//! Skips, saying why, when the images are missing,
 //! unless `BYTEPORT_REQUIRE_QEMU=1` (set by `cargo xtask test`).
 
 use byteport_testkit::daemon::{Daemon, image_or_skip, sha256_hex, tiny_or_skip};
@@ -44,40 +45,56 @@ fn an_environment_across_architectures_answers_from_each_guest_in_its_own() {
         "{nodes}"
     );
 
-    // One VM per (image, architecture).
+    // Two VMs (`--dup-each 2`) per (image, architecture).
     let e = d
         .api
         .post(
             "/v1/environments",
             json!({"name": "matrix", "os_prefixes": ["tiny"], "archs": ["x86_64", "aarch64"],
-                   "vcpus": 1, "memory_mib": 256, "disk_gib": 1}),
+                   "dup_each": 2, "vcpus": 1, "memory_mib": 256, "disk_gib": 1}),
         )
         .expect("create the environment");
     let id = e["id"].as_str().expect("an id").to_owned();
     let e = d.wait_env(&id, "ready", &["degraded"], BOOT_SECS);
     let vms = e["vms"].as_array().expect("vms");
     let names: Vec<&str> = vms.iter().map(|v| v["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["matrix-tiny", "matrix-tiny-aarch64"]);
+    assert_eq!(
+        names,
+        [
+            "matrix-tiny-1",
+            "matrix-tiny-2",
+            "matrix-tiny-aarch64-1",
+            "matrix-tiny-aarch64-2"
+        ]
+    );
     for v in vms {
         assert_eq!(v["execution"], "emulated", "TCG on this host: {v}");
     }
-    assert_eq!(vms[1]["arch"], "aarch64");
+    assert_eq!(vms[2]["arch"], "aarch64");
 
-    // The same command on both: each answers with its own architecture
-    // and its own kernel's.
+    // The same command on all four: each answers with its own
+    // architecture, and each copy is a guest of its own (its boot id).
     let r = d
         .api
         .post(
             "/v1/environments/matrix/run",
-            json!({"argv": ["sh", "-c", "uname -m; grep -c ^processor /proc/cpuinfo"]}),
+            json!({"argv": ["sh", "-c", "uname -m; cat /proc/sys/kernel/random/boot_id"]}),
         )
         .expect("run");
     let results = r["results"].as_array().expect("results");
-    assert_eq!(results.len(), 2, "{r}");
-    for (res, arch) in results.iter().zip(["x86_64", "aarch64"]) {
+    assert_eq!(results.len(), 4, "{r}");
+    let mut boot_ids = std::collections::HashSet::new();
+    for (res, arch) in results
+        .iter()
+        .zip(["x86_64", "x86_64", "aarch64", "aarch64"])
+    {
         assert_eq!(res["exit_code"], 0, "{r}");
         let out = res["stdout"].as_str().unwrap();
         assert_eq!(out.lines().next(), Some(arch), "{r}");
+        assert!(
+            boot_ids.insert(out.lines().nth(1).map(str::to_owned)),
+            "{r}"
+        );
     }
 
     // A 10 MiB file to both guests, and back from each, byte for byte.
@@ -90,7 +107,7 @@ fn an_environment_across_architectures_answers_from_each_guest_in_its_own() {
         .put_bytes("/v1/environments/matrix/files?path=/tmp/blob", &blob)
         .expect("push");
     let results = r["results"].as_array().expect("results");
-    assert_eq!(results.len(), 2, "{r}");
+    assert_eq!(results.len(), 4, "{r}");
     for res in results {
         assert_eq!(res["error"], json!(null), "{r}");
         assert_eq!(res["written"]["sha256"], json!(sha), "{r}");
@@ -129,7 +146,7 @@ fn an_environment_across_architectures_answers_from_each_guest_in_its_own() {
 
     // The aarch64 guest powers off on the `virt` board's power button
     // (a GPIO key, not ACPI) and comes back.
-    let arm_id = vms[1]["id"].as_str().unwrap().to_owned();
+    let arm_id = vms[2]["id"].as_str().unwrap().to_owned();
     d.api
         .post(&format!("/v1/vms/{arm_id}/stop"), json!({}))
         .expect("stop");
