@@ -685,6 +685,67 @@ async fn pagination_walks_every_vm_once() {
     }
 }
 
+/// What the list says of a VM is what `GET /v1/vms/{id}` says, field for
+/// field, whatever the VM holds: pending or placed, with labels, keys,
+/// user-data, ports, an engine, in an environment or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_list_entry_is_the_vm_field_for_field() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let t = s.admin.clone();
+        let bodies = [
+            json!({"name": "plain", "image": "tiny", "flavor": "m1.tiny"}),
+            json!({"name": "full", "image": "tiny", "vcpus": 1, "memory_mib": 512, "disk_gib": 2,
+                "hostname": "full-host", "labels": {"tier": "web", "team": "a"},
+                "ssh_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx0ZXN0a2V5dGVzdGtleXRlc3RrZXl0ZXN0 t@h"],
+                "user_data": "#cloud-config\nruncmd: [[true]]\n", "ports": [80, 8080],
+                "egress": "deny", "engine": "libvirt"}),
+        ];
+        for body in bodies {
+            let (st, v) = s.call(POST, "/v1/vms", Some(&t), Some(body)).await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        }
+        // One placed on a node and reported running.
+        let node = SimNode::join(&s, "n-1", 8192).await;
+        let (st, v) = create_vm(&s, &t, "default", "placed").await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        let placed = v["id"].as_str().unwrap().to_owned();
+        let (st, _) = node.report(&s, &[(&placed, "running", 1, 1)]).await;
+        assert_eq!(st, StatusCode::OK);
+        // And the VMs of an environment.
+        let (st, e) = s
+            .call(
+                POST,
+                "/v1/environments",
+                Some(&t),
+                Some(json!({"name": "env", "os_prefixes": ["tiny"], "flavor": "m1.tiny"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+
+        let (st, list) = s.call(GET, "/v1/vms?limit=100", Some(&t), None).await;
+        assert_eq!(st, StatusCode::OK, "{list}");
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items.len(), 4, "{list}");
+        for item in items {
+            let id = item["id"].as_str().unwrap();
+            let (st, one) = s.call(GET, &format!("/v1/vms/{id}"), Some(&t), None).await;
+            assert_eq!(st, StatusCode::OK, "{one}");
+            assert_eq!(item, &one, "the list entry of {} differs", item["name"]);
+        }
+        // The figures asserted above are the VM's, not blanks.
+        let full = items.iter().find(|v| v["name"] == "full").unwrap();
+        assert_eq!(full["has_user_data"], true, "{full}");
+        assert_eq!(full["labels"]["tier"], "web", "{full}");
+        assert_eq!(full["engine"], "libvirt", "{full}");
+        assert!(
+            full.get("user_data").is_none(),
+            "no user-data in a VM: {full}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn quota_is_enforced_with_the_numbers() {
     for b in backends() {
