@@ -163,6 +163,88 @@ async fn login_refresh_cookie_and_api_tokens() {
     }
 }
 
+/// Who may do what is decided on each request from the current state: a
+/// member removed from the project gets 404 on the very next request, a
+/// role lowered takes effect at once, and a revoked token is refused, each
+/// right after the same caller was let in (the guard for any cache of
+/// identities and memberships).
+#[tokio::test(flavor = "multi_thread")]
+async fn access_changes_take_effect_on_the_next_request() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let member = s.user("member").await;
+        s.project("alpha", &[("member", "member")]).await;
+        let (st, vm) = create_vm(&s, &s.admin, "alpha", "target").await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{vm}");
+        let show = format!("/v1/vms/{}", vm["id"].as_str().unwrap());
+        let create = |name: &str| json!({"name": name, "project": "alpha", "image": "tiny", "flavor": "m1.tiny"});
+
+        // A member: lets in, twice.
+        for _ in 0..2 {
+            let (st, v) = s.call(GET, &show, Some(&member), None).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+        }
+        let (st, v) = s
+            .call(POST, "/v1/vms", Some(&member), Some(create("by-member")))
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        // Lowered to viewer: reads still, creates no more.
+        let (st, v) = s
+            .call(
+                PUT,
+                "/v1/projects/alpha/members/member",
+                Some(&s.admin),
+                Some(json!({"role": "viewer"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let (st, v) = s
+            .call(POST, "/v1/vms", Some(&member), Some(create("by-viewer")))
+            .await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+        let (st, _) = s.call(GET, &show, Some(&member), None).await;
+        assert_eq!(st, StatusCode::OK);
+        // Removed: the project and its VMs are gone for them at once.
+        let (st, v) = s
+            .call(
+                DELETE,
+                "/v1/projects/alpha/members/member",
+                Some(&s.admin),
+                None,
+            )
+            .await;
+        assert!(st.is_success(), "{st} {v}");
+        let (st, v) = s.call(GET, &show, Some(&member), None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+        let (_, list) = s.call(GET, "/v1/vms", Some(&member), None).await;
+        assert_eq!(list["items"], json!([]), "{list}");
+
+        // A token used a moment ago, then revoked: refused.
+        let (st, t) = s
+            .call(
+                POST,
+                "/v1/tokens",
+                Some(&s.admin),
+                Some(json!({"name": "ci"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{t}");
+        let secret = t["secret"].as_str().unwrap().to_owned();
+        for _ in 0..2 {
+            let (st, _) = s.call(GET, &show, Some(&secret), None).await;
+            assert_eq!(st, StatusCode::OK);
+        }
+        let id = t["token"]["id"].as_str().unwrap();
+        let (st, _) = s
+            .call(DELETE, &format!("/v1/tokens/{id}"), Some(&s.admin), None)
+            .await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        let (st, _) = s.call(GET, &show, Some(&secret), None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+    }
+}
+
 /// Every actor against every route family; each cell is the exact status.
 #[tokio::test(flavor = "multi_thread")]
 async fn authorization_matrix() {
