@@ -221,20 +221,13 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         "-mon",
         "chardev=qmp0,mode=control",
     ]);
-    // From a file the node writes (see `smbios_type1`): the serial holds
-    // the VM's metadata token, which a command line would show to every
-    // user of the host. microvm has no firmware to hand SMBIOS tables to
-    // the guest; neither has `virt` booting a kernel directly, which gets
-    // the serial in a fw_cfg file instead.
-    if spec.smbios_serial.is_some() && !micro {
-        if arm {
-            push(&[
-                "-fw_cfg",
-                &format!("name={SEED_FW_CFG},file={}", d(files::SEED)),
-            ]);
-        } else {
-            push(&["-smbios", &format!("file={}", d(files::SMBIOS))]);
-        }
+    match seed_carrier(spec) {
+        Some(SeedCarrier::Smbios) => push(&["-smbios", &format!("file={}", d(files::SMBIOS))]),
+        Some(SeedCarrier::FwCfg) => push(&[
+            "-fw_cfg",
+            &format!("name={SEED_FW_CFG},file={}", d(files::SEED)),
+        ]),
+        None => {}
     }
     push(&["-pidfile", &d(files::PIDFILE)]);
     // seccomp: QEMU's own filter, obsolete system calls denied. Spawning
@@ -243,6 +236,29 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     // child (`elevateprivileges=deny` kills it there).
     push(&["-sandbox", "on,obsolete=deny"]);
     a
+}
+
+/// How a VM's data source (`smbios_serial`) reaches its guest, always from
+/// a file the node writes: the serial holds the VM's metadata token, which
+/// a command line would show to every user of the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SeedCarrier {
+    /// The PC's SMBIOS tables (see [`smbios_type1`]).
+    Smbios,
+    /// A fw_cfg file: `virt` booting a kernel directly has no firmware,
+    /// so no SMBIOS tables.
+    FwCfg,
+}
+
+/// The carrier of `spec`'s seed; `None` without one, or under microvm,
+/// which has no firmware to hand SMBIOS tables to the guest.
+fn seed_carrier(spec: &LaunchSpec) -> Option<SeedCarrier> {
+    spec.smbios_serial.as_ref()?;
+    match (spec.engine == Engine::Microvm, spec.arch == "aarch64") {
+        (true, _) => None,
+        (false, true) => Some(SeedCarrier::FwCfg),
+        (false, false) => Some(SeedCarrier::Smbios),
+    }
 }
 
 /// An SMBIOS type 1 (System Information) structure in the SMBIOS 2.4
@@ -508,14 +524,16 @@ impl Driver for QemuDriver {
         for f in [files::QMP, files::AGENT, files::CONSOLE, files::PIDFILE] {
             let _ = std::fs::remove_file(spec.dir.join(f));
         }
-        if let Some(serial) = &spec.smbios_serial {
-            write_private(
-                &spec.dir.join(files::SMBIOS),
-                &smbios_type1(serial, spec.uuid),
-            )
-            .map_err(DriverError::io("cannot write the VM's SMBIOS table"))?;
-            write_private(&spec.dir.join(files::SEED), serial.as_bytes())
-                .map_err(DriverError::io("cannot write the VM's fw_cfg seed"))?;
+        if let (Some(serial), Some(carrier)) = (&spec.smbios_serial, seed_carrier(spec)) {
+            match carrier {
+                SeedCarrier::Smbios => write_private(
+                    &spec.dir.join(files::SMBIOS),
+                    &smbios_type1(serial, spec.uuid),
+                )
+                .map_err(DriverError::io("cannot write the VM's SMBIOS table"))?,
+                SeedCarrier::FwCfg => write_private(&spec.dir.join(files::SEED), serial.as_bytes())
+                    .map_err(DriverError::io("cannot write the VM's fw_cfg seed"))?,
+            }
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
