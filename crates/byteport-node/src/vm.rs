@@ -246,6 +246,12 @@ impl<D: Driver> VmTask<D> {
                 || old.network != report.network
         });
         if changed {
+            if reports
+                .get(&self.id)
+                .is_none_or(|old| old.state != report.state)
+            {
+                tracing::info!(vm = %self.id, state = %report.state, applied = report.desired_generation, "VM observed");
+            }
             self.generation = self.shared.generations.next();
             reports.insert(
                 self.id,

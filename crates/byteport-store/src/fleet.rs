@@ -5,10 +5,7 @@
 use crate::{DataStore, Release, Result, StoreError, image, node, vm};
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
 /// A VM's size, as reserved on a node.
@@ -79,7 +76,7 @@ impl DataStore {
         let mut order: Vec<usize> = (0..items.len()).collect();
         order.sort_by_key(|&i| items[i].node_id);
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         for i in order {
             let it = items[i];
             if !shift_reserved(&tx, it.node_id, it.size, Some(it.limit), true).await? {
@@ -138,7 +135,7 @@ impl DataStore {
 
     async fn release(&self, vm_id: Uuid, what: Release) -> Result<bool> {
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         let done = release_on(&tx, vm_id, what).await?;
         tx.commit().await?;
         Ok(done)
@@ -152,7 +149,7 @@ impl DataStore {
         let _w = self.serialize().await;
         let mut repaired = Vec::new();
         for n in node::Entity::find().all(&self.db).await? {
-            let tx = self.db.begin().await?;
+            let tx = self.begin_write().await?;
             // The node's row first: a reservation being shifted in another
             // transaction is either committed before this reads the VMs,
             // or shifts the figure written here after.
@@ -205,7 +202,7 @@ impl DataStore {
     /// not.
     pub async fn vm_reserve_compute(&self, vm_id: Uuid, limit: Size) -> Result<bool> {
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         let Some(v) = vm::Entity::find_by_id(vm_id).one(&tx).await? else {
             return Err(StoreError::NotFound);
         };
@@ -293,7 +290,7 @@ impl DataStore {
             .collect();
         for id in &stale {
             let _w = self.serialize().await;
-            let tx = self.db.begin().await?;
+            let tx = self.begin_write().await?;
             node::Entity::update_many()
                 .col_expr(node::Column::Status, Expr::value("offline"))
                 .filter(node::Column::Id.eq(*id))
@@ -358,7 +355,7 @@ impl DataStore {
     /// Removes a node that holds no VM (not even a stopped one).
     pub async fn node_remove(&self, id: Uuid) -> Result<()> {
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         let held = vm::Entity::find()
             .filter(vm::Column::NodeId.eq(id))
             .filter(vm::Column::DeletedAt.is_null())

@@ -235,6 +235,25 @@ impl DataStore {
         }
     }
 
+    /// Begins a transaction that writes. On SQLite it takes the write lock
+    /// at `BEGIN` (`IMMEDIATE`), waiting out the busy timeout there: a
+    /// deferred transaction that read first and is then beaten to the
+    /// write by another connection fails at once with "database is
+    /// locked", whatever the timeout. PostgreSQL begins as usual.
+    pub(crate) async fn begin_write(&self) -> Result<sea_orm::DatabaseTransaction> {
+        let mode = match self.backend {
+            Backend::Sqlite => Some(sea_orm::SqliteTransactionMode::Immediate),
+            Backend::Postgres => None,
+        };
+        Ok(self
+            .db
+            .begin_with_options(sea_orm::TransactionOptions {
+                sqlite_transaction_mode: mode,
+                ..Default::default()
+            })
+            .await?)
+    }
+
     // ---------- flavors and images ----------
 
     pub async fn flavor_insert(&self, f: flavor::Model) -> Result<flavor::Model> {
@@ -363,7 +382,7 @@ impl DataStore {
             ));
         }
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         lock_project(&tx, project_id).await?;
         let p = project::Entity::find_by_id(project_id)
             .one(&tx)
@@ -572,7 +591,7 @@ impl DataStore {
             return Ok(u.exec(&self.db).await?.rows_affected == 1);
         }
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         if u.exec(&tx).await?.rows_affected != 1 {
             tx.rollback().await?;
             return Ok(false);
@@ -602,7 +621,7 @@ impl DataStore {
     /// Spends a join token and inserts the node, in one transaction.
     pub async fn node_register(&self, token_hash: &str, n: node::Model) -> Result<node::Model> {
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         let spent = join_token::Entity::update_many()
             .col_expr(join_token::Column::Used, Expr::value(true))
             .filter(join_token::Column::TokenHash.eq(token_hash))
@@ -888,5 +907,56 @@ impl DataStore {
             .into_tuple()
             .all(&self.db)
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::ConnectionTrait;
+
+    /// A check-then-write transaction on SQLite and a plain write of
+    /// another connection that lands between its read and its write both
+    /// succeed: the transaction holds the write lock from its `BEGIN`, so
+    /// the other write waits for it instead of making its upgrade fail
+    /// ("database is locked", which no busy timeout retries).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_landing_inside_a_check_then_write_transaction_fails_neither() {
+        let dir = std::env::temp_dir().join(format!("byteport-store-tx-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.join("t.db").display());
+        let store = DataStore::connect(&url).await.unwrap();
+        store
+            .db
+            .execute_unprepared("CREATE TABLE scratch (x INTEGER)")
+            .await
+            .unwrap();
+        let tx = store.begin_write().await.unwrap();
+        tx.execute_unprepared("SELECT count(*) FROM scratch")
+            .await
+            .unwrap();
+        let other = {
+            let db = store.db.clone();
+            tokio::spawn(async move { db.execute_unprepared("INSERT INTO scratch VALUES (1)").await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        tx.execute_unprepared("INSERT INTO scratch VALUES (2)")
+            .await
+            .expect("the transaction's write");
+        tx.commit().await.expect("the transaction's commit");
+        other.await.unwrap().expect("the other connection's write");
+        let n: Option<i64> = store
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Sqlite,
+                "SELECT count(*) AS n FROM scratch",
+            ))
+            .await
+            .unwrap()
+            .and_then(|r| r.try_get("", "n").ok());
+        assert_eq!(n, Some(2));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

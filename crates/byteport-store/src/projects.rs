@@ -17,7 +17,7 @@ impl DataStore {
                 p.name
             )));
         }
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         // The next free network index. Two replicas making projects at
         // once can pick the same one: the unique index refuses the second,
         // which is a conflict the caller may retry.
@@ -84,7 +84,7 @@ impl DataStore {
     /// Deletes an empty project; a project with live VMs is a conflict.
     pub async fn project_delete(&self, id: Uuid) -> Result<()> {
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         lock_project(&tx, id).await?;
         let live = vm::Entity::find()
             .filter(vm::Column::ProjectId.eq(id))

@@ -5,7 +5,7 @@
 use crate::{DataStore, Result, StoreError, lock_project, project, run};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait,
+    QuerySelect,
 };
 use uuid::Uuid;
 
@@ -28,7 +28,7 @@ impl DataStore {
     /// error names the limit.
     pub async fn run_insert(&self, r: run::Model) -> Result<run::Model> {
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         lock_project(&tx, r.project_id).await?;
         let p = project::Entity::find_by_id(r.project_id)
             .one(&tx)

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter,
-    QueryOrder, Set, TransactionTrait,
+    QueryOrder, Set,
 };
 use uuid::Uuid;
 
@@ -112,7 +112,7 @@ impl DataStore {
 
     /// Deletes a user with its memberships, sessions and tokens.
     pub async fn user_delete(&self, id: Uuid) -> Result<()> {
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         member::Entity::delete_many()
             .filter(member::Column::UserId.eq(id))
             .exec(&tx)
@@ -267,7 +267,7 @@ impl DataStore {
         invite_hash: Option<&str>,
     ) -> Result<(user::Model, Option<invite::Model>)> {
         let _w = self.serialize().await;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_write().await?;
         let mut spent = None;
         if let Some(hash) = invite_hash {
             let res = invite::Entity::update_many()

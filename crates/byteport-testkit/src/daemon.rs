@@ -905,7 +905,19 @@ impl Daemon {
             .get(&format!(
                 "/v1/vms/{id}/wait?state={state}&timeout_secs={secs}"
             ))
-            .map_err(|e| format!("{e}; daemon log tail:\n{}", tail(&self.log(), 3000)))
+            .map_err(|e| {
+                // What the control plane holds of the VM and its node, to
+                // tell a report that never came from one that was refused.
+                let vm = self.api.get(&format!("/v1/vms/{id}")).unwrap_or_default();
+                let nodes = self.api.get("/v1/nodes").unwrap_or_default();
+                let node = |k: &str| nodes[0][k].clone();
+                format!(
+                    "{e}; the VM: {vm}; its node: status {} last heartbeat {}; daemon log tail:\n{}",
+                    node("status"),
+                    node("last_heartbeat_at"),
+                    tail(&self.log(), 3000)
+                )
+            })
     }
 
     /// Runs a command through the guest agent; (stdout, stderr, exit code).
