@@ -216,6 +216,11 @@ impl<D: Driver> VmTask<D> {
     }
 
     fn publish(&mut self) {
+        // One borrow, released before anything else: a watch's lock lets
+        // no new reader in while its sender waits to write, so a second
+        // borrow in the same statement (its guard lives to the `;`) would
+        // wait forever on the guest task's write, and that on the first.
+        let seen = self.ready.borrow().clone();
         let report = VmReport {
             id: self.id,
             state: self.p.observed,
@@ -223,12 +228,12 @@ impl<D: Driver> VmTask<D> {
             desired_generation: self.p.applied,
             reason: self.p.reason.clone(),
             ports: self.p.ports.clone(),
-            agent_version: self.ready.borrow().as_ref().map(|r| r.version.clone()),
+            agent_version: seen.as_ref().map(|r| r.version.clone()),
             execution: self
                 .inst
                 .as_ref()
                 .and_then(|_| self.shared.execution(&self.p.spec.image.arch)),
-            cloud_init: self.ready.borrow().as_ref().map(|r| r.cloud_init),
+            cloud_init: seen.as_ref().map(|r| r.cloud_init),
             network: self.network(),
         };
         let mut reports = match self.shared.reports.lock() {

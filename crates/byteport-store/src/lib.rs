@@ -938,7 +938,10 @@ mod tests {
             .unwrap();
         let other = {
             let db = store.db.clone();
-            tokio::spawn(async move { db.execute_unprepared("INSERT INTO scratch VALUES (1)").await })
+            tokio::spawn(async move {
+                db.execute_unprepared("INSERT INTO scratch VALUES (1)")
+                    .await
+            })
         };
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         tx.execute_unprepared("INSERT INTO scratch VALUES (2)")

@@ -435,7 +435,8 @@ impl Instance for QemuInstance {
     }
 
     async fn state(&self) -> RunState {
-        if let Some(e) = self.exit.borrow().clone() {
+        let exit = self.exit.borrow().clone();
+        if let Some(e) = exit {
             return self.exit_state(&e);
         }
         match self.qmp.query_status().await {
@@ -446,7 +447,8 @@ impl Instance for QemuInstance {
                 let mut rx = self.exit.clone();
                 let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|e| e.is_some()))
                     .await;
-                match self.exit.borrow().clone() {
+                let exit = self.exit.borrow().clone();
+                match exit {
                     Some(e) => self.exit_state(&e),
                     None => RunState::Running,
                 }
