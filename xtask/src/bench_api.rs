@@ -14,7 +14,9 @@
 //! implies `--no-build`), `--tls` (SQLite once more over HTTPS, with a
 //! certificate from a CA made for the run, side by side with plain HTTP),
 //! `--nodes N` (default 1000: simulated nodes that hold 20 VMs each and
-//! heartbeat, reporting every VM).
+//! heartbeat, reporting every VM), `--perf DIR` (records each scenario
+//! of the server with Linux `perf` into DIR and prints its hottest
+//! symbols).
 
 use anyhow::{Context, bail};
 use std::io::{BufRead, BufReader};
@@ -38,6 +40,7 @@ struct Opts {
     tls: bool,
     build: bool,
     bin: Option<PathBuf>,
+    perf: Option<PathBuf>,
 }
 
 fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
@@ -51,6 +54,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
         tls: false,
         build: true,
         bin: None,
+        perf: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -75,9 +79,14 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
                 o.bin = Some(PathBuf::from(v));
                 o.build = false;
             }
+            "--perf" => {
+                let v = it.next().context("--perf needs a directory")?;
+                std::fs::create_dir_all(v).with_context(|| format!("creating {v}"))?;
+                o.perf = Some(PathBuf::from(v));
+            }
             other => bail!(
                 "unknown option {other}; usage: cargo xtask bench api [--duration SECS] \
-                 [--warmup SECS] [--concurrency N] [--vms N] [--nodes N] [--sqlite-only] [--no-build] [--bin PATH]"
+                 [--warmup SECS] [--concurrency N] [--vms N] [--nodes N] [--sqlite-only] [--no-build] [--bin PATH] [--perf DIR]"
             ),
         }
     }
@@ -820,7 +829,8 @@ async fn bench_one(
     drop(c);
 
     let host_s: Arc<str> = addr.as_str().into();
-    let run = |name: &'static str, make: MakeReq| scenario(label, name, &addr, make, opts);
+    let pid = server.child.id();
+    let run = |name: &'static str, make: MakeReq| scenario(label, name, &addr, make, opts, pid);
 
     let h = host_s.clone();
     let baseline = run(
@@ -855,7 +865,7 @@ async fn bench_one(
         }),
     )
     .await;
-    let heartbeat = heartbeats(label, &addr, &token, opts)
+    let heartbeat = heartbeats(label, &addr, &token, opts, pid)
         .await
         .with_context(|| format!("server log: {}", server.log_path.display()))?;
     drop(server);
@@ -885,7 +895,13 @@ fn pending(counts: &serde_json::Value) -> u64 {
 /// waits until the control plane has placed them, reports every VM
 /// running once, then measures heartbeats that report all of a node's VMs
 /// with nothing new: a fleet in its steady state.
-async fn heartbeats(label: &str, host: &str, token: &str, opts: &Opts) -> anyhow::Result<Stats> {
+async fn heartbeats(
+    label: &str,
+    host: &str,
+    token: &str,
+    opts: &Opts,
+    pid: u32,
+) -> anyhow::Result<Stats> {
     let mut c = Conn::connect(host).await?;
     let counts = call(
         &mut c,
@@ -1007,22 +1023,88 @@ async fn heartbeats(label: &str, host: &str, token: &str, opts: &Opts) -> anyhow
             reqs[((i * conns + conn as u64) % reqs.len() as u64) as usize].clone()
         }),
         opts,
+        pid,
     )
     .await)
 }
 
-async fn scenario(label: &str, name: &str, addr: &str, make: MakeReq, opts: &Opts) -> Stats {
+async fn scenario(
+    label: &str,
+    name: &str,
+    addr: &str,
+    make: MakeReq,
+    opts: &Opts,
+    pid: u32,
+) -> Stats {
     eprintln!(
         "[{label}] {name}: {} connections, {} s warm-up + {} s",
         opts.concurrency,
         opts.warmup.as_secs_f64(),
         opts.duration.as_secs_f64()
     );
+    let perf = opts.perf.as_ref().and_then(|dir| {
+        let slug: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let data = dir.join(format!("{label}-{}.data", slug.trim_matches('-')));
+        let child = Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-F",
+                "499",
+                "-g",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| eprintln!("[{label}] perf did not start: {e}"))
+            .ok()?;
+        Some((child, data))
+    });
     let s = load(addr, make, opts).await;
+    if let Some((child, data)) = perf {
+        perf_summary(label, name, child, &data);
+    }
     if let Some(e) = &s.first_error {
         eprintln!("[{label}] {name}: {} errors; first: {e}", s.errors);
     }
     s
+}
+
+/// Stops a `perf record` and prints the scenario's hottest symbols
+/// (self time, every thread of the server); the full report is kept next
+/// to the data as `.txt`.
+fn perf_summary(label: &str, name: &str, child: Child, data: &Path) {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait_with_output();
+    let out = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "-g", "none"])
+        .args(["--sort", "dso,symbol", "--percent-limit", "0.5", "-i"])
+        .arg(data)
+        .stderr(Stdio::null())
+        .output();
+    let Ok(out) = out else {
+        eprintln!("[{label}] perf report did not run");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::write(data.with_extension("txt"), text.as_bytes());
+    eprintln!("[{label}] {name}: hottest symbols (self time)");
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(20)
+    {
+        eprintln!("    {}", l.trim_end());
+    }
 }
 
 fn print_table(db: &str, r: &DbResults, opts: &Opts) {

@@ -475,8 +475,23 @@ impl DataStore {
 
     /// VMs in id order (ids are time-ordered), after the cursor, at most
     /// `limit`. Deleted VMs appear only when the state filter asks for them.
+    /// A page of VMs for the list. Narrow: the user-data stays in the
+    /// database (`user_data` is `Some("")` when the VM has some, so the
+    /// API can say so) and so does the metadata token's hash (`None`).
     pub async fn vm_list(&self, f: &VmFilter) -> Result<Vec<vm::Model>> {
-        let mut q = vm::Entity::find()
+        use sea_orm::Iterable;
+        let mut q = vm::Entity::find().select_only();
+        for c in vm::Column::iter() {
+            if !matches!(c, vm::Column::UserData | vm::Column::MetadataTokenHash) {
+                q = q.column(c);
+            }
+        }
+        let mut q = q
+            .column_as(
+                Expr::cust("CASE WHEN user_data IS NULL THEN NULL ELSE '' END"),
+                "user_data",
+            )
+            .column_as(Expr::value(Option::<String>::None), "metadata_token_hash")
             .order_by_asc(vm::Column::Id)
             .limit(f.limit);
         if let Some(ps) = &f.projects {

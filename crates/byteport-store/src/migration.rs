@@ -23,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0010Invites),
             Box::new(M0011Platforms),
             Box::new(M0012UnavailableEngines),
+            Box::new(M0013ListIndexes),
         ]
     }
 }
@@ -749,5 +750,32 @@ impl MigrationTrait for M0012UnavailableEngines {
                 .to_owned(),
         )
         .await
+    }
+}
+
+/// An index per filter of the VM list, each ending in the id its keyset
+/// cursor walks: a page is a range read whatever the filter.
+struct M0013ListIndexes;
+
+impl MigrationName for M0013ListIndexes {
+    fn name(&self) -> &str {
+        "m0013_list_indexes"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0013ListIndexes {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let db = m.get_connection();
+        for sql in [
+            "CREATE INDEX IF NOT EXISTS vms_live ON vms (id) WHERE deleted_at IS NULL",
+            "CREATE INDEX IF NOT EXISTS vms_state_id ON vms (state, id)",
+            "CREATE INDEX IF NOT EXISTS vms_project_state_id ON vms (project_id, state, id)",
+            "CREATE INDEX IF NOT EXISTS vms_name_id ON vms (name, id)",
+            "DROP INDEX IF EXISTS vms_state",
+        ] {
+            db.execute_unprepared(sql).await?;
+        }
+        Ok(())
     }
 }

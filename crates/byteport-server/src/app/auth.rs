@@ -71,7 +71,7 @@ impl<K, V> Default for TtlCache<K, V> {
 }
 
 impl<K: std::hash::Hash + Eq, V: Clone> TtlCache<K, V> {
-    fn get<Q>(&self, key: &Q) -> Option<V>
+    pub(crate) fn get<Q>(&self, key: &Q) -> Option<V>
     where
         K: std::borrow::Borrow<Q>,
         Q: std::hash::Hash + Eq + ?Sized,
@@ -82,7 +82,7 @@ impl<K: std::hash::Hash + Eq, V: Clone> TtlCache<K, V> {
             .map(|(v, _)| v.clone())
     }
 
-    fn put(&self, key: K, value: V) {
+    pub(crate) fn put(&self, key: K, value: V) {
         if let Ok(mut map) = self.map.lock() {
             if map.len() > 10_000 {
                 map.retain(|_, (_, t)| t.elapsed() < TOKEN_CACHE_TTL);

@@ -2,6 +2,7 @@
 //! where to note what was touched for the audit log), checks authorization,
 //! and calls the store. Nothing here knows about HTTP.
 
+mod access;
 pub mod audit;
 pub mod auth;
 pub mod catalog;
@@ -106,6 +107,8 @@ pub struct App {
     pub(crate) signup_window: Arc<signup::SignupWindow>,
     /// Open event streams per user, on this replica.
     pub(crate) event_streams: events::StreamCounts,
+    /// Roles, visible projects and project names (see [`access`]).
+    pub(crate) access: Arc<access::AccessCache>,
 }
 
 /// Who is asking.
@@ -232,6 +235,7 @@ impl App {
             login_limits: Arc::default(),
             signup_window: Arc::default(),
             event_streams: Arc::default(),
+            access: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;
         projects::seed_default(&app).await?;
@@ -251,10 +255,9 @@ impl App {
         if admin {
             return Ok(Role::Owner);
         }
-        match self.store.member_role(project.0, user.0).await? {
-            Some(r) => r.parse().map_err(AppError::internal),
-            None => Err(AppError::not_found(kind, id)),
-        }
+        self.member_role(user.0, project.0)
+            .await?
+            .ok_or_else(|| AppError::not_found(kind, id))
     }
 
     /// The projects the calling user sees, with their names: every project

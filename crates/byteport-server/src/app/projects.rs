@@ -93,6 +93,7 @@ impl App {
     pub(crate) async fn projects_adopt_default(&self, user: Uuid) -> AppResult<()> {
         if let Some(p) = self.store.project_fetch_by_name(DEFAULT_PROJECT).await? {
             self.store.member_set(p.id, user, "owner").await?;
+            self.access.memberships_changed();
         }
         Ok(())
     }
@@ -169,6 +170,7 @@ impl App {
                 Some(owner),
             )
             .await?;
+        self.access.memberships_changed();
         ctx.target("project", p.id, Some(ProjectId(p.id)));
         self.project_view(&p).await
     }
@@ -202,6 +204,7 @@ impl App {
         let p = self.project_resolve(ctx, key, Role::Viewer).await?;
         ctx.admin()?;
         self.store.project_delete(p.id).await?;
+        self.access.memberships_changed();
         Ok(())
     }
 
@@ -276,6 +279,7 @@ impl App {
         self.store
             .member_set(p.id, u.id, &req.role.to_string())
             .await?;
+        self.access.memberships_changed();
         Ok(Member {
             user: Name::parse(&u.name).map_err(AppError::internal)?,
             user_id: UserId(u.id),
@@ -286,9 +290,12 @@ impl App {
     pub async fn member_remove(&self, ctx: &Ctx, key: &str, user: &str) -> AppResult<()> {
         let p = self.project_resolve(ctx, key, Role::Owner).await?;
         let u = self.user_resolve(user).await?;
-        self.store
+        let removed = self
+            .store
             .member_delete(p.id, u.id)
             .await
-            .map_err(|_| AppError::not_found("member", user))
+            .map_err(|_| AppError::not_found("member", user));
+        self.access.memberships_changed();
+        removed
     }
 }

@@ -193,6 +193,7 @@ impl App {
                 StoreError::NotFound => invalid_invite(),
                 e => e.into(),
             })?;
+        self.access.memberships_changed();
         ctx.target(
             "user",
             u.id,

@@ -67,6 +67,7 @@ impl App {
             ));
         }
         self.store.user_delete(u.id).await?;
+        self.access.memberships_changed();
         self.token_cache_clear();
         Ok(())
     }

@@ -115,8 +115,8 @@ fn parse<T: std::str::FromStr>(s: &str) -> AppResult<T> {
 
 impl App {
     pub(crate) async fn vm_view(&self, v: &vm::Model) -> AppResult<Vm> {
-        let project = self.store.project_fetch(v.project_id).await?;
-        vm_view(v, &project.name)
+        let project = self.project_name(ProjectId(v.project_id)).await?;
+        vm_view(v, &project)
     }
 
     /// A VM by id, if the caller has at least `need` in its project; 404
@@ -325,13 +325,12 @@ impl App {
             },
             None => None,
         };
-        // Names of every project in the result, to fill in each VM.
-        let (projects, names) = match &q.project {
-            Some(key) => {
-                let p = self.project_resolve(ctx, key, Role::Viewer).await?;
-                (Some(vec![p.id]), BTreeMap::from([(p.id, p.name)]))
-            }
-            None => self.visible_projects(ctx).await?,
+        let projects = match &q.project {
+            Some(key) => Some(vec![self.project_resolve(ctx, key, Role::Viewer).await?.id]),
+            None => self
+                .visible_project_ids(ctx)
+                .await?
+                .map(|ids| ids.as_ref().clone()),
         };
         let rows = self
             .store
@@ -345,10 +344,17 @@ impl App {
             })
             .await?;
         let more = rows.len() > limit as usize;
+        // The names of the page's projects, each once.
+        let mut names: BTreeMap<Uuid, String> = BTreeMap::new();
+        for v in rows.iter().take(limit as usize) {
+            if let std::collections::btree_map::Entry::Vacant(e) = names.entry(v.project_id) {
+                e.insert(self.project_name(ProjectId(v.project_id)).await?);
+            }
+        }
         let items = rows
             .iter()
             .take(limit as usize)
-            .map(|v| vm_view(v, names.get(&v.project_id).map_or("", String::as_str)))
+            .map(|v| vm_view(v, &names[&v.project_id]))
             .collect::<AppResult<Vec<_>>>()?;
         let next_cursor = if more {
             items.last().map(|v| v.id.to_string())
