@@ -2,14 +2,14 @@
 //! PostgreSQL.
 //!
 //! Builds the release daemon, starts it once per database (SQLite, then a
-//! throwaway PostgreSQL), fills it with 1,000 VMs, and drives it with a
+//! throwaway PostgreSQL), fills it with 10,000 VMs, and drives it with a
 //! small load generator written here: N keep-alive HTTP/1.1 connections,
 //! each sending one request at a time for a fixed duration after a
 //! warm-up. Every request is authenticated with an API token (`bpt_...`),
 //! except the `/healthz` baseline. See `docs/benchmarks.md`.
 //!
 //! Options: `--duration SECS` (default 5), `--warmup SECS` (default 1),
-//! `--concurrency N` (default 16), `--vms N` (default 1000),
+//! `--concurrency N` (default 16), `--vms N` (default 10,000),
 //! `--sqlite-only`, `--no-build`, `--bin PATH` (another daemon binary;
 //! implies `--no-build`), `--tls` (SQLite once more over HTTPS, with a
 //! certificate from a CA made for the run, side by side with plain HTTP),
@@ -48,7 +48,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
         duration: Duration::from_secs(5),
         warmup: Duration::from_secs(1),
         concurrency: 16,
-        vms: 1000,
+        vms: 10_000,
         nodes: 1000,
         sqlite_only: false,
         tls: false,

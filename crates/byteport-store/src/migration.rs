@@ -772,6 +772,9 @@ impl MigrationTrait for M0013ListIndexes {
             "CREATE INDEX IF NOT EXISTS vms_state_id ON vms (state, id)",
             "CREATE INDEX IF NOT EXISTS vms_project_state_id ON vms (project_id, state, id)",
             "CREATE INDEX IF NOT EXISTS vms_name_id ON vms (name, id)",
+            // A create's quota check sums its project's live VMs from
+            // this index alone, not from their (wide) rows.
+            "CREATE INDEX IF NOT EXISTS vms_project_usage ON vms (project_id, vcpus, memory_mib, disk_gib) WHERE deleted_at IS NULL",
             "DROP INDEX IF EXISTS vms_state",
         ] {
             db.execute_unprepared(sql).await?;

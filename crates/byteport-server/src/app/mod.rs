@@ -81,7 +81,7 @@ impl Default for Settings {
 #[derive(Clone)]
 pub struct App {
     pub store: DataStore,
-    pub settings: Settings,
+    pub settings: Arc<Settings>,
     pub(crate) keys: Arc<auth::Keys>,
     /// Ids of VMs whose record changed, for `wait` and event streams.
     pub(crate) vm_changes: broadcast::Sender<Uuid>,
@@ -219,7 +219,7 @@ impl App {
         let (vm_changes, _) = broadcast::channel(1024);
         let app = App {
             store,
-            settings,
+            settings: Arc::new(settings),
             keys: Arc::new(keys),
             vm_changes,
             token_cache: Arc::default(),
