@@ -769,6 +769,7 @@ impl MigrationTrait for M0013ListIndexes {
         let db = m.get_connection();
         for sql in [
             "CREATE INDEX IF NOT EXISTS vms_live ON vms (id) WHERE deleted_at IS NULL",
+            "CREATE INDEX IF NOT EXISTS vms_project_live ON vms (project_id, id) WHERE deleted_at IS NULL",
             "CREATE INDEX IF NOT EXISTS vms_state_id ON vms (state, id)",
             "CREATE INDEX IF NOT EXISTS vms_project_state_id ON vms (project_id, state, id)",
             "CREATE INDEX IF NOT EXISTS vms_name_id ON vms (name, id)",

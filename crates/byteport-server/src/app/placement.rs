@@ -146,6 +146,11 @@ impl App {
     /// Keeps `v` pending with the scheduler's reason.
     async fn no_fit(&self, v: &vm::Model, why: &str) -> AppResult<()> {
         self.scheduler.no_fit.fetch_add(1, Relaxed);
+        if v.state_reason.as_deref() == Some(why) {
+            // Said already: no write, and no change to tell watchers of
+            // (every pass looks at every waiting VM again).
+            return Ok(());
+        }
         self.store.vm_set_pending_reason(v.id, why).await?;
         let _ = self.vm_changes.send(v.id);
         Ok(())
