@@ -109,6 +109,8 @@ pub struct App {
     pub(crate) event_streams: events::StreamCounts,
     /// Roles, visible projects and project names (see [`access`]).
     pub(crate) access: Arc<access::AccessCache>,
+    /// The last answer to each node's heartbeat.
+    pub(crate) answers: Arc<nodes::Answers>,
 }
 
 /// Who is asking.
@@ -236,6 +238,7 @@ impl App {
             signup_window: Arc::default(),
             event_streams: Arc::default(),
             access: Arc::default(),
+            answers: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;
         projects::seed_default(&app).await?;

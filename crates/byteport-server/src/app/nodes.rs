@@ -480,9 +480,17 @@ impl App {
         } else {
             held
         };
-        self.desired_vms(rows)
-            .await
-            .map(|vms| HeartbeatResponse { vms })
+        // The answer is made from the VMs' rows, their images and their
+        // projects' networks: while the rows say the same, the answer of
+        // a moment ago is the answer (kept up to ANSWER_TTL, which bounds
+        // how late an image's or network's change reaches the node).
+        let key = answer_key(&rows);
+        if let Some(vms) = self.answers.get(node_id.0, key) {
+            return Ok(HeartbeatResponse { vms });
+        }
+        let vms = self.desired_vms(rows).await?;
+        self.answers.put(node_id.0, key, vms.clone());
+        Ok(HeartbeatResponse { vms })
     }
 
     /// What a node is told to hold: its VMs with their images and project
@@ -904,4 +912,63 @@ impl App {
             note,
         })
     }
+}
+
+/// How long a node's answer is reused while its VMs' rows are unchanged.
+const ANSWER_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The last answer to each node's heartbeat on this replica, with the
+/// fingerprint of the rows it was made from.
+#[derive(Default)]
+pub(crate) struct Answers {
+    map: std::sync::Mutex<HashMap<Uuid, Answer>>,
+}
+
+/// (the rows' fingerprint, when it was made, the answer)
+type Answer = (u64, std::time::Instant, Vec<DesiredVm>);
+
+impl Answers {
+    fn get(&self, node: Uuid, key: u64) -> Option<Vec<DesiredVm>> {
+        let map = self.map.lock().ok()?;
+        let (k, at, vms) = map.get(&node)?;
+        (*k == key && at.elapsed() < ANSWER_TTL).then(|| vms.clone())
+    }
+
+    fn put(&self, node: Uuid, key: u64, vms: Vec<DesiredVm>) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() > 100_000 {
+                map.clear();
+            }
+            map.insert(node, (key, std::time::Instant::now(), vms));
+        }
+    }
+}
+
+/// A fingerprint of every column of the rows that [`App::desired_vms`]
+/// reads (its images and networks aside).
+fn answer_key(rows: &[byteport_store::vm::Model]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for v in rows {
+        (
+            v.id,
+            &v.name,
+            &v.desired_state,
+            v.desired_generation,
+            v.state == "rebooting",
+            (v.vcpus, v.memory_mib, v.disk_gib),
+            &v.hostname,
+        )
+            .hash(&mut h);
+        (
+            v.image_id,
+            v.metadata_token_hash.is_some(),
+            v.project_id,
+            &v.guest_ports,
+            &v.egress,
+            &v.engine,
+        )
+            .hash(&mut h);
+    }
+    h.finish()
 }
