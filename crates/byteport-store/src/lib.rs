@@ -479,11 +479,11 @@ impl DataStore {
             .ok_or(StoreError::NotFound)
     }
 
-    /// VMs in id order (ids are time-ordered), after the cursor, at most
-    /// `limit`. Deleted VMs appear only when the state filter asks for them.
-    /// A page of VMs for the list. Narrow: the user-data stays in the
-    /// database (`user_data` is `Some("")` when the VM has some, so the
-    /// API can say so) and so does the metadata token's hash (`None`).
+    /// A page of the VM list: VMs in id order (ids are time-ordered), after
+    /// the cursor, at most `limit`. Deleted VMs appear only when the state
+    /// filter asks for them. Narrow: the user-data stays in the database
+    /// (`user_data` is `Some("")` when the VM has some, so the API can say
+    /// so) and so does the metadata token's hash (`None`).
     pub async fn vm_list(&self, f: &VmFilter) -> Result<Vec<vm::Model>> {
         use sea_orm::Iterable;
         let mut q = vm::Entity::find().select_only();
@@ -868,10 +868,9 @@ async fn refuse_newer_schema(db: &DatabaseConnection) -> Result<()> {
 }
 
 /// Opens a transaction's check-then-write on a project with a write to its
-/// row. On PostgreSQL that takes the row lock (like `SELECT ... FOR UPDATE`);
-/// on SQLite it makes the transaction a writer from its first statement, so
-/// its later reads can never be invalidated by another writer's commit
-/// (which SQLite reports as "database is locked" instead of waiting).
+/// row. On PostgreSQL that takes the row lock (like `SELECT ... FOR UPDATE`).
+/// On SQLite the transaction holds the database's write lock from its
+/// `BEGIN` already ([`DataStore::begin_write`]), and this write adds nothing.
 pub(crate) async fn lock_project<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<()> {
     project::Entity::update_many()
         .col_expr(project::Column::MaxVms, Expr::col(project::Column::MaxVms))

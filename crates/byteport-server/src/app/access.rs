@@ -5,9 +5,9 @@
 //! Every change of memberships made through this replica (a member set
 //! or removed, a project made or deleted, a user deleted) clears the
 //! roles and the visible projects at once; another replica's change
-//! takes effect here within the token cache's time to live (5 s), as for a revoked
-//! token. Names are kept without expiry: a project's name never changes,
-//! and a deleted project has no VMs left to be named.
+//! takes effect here within the token cache's time to live (5 s), as for
+//! a revoked token. Names are kept without expiry: a project's name never
+//! changes, and a deleted project has no VMs left to be named.
 
 use super::auth::TtlCache;
 use super::{App, Ctx};
@@ -15,7 +15,7 @@ use crate::error::{AppError, AppResult};
 use byteport_types::ProjectId;
 use byteport_types::api::Role;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use uuid::Uuid;
 
 /// At most this many names are kept; the map starts over beyond it.
@@ -26,7 +26,7 @@ pub(crate) struct AccessCache {
     /// (user, project) → the role, `None` for no membership.
     roles: TtlCache<(Uuid, Uuid), Option<Role>>,
     /// user → the projects they are a member of.
-    visible: TtlCache<Uuid, Arc<Vec<Uuid>>>,
+    visible: TtlCache<Uuid, Vec<Uuid>>,
     names: Mutex<HashMap<Uuid, String>>,
 }
 
@@ -54,7 +54,7 @@ impl App {
 
     /// The projects the calling user sees: `None` for an admin (every
     /// project), else the ones they are a member of.
-    pub(crate) async fn visible_project_ids(&self, ctx: &Ctx) -> AppResult<Option<Arc<Vec<Uuid>>>> {
+    pub(crate) async fn visible_project_ids(&self, ctx: &Ctx) -> AppResult<Option<Vec<Uuid>>> {
         let (me, admin) = ctx.user()?;
         if admin {
             return Ok(None);
@@ -62,14 +62,13 @@ impl App {
         if let Some(v) = self.access.visible.get(&me.0) {
             return Ok(Some(v));
         }
-        let ids: Arc<Vec<Uuid>> = Arc::new(
-            self.store
-                .memberships(me.0)
-                .await?
-                .into_iter()
-                .map(|(p, _)| p.id)
-                .collect(),
-        );
+        let ids: Vec<Uuid> = self
+            .store
+            .memberships(me.0)
+            .await?
+            .into_iter()
+            .map(|(p, _)| p.id)
+            .collect();
         self.access.visible.put(me.0, ids.clone());
         Ok(Some(ids))
     }

@@ -327,10 +327,7 @@ impl App {
         };
         let projects = match &q.project {
             Some(key) => Some(vec![self.project_resolve(ctx, key, Role::Viewer).await?.id]),
-            None => self
-                .visible_project_ids(ctx)
-                .await?
-                .map(|ids| ids.as_ref().clone()),
+            None => self.visible_project_ids(ctx).await?,
         };
         let rows = self
             .store
