@@ -9,9 +9,12 @@
 //!    output line arriving at the client; p50 and p99.
 //! 3. **Sustained**: Python runs from 4 clients at once for `--secs` (20);
 //!    runs per second (the project's `max_concurrent_runs` set to 8).
-//! 4. **Memory**: what a clone's QEMU adds while its program sleeps:
-//!    `Private_Dirty` of `/proc/PID/smaps_rollup` (its copy-on-write RAM,
-//!    heap, translated code), beside `Private_Clean + Private_Dirty`.
+//! 4. **Memory**: what a clone's QEMU adds to the host, idle in the pool
+//!    and while its program sleeps: its anonymous memory (`Anonymous` of
+//!    `/proc/PID/smaps_rollup`: the pages of guest RAM it wrote, copied
+//!    on write, QEMU's heap and translated code). The template's RAM file
+//!    is page cache that every clone of it maps, there once per template;
+//!    what of it a clone maps is printed beside.
 //!
 //! 5. **Clone restored for the run** (a second daemon, `--run-pool 0`) and
 //!    **cold boot** (a third, `--run-templates false`, 6 runs each, 3 with
@@ -99,21 +102,45 @@ fn timed_run(addr: &str, token: &str, body: &Value) -> anyhow::Result<(Option<f6
     Ok((first, end))
 }
 
-/// A clone's memory, MiB: (what it alone maps, what it wrote). The
-/// first counts clean pages of the template's RAM file and of QEMU's own
-/// files that no other process maps at the moment (they stay in the page
-/// cache whatever the number of clones); the second is what the clone
-/// adds: its copy-on-write RAM, QEMU's heap and translated code.
-fn private_mib(pid: u32) -> Option<(f64, f64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let kb = |k: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+/// A clone's memory, MiB: (what it adds, what of the template's RAM file
+/// it maps). What it adds is its anonymous memory: the guest pages it
+/// wrote (private copies), QEMU's heap, stacks and translated code. The
+/// file's pages are the template's, shared by every clone of it.
+fn clone_mib(pid: u32) -> Option<(f64, f64)> {
+    let mib = |v: &str| {
+        v.split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<f64>().ok())
             .unwrap_or(0.0)
+            / 1024.0
     };
-    let dirty = kb("Private_Dirty:");
-    Some(((kb("Private_Clean:") + dirty) / 1024.0, dirty / 1024.0))
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let added = rollup.lines().find_map(|l| l.strip_prefix("Anonymous:"))?;
+    // The RAM file's mapping: its resident pages less those copied on write.
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut file, mut in_file) = (0.0, false);
+    for l in smaps.lines() {
+        if let Some(v) = l.strip_prefix("Rss:") {
+            file += if in_file { mib(v) } else { 0.0 };
+        } else if let Some(v) = l.strip_prefix("Anonymous:") {
+            file -= if in_file { mib(v) } else { 0.0 };
+        } else if !l.contains(": ") || l.ends_with(':') {
+            // A mapping's first line (`start-end perms offset dev inode path`).
+            in_file = l.contains("/dev/shm/") || l.contains("/memfd:");
+        }
+    }
+    Some((mib(added), file))
+}
+
+/// The mean of what `pids`' clones add and map, with how many there were.
+fn clones_mib(pids: &[u32]) -> (f64, f64, usize) {
+    let m: Vec<(f64, f64)> = pids.iter().filter_map(|p| clone_mib(*p)).collect();
+    let n = m.len().max(1) as f64;
+    (
+        m.iter().map(|x| x.0).sum::<f64>() / n,
+        m.iter().map(|x| x.1).sum::<f64>() / n,
+        m.len(),
+    )
 }
 
 /// Sequential runs of each program: (p50, p99) of the time to first
@@ -233,7 +260,16 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let runs_per_s = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
     println!("  {runs_per_s:.2} runs/s");
 
-    println!("== memory of a running clone");
+    println!("== memory: clones idle in the pool, then one running");
+    // The pools refill after the sustained runs; then every QEMU is idle.
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_pids = qemus_under(&d.dir);
+    let (idle, idle_file, idle_n) = clones_mib(&idle_pids);
+    println!(
+        "  an idle clone adds {idle:.1} MiB (anonymous: written guest RAM, QEMU's heap and \
+         translated code) and maps {idle_file:.1} MiB of its template's RAM file \
+         ({idle_n} clone(s) seen)"
+    );
     let (addr2, token2) = (addr.clone(), token.clone());
     let sleeper = std::thread::spawn(move || {
         timed_run(
@@ -243,16 +279,15 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         )
     });
     std::thread::sleep(Duration::from_secs(3));
-    let clone_mib: Vec<(f64, f64)> = qemus_under(&d.dir)
+    let running: Vec<u32> = qemus_under(&d.dir)
         .into_iter()
-        .filter_map(private_mib)
+        .filter(|p| !idle_pids.contains(p))
         .collect();
+    let (busy, busy_file, busy_n) = clones_mib(&running);
     let _ = sleeper.join();
-    let (uss, mem) = clone_mib.first().copied().unwrap_or((f64::NAN, f64::NAN));
     println!(
-        "  memory of the clone's QEMU: {mem:.1} MiB written (private dirty), {uss:.1} MiB mapped \
-         by it alone (private clean + dirty) ({} clone(s) seen)",
-        clone_mib.len()
+        "  a running clone (its shell sleeping) adds {busy:.1} MiB and maps {busy_file:.1} MiB \
+         of the template's file ({busy_n} clone(s) seen)"
     );
 
     drop(d);
@@ -295,7 +330,7 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     println!(
         "RESULT clone_p50_ms={clone_p50:.0} clone_p99_ms={clone_p99:.0} shell_p50_ms={:.0} \
          python_p50_ms={:.0} unpooled_p50_ms={:.0} cold_p50_ms={cold_p50:.0} \
-         template_first_ms={:.0} runs_per_s={runs_per_s:.2} clone_private_mib={mem:.1}",
+         template_first_ms={:.0} runs_per_s={runs_per_s:.2} clone_private_mib={idle:.1} running_clone_mib={busy:.1}",
         p[0].0,
         p[1].0,
         unpooled[0].0.max(unpooled[1].0),

@@ -30,8 +30,6 @@ pub struct Runs {
     qemu: PathBuf,
     accel: Accel,
     dir: PathBuf,
-    /// Prefix of the templates' RAM files in /dev/shm.
-    shm_prefix: String,
     /// Templates by key; `None`: this one could not be saved.
     templates: tokio::sync::Mutex<HashMap<String, Option<Arc<Template>>>>,
     /// Whether runs start from templates at all (else each boots cold).
@@ -118,8 +116,9 @@ impl Runs {
     ) -> Runs {
         kill_leftovers(&dir);
         let _ = std::fs::remove_dir_all(&dir);
-        // The whole id: a node's id starts with the time it was made, so
-        // two nodes made together share any prefix of it.
+        // Templates' RAM is a memfd now; earlier versions kept it in
+        // /dev/shm, under the node's whole id (a node's id starts with the
+        // time it was made, so two nodes made together share any prefix).
         let shm_prefix = format!("byteport-{}-", node.replace('-', ""));
         for e in std::fs::read_dir("/dev/shm")
             .into_iter()
@@ -134,7 +133,6 @@ impl Runs {
             qemu,
             accel,
             dir,
-            shm_prefix,
             templates: tokio::sync::Mutex::default(),
             templates_on,
             pool: Arc::default(),
@@ -278,9 +276,15 @@ impl Runs {
             Some(None) => return (None, None),
             None => {}
         }
-        let memory = PathBuf::from("/dev/shm").join(format!("{}{key}", self.shm_prefix));
         let dir = self.dir.join(format!("template-{key}"));
-        match build(&self.qemu, spec.clone(), &dir, &memory).await {
+        match build(
+            &self.qemu,
+            spec.clone(),
+            &dir,
+            &format!("byteport-template-{key}"),
+        )
+        .await
+        {
             Ok(t) => {
                 tracing::info!(image = %image.name, ms = t.built_in.as_millis() as u64, "run template built");
                 let built = t.built_in;
@@ -290,7 +294,6 @@ impl Runs {
             }
             Err(e) => {
                 tracing::warn!(image = %image.name, error = %e, "cannot save a run template: runs of it boot cold");
-                let _ = std::fs::remove_file(&memory);
                 let _ = std::fs::remove_dir_all(&dir);
                 templates.insert(key.to_owned(), None);
                 (None, None)

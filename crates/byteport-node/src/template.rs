@@ -1,9 +1,8 @@
 //! Templates and clones: fresh VMs from a memory snapshot, the start of
 //! run-code (and later of VM snapshots and forks).
 //!
-//! A template is a VM of a kernel-booted, diskless image (its root in the
-//! initramfs), booted once with its RAM in a shared file
-//! (`memory-backend-file,share=on`), stopped once its guest agent is ready,
+//! A template is a VM of a kernel-booted image, booted once with its RAM in
+//! a shared file (`memory-backend-file,share=on`), stopped once its guest agent is ready,
 //! and saved with `x-ignore-shared`: the migration stream then holds only
 //! the device state (a few hundred KiB), the RAM stays in the file. A clone
 //! is a new QEMU with the same devices that maps that file privately
@@ -14,6 +13,21 @@
 //! generation id (`vmgenid,guid=auto`), so Linux reseeds its random
 //! generator on restore; the guest agent is reached on the clone's own
 //! socket.
+//!
+//! A clone does not boot, so it is given no kernel or initrd: QEMU would
+//! read both into its own memory (about 10 MiB per clone) to serve them
+//! to a firmware that never runs again. It gets only the option ROM that
+//! `-kernel` adds (`linuxboot_dma.bin`), whose RAM the device state names;
+//! should a QEMU need more than that, the restore fails, and the template's
+//! clones carry the kernel again from then on. Templates and clones run
+//! with transparent huge pages off (`PR_SET_THP_DISABLE`): QEMU asks for
+//! them for its translated code, and a clone's few MiB of it would take
+//! whole 2 MiB pages.
+//!
+//! The RAM file is a memfd the node holds, which QEMU opens as
+//! `/proc/NODE/fd/N`: it is memory, and it goes with the node's process
+//! (and the clones still mapping it), even when the node is killed, so no
+//! template's RAM is ever left behind.
 //!
 //! QEMU 7.2 has no `file:` migration URI, so the state goes through
 //! `exec:cat`, which QEMU runs with `/bin/sh -c`: the only word in it is
@@ -29,8 +43,10 @@ use crate::driver::qemu::AGENT_PORT_NAME;
 use byteport_guest::host::GuestConn;
 use byteport_qmp::Qmp;
 use serde_json::json;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a template's guest has to say ready after its boot.
@@ -56,15 +72,20 @@ pub struct TemplateSpec {
 }
 
 /// A saved template: its RAM file and its device state.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Template {
     pub spec: TemplateSpec,
-    /// The template's RAM (under /dev/shm, so clones map it from memory).
+    /// The template's RAM, as QEMU opens it (`/proc/NODE/fd/N`).
     pub memory: PathBuf,
+    /// The memfd behind `memory`, held for as long as the template lives.
+    ram: OwnedFd,
     /// The device state saved with `x-ignore-shared`.
     pub state: PathBuf,
     /// How long building it took.
     pub built_in: Duration,
+    /// Whether clones boot nothing (no kernel or initrd given); cleared
+    /// when a restore without them fails.
+    lean: AtomicBool,
 }
 
 /// A running clone.
@@ -80,7 +101,16 @@ pub struct Clone {
     child: tokio::process::Child,
 }
 
-fn argv(spec: &TemplateSpec, dir: &Path, memory: &Path, shared: bool) -> Vec<String> {
+/// What a QEMU of `spec` is given to start from.
+#[derive(Clone, Copy, PartialEq)]
+enum Start {
+    /// Boots the kernel.
+    Boot,
+    /// Restored from a saved state: the kernel's option ROM, not the kernel.
+    Restore,
+}
+
+fn argv(spec: &TemplateSpec, dir: &Path, memory: &Path, shared: bool, start: Start) -> Vec<String> {
     let d = |f: &str| dir.join(f).display().to_string();
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -106,13 +136,19 @@ fn argv(spec: &TemplateSpec, dir: &Path, memory: &Path, shared: bool) -> Vec<Str
         "-no-user-config",
         "-display",
         "none",
-        "-kernel",
-        &spec.kernel.display().to_string(),
-        "-initrd",
-        &spec.initrd.display().to_string(),
-        "-append",
-        &spec.cmdline,
     ]);
+    match start {
+        Start::Boot => push(&[
+            "-kernel",
+            &spec.kernel.display().to_string(),
+            "-initrd",
+            &spec.initrd.display().to_string(),
+            "-append",
+            &spec.cmdline,
+        ]),
+        // What `-kernel` adds for a bzImage on a machine with fw_cfg DMA.
+        Start::Restore => push(&["-option-rom", "linuxboot_dma.bin,bootindex=0"]),
+    }
     if let Some(disk) = &spec.disk {
         push(&[
             "-drive",
@@ -153,14 +189,30 @@ fn argv(spec: &TemplateSpec, dir: &Path, memory: &Path, shared: bool) -> Vec<Str
 fn spawn(qemu: &Path, args: &[String], dir: &Path) -> Result<tokio::process::Child, String> {
     let log = std::fs::File::create(dir.join("qemu.log"))
         .map_err(|e| format!("cannot open the QEMU log: {e}"))?;
-    tokio::process::Command::new(qemu)
-        .args(args)
+    let mut cmd = tokio::process::Command::new(qemu);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
+        .kill_on_drop(true);
+    no_huge_pages(&mut cmd);
+    cmd.spawn()
         .map_err(|e| format!("cannot run {}: {e}", qemu.display()))
+}
+
+/// Turns transparent huge pages off in the process `cmd` starts.
+#[allow(unsafe_code)]
+fn no_huge_pages(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes one prctl system call,
+    // allocates nothing and takes no lock. A kernel without the flag says
+    // EINVAL, and QEMU then runs with huge pages as before.
+    unsafe {
+        cmd.pre_exec(|| {
+            let _ = rustix::thread::disable_transparent_huge_pages(true);
+            Ok(())
+        });
+    }
 }
 
 fn log_tail(dir: &Path) -> String {
@@ -247,17 +299,32 @@ fn exec_uri(write: bool, state: &Path) -> Result<String, String> {
     })
 }
 
-/// Boots a template in `dir` with its RAM in `memory`, and saves it.
+/// A memfd of `size_mib` for a template's RAM, and the path QEMU opens it by.
+fn ram_file(name: &str, size_mib: u64) -> Result<(OwnedFd, PathBuf), String> {
+    let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| format!("memfd_create: {e}"))?;
+    rustix::fs::ftruncate(&fd, size_mib << 20).map_err(|e| format!("sizing the RAM file: {e}"))?;
+    let path = PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        fd.as_raw_fd()
+    ));
+    Ok((fd, path))
+}
+
+/// Boots a template in `dir` with its RAM in a memfd named `name`, and
+/// saves it.
 pub async fn build(
     qemu: &Path,
     spec: TemplateSpec,
     dir: &Path,
-    memory: &Path,
+    name: &str,
 ) -> Result<Template, String> {
     let started = Instant::now();
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let _ = std::fs::remove_file(memory);
-    let mut child = spawn(qemu, &argv(&spec, dir, memory, true), dir)?;
+    let (ram, memory) = ram_file(name, spec.memory_mib)?;
+    let memory = memory.as_path();
+    let mut child = spawn(qemu, &argv(&spec, dir, memory, true, Start::Boot), dir)?;
     let q = qmp(dir).await?;
     let conn = agent(dir, BOOT_TIMEOUT).await?;
     if let Some(argv) = &spec.warmup {
@@ -279,8 +346,10 @@ pub async fn build(
     Ok(Template {
         spec,
         memory: memory.to_owned(),
+        ram,
         state,
         built_in: started.elapsed(),
+        lean: AtomicBool::new(true),
     })
 }
 
@@ -289,7 +358,8 @@ pub async fn build(
 /// `dir`), and it has the devices a clone has.
 pub async fn boot_cold(qemu: &Path, spec: &TemplateSpec, dir: &Path) -> Result<Clone, String> {
     let t0 = Instant::now();
-    let (child, q) = launch(qemu, &argv(spec, dir, &dir.join("ram"), false), dir).await?;
+    let args = argv(spec, dir, &dir.join("ram"), false, Start::Boot);
+    let (child, q) = launch(qemu, &args, dir).await?;
     connect(dir, t0, child, q, BOOT_TIMEOUT).await
 }
 
@@ -331,25 +401,56 @@ impl Template {
     /// its guest agent connected.
     pub async fn start_clone(&self, qemu: &Path, dir: &Path) -> Result<Clone, String> {
         let t0 = Instant::now();
-        let mut args = argv(&self.spec, dir, &self.memory, false);
-        args.extend(["-incoming".to_owned(), "defer".to_owned()]);
-        let (child, q) = launch(qemu, &args, dir).await?;
-        ignore_shared(&q).await?;
-        q.execute(
-            "migrate-incoming",
-            Some(json!({"uri": exec_uri(false, &self.state)?})),
-        )
-        .await
-        .map_err(|e| format!("migrate-incoming: {e}"))?;
-        migrated(&q).await?;
-        q.cont().await.map_err(|e| format!("cont: {e}"))?;
+        if self.lean.load(Ordering::Relaxed) {
+            match self.restore(qemu, dir, Start::Restore).await {
+                Ok((child, q)) => return connect(dir, t0, child, q, Duration::from_secs(30)).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a clone without the kernel did not restore: its template's clones carry it from now on");
+                    self.lean.store(false, Ordering::Relaxed);
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+        }
+        let (child, q) = self.restore(qemu, dir, Start::Boot).await?;
         connect(dir, t0, child, q, Duration::from_secs(30)).await
     }
 
-    /// Removes the template's files.
-    pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.memory);
+    /// Spawns a QEMU in `dir` and restores the template's state into it,
+    /// leaving it running.
+    async fn restore(
+        &self,
+        qemu: &Path,
+        dir: &Path,
+        start: Start,
+    ) -> Result<(tokio::process::Child, Qmp), String> {
+        let mut args = argv(&self.spec, dir, &self.memory, false, start);
+        args.extend(["-incoming".to_owned(), "defer".to_owned()]);
+        let (mut child, q) = launch(qemu, &args, dir).await?;
+        let restored = async {
+            ignore_shared(&q).await?;
+            q.execute(
+                "migrate-incoming",
+                Some(json!({"uri": exec_uri(false, &self.state)?})),
+            )
+            .await
+            .map_err(|e| format!("migrate-incoming: {e}"))?;
+            migrated(&q).await?;
+            q.cont().await.map_err(|e| format!("cont: {e}"))
+        };
+        match restored.await {
+            Ok(()) => Ok((child, q)),
+            Err(e) => {
+                let _ = child.kill().await;
+                Err(format!("{e}; QEMU said: {}", log_tail(dir)))
+            }
+        }
+    }
+
+    /// Removes the template's state file and lets its RAM go (once no
+    /// clone maps it).
+    pub fn remove(self) {
         let _ = std::fs::remove_file(&self.state);
+        drop(self.ram);
     }
 }
 

@@ -28,7 +28,6 @@ async fn clones_of_a_template_wake_in_a_fraction_of_a_boot_each_with_its_own_sta
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let memory = Path::new("/dev/shm").join(format!("bp-test-tpl-{}", std::process::id()));
     let spec = TemplateSpec {
         kernel: img.join("vmlinuz"),
         initrd: img.join("initrd.img"),
@@ -40,7 +39,7 @@ async fn clones_of_a_template_wake_in_a_fraction_of_a_boot_each_with_its_own_sta
         accel: Accel::Tcg,
     };
     let qemu = Path::new("qemu-system-x86_64");
-    let t = build(qemu, spec, &tmp.path().join("template"), &memory)
+    let t = build(qemu, spec, &tmp.path().join("template"), "bp-test-tpl")
         .await
         .expect("a template");
     let state = std::fs::metadata(&t.state).unwrap().len();
@@ -64,6 +63,15 @@ async fn clones_of_a_template_wake_in_a_fraction_of_a_boot_each_with_its_own_sta
         let (out, code) = run(&c, "echo hi").await;
         let first = t0.elapsed();
         assert_eq!((out.trim(), code), ("hi", Some(0)));
+        // It woke without being given the kernel to boot (QEMU keeps a
+        // kernel and initrd it is given in its memory).
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", c.pid)).unwrap();
+        let argv: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        assert!(
+            !argv.contains(&&b"-kernel"[..]) && !argv.contains(&&b"-initrd"[..]),
+            "clone {i} was given the kernel: {}",
+            String::from_utf8_lossy(&cmdline)
+        );
         eprintln!(
             "clone {i}: running after {} ms, agent ready after {} ms, first output after {} ms",
             c.restored_in.as_millis(),
@@ -89,8 +97,17 @@ async fn clones_of_a_template_wake_in_a_fraction_of_a_boot_each_with_its_own_sta
         assert!(!dir.exists(), "the clone's directory is left");
     }
     assert_ne!(seen[0], seen[1], "two clones read the same random bytes");
+    // The RAM is a memfd of this process: once let go, nothing holds it.
+    let memory = t.memory.clone();
+    assert!(
+        std::fs::read_link(&memory)
+            .is_ok_and(|l| l.to_string_lossy().contains("memfd:bp-test-tpl"))
+    );
     t.remove();
-    assert!(!memory.exists());
+    assert!(
+        !std::fs::read_link(&memory).is_ok_and(|l| l.to_string_lossy().contains("bp-test-tpl")),
+        "the template's RAM is still open"
+    );
 }
 
 #[tokio::test]
@@ -100,7 +117,6 @@ async fn a_runtime_image_clones_with_its_read_only_root_and_runs_python() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let memory = Path::new("/dev/shm").join(format!("bp-test-rtpl-{}", std::process::id()));
     let spec = TemplateSpec {
         kernel: img.join("vmlinuz"),
         initrd: img.join("initrd.img"),
@@ -112,7 +128,7 @@ async fn a_runtime_image_clones_with_its_read_only_root_and_runs_python() {
         accel: Accel::Tcg,
     };
     let qemu = Path::new("qemu-system-x86_64");
-    let t = build(qemu, spec, &tmp.path().join("template"), &memory)
+    let t = build(qemu, spec, &tmp.path().join("template"), "bp-test-rtpl")
         .await
         .expect("a template of run-python");
     eprintln!("run-python template built in {} ms", t.built_in.as_millis());
