@@ -5,12 +5,15 @@
 //!    `template_build_ms`.
 //! 2. **Pooled clone** (the default node, `--run-pool 1`): 30 runs each
 //!    (10 with `--quick`) of a shell `echo` and a Python `print`, one
-//!    after the other: the time from sending `POST /v1/runs` to the first
-//!    output line arriving at the client; p50 and p99.
+//!    second after the other ended (the pool has restored the next clone):
+//!    the time from sending `POST /v1/runs` to the first output line
+//!    arriving at the client; p50 and p99. Then the same runs back to
+//!    back, each coming while the pool restores.
 //! 3. **Sustained**: Python runs from 4 clients at once for `--secs` (20);
 //!    runs per second (the project's `max_concurrent_runs` set to 8).
 //! 4. **Memory**: what a clone's QEMU adds to the host, idle in the pool
-//!    and while its program sleeps: its anonymous memory (`Anonymous` of
+//!    and (on the second daemon) while its program sleeps: its anonymous
+//!    memory (`Anonymous` of
 //!    `/proc/PID/smaps_rollup`: the pages of guest RAM it wrote, copied
 //!    on write, QEMU's heap and translated code). The template's RAM file
 //!    is page cache that every clone of it maps, there once per template;
@@ -33,6 +36,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// The pause between two pooled runs: time for the pool to restore the
+/// next clone, as between the runs of a person at an editor.
+const POOL_GAP: Duration = Duration::from_millis(1000);
 
 struct Opts {
     runs: usize,
@@ -150,11 +157,13 @@ fn latencies(
     token: &str,
     programs: &[(&str, &serde_json::Value)],
     runs: usize,
+    gap: Duration,
 ) -> anyhow::Result<Vec<(f64, f64)>> {
     let mut p = Vec::new();
     for (name, body) in programs {
         let mut v = Vec::new();
         for _ in 0..runs {
+            std::thread::sleep(gap);
             let (first, end) = timed_run(addr, token, body)?;
             if end["state"] != "exited" {
                 bail!("a {name} run ended {}", end);
@@ -225,15 +234,18 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     }
 
     println!(
-        "== pooled clone (the default, one restored ahead per template): {} runs each",
+        "== pooled clone (the default, one restored ahead per template), a run every {} ms \
+         after the last ended: {} runs each",
+        POOL_GAP.as_millis(),
         o.runs
     );
-    let p = latencies(
-        &addr,
-        &token,
-        &[("shell", &shell), ("python", &python)],
-        o.runs,
-    )?;
+    let programs = [("shell", &shell), ("python", &python)];
+    let p = latencies(&addr, &token, &programs, o.runs, POOL_GAP)?;
+    println!(
+        "== pooled clone, back to back (the pool restores while the runs come): {} runs each",
+        o.runs
+    );
+    let b2b = latencies(&addr, &token, &programs, o.runs, Duration::ZERO)?;
 
     println!("== sustained: Python runs from 4 clients for {} s", o.secs);
     let done = Arc::new(AtomicU64::new(0));
@@ -260,36 +272,15 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let runs_per_s = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
     println!("  {runs_per_s:.2} runs/s");
 
-    println!("== memory: clones idle in the pool, then one running");
+    println!("== memory of the clones idle in the pool");
     // The pools refill after the sustained runs; then every QEMU is idle.
     std::thread::sleep(Duration::from_secs(3));
-    let idle_pids = qemus_under(&d.dir);
-    let (idle, idle_file, idle_n) = clones_mib(&idle_pids);
+    let (idle, idle_file, idle_n) = clones_mib(&qemus_under(&d.dir));
     println!(
         "  an idle clone adds {idle:.1} MiB (anonymous: written guest RAM, QEMU's heap and \
          translated code) and maps {idle_file:.1} MiB of its template's RAM file \
          ({idle_n} clone(s) seen)"
     );
-    let (addr2, token2) = (addr.clone(), token.clone());
-    let sleeper = std::thread::spawn(move || {
-        timed_run(
-            &addr2,
-            &token2,
-            &json!({"language": "shell", "code": "echo up; sleep 6"}),
-        )
-    });
-    std::thread::sleep(Duration::from_secs(3));
-    let running: Vec<u32> = qemus_under(&d.dir)
-        .into_iter()
-        .filter(|p| !idle_pids.contains(p))
-        .collect();
-    let (busy, busy_file, busy_n) = clones_mib(&running);
-    let _ = sleeper.join();
-    println!(
-        "  a running clone (its shell sleeping) adds {busy:.1} MiB and maps {busy_file:.1} MiB \
-         of the template's file ({busy_n} clone(s) seen)"
-    );
-
     drop(d);
 
     println!(
@@ -300,23 +291,29 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     for body in [&shell, &python] {
         timed_run(&addr, &token, body)?;
     }
-    let unpooled = latencies(
-        &addr,
-        &token,
-        &[("shell", &shell), ("python", &python)],
-        o.runs,
-    )?;
+    let unpooled = latencies(&addr, &token, &programs, o.runs, Duration::ZERO)?;
+    // Without a pool the only QEMU is the run's.
+    let (addr2, token2) = (addr.clone(), token.clone());
+    let sleeper = std::thread::spawn(move || {
+        timed_run(
+            &addr2,
+            &token2,
+            &json!({"language": "shell", "code": "echo up; sleep 6"}),
+        )
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let (busy, busy_file, busy_n) = clones_mib(&qemus_under(&d.dir));
+    let _ = sleeper.join();
+    println!(
+        "  a running clone, restored for its run (its shell sleeping), adds {busy:.1} MiB and \
+         maps {busy_file:.1} MiB of the template's file ({busy_n} clone(s) seen)"
+    );
     drop(d);
 
     let cold_runs = if o.runs < 30 { 3 } else { 6 };
     println!("== cold boot (--run-templates false): {cold_runs} runs each");
     let (d, addr, token) = daemon(&bin, root, &[("BYTEPORT_RUN_TEMPLATES", "false")])?;
-    let cold_boot = latencies(
-        &addr,
-        &token,
-        &[("shell", &shell), ("python", &python)],
-        cold_runs,
-    )?;
+    let cold_boot = latencies(&addr, &token, &programs, cold_runs, Duration::ZERO)?;
     drop(d);
 
     let clone_p50 = p[0].0.max(p[1].0);
@@ -329,10 +326,11 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     );
     println!(
         "RESULT clone_p50_ms={clone_p50:.0} clone_p99_ms={clone_p99:.0} shell_p50_ms={:.0} \
-         python_p50_ms={:.0} unpooled_p50_ms={:.0} cold_p50_ms={cold_p50:.0} \
+         python_p50_ms={:.0} back_to_back_p50_ms={:.0} unpooled_p50_ms={:.0} cold_p50_ms={cold_p50:.0} \
          template_first_ms={:.0} runs_per_s={runs_per_s:.2} clone_private_mib={idle:.1} running_clone_mib={busy:.1}",
         p[0].0,
         p[1].0,
+        b2b[0].0.max(b2b[1].0),
         unpooled[0].0.max(unpooled[1].0),
         Summary::of(&cold).median
     );

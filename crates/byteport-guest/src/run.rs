@@ -11,6 +11,11 @@
 //!   error (through `/proc/PID/fd/N`), its directory and environment, and
 //!   answers with the exit code, which this process exits with. Without
 //!   the socket (a cold boot) it runs `PROGRAM ARGS...` itself.
+//! - `byteport-guest prewarm SOCKET`: asks that interpreter to run its own
+//!   fixed program once, the way it runs a program given by `warm`, and
+//!   to wait for the next one: a clone restored ahead of its run goes
+//!   through the run's code once, so that an emulating QEMU has it
+//!   translated when the run comes.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -80,16 +85,35 @@ struct WarmRequest<'a> {
     argv: &'a [String],
     cwd: String,
     env: Vec<(String, String)>,
+    /// Run the interpreter's own program, and wait for the next request.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    prewarm: bool,
 }
 
 /// `warm SOCKET PROGRAM ARGS...`.
 pub fn warm_main(socket: &str, program: &str, args: &[String]) -> ExitCode {
-    let Ok(mut conn) = UnixStream::connect(socket) else {
+    let Ok(conn) = UnixStream::connect(socket) else {
         // No interpreter waits (a cold boot, or it is gone): start one.
         let e = std::process::Command::new(program).args(args).exec();
         eprintln!("byteport-guest warm: cannot run {program}: {e}");
         return ExitCode::from(127);
     };
+    hand_over(conn, args, false)
+}
+
+/// `prewarm SOCKET`.
+pub fn prewarm_main(socket: &str) -> ExitCode {
+    match UnixStream::connect(socket) {
+        Ok(conn) => hand_over(conn, &[], true),
+        Err(e) => {
+            eprintln!("byteport-guest prewarm: no interpreter waits on {socket}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sends the waiting interpreter its request and ends as it answers.
+fn hand_over(mut conn: UnixStream, args: &[String], prewarm: bool) -> ExitCode {
     let req = WarmRequest {
         pid: std::process::id(),
         argv: args,
@@ -97,6 +121,7 @@ pub fn warm_main(socket: &str, program: &str, args: &[String]) -> ExitCode {
             .map(|d| d.display().to_string())
             .unwrap_or_else(|_| "/".into()),
         env: std::env::vars().collect(),
+        prewarm,
     };
     let mut line = match serde_json::to_vec(&req) {
         Ok(l) => l,

@@ -81,6 +81,11 @@ pub struct NodeConfig {
     /// with its arguments; the relay's address is added last. This
     /// daemon's own `metadata-pipe` unless set.
     pub metadata_pipe: Vec<String>,
+    /// A program, with its arguments, that starts run-code's QEMUs with
+    /// transparent huge pages off (QEMU's binary and arguments are added
+    /// last); empty: they are started directly. byteportd sets its own
+    /// `qemu-no-thp`.
+    pub qemu_launcher: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +154,7 @@ impl NodeConfig {
             metadata_pipe: std::env::current_exe()
                 .map(|p| vec![p.display().to_string(), "metadata-pipe".into()])
                 .unwrap_or_default(),
+            qemu_launcher: Vec::new(),
         }
     }
 }
@@ -513,7 +519,10 @@ pub async fn run<D: Driver>(cfg: NodeConfig, driver: D) -> Result<(), NodeError>
         bridge,
         cgroups,
         runs: runs::Runs::new(
-            cfg.qemu_binary.clone(),
+            template::QemuCommand {
+                binary: cfg.qemu_binary.clone(),
+                launcher: cfg.qemu_launcher.clone(),
+            },
             accel,
             cfg.data_dir.join("runs"),
             &ident.id.to_string(),

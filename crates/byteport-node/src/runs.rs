@@ -11,7 +11,7 @@
 use crate::Shared;
 use crate::channel::Input;
 use crate::driver::{Accel, Driver};
-use crate::template::{Clone, Template, TemplateSpec, boot_cold, build};
+use crate::template::{Clone, QemuCommand, Template, TemplateSpec, boot_cold, build};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use byteport_guest::host::ExecEvent;
@@ -27,18 +27,39 @@ use tokio::sync::mpsc;
 
 /// Templates by image and size, and where clones live.
 pub struct Runs {
-    qemu: PathBuf,
+    qemu: QemuCommand,
     accel: Accel,
     dir: PathBuf,
     /// Templates by key; `None`: this one could not be saved.
     templates: tokio::sync::Mutex<HashMap<String, Option<Arc<Template>>>>,
     /// Whether runs start from templates at all (else each boots cold).
     templates_on: bool,
-    /// Clones already restored and waiting, by template.
-    pool: Arc<std::sync::Mutex<HashMap<String, Vec<Clone>>>>,
+    /// Clones restored ahead, by template.
+    pool: Arc<Pool>,
     /// How many restored clones to keep waiting per template.
     pool_size: usize,
 }
+
+/// Clones restored ahead of their runs.
+#[derive(Default)]
+struct Pool {
+    slots: std::sync::Mutex<HashMap<String, Slot>>,
+    /// Told each time a clone is restored for the pool, or fails to be.
+    restored: tokio::sync::Notify,
+}
+
+/// One template's clones in the pool.
+#[derive(Default)]
+struct Slot {
+    ready: Vec<Clone>,
+    /// Being restored now; counted in the pool's size.
+    coming: usize,
+}
+
+/// How long a run waits for a clone the pool is restoring before it
+/// restores one itself: the pool's has a head start, but a stuck one
+/// must not hold the run.
+const POOL_WAIT: Duration = Duration::from_secs(3);
 
 /// The key of a template: its image and size.
 fn template_key(image: &NodeImage, vcpus: u32, memory_mib: u64) -> String {
@@ -72,10 +93,19 @@ fn kill_leftovers(dir: &std::path::Path) {
 /// of its own (it woke with the template's). Done as it is restored, so a
 /// pooled clone has it before its run comes: bind-mounting them costs the
 /// guest tens of milliseconds under emulation.
+///
+/// A clone restored ahead (`ahead`) also runs its runtime's prewarm
+/// command: a fresh QEMU that emulates translates each guest instruction
+/// the first time it meets it, which is most of a first process's cost
+/// (a shell's `echo` takes about twice as long in a clone that has never
+/// started a process). The prewarm is a fixed program of the runtime, run
+/// before any user's code reaches this VM, and nothing of it is left but
+/// the translated code; a run's own clone never shares it with another.
 async fn restore(
-    qemu: &std::path::Path,
+    qemu: &QemuCommand,
     template: &Template,
     dir: &std::path::Path,
+    ahead: bool,
 ) -> Result<Clone, String> {
     let c = template.start_clone(qemu, dir).await?;
     let req = ExecRequest {
@@ -89,6 +119,20 @@ async fn restore(
     if let Err(e) = c.agent.exec_output(req).await {
         c.destroy().await;
         return Err(format!("giving the clone its identity: {e}"));
+    }
+    if let Some(argv) = template.spec.prewarm.as_ref().filter(|_| ahead) {
+        match c.agent.exec_output(ExecRequest::new(argv.clone())).await {
+            Ok(o) if o.code == Some(0) => {}
+            Ok(o) => tracing::warn!(
+                code = ?o.code,
+                stderr = %String::from_utf8_lossy(&o.stderr).trim(),
+                "a pooled clone's prewarm failed"
+            ),
+            Err(e) => {
+                c.destroy().await;
+                return Err(format!("prewarming the clone: {e}"));
+            }
+        }
     }
     Ok(c)
 }
@@ -107,7 +151,7 @@ enum Ending {
 impl Runs {
     /// `dir` holds templates and clones; what a crash left there goes.
     pub fn new(
-        qemu: PathBuf,
+        qemu: QemuCommand,
         accel: Accel,
         dir: PathBuf,
         node: &str,
@@ -140,36 +184,45 @@ impl Runs {
         }
     }
 
-    /// A restored clone of `template`: one waiting in the pool, else a new
-    /// one; the pool is topped up in the background either way.
+    /// A restored clone of `template`: one waiting in the pool, or the one
+    /// the pool is restoring (it started earlier), else a new one; the
+    /// pool is topped up in the background either way.
     async fn take_clone(
         &self,
         key: &str,
         template: &Arc<Template>,
     ) -> Result<(Clone, bool), String> {
-        let pooled = self
-            .pool
-            .lock()
-            .ok()
-            .and_then(|mut p| p.get_mut(key).and_then(|v| v.pop()));
-        let got = match pooled {
-            Some(c) if !c.agent.is_closed() => (c, true),
-            other => {
-                if let Some(c) = other {
-                    c.destroy().await;
-                }
-                let dir = self.clone_dir();
-                match restore(&self.qemu, template, &dir).await {
-                    Ok(c) => (c, false),
-                    Err(e) => {
-                        let _ = std::fs::remove_dir_all(&dir);
-                        return Err(e);
+        let give_up = tokio::time::Instant::now() + POOL_WAIT;
+        let pooled = loop {
+            let restored = self.pool.restored.notified();
+            let (clone, coming) = {
+                let mut slots = self.pool.slots.lock().unwrap_or_else(|p| p.into_inner());
+                let slot = slots.entry(key.to_owned()).or_default();
+                (slot.ready.pop(), slot.coming)
+            };
+            match clone {
+                Some(c) if !c.agent.is_closed() => break Some(c),
+                Some(c) => c.destroy().await,
+                None if coming == 0 => break None,
+                None => {
+                    if tokio::time::timeout_at(give_up, restored).await.is_err() {
+                        break None;
                     }
                 }
             }
         };
         self.refill(key, template);
-        Ok(got)
+        if let Some(c) = pooled {
+            return Ok((c, true));
+        }
+        let dir = self.clone_dir();
+        match restore(&self.qemu, template, &dir, false).await {
+            Ok(c) => Ok((c, false)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
     }
 
     fn clone_dir(&self) -> PathBuf {
@@ -177,36 +230,43 @@ impl Runs {
             .join(format!("run-{}", uuid::Uuid::new_v4().simple()))
     }
 
-    /// Restores clones until the template's pool is full again.
+    /// Restores clones until the template's pool (those ready and those
+    /// coming) is full again.
     fn refill(&self, key: &str, template: &Arc<Template>) {
-        let have = self
-            .pool
-            .lock()
-            .map(|p| p.get(key).map_or(0, Vec::len))
-            .unwrap_or(usize::MAX);
-        if have >= self.pool_size {
-            return;
-        }
-        let (pool, qemu, template, key) = (
-            self.pool.clone(),
-            self.qemu.clone(),
-            template.clone(),
-            key.to_owned(),
-        );
-        let dir = self.clone_dir();
-        tokio::spawn(async move {
-            match restore(&qemu, &template, &dir).await {
-                Ok(c) => {
-                    if let Ok(mut p) = pool.lock() {
-                        p.entry(key).or_default().push(c);
-                    }
-                }
-                Err(e) => {
+        let missing = {
+            let mut slots = self.pool.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = slots.entry(key.to_owned()).or_default();
+            let missing = self
+                .pool_size
+                .saturating_sub(slot.ready.len() + slot.coming);
+            slot.coming += missing;
+            missing
+        };
+        for _ in 0..missing {
+            let (pool, qemu, template, key) = (
+                self.pool.clone(),
+                self.qemu.clone(),
+                template.clone(),
+                key.to_owned(),
+            );
+            let dir = self.clone_dir();
+            tokio::spawn(async move {
+                let c = restore(&qemu, &template, &dir, true).await;
+                if let Err(e) = &c {
                     tracing::warn!(error = %e, "cannot restore a clone for the pool");
                     let _ = std::fs::remove_dir_all(&dir);
                 }
-            }
-        });
+                {
+                    let mut slots = pool.slots.lock().unwrap_or_else(|p| p.into_inner());
+                    let slot = slots.entry(key).or_default();
+                    slot.coming -= 1;
+                    if let Ok(c) = c {
+                        slot.ready.push(c);
+                    }
+                }
+                pool.restored.notify_waiters();
+            });
+        }
     }
 
     /// What a VM of this image and size boots (its files fetched).
@@ -215,6 +275,7 @@ impl Runs {
         shared: &Shared<D>,
         image: &NodeImage,
         warmup: &[String],
+        prewarm: &[String],
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<TemplateSpec, String> {
@@ -252,6 +313,7 @@ impl Runs {
                 .unwrap_or_else(|| "console=ttyS0 quiet".into()),
             disk,
             warmup: (!warmup.is_empty()).then(|| warmup.to_vec()),
+            prewarm: (!prewarm.is_empty()).then(|| prewarm.to_vec()),
             vcpus,
             memory_mib,
             accel: self.accel,
@@ -329,6 +391,7 @@ impl Runs {
                 shared,
                 &spec.image,
                 &spec.warmup,
+                &spec.prewarm,
                 spec.vcpus,
                 spec.memory_mib,
             )

@@ -19,10 +19,14 @@
 //! to a firmware that never runs again. It gets only the option ROM that
 //! `-kernel` adds (`linuxboot_dma.bin`), whose RAM the device state names;
 //! should a QEMU need more than that, the restore fails, and the template's
-//! clones carry the kernel again from then on. Templates and clones run
-//! with transparent huge pages off (`PR_SET_THP_DISABLE`): QEMU asks for
-//! them for its translated code, and a clone's few MiB of it would take
-//! whole 2 MiB pages.
+//! clones carry the kernel again from then on.
+//!
+//! QEMU asks for transparent huge pages for its translated code and its
+//! RAM blocks, so a clone's few MiB of each take whole 2 MiB pages (about
+//! 15 MiB more a clone). The node starts these QEMUs through a launcher
+//! ([`QemuCommand::launcher`], `byteportd qemu-no-thp`) that turns them
+//! off for itself (`PR_SET_THP_DISABLE`, kept across `exec`) and becomes
+//! QEMU; the node's own process, and the QEMUs of other VMs, keep them.
 //!
 //! The RAM file is a memfd the node holds, which QEMU opens as
 //! `/proc/NODE/fd/N`: it is memory, and it goes with the node's process
@@ -54,6 +58,47 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a save or a restore may take.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How a QEMU is started: its binary, after a launcher if there is one.
+#[derive(Clone, Debug)]
+pub struct QemuCommand {
+    pub binary: PathBuf,
+    /// A program and its arguments that start the binary (given last,
+    /// with QEMU's arguments) with transparent huge pages off; empty:
+    /// the binary is run itself.
+    pub launcher: Vec<String>,
+}
+
+impl QemuCommand {
+    /// The binary, run itself.
+    pub fn new(binary: impl Into<PathBuf>) -> QemuCommand {
+        QemuCommand {
+            binary: binary.into(),
+            launcher: Vec::new(),
+        }
+    }
+
+    fn command(&self) -> tokio::process::Command {
+        match self.launcher.split_first() {
+            None => tokio::process::Command::new(&self.binary),
+            Some((program, args)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args).arg(&self.binary);
+                c
+            }
+        }
+    }
+}
+
+/// `byteportd qemu-no-thp QEMU ARGS...`: turns transparent huge pages off
+/// for this process and becomes `QEMU ARGS...`; returns only on failure.
+pub fn launch_without_huge_pages(qemu: &str, args: &[String]) -> std::io::Error {
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        // An older kernel: QEMU runs as it would have.
+        eprintln!("byteportd qemu-no-thp: PR_SET_THP_DISABLE: {e}");
+    }
+    std::os::unix::process::CommandExt::exec(std::process::Command::new(qemu).args(args))
+}
+
 /// What a template boots.
 #[derive(Clone, Debug)]
 pub struct TemplateSpec {
@@ -66,6 +111,10 @@ pub struct TemplateSpec {
     /// it reads (an interpreter, its libraries) is in the saved page cache
     /// and clones need not read it from disk.
     pub warmup: Option<Vec<String>>,
+    /// A command a clone runs before it is used, when it is restored ahead
+    /// of time, so that the code its use goes through is translated
+    /// already (see [`crate::runs`]).
+    pub prewarm: Option<Vec<String>>,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub accel: Accel,
@@ -186,33 +235,17 @@ fn argv(spec: &TemplateSpec, dir: &Path, memory: &Path, shared: bool, start: Sta
     a
 }
 
-fn spawn(qemu: &Path, args: &[String], dir: &Path) -> Result<tokio::process::Child, String> {
+fn spawn(qemu: &QemuCommand, args: &[String], dir: &Path) -> Result<tokio::process::Child, String> {
     let log = std::fs::File::create(dir.join("qemu.log"))
         .map_err(|e| format!("cannot open the QEMU log: {e}"))?;
-    let mut cmd = tokio::process::Command::new(qemu);
-    cmd.args(args)
+    qemu.command()
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
-        .kill_on_drop(true);
-    no_huge_pages(&mut cmd);
-    cmd.spawn()
-        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))
-}
-
-/// Turns transparent huge pages off in the process `cmd` starts.
-#[allow(unsafe_code)]
-fn no_huge_pages(cmd: &mut tokio::process::Command) {
-    // SAFETY: the closure runs between fork and exec, where only
-    // async-signal-safe calls are allowed: it makes one prctl system call,
-    // allocates nothing and takes no lock. A kernel without the flag says
-    // EINVAL, and QEMU then runs with huge pages as before.
-    unsafe {
-        cmd.pre_exec(|| {
-            let _ = rustix::thread::disable_transparent_huge_pages(true);
-            Ok(())
-        });
-    }
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", qemu.binary.display()))
 }
 
 fn log_tail(dir: &Path) -> String {
@@ -315,7 +348,7 @@ fn ram_file(name: &str, size_mib: u64) -> Result<(OwnedFd, PathBuf), String> {
 /// Boots a template in `dir` with its RAM in a memfd named `name`, and
 /// saves it.
 pub async fn build(
-    qemu: &Path,
+    qemu: &QemuCommand,
     spec: TemplateSpec,
     dir: &Path,
     name: &str,
@@ -356,7 +389,11 @@ pub async fn build(
 /// Boots a VM of `spec` from scratch in `dir`, for a run where templates
 /// are off or cannot be made: its RAM is private (a file of its own in
 /// `dir`), and it has the devices a clone has.
-pub async fn boot_cold(qemu: &Path, spec: &TemplateSpec, dir: &Path) -> Result<Clone, String> {
+pub async fn boot_cold(
+    qemu: &QemuCommand,
+    spec: &TemplateSpec,
+    dir: &Path,
+) -> Result<Clone, String> {
     let t0 = Instant::now();
     let args = argv(spec, dir, &dir.join("ram"), false, Start::Boot);
     let (child, q) = launch(qemu, &args, dir).await?;
@@ -365,7 +402,7 @@ pub async fn boot_cold(qemu: &Path, spec: &TemplateSpec, dir: &Path) -> Result<C
 
 /// Spawns QEMU with `args` in `dir` (made first) and connects to its QMP.
 async fn launch(
-    qemu: &Path,
+    qemu: &QemuCommand,
     args: &[String],
     dir: &Path,
 ) -> Result<(tokio::process::Child, Qmp), String> {
@@ -399,7 +436,7 @@ async fn connect(
 impl Template {
     /// Starts a clone in `dir` (its sockets and log), restored and running,
     /// its guest agent connected.
-    pub async fn start_clone(&self, qemu: &Path, dir: &Path) -> Result<Clone, String> {
+    pub async fn start_clone(&self, qemu: &QemuCommand, dir: &Path) -> Result<Clone, String> {
         let t0 = Instant::now();
         if self.lean.load(Ordering::Relaxed) {
             match self.restore(qemu, dir, Start::Restore).await {
@@ -419,7 +456,7 @@ impl Template {
     /// leaving it running.
     async fn restore(
         &self,
-        qemu: &Path,
+        qemu: &QemuCommand,
         dir: &Path,
         start: Start,
     ) -> Result<(tokio::process::Child, Qmp), String> {

@@ -807,7 +807,7 @@ pub(crate) mod tests {
             bridge: None,
             cgroups: crate::cgroup::Cgroups::none(NodeId::new()),
             runs: crate::runs::Runs::new(
-                "qemu-system-x86_64".into(),
+                crate::template::QemuCommand::new("qemu-system-x86_64"),
                 crate::driver::Accel::Tcg,
                 dir.join("runs"),
                 "test",

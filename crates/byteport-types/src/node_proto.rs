@@ -76,6 +76,10 @@ pub struct RunSpec {
     /// interpreter on an empty program), so clones start it from memory.
     #[serde(default)]
     pub warmup: Vec<String>,
+    /// What a clone restored ahead in the node's pool runs before its run
+    /// comes (`Runtime::prewarm`).
+    #[serde(default)]
+    pub prewarm: Vec<String>,
 }
 
 /// How a run ended, as its node saw it.

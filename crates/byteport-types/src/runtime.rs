@@ -37,6 +37,11 @@ pub struct Runtime {
     /// What the template runs once before it is saved, to page the
     /// runtime in.
     pub warmup: &'static [&'static str],
+    /// What a clone waiting in a node's pool runs before its run comes:
+    /// the run's path through the guest (a process started as a run's is,
+    /// the interpreter's compile and print) on a fixed program, so that a
+    /// QEMU that emulates has translated that code already. Empty: none.
+    pub prewarm: &'static [&'static str],
 }
 
 /// Where a run's files live in the guest (its working directory).
@@ -58,6 +63,7 @@ pub const RUNTIMES: &[Runtime] = &[
         memory_mib: 256,
         timeout_secs: 30,
         warmup: &["bash", "-c", "true"],
+        prewarm: &["bash", "-c", "echo >/dev/null", "run"],
     },
     Runtime {
         language: "python",
@@ -91,6 +97,7 @@ pub const RUNTIMES: &[Runtime] = &[
             "/usr/local/lib/byteport/python-warm.py",
             PYTHON_SOCKET,
         ],
+        prewarm: &["byteport-guest", "prewarm", PYTHON_SOCKET],
     },
     Runtime {
         language: "node",
@@ -104,6 +111,7 @@ pub const RUNTIMES: &[Runtime] = &[
         memory_mib: 256,
         timeout_secs: 30,
         warmup: &["node", "-e", ""],
+        prewarm: &[],
     },
     Runtime {
         language: "rust",
@@ -128,6 +136,7 @@ pub const RUNTIMES: &[Runtime] = &[
         // rustc takes about 10 s under emulation.
         timeout_secs: 120,
         warmup: &["rustc", "--version"],
+        prewarm: &[],
     },
 ];
 

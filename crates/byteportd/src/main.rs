@@ -393,6 +393,9 @@ fn node_config(
     c.metadata_port = o.metadata_port;
     c.run_pool = o.run_pool.min(64);
     c.run_templates = o.run_templates;
+    c.qemu_launcher = std::env::current_exe()
+        .map(|p| vec![p.display().to_string(), "qemu-no-thp".into()])
+        .unwrap_or_default();
     c.console_log_max = o.console_log_max.max(64 * 1024);
     c.network = o
         .network
@@ -631,6 +634,13 @@ fn main() -> anyhow::Result<()> {
     {
         return byteport_node::network::pipe_stdio(addr)
             .with_context(|| format!("relaying to {addr}"));
+    }
+    // What the node starts run-code's QEMUs through.
+    if let [_, cmd, qemu, qemu_args @ ..] = args.as_slice()
+        && cmd == "qemu-no-thp"
+    {
+        let e = byteport_node::template::launch_without_huge_pages(qemu, qemu_args);
+        bail!("cannot run {qemu}: {e}");
     }
     // The configuration file's settings join the command line as flags.
     let root = <Cli as clap::CommandFactory>::command();

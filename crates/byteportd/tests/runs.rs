@@ -222,6 +222,19 @@ fn programs_run_in_fresh_vms_of_their_own_with_their_limits() {
         std::thread::sleep(Duration::from_millis(100));
     };
     std::thread::sleep(Duration::from_secs(1));
+    // Clones' QEMUs (the running one and the pool's) run with transparent
+    // huge pages off, through the daemon's launcher.
+    let qemus = qemus_under(&d.dir);
+    assert!(!qemus.is_empty());
+    for pid in qemus {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])),
+            "QEMU {pid} has transparent huge pages on: {status}"
+        );
+    }
     d.api.delete(&format!("/v1/runs/{id}")).expect("cancel");
     let lines = waiting.join().unwrap().expect("the stream");
     let end = &lines.last().unwrap()["end"];

@@ -8,9 +8,8 @@
 
 use byteport_guest::host::ExecRequest;
 use byteport_node::driver::Accel;
-use byteport_node::template::{TemplateSpec, build};
+use byteport_node::template::{QemuCommand, TemplateSpec, build};
 use byteport_testkit::daemon::tiny_or_skip;
-use std::path::Path;
 use std::time::Instant;
 
 async fn run(c: &byteport_node::template::Clone, script: &str) -> (String, Option<i32>) {
@@ -34,11 +33,12 @@ async fn clones_of_a_template_wake_in_a_fraction_of_a_boot_each_with_its_own_sta
         cmdline: "console=ttyS0 quiet byteport.hostname=tpl".into(),
         disk: None,
         warmup: None,
+        prewarm: None,
         vcpus: 1,
         memory_mib: 256,
         accel: Accel::Tcg,
     };
-    let qemu = Path::new("qemu-system-x86_64");
+    let qemu = &QemuCommand::new("qemu-system-x86_64");
     let t = build(qemu, spec, &tmp.path().join("template"), "bp-test-tpl")
         .await
         .expect("a template");
@@ -123,11 +123,12 @@ async fn a_runtime_image_clones_with_its_read_only_root_and_runs_python() {
         cmdline: "console=ttyS0 root=/dev/vda ro quiet".into(),
         disk: Some(img.join("disk.qcow2")),
         warmup: Some(vec!["python3".into(), "-c".into(), "pass".into()]),
+        prewarm: None,
         vcpus: 1,
         memory_mib: 256,
         accel: Accel::Tcg,
     };
-    let qemu = Path::new("qemu-system-x86_64");
+    let qemu = &QemuCommand::new("qemu-system-x86_64");
     let t = build(qemu, spec, &tmp.path().join("template"), "bp-test-rtpl")
         .await
         .expect("a template of run-python");

@@ -23,7 +23,8 @@ fn main() -> ExitCode {
     match argv.first().map(String::as_str) {
         Some("unpack") if argv.len() == 2 => return run::unpack_main(&argv[1]),
         Some("warm") if argv.len() >= 3 => return run::warm_main(&argv[1], &argv[2], &argv[3..]),
-        Some("unpack" | "warm") => return usage(),
+        Some("prewarm") if argv.len() == 2 => return run::prewarm_main(&argv[1]),
+        Some("unpack" | "warm" | "prewarm") => return usage(),
         _ => {}
     }
     let mut name = AGENT_PORT_NAME.to_string();
@@ -43,8 +44,9 @@ fn main() -> ExitCode {
                     "usage: byteport-guest [--port NAME]\n\
                      \x20      byteport-guest unpack DIR\n\
                      \x20      byteport-guest warm SOCKET PROGRAM [ARGS...]\n\
+                     \x20      byteport-guest prewarm SOCKET\n\
                      Serves the BytePort guest protocol on the virtio-serial port NAME \
-                     (default {AGENT_PORT_NAME}); unpack and warm serve run-code."
+                     (default {AGENT_PORT_NAME}); unpack, warm and prewarm serve run-code."
                 );
                 return ExitCode::SUCCESS;
             }
@@ -90,7 +92,7 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: byteport-guest [--version] [--port NAME] | unpack DIR | warm SOCKET PROGRAM [ARGS...]"
+        "usage: byteport-guest [--version] [--port NAME] | unpack DIR | warm SOCKET PROGRAM [ARGS...] | prewarm SOCKET"
     );
     ExitCode::from(2)
 }

@@ -403,6 +403,7 @@ impl App {
             memory_mib,
             output_limit: OUTPUT_LIMIT,
             warmup: rt.warmup.iter().map(|w| (*w).to_owned()).collect(),
+            prewarm: rt.prewarm.iter().map(|w| (*w).to_owned()).collect(),
         };
         let stream = match self
             .hub

@@ -25,6 +25,8 @@ import sys
 import traceback
 import types
 
+PREWARM = "print('prewarmed')"
+
 
 def streams(pid, env):
     """Takes the waiting process's standard streams as this one's."""
@@ -115,17 +117,25 @@ def main():
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    conn, _ = server.accept()
-    server.close()
-    req = json.loads(conn.makefile("rb").readline())
-    env = dict(req["env"])
-    streams(req["pid"], env)
-    os.chdir(req["cwd"])
-    os.environ.clear()
-    os.environ.update(env)
-    code = run(req["argv"])
-    conn.sendall(f"{code}\n".encode())
-    os._exit(code)
+    while True:
+        conn, _ = server.accept()
+        req = json.loads(conn.makefile("rb").readline())
+        env = dict(req["env"])
+        streams(req["pid"], env)
+        if req.get("prewarm"):
+            code = run(["-c", PREWARM])
+            conn.sendall(f"{code}\n".encode())
+            conn.close()
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            continue
+        server.close()
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(env)
+        code = run(req["argv"])
+        conn.sendall(f"{code}\n".encode())
+        os._exit(code)
 
 
 if __name__ == "__main__":
