@@ -44,8 +44,6 @@ pub struct Runs {
 #[derive(Default)]
 struct Pool {
     slots: std::sync::Mutex<HashMap<String, Slot>>,
-    /// Told each time a clone is restored for the pool, or fails to be.
-    restored: tokio::sync::Notify,
 }
 
 /// One template's clones in the pool.
@@ -55,11 +53,6 @@ struct Slot {
     /// Being restored now; counted in the pool's size.
     coming: usize,
 }
-
-/// How long a run waits for a clone the pool is restoring before it
-/// restores one itself: the pool's has a head start, but a stuck one
-/// must not hold the run.
-const POOL_WAIT: Duration = Duration::from_secs(3);
 
 /// The key of a template: its image and size.
 fn template_key(image: &NodeImage, vcpus: u32, memory_mib: u64) -> String {
@@ -184,31 +177,24 @@ impl Runs {
         }
     }
 
-    /// A restored clone of `template`: one waiting in the pool, or the one
-    /// the pool is restoring (it started earlier), else a new one; the
-    /// pool is topped up in the background either way.
+    /// A restored clone of `template`: one waiting in the pool, else a new
+    /// one; the pool is topped up in the background either way. A run
+    /// does not wait for a clone the pool is restoring: that one also
+    /// prewarms, which a run restored for itself would wait through.
     async fn take_clone(
         &self,
         key: &str,
         template: &Arc<Template>,
     ) -> Result<(Clone, bool), String> {
-        let give_up = tokio::time::Instant::now() + POOL_WAIT;
         let pooled = loop {
-            let restored = self.pool.restored.notified();
-            let (clone, coming) = {
+            let clone = {
                 let mut slots = self.pool.slots.lock().unwrap_or_else(|p| p.into_inner());
-                let slot = slots.entry(key.to_owned()).or_default();
-                (slot.ready.pop(), slot.coming)
+                slots.get_mut(key).and_then(|s| s.ready.pop())
             };
             match clone {
                 Some(c) if !c.agent.is_closed() => break Some(c),
                 Some(c) => c.destroy().await,
-                None if coming == 0 => break None,
-                None => {
-                    if tokio::time::timeout_at(give_up, restored).await.is_err() {
-                        break None;
-                    }
-                }
+                None => break None,
             }
         };
         self.refill(key, template);
@@ -264,7 +250,6 @@ impl Runs {
                         slot.ready.push(c);
                     }
                 }
-                pool.restored.notify_waiters();
             });
         }
     }
