@@ -22,6 +22,7 @@ use byteport_types::runtime::RUN_DIR;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -36,6 +37,8 @@ pub struct Runs {
     templates_on: bool,
     /// Clones restored ahead, by template.
     pool: Arc<Pool>,
+    /// Runs going on now.
+    active: Arc<AtomicUsize>,
     /// How many restored clones to keep waiting per template.
     pool_size: usize,
 }
@@ -87,18 +90,21 @@ fn kill_leftovers(dir: &std::path::Path) {
 /// pooled clone has it before its run comes: bind-mounting them costs the
 /// guest tens of milliseconds under emulation.
 ///
-/// A clone restored ahead (`ahead`) also runs its runtime's prewarm
-/// command: a fresh QEMU that emulates translates each guest instruction
-/// the first time it meets it, which is most of a first process's cost
-/// (a shell's `echo` takes about twice as long in a clone that has never
-/// started a process). The prewarm is a fixed program of the runtime, run
-/// before any user's code reaches this VM, and nothing of it is left but
-/// the translated code; a run's own clone never shares it with another.
+/// A clone restored ahead (`ahead` true when called) also runs its
+/// runtime's prewarm command: a fresh QEMU that emulates translates each
+/// guest instruction the first time it meets it, which is most of a first
+/// process's cost (a shell's `echo` takes about twice as long in a clone
+/// that has never started a process). The prewarm is a fixed program of
+/// the runtime, run before any user's code reaches this VM, and nothing of
+/// it is left but the translated code; a run's own clone never shares it
+/// with another. It is skipped while other runs are going (`ahead` false
+/// by then): on a busy node it is work no run waits less for, and the
+/// processors are what the runs wait for.
 async fn restore(
     qemu: &QemuCommand,
     template: &Template,
     dir: &std::path::Path,
-    ahead: bool,
+    ahead: impl Fn() -> bool,
 ) -> Result<Clone, String> {
     let c = template.start_clone(qemu, dir).await?;
     let req = ExecRequest {
@@ -113,7 +119,7 @@ async fn restore(
         c.destroy().await;
         return Err(format!("giving the clone its identity: {e}"));
     }
-    if let Some(argv) = template.spec.prewarm.as_ref().filter(|_| ahead) {
+    if let Some(argv) = template.spec.prewarm.as_ref().filter(|_| ahead()) {
         match c.agent.exec_output(ExecRequest::new(argv.clone())).await {
             Ok(o) if o.code == Some(0) => {}
             Ok(o) => tracing::warn!(
@@ -128,6 +134,15 @@ async fn restore(
         }
     }
     Ok(c)
+}
+
+/// Counts a run out of [`Runs::active`] when it ends, however it ends.
+struct Going<'a>(&'a AtomicUsize);
+
+impl Drop for Going<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How a run is ending, before its result is written.
@@ -173,6 +188,7 @@ impl Runs {
             templates: tokio::sync::Mutex::default(),
             templates_on,
             pool: Arc::default(),
+            active: Arc::default(),
             pool_size,
         }
     }
@@ -202,7 +218,7 @@ impl Runs {
             return Ok((c, true));
         }
         let dir = self.clone_dir();
-        match restore(&self.qemu, template, &dir, false).await {
+        match restore(&self.qemu, template, &dir, || false).await {
             Ok(c) => Ok((c, false)),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -229,15 +245,18 @@ impl Runs {
             missing
         };
         for _ in 0..missing {
-            let (pool, qemu, template, key) = (
+            let (pool, qemu, template, key, active) = (
                 self.pool.clone(),
                 self.qemu.clone(),
                 template.clone(),
                 key.to_owned(),
+                self.active.clone(),
             );
             let dir = self.clone_dir();
             tokio::spawn(async move {
-                let c = restore(&qemu, &template, &dir, true).await;
+                // The run that took the last clone may still be going.
+                let quiet = || active.load(Ordering::Relaxed) <= 1;
+                let c = restore(&qemu, &template, &dir, quiet).await;
                 if let Err(e) = &c {
                     tracing::warn!(error = %e, "cannot restore a clone for the pool");
                     let _ = std::fs::remove_dir_all(&dir);
@@ -358,6 +377,8 @@ impl Runs {
         out: &mpsc::Sender<FromNode>,
     ) -> FromNode {
         let t0 = Instant::now();
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let _going = Going(&self.active);
         let mut result = RunResult {
             outcome: "failed".into(),
             code: None,
