@@ -1,10 +1,11 @@
 //! Templates and clones: fresh VMs from a memory snapshot, the start of
 //! run-code (and later of VM snapshots and forks).
 //!
-//! A template is a VM of a kernel-booted image, booted once with its RAM in
-//! a shared file (`memory-backend-file,share=on`), stopped once its guest agent is ready,
-//! and saved with `x-ignore-shared`: the migration stream then holds only
-//! the device state (a few hundred KiB), the RAM stays in the file. A clone
+//! A template is a VM of a kernel-booted image, booted once with its RAM
+//! in a shared file (`memory-backend-file,share=on`), stopped once its
+//! guest agent is ready, and saved with `x-ignore-shared`: the migration
+//! stream then holds only the device state (a few hundred KiB), the RAM
+//! stays in the file. A clone
 //! is a new QEMU with the same devices that maps that file privately
 //! (`share=off`: copy-on-write, so its writes are its own and the template
 //! is never changed), restores the device state (`-incoming defer`,
@@ -22,8 +23,8 @@
 //! clones carry the kernel again from then on.
 //!
 //! QEMU asks for transparent huge pages for its translated code and its
-//! RAM blocks, so a clone's few MiB of each take whole 2 MiB pages (about
-//! 15 MiB more a clone). The node starts these QEMUs through a launcher
+//! RAM blocks, so a clone's few MiB of each take whole 2 MiB pages (3-4
+//! MiB more a clone, measured). The node starts these QEMUs through a launcher
 //! ([`QemuCommand::launcher`], `byteportd qemu-no-thp`) that turns them
 //! off for itself (`PR_SET_THP_DISABLE`, kept across `exec`) and becomes
 //! QEMU; the node's own process, and the QEMUs of other VMs, keep them.
