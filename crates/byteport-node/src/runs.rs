@@ -36,17 +36,11 @@ pub struct Runs {
     /// Whether runs start from templates at all (else each boots cold).
     templates_on: bool,
     /// Clones restored ahead, by template.
-    pool: Arc<Pool>,
+    pool: Arc<std::sync::Mutex<HashMap<String, Slot>>>,
     /// Runs going on now.
     active: Arc<AtomicUsize>,
     /// How many restored clones to keep waiting per template.
     pool_size: usize,
-}
-
-/// Clones restored ahead of their runs.
-#[derive(Default)]
-struct Pool {
-    slots: std::sync::Mutex<HashMap<String, Slot>>,
 }
 
 /// One template's clones in the pool.
@@ -90,21 +84,21 @@ fn kill_leftovers(dir: &std::path::Path) {
 /// pooled clone has it before its run comes: bind-mounting them costs the
 /// guest tens of milliseconds under emulation.
 ///
-/// A clone restored ahead (`ahead` true when called) also runs its
-/// runtime's prewarm command: a fresh QEMU that emulates translates each
-/// guest instruction the first time it meets it, which is most of a first
-/// process's cost (a shell's `echo` takes about twice as long in a clone
-/// that has never started a process). The prewarm is a fixed program of
-/// the runtime, run before any user's code reaches this VM, and nothing of
-/// it is left but the translated code; a run's own clone never shares it
-/// with another. It is skipped while other runs are going (`ahead` false
-/// by then): on a busy node it is work no run waits less for, and the
-/// processors are what the runs wait for.
+/// A clone restored ahead of its run (the pool's) then runs its runtime's
+/// prewarm command, if `prewarm()` says so once it is ready: a fresh QEMU
+/// that emulates translates each guest instruction the first time it
+/// meets it, which is most of a first process's cost (a shell's `echo`
+/// takes about twice as long in a clone that has never started a
+/// process). The prewarm is a fixed program of the runtime, run before any
+/// user's code reaches this VM, and nothing of it is left but the
+/// translated code; a run's own clone never shares it with another. The
+/// pool skips it while other runs are going: on a busy node it is work no
+/// run waits less for, and the processors are what the runs wait for.
 async fn restore(
     qemu: &QemuCommand,
     template: &Template,
     dir: &std::path::Path,
-    ahead: impl Fn() -> bool,
+    prewarm: impl Fn() -> bool,
 ) -> Result<Clone, String> {
     let c = template.start_clone(qemu, dir).await?;
     let req = ExecRequest {
@@ -119,7 +113,7 @@ async fn restore(
         c.destroy().await;
         return Err(format!("giving the clone its identity: {e}"));
     }
-    if let Some(argv) = template.spec.prewarm.as_ref().filter(|_| ahead()) {
+    if let Some(argv) = template.spec.prewarm.as_ref().filter(|_| prewarm()) {
         match c.agent.exec_output(ExecRequest::new(argv.clone())).await {
             Ok(o) if o.code == Some(0) => {}
             Ok(o) => tracing::warn!(
@@ -204,7 +198,7 @@ impl Runs {
     ) -> Result<(Clone, bool), String> {
         let pooled = loop {
             let clone = {
-                let mut slots = self.pool.slots.lock().unwrap_or_else(|p| p.into_inner());
+                let mut slots = self.pool.lock().unwrap_or_else(|p| p.into_inner());
                 slots.get_mut(key).and_then(|s| s.ready.pop())
             };
             match clone {
@@ -236,7 +230,7 @@ impl Runs {
     /// coming) is full again.
     fn refill(&self, key: &str, template: &Arc<Template>) {
         let missing = {
-            let mut slots = self.pool.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slots = self.pool.lock().unwrap_or_else(|p| p.into_inner());
             let slot = slots.entry(key.to_owned()).or_default();
             let missing = self
                 .pool_size
@@ -262,7 +256,7 @@ impl Runs {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
                 {
-                    let mut slots = pool.slots.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut slots = pool.lock().unwrap_or_else(|p| p.into_inner());
                     let slot = slots.entry(key).or_default();
                     slot.coming -= 1;
                     if let Ok(c) = c {
