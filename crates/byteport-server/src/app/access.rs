@@ -73,6 +73,37 @@ impl App {
         Ok(Some(ids))
     }
 
+    /// The projects the calling user sees, with their names: every project
+    /// for an admin (`None` as the filter: no restriction), else the ones
+    /// they are a member of, from the caches.
+    pub(crate) async fn visible_projects(
+        &self,
+        ctx: &Ctx,
+    ) -> AppResult<(Option<Vec<Uuid>>, std::collections::BTreeMap<Uuid, String>)> {
+        let Some(ids) = self.visible_project_ids(ctx).await? else {
+            let names = self
+                .store
+                .project_list(None)
+                .await?
+                .into_iter()
+                .map(|p| (p.id, p.name))
+                .collect();
+            return Ok((None, names));
+        };
+        let mut names = std::collections::BTreeMap::new();
+        for id in ids {
+            match self.project_name(ProjectId(id)).await {
+                Ok(n) => {
+                    names.insert(id, n);
+                }
+                // Deleted since another replica's cache was filled.
+                Err(AppError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((Some(names.keys().copied().collect()), names))
+    }
+
     /// A project's name, from the cache or one read.
     pub(crate) async fn project_name(&self, id: ProjectId) -> AppResult<String> {
         if let Some(n) = self

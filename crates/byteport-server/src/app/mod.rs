@@ -263,34 +263,6 @@ impl App {
             .ok_or_else(|| AppError::not_found(kind, id))
     }
 
-    /// The projects the calling user sees, with their names: every project
-    /// for an admin (`None` as the filter: no restriction), else the ones
-    /// they are a member of.
-    pub(crate) async fn visible_projects(
-        &self,
-        ctx: &Ctx,
-    ) -> AppResult<(Option<Vec<Uuid>>, std::collections::BTreeMap<Uuid, String>)> {
-        let (me, admin) = ctx.user()?;
-        if admin {
-            let names = self
-                .store
-                .project_list(None)
-                .await?
-                .into_iter()
-                .map(|p| (p.id, p.name))
-                .collect();
-            return Ok((None, names));
-        }
-        let names: std::collections::BTreeMap<Uuid, String> = self
-            .store
-            .memberships(me.0)
-            .await?
-            .into_iter()
-            .map(|(p, _)| (p.id, p.name))
-            .collect();
-        Ok((Some(names.keys().copied().collect()), names))
-    }
-
     /// Like [`App::role`], and 403 unless the role is at least `need`.
     pub(crate) async fn require(
         &self,
