@@ -251,12 +251,17 @@ fn lifecycle_with(engine: &str, envs: &[(&str, &str)]) {
     d.spawn();
     d.wait(&id, "running", 60)
         .expect("running after the agent restart");
-    // Until the node's channel is back, exec says so (503): retry.
+    // Until the node's channel is back, exec says so (503), and until the
+    // node has reconnected to the adopted guest's agent, it says that:
+    // retry.
     let deadline = Instant::now() + Duration::from_secs(30);
     let out = loop {
         match d.exec(&id, &["echo", "adopted"]) {
             Ok((out, _, _)) => break out,
-            Err(e) if e.starts_with("503") && Instant::now() < deadline => {
+            Err(e)
+                if (e.starts_with("503") || e.contains("guest agent is not connected"))
+                    && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(200));
             }
             Err(e) => panic!("{engine}: exec after the agent restart: {e}"),
