@@ -14,9 +14,11 @@
 //! implies `--no-build`), `--tls` (SQLite once more over HTTPS, with a
 //! certificate from a CA made for the run, side by side with plain HTTP),
 //! `--nodes N` (default 1000: simulated nodes that hold 20 VMs each and
-//! heartbeat, reporting every VM), `--perf DIR` (records each scenario
-//! of the server with Linux `perf` into DIR and prints its hottest
-//! symbols).
+//! heartbeat, reporting every VM), `--streams N` (default 1000: open
+//! `/v1/events` streams whose cost in database statements per second is
+//! measured against the same replica with none open), `--perf DIR`
+//! (records each scenario of the server with Linux `perf` into DIR and
+//! prints its hottest symbols).
 
 use anyhow::{Context, bail};
 use std::io::{BufRead, BufReader};
@@ -36,6 +38,7 @@ struct Opts {
     concurrency: usize,
     vms: usize,
     nodes: usize,
+    streams: usize,
     sqlite_only: bool,
     tls: bool,
     build: bool,
@@ -50,6 +53,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
         concurrency: 16,
         vms: 10_000,
         nodes: 1000,
+        streams: 1000,
         sqlite_only: false,
         tls: false,
         build: true,
@@ -71,6 +75,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
             "--concurrency" => o.concurrency = (val(a)? as usize).max(1),
             "--vms" => o.vms = (val(a)? as usize).max(1),
             "--nodes" => o.nodes = (val(a)? as usize).max(1),
+            "--streams" => o.streams = val(a)? as usize,
             "--sqlite-only" => o.sqlite_only = true,
             "--tls" => o.tls = true,
             "--no-build" => o.build = false,
@@ -86,7 +91,7 @@ fn parse_args(args: &[&str]) -> anyhow::Result<Opts> {
             }
             other => bail!(
                 "unknown option {other}; usage: cargo xtask bench api [--duration SECS] \
-                 [--warmup SECS] [--concurrency N] [--vms N] [--nodes N] [--sqlite-only] [--no-build] [--bin PATH] [--perf DIR]"
+                 [--warmup SECS] [--concurrency N] [--vms N] [--nodes N] [--streams N] [--sqlite-only] [--no-build] [--bin PATH] [--perf DIR]"
             ),
         }
     }
@@ -144,6 +149,10 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
                 s.p99_ms()
             ));
         }
+        line.push_str(&format!(
+            " {prefix}_db_statements_per_s_idle={:.1} {prefix}_db_statements_per_s_streams={:.1}",
+            r.streams.idle_per_s, r.streams.with_per_s
+        ));
     };
     push("sqlite", &sqlite);
     if let Some(t) = &tls {
@@ -588,6 +597,7 @@ struct DbResults {
     get: Stats,
     create: Stats,
     heartbeat: Stats,
+    streams: StreamCost,
 }
 
 /// Builds the request for connection `conn`, iteration `i`.
@@ -865,6 +875,11 @@ async fn bench_one(
         }),
     )
     .await;
+    // Before the heartbeats: their nodes going quiet afterwards would
+    // change VMs while the idle replica is measured.
+    let streams = stream_cost(label, &addr, &token, opts)
+        .await
+        .with_context(|| format!("server log: {}", server.log_path.display()))?;
     let heartbeat = heartbeats(label, &addr, &token, opts, pid)
         .await
         .with_context(|| format!("server log: {}", server.log_path.display()))?;
@@ -875,6 +890,158 @@ async fn bench_one(
         get,
         create,
         heartbeat,
+        streams,
+    })
+}
+
+/// What open event streams cost the database: statements per second of
+/// the replica with nothing changing, without streams and with them.
+#[derive(Default)]
+struct StreamCost {
+    streams: usize,
+    idle_per_s: f64,
+    with_per_s: f64,
+}
+
+/// Streams one user may hold open (the server's limit).
+const STREAMS_PER_USER: usize = 32;
+/// How long each statement count runs.
+const STREAM_WINDOW: Duration = Duration::from_secs(5);
+
+/// The replica's `byteport_db_statements_total` and `byteport_event_streams`.
+async fn statements(c: &mut Conn, host: &str) -> anyhow::Result<(u64, u64)> {
+    let (st, body) = c.send(&Req::get(host, "/metrics", None).bytes).await?;
+    if st != 200 {
+        bail!("/metrics: HTTP {st}");
+    }
+    let text = String::from_utf8_lossy(&body);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("/metrics has no {name}"))
+    };
+    Ok((
+        value("byteport_db_statements_total")?,
+        value("byteport_event_streams")?,
+    ))
+}
+
+/// Statements per second over [`STREAM_WINDOW`]; checks `streams` are open.
+async fn statements_per_s(c: &mut Conn, host: &str, streams: u64) -> anyhow::Result<f64> {
+    let (a, open) = statements(c, host).await?;
+    if open != streams {
+        bail!("{open} event streams open, wanted {streams}");
+    }
+    let t0 = Instant::now();
+    tokio::time::sleep(STREAM_WINDOW).await;
+    // The first scrape's own statements are in the difference: take
+    // a second scrape's away.
+    let (b, _) = statements(c, host).await?;
+    let (b2, _) = statements(c, host).await?;
+    let scrape = b2 - b;
+    Ok((b - a).saturating_sub(scrape) as f64 / t0.elapsed().as_secs_f64())
+}
+
+async fn stream_cost(
+    label: &str,
+    host: &str,
+    token: &str,
+    opts: &Opts,
+) -> anyhow::Result<StreamCost> {
+    if opts.streams == 0 {
+        return Ok(StreamCost::default());
+    }
+    let mut c = Conn::connect(host).await?;
+    let users = opts.streams.div_ceil(STREAMS_PER_USER);
+    let mut bearers = Vec::new();
+    for u in 0..users {
+        let name = format!("bench-s-{u}");
+        call(
+            &mut c,
+            Req::json(
+                "POST",
+                host,
+                "/v1/users",
+                Some(token),
+                &serde_json::json!({"name": name, "password": PASSWORD}),
+            ),
+            201,
+            "create a stream user",
+        )
+        .await?;
+        call(
+            &mut c,
+            Req::json(
+                "PUT",
+                host,
+                &format!("/v1/projects/default/members/{name}"),
+                Some(token),
+                &serde_json::json!({"role": "viewer"}),
+            ),
+            200,
+            "add the stream user",
+        )
+        .await?;
+        let login = call(
+            &mut c,
+            Req::json(
+                "POST",
+                host,
+                "/v1/auth/login",
+                None,
+                &serde_json::json!({"name": name, "password": PASSWORD}),
+            ),
+            200,
+            "log the stream user in",
+        )
+        .await?;
+        bearers.push(
+            login["access_token"]
+                .as_str()
+                .context("login: no access_token")?
+                .to_owned(),
+        );
+    }
+    eprintln!(
+        "[{label}] event streams: statements/s with none open, then with {} open ({} s each)",
+        opts.streams,
+        STREAM_WINDOW.as_secs()
+    );
+    let idle_per_s = statements_per_s(&mut c, host, 0).await?;
+    let mut open = Vec::new();
+    for i in 0..opts.streams {
+        let mut s = Conn::connect(host).await?;
+        let req = Req::get(host, "/v1/events", Some(&bearers[i / STREAMS_PER_USER]));
+        s.stream.write_all(&req.bytes).await?;
+        while find(&s.buf, b"\r\n\r\n").is_none() {
+            if s.fill().await? == 0 {
+                bail!("event stream {i} closed before its head");
+            }
+        }
+        if !s.buf.starts_with(b"HTTP/1.1 200") {
+            bail!(
+                "event stream {i}: {}",
+                String::from_utf8_lossy(&s.buf[..s.buf.len().min(200)])
+            );
+        }
+        // Read what the stream sends, so it never falls behind.
+        open.push(tokio::spawn(async move {
+            loop {
+                s.buf.clear();
+                if !matches!(s.fill().await, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        }));
+    }
+    let with_per_s = statements_per_s(&mut c, host, opts.streams as u64).await;
+    for t in &open {
+        t.abort();
+    }
+    Ok(StreamCost {
+        streams: opts.streams,
+        idle_per_s,
+        with_per_s: with_per_s?,
     })
 }
 
@@ -1136,6 +1303,13 @@ fn print_table(db: &str, r: &DbResults, opts: &Opts) {
             s.p99_ms(),
             s.errors,
             ratio * 100.0
+        );
+    }
+    let st = &r.streams;
+    if st.streams > 0 {
+        println!(
+            "database statements/s with nothing changing: {:.1} with no event stream open, {:.1} with {} open",
+            st.idle_per_s, st.with_per_s, st.streams
         );
     }
     println!();

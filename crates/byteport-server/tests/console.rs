@@ -316,6 +316,68 @@ async fn events_carry_what_each_caller_may_see_from_any_replica() {
     }
 }
 
+/// Statements the replica runs in `secs` seconds with nothing changing.
+async fn statements_in(s: &TestServer, secs: u64) -> u64 {
+    let before = s.app.store.statements();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    s.app.store.statements() - before
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_open_streams_cost_the_database_what_one_does() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let alice = s.user("alice").await;
+        let bob = s.user("bob").await;
+        s.project("team-a", &[("alice", "member"), ("bob", "viewer")])
+            .await;
+
+        let mut admin = Events::open(&s, &s.admin).await;
+        let mut first = Events::open(&s, &alice).await;
+        // One poll a second, of the VMs and (for the admin) the nodes.
+        let one = statements_in(&s, 3).await;
+        assert!(one > 0, "{b:?}: the open streams read nothing");
+
+        let mut more = Vec::new();
+        for _ in 0..30 {
+            more.push(Events::open(&s, &alice).await);
+            more.push(Events::open(&s, &bob).await);
+        }
+        assert_eq!(s.app.event_streams_open(), 62);
+        let many = statements_in(&s, 3).await;
+        // One poll more or less in the window, not one per stream.
+        assert!(
+            many <= one + 4,
+            "{b:?}: 62 streams ran {many} statements in 3 s, 2 streams {one}"
+        );
+
+        // Every stream still gets the change it may see.
+        let (st, v) = s
+            .call(
+                POST,
+                "/v1/vms",
+                Some(&alice),
+                Some(json!({"name": "a-1", "project": "team-a", "image": "tiny", "flavor": "m1.tiny"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        let id = v["id"].clone();
+        admin.vm("the new VM", |v| v["id"] == id).await;
+        first.vm("the new VM", |v| v["id"] == id).await;
+        for e in &mut more {
+            let seen = e.vm("the new VM", |v| v["id"] == id).await;
+            assert_eq!(seen["project"], "team-a");
+        }
+
+        // With every stream closed, the feed stops reading.
+        drop((admin, first, more));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(s.app.event_streams_open(), 0);
+        assert_eq!(statements_in(&s, 2).await, 0, "{b:?}: the feed reads on");
+    }
+}
+
 /// A router like the daemon's, serving `web` as the console's build.
 async fn router_with_console(web: Option<&std::path::Path>) -> axum::Router {
     let dir = std::env::temp_dir().join(format!("bp-console-{}", uuid::Uuid::new_v4()));

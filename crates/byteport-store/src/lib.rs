@@ -79,6 +79,8 @@ pub struct DataStore {
     /// transactions here makes them atomic without `BEGIN IMMEDIATE`.
     /// PostgreSQL uses row locks instead.
     write_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Statements run since connecting, for `/metrics`.
+    statements: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A filter for [`DataStore::vm_list`].
@@ -214,14 +216,26 @@ impl DataStore {
                 opts.max_connections(16).min_connections(1);
             }
         }
-        let db = Database::connect(opts).await?;
+        let mut db = Database::connect(opts).await?;
+        let statements = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = statements.clone();
+        db.set_metric_callback(move |_| {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
         refuse_newer_schema(&db).await?;
         migration::Migrator::up(&db, None).await?;
         Ok(Self {
             db,
             backend,
             write_lock: Arc::default(),
+            statements,
         })
+    }
+
+    /// Statements this handle has run since it connected (every clone
+    /// counts into one figure).
+    pub fn statements(&self) -> u64 {
+        self.statements.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn backend(&self) -> Backend {

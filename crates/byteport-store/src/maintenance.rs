@@ -21,6 +21,7 @@ impl DataStore {
             db: sea_orm::Database::connect(opts).await?,
             backend: Backend::Sqlite,
             write_lock: Default::default(),
+            statements: Default::default(),
         })
     }
 

@@ -107,6 +107,8 @@ pub struct App {
     pub(crate) signup_window: Arc<signup::SignupWindow>,
     /// Open event streams per user, on this replica.
     pub(crate) event_streams: events::StreamCounts,
+    /// The one reader of changes behind every event stream here.
+    pub(crate) event_feed: Arc<events::EventFeed>,
     /// Roles, visible projects and project names (see [`access`]).
     pub(crate) access: Arc<access::AccessCache>,
     /// The last answer to each node's heartbeat.
@@ -237,6 +239,7 @@ impl App {
             login_limits: Arc::default(),
             signup_window: Arc::default(),
             event_streams: Arc::default(),
+            event_feed: Arc::default(),
             access: Arc::default(),
             answers: Arc::default(),
         };

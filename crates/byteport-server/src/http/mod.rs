@@ -220,7 +220,16 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn metrics_text(State((app, m)): State<(App, Arc<Metrics>)>) -> impl IntoResponse {
-    let mut extra = String::from("# HELP byteport_vms VMs by state.\n# TYPE byteport_vms gauge\n");
+    // Read before this scrape's own queries.
+    let mut extra = format!(
+        "# HELP byteport_db_statements_total Database statements this replica has run.\n\
+         # TYPE byteport_db_statements_total counter\nbyteport_db_statements_total {}\n\
+         # HELP byteport_event_streams Open /v1/events streams on this replica.\n\
+         # TYPE byteport_event_streams gauge\nbyteport_event_streams {}\n",
+        app.store.statements(),
+        app.event_streams_open(),
+    );
+    extra.push_str("# HELP byteport_vms VMs by state.\n# TYPE byteport_vms gauge\n");
     if let Ok(rows) = app.store.vm_count_by_state().await {
         for (state, n) in rows {
             extra.push_str(&format!("byteport_vms{{state=\"{state}\"}} {n}\n"));

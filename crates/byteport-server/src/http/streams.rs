@@ -357,7 +357,10 @@ const EVENTS_LIFETIME: std::time::Duration = std::time::Duration::from_secs(600)
 /// (`: ready`) and a `retry` hint, then changes as they happen, a
 /// keep-alive comment every 15 s, and ends after ten minutes (EventSource
 /// reconnects by itself). Changes made by any control-plane replica on the
-/// same database are seen within about a second.
+/// same database are seen within about a second. A stream that does not
+/// read what it is sent ends early; a client that reconnects after a
+/// break should read its lists again, since changes made meanwhile are
+/// not replayed.
 #[utoipa::path(get, path = "/v1/events", tag = "events",
     responses((status = 200, content_type = "text/event-stream", body = Event,
         description = "a stream of server-sent events whose data is an Event"),
@@ -366,14 +369,11 @@ pub async fn events(State(app): State<App>, ctx: Ctx) -> AppResult<Response> {
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
     use std::collections::VecDeque;
     let cursor = app.events_open(&ctx).await?;
-    let rx = app.events_subscribe();
     let until = tokio::time::Instant::now() + EVENTS_LIFETIME;
     struct St {
         app: App,
         cursor: crate::app::events::EventCursor,
-        rx: tokio::sync::broadcast::Receiver<uuid::Uuid>,
         queue: VecDeque<SseEvent>,
-        first: bool,
     }
     let hello = SseEvent::default()
         .comment("ready")
@@ -381,32 +381,19 @@ pub async fn events(State(app): State<App>, ctx: Ctx) -> AppResult<Response> {
     let st = St {
         app,
         cursor,
-        rx,
         queue: VecDeque::from([hello]),
-        first: true,
     };
     let stream = futures_util::stream::unfold(st, move |mut st| async move {
         loop {
             if let Some(e) = st.queue.pop_front() {
                 return Some((Ok::<_, std::convert::Infallible>(e), st));
             }
-            if tokio::time::Instant::now() >= until {
-                return None;
-            }
-            if !st.first {
-                st.app.events_wait(&mut st.rx).await;
-            }
-            st.first = false;
-            match st.app.events_poll(&mut st.cursor).await {
-                Ok(evs) => st.queue.extend(evs.iter().filter_map(|e| {
-                    serde_json::to_string(e)
-                        .ok()
-                        .map(|d| SseEvent::default().data(d))
-                })),
-                // A busy database now and then must not end every stream:
-                // the cursor is unchanged, the next poll reads the same window.
-                Err(e) => tracing::warn!(error = %e, "event poll failed; retrying"),
-            }
+            let next = tokio::time::timeout_at(until, st.app.events_next(&mut st.cursor));
+            // Past its lifetime, or too far behind the feed: the stream
+            // ends and the client reconnects.
+            let evs = next.await.ok().flatten()?;
+            st.queue
+                .extend(evs.iter().map(|d| SseEvent::default().data(&**d)));
         }
     });
     Ok(Sse::new(stream)

@@ -311,7 +311,10 @@ export interface paths {
          *     (`: ready`) and a `retry` hint, then changes as they happen, a
          *     keep-alive comment every 15 s, and ends after ten minutes (EventSource
          *     reconnects by itself). Changes made by any control-plane replica on the
-         *     same database are seen within about a second.
+         *     same database are seen within about a second. A stream that does not
+         *     read what it is sent ends early; a client that reconnects after a
+         *     break should read its lists again, since changes made meanwhile are
+         *     not replayed.
          */
         get: operations["events"];
         put?: never;
