@@ -1172,6 +1172,115 @@ async fn placement_reserves_capacity_and_cordon_drain_remove_behave() {
     }
 }
 
+/// A create through another replica's router (same database).
+async fn create_on(r: &axum::Router, token: &str, body: Value) -> (StatusCode, Value) {
+    use tower::ServiceExt;
+    let req = axum::http::Request::builder()
+        .method(POST)
+        .uri("/v1/vms")
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let resp = r.clone().oneshot(req).await.unwrap();
+    let st = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (st, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creates_decide_on_a_shared_inventory_that_another_replicas_placements_and_freed_room_correct()
+ {
+    use std::sync::atomic::Ordering::Relaxed;
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        let mut nodes = std::collections::HashMap::new();
+        for i in 0..4 {
+            let n = SimNode::join(&s, &format!("n-{i}"), 1024).await;
+            nodes.insert(n.id.clone(), n);
+        }
+        let other =
+            byteport_server::App::new(s.app.store.clone(), byteport_server::Settings::default())
+                .await
+                .unwrap();
+        let other_router = byteport_server::router(other.clone());
+        let vm = |name: &str| json!({"name": name, "image": "tiny", "vcpus": 1, "memory_mib": 512, "disk_gib": 1});
+
+        // Four creates here: one read of the nodes for all of them (two
+        // if the copy's time to live ran out on a slow machine).
+        let reads = s.app.inventory.reads.load(Relaxed);
+        for i in 0..4 {
+            let (st, v) = s
+                .call(POST, "/v1/vms", Some(&t), Some(vm(&format!("a-{i}"))))
+                .await;
+            assert_eq!(
+                (st, v["state"].as_str()),
+                (StatusCode::ACCEPTED, Some("provisioning")),
+                "{v}"
+            );
+        }
+        let made = s.app.inventory.reads.load(Relaxed) - reads;
+        assert!(made <= 2, "{b:?}: {made} reads of the nodes for 4 creates");
+
+        // The other replica fills the rest; this one's copy does not know.
+        let mut theirs = Vec::new();
+        for i in 0..4 {
+            let (st, v) = create_on(&other_router, &t, vm(&format!("b-{i}"))).await;
+            assert_eq!(
+                (st, v["state"].as_str()),
+                (StatusCode::ACCEPTED, Some("provisioning")),
+                "{v}"
+            );
+            theirs.push(v);
+        }
+        // A decision on the stale copy loses its race to the store's
+        // guard, reads again, and the VM waits with the true reason; no
+        // node is over its limit.
+        let (st, late) = s.call(POST, "/v1/vms", Some(&t), Some(vm("late"))).await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{late}");
+        assert_eq!(late["state"], "pending", "{b:?}: {late}");
+        assert!(
+            late["state_reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("512 MiB"),
+            "{late}"
+        );
+        for id in nodes.keys() {
+            let (_, n) = s
+                .call(GET, &format!("/v1/nodes/{id}"), Some(&t), None)
+                .await;
+            assert_eq!(n["reserved"]["memory_mib"], 1024, "{b:?}: {n}");
+        }
+
+        // Room given back through this replica is seen at once, not
+        // after the copy's time to live.
+        let gone = &theirs[0];
+        let gid = gone["id"].as_str().unwrap();
+        let (st, _) = s
+            .call(DELETE, &format!("/v1/vms/{gid}"), Some(&t), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED);
+        let node = &nodes[gone["node_id"].as_str().unwrap()];
+        let (st, _) = node.report(&s, &[(gid, "deleted", 5, 9)]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(s.app.place_pending().await.unwrap(), 1, "{b:?}");
+        let (_, placed) = s
+            .call(
+                GET,
+                &format!("/v1/vms/{}", late["id"].as_str().unwrap()),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(placed["node_id"], gone["node_id"], "{placed}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn anti_affinity_groups_and_per_vm_policy() {
     for b in backends() {

@@ -701,6 +701,21 @@ impl DataStore {
             .await?)
     }
 
+    /// Every node as the scheduler sees it: its rows without the latest
+    /// VM figures (`vm_stats` is `None`), the one wide column, which the
+    /// scheduler does not read.
+    pub async fn node_inventory(&self) -> Result<Vec<node::Model>> {
+        use sea_orm::Iterable;
+        Ok(node::Entity::find()
+            .select_only()
+            .columns(node::Column::iter().filter(|c| !matches!(c, node::Column::VmStats)))
+            .column_as(Expr::cust("CAST(NULL AS TEXT)"), "vm_stats")
+            .order_by_asc(node::Column::Name)
+            .into_model::<node::Model>()
+            .all(&self.db)
+            .await?)
+    }
+
     /// Records a heartbeat: capacity, usage, time, and `online` unless the
     /// node is cordoned. One guarded statement: a cordon that lands while
     /// the heartbeat is served is never overwritten with `online`.

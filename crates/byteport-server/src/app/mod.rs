@@ -99,6 +99,8 @@ pub struct App {
     pub metadata_refusals: Arc<metadata::Refusals>,
     /// The scheduler's decisions on this replica.
     pub scheduler: Arc<placement::Decisions>,
+    /// The node inventory this replica's placements decide on.
+    pub inventory: Arc<placement::Inventory>,
     /// Seconds from a VM's creation to its first report as running.
     pub boot_times: Arc<crate::metrics::Histogram>,
     /// Failed logins per account.
@@ -235,6 +237,7 @@ impl App {
             reservation_repairs: Arc::default(),
             metadata_refusals: Arc::default(),
             scheduler: Arc::default(),
+            inventory: Arc::default(),
             boot_times: Arc::default(),
             login_limits: Arc::default(),
             signup_window: Arc::default(),

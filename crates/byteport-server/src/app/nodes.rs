@@ -264,6 +264,7 @@ impl App {
                 e => e.into(),
             })?;
         ctx.target("node", n.id, None);
+        self.inventory.invalidate().await;
         Ok(NodeRegistered {
             node: node_view(&n)?,
             credential,
@@ -275,6 +276,9 @@ impl App {
     /// `byteport_reservation_repairs_total`); returns how many nodes.
     pub async fn reservations_recount(&self) -> AppResult<usize> {
         let repaired = self.store.node_recount_reservations().await?;
+        if !repaired.is_empty() {
+            self.inventory.invalidate().await;
+        }
         for (node, was, is) in &repaired {
             tracing::warn!(
                 node = %node,
@@ -366,6 +370,27 @@ impl App {
                 },
             )
             .await?;
+        // A node back online, or with new capacity, changes the room.
+        let said = super::placement::Said {
+            capacity: byteport_scheduler::Resources {
+                vcpus: i64::from(hb.capacity.vcpus),
+                memory_mib: hb.capacity.memory_mib as i64,
+                disk_gib: hb.capacity.disk_gib as i64,
+            },
+            engines: (!hb.engines.is_empty()).then_some(hb.engines.as_slice()),
+            platforms: (!hb.platforms.is_empty()).then(|| {
+                hb.platforms
+                    .iter()
+                    .map(super::placement::platform)
+                    .collect()
+            }),
+            unavailable: hb.unavailable_engines.as_ref().map(|u| {
+                u.iter()
+                    .map(|u| (u.engine.clone(), u.reason.clone()))
+                    .collect()
+            }),
+        };
+        self.inventory.check_node(node_id.0, said).await;
         // One read of what the node holds serves every report and, when
         // no report changed anything, the answer too: a steady heartbeat
         // costs a bounded number of statements whatever its VMs.
@@ -476,6 +501,8 @@ impl App {
             }
         }
         let rows = if changed {
+            // A report may have given room back.
+            self.inventory.invalidate().await;
             self.store.vm_list_for_node(node_id.0).await?
         } else {
             held
@@ -563,6 +590,7 @@ impl App {
             tracing::warn!(node = %n, "node missed its heartbeats; it is offline");
         }
         if !gone.is_empty() {
+            self.inventory.invalidate().await;
             let _ = self.vm_changes.send(Uuid::nil());
         }
         Ok(gone.len())
@@ -614,6 +642,7 @@ impl App {
         let n = self.node_resolve(ctx, key).await?;
         ctx.target("node", n.id, None);
         let n = self.store.node_set_cordon(n.id, cordoned).await?;
+        self.inventory.invalidate().await;
         node_view(&n)
     }
 
@@ -708,6 +737,7 @@ impl App {
         ctx.target("vm", o.id.0, Some(ProjectId(project.id)));
         let v = self.store.vm_insert(model, &[]).await?;
         self.store.node_recount_reservations().await?;
+        self.inventory.invalidate().await;
         let _ = self.vm_changes.send(v.id);
         self.hub.poke(n.id);
         self.vm_view(&v).await
@@ -720,6 +750,7 @@ impl App {
         let n = self.node_resolve(ctx, key).await?;
         ctx.target("node", n.id, None);
         let n = self.store.node_set_cordon(n.id, true).await?;
+        self.inventory.invalidate().await;
         for v in self.store.vm_list_for_node(n.id).await? {
             let state: VmState = v.state.parse().map_err(AppError::internal)?;
             let desired: DesiredState = v.desired_state.parse().map_err(AppError::internal)?;
@@ -748,6 +779,7 @@ impl App {
         let n = self.node_resolve(ctx, key).await?;
         ctx.target("node", n.id, None);
         self.store.node_remove(n.id).await?;
+        self.inventory.invalidate().await;
         Ok(())
     }
 }

@@ -3,22 +3,91 @@
 //! transaction that writes the placement with the node's reservation. A VM
 //! that fits nowhere stays `pending` with the scheduler's reason, and the
 //! background loop tries again.
+//!
+//! Every placement on a replica decides on one shared copy of the node
+//! inventory ([`Inventory`]), not on a read of its own: a create on a
+//! fleet of thousands of nodes decides in memory. The copy counts each
+//! placement it decided at once, and is read again when it is older than
+//! [`INVENTORY_TTL`] (which bounds how late another replica's placements
+//! and any release of room are seen), when a node changes through this
+//! replica, when a placement lost its race to another placer, and before
+//! a VM is said to fit nowhere on a copy older than [`NO_FIT_FRESH`]. The
+//! store's guarded commit is what keeps a node within its limit; the copy
+//! only makes a lost race rare.
 
 use super::App;
 use crate::error::AppResult;
 use byteport_scheduler::{Decision, NodeInventory, Policy, Request, Resources};
 use byteport_store::{PlaceItem, Size, node, vm};
 use byteport_types::api::{Placement, PlacementPolicy};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 /// Attempts per VM when another placement takes the chosen node's room.
 const RACE_RETRIES: usize = 3;
 /// Placements committed together by a placement pass.
 const BATCH: usize = 64;
-/// VMs one placement pass takes on, all decided on one inventory read
-/// (re-read only after a lost race).
+/// VMs one placement pass takes on.
 const PASS: u64 = 2000;
+/// How long the shared inventory is decided on before it is read again.
+pub const INVENTORY_TTL: Duration = Duration::from_secs(2);
+/// A VM that fits nowhere on an inventory older than this is decided
+/// again on a fresh read before it is kept waiting.
+pub const NO_FIT_FRESH: Duration = Duration::from_millis(500);
+
+/// The node inventory every placement on this replica decides on.
+#[derive(Default)]
+pub struct Inventory {
+    copy: tokio::sync::Mutex<Option<Copy>>,
+    /// Reads of the nodes made for it, for /metrics and the benchmarks.
+    pub reads: AtomicU64,
+}
+
+struct Copy {
+    nodes: Vec<NodeInventory<Uuid>>,
+    index: HashMap<Uuid, usize>,
+    read_at: Instant,
+}
+
+impl Inventory {
+    /// Drops the copy: the next decision reads the nodes again.
+    pub async fn invalidate(&self) {
+        *self.copy.lock().await = None;
+    }
+
+    /// Drops the copy unless node `id` is in it as online and as a
+    /// heartbeat describes it (capacity, and the engines and platforms it
+    /// said, if it said them): a check that costs nothing when nothing
+    /// changed.
+    pub(crate) async fn check_node(&self, id: Uuid, said: Said<'_>) {
+        let mut copy = self.copy.lock().await;
+        let same = copy.as_ref().is_some_and(|c| {
+            c.index.get(&id).map(|&i| &c.nodes[i]).is_some_and(|n| {
+                n.online
+                    && n.capacity == said.capacity
+                    && said.engines.is_none_or(|e| n.engines == e)
+                    && said.platforms.as_ref().is_none_or(|p| n.platforms == *p)
+                    && said
+                        .unavailable
+                        .as_ref()
+                        .is_none_or(|u| n.unavailable == *u)
+            })
+        });
+        if !same {
+            *copy = None;
+        }
+    }
+}
+
+/// What a heartbeat says of its node, as the scheduler sees it.
+pub(crate) struct Said<'a> {
+    pub capacity: Resources,
+    pub engines: Option<&'a [String]>,
+    pub platforms: Option<Vec<byteport_scheduler::Platform>>,
+    pub unavailable: Option<Vec<(String, String)>>,
+}
 
 /// A node row as the scheduler sees it.
 pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
@@ -29,11 +98,8 @@ pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
         cordoned: n.status == "cordoned",
         region: n.region.clone(),
         platforms: super::nodes::node_platforms(n)
-            .into_iter()
-            .map(|p| byteport_scheduler::Platform {
-                native: p.execution == byteport_types::api::Execution::Native,
-                arch: p.arch,
-            })
+            .iter()
+            .map(platform)
             .collect(),
         engines: super::nodes::node_engines(n),
         unavailable: super::nodes::node_unavailable_engines(n)
@@ -53,6 +119,14 @@ pub fn inventory(n: &node::Model) -> NodeInventory<Uuid> {
     }
 }
 
+/// A platform as the scheduler sees it.
+pub(crate) fn platform(p: &byteport_types::api::Platform) -> byteport_scheduler::Platform {
+    byteport_scheduler::Platform {
+        native: p.execution == byteport_types::api::Execution::Native,
+        arch: p.arch.clone(),
+    }
+}
+
 /// How the scheduler's decisions went, for /metrics.
 #[derive(Default)]
 pub struct Decisions {
@@ -66,7 +140,7 @@ pub struct Decisions {
 
 impl App {
     /// Tries to place one VM now. Returns the node it landed on.
-    pub(crate) async fn place_vm(&self, v: &vm::Model) -> AppResult<Option<Uuid>> {
+    pub async fn place_vm(&self, v: &vm::Model) -> AppResult<Option<Uuid>> {
         let mut pass = Pass::default();
         self.place_in(v, &mut pass).await
     }
@@ -109,31 +183,56 @@ impl App {
         Ok((req, policy))
     }
 
-    /// The scheduler's decision on the pass's inventory (read first if the
-    /// pass has none).
-    async fn decide(
-        &self,
-        req: &Request<Uuid>,
-        policy: Policy,
-        pass: &mut Pass,
-    ) -> AppResult<Decision<Uuid>> {
-        if pass.nodes.is_none() {
-            let nodes = self
-                .store
-                .node_list()
-                .await?
-                .iter()
-                .map(inventory)
-                .collect();
-            pass.nodes = Some(nodes);
+    /// The scheduler's decision on the shared inventory (read first when
+    /// there is none or it is old). A placement is counted in the copy at
+    /// once, so the next decision sees it; one that does not commit must
+    /// [`Inventory::invalidate`] it.
+    async fn decide(&self, req: &Request<Uuid>, policy: Policy) -> AppResult<Decision<Uuid>> {
+        let mut copy = self.inventory.copy.lock().await;
+        let mut fresh = false;
+        loop {
+            if copy
+                .as_ref()
+                .is_none_or(|c| c.read_at.elapsed() >= INVENTORY_TTL)
+            {
+                let read_at = Instant::now();
+                let nodes: Vec<NodeInventory<Uuid>> = self
+                    .store
+                    .node_inventory()
+                    .await?
+                    .iter()
+                    .map(inventory)
+                    .collect();
+                self.inventory.reads.fetch_add(1, Relaxed);
+                let index = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+                *copy = Some(Copy {
+                    nodes,
+                    index,
+                    read_at,
+                });
+                fresh = true;
+            }
+            let Some(c) = copy.as_mut() else {
+                unreachable!("the inventory was just read")
+            };
+            let d = byteport_scheduler::place(&c.nodes, req, policy, self.settings.overcommit);
+            match &d {
+                Decision::Place { node, .. } => {
+                    if let Some(n) = c.index.get(node).map(|&i| &mut c.nodes[i]) {
+                        n.reserved.vcpus += req.size.vcpus;
+                        n.reserved.memory_mib += req.size.memory_mib;
+                        n.reserved.disk_gib += req.size.disk_gib;
+                    }
+                }
+                Decision::NoFit(_) if !fresh && c.read_at.elapsed() >= NO_FIT_FRESH => {
+                    // Room may have come free since: look again.
+                    *copy = None;
+                    continue;
+                }
+                Decision::NoFit(_) => {}
+            }
+            return Ok(d);
         }
-        let nodes = pass.nodes.as_deref().unwrap_or_default();
-        Ok(byteport_scheduler::place(
-            nodes,
-            req,
-            policy,
-            self.settings.overcommit,
-        ))
     }
 
     /// Says that `v` landed on `node`: waiters, event streams, the node.
@@ -162,21 +261,22 @@ impl App {
     async fn place_in(&self, v: &vm::Model, pass: &mut Pass) -> AppResult<Option<Uuid>> {
         let (req, policy) = self.request_for(v, pass).await?;
         for _ in 0..RACE_RETRIES {
-            match self.decide(&req, policy, pass).await? {
+            match self.decide(&req, policy).await? {
                 Decision::Place { node, limit } => {
-                    if self
+                    let placed = self
                         .store
                         .vm_place(v.id, node, to_size(req.size), to_size(limit))
-                        .await?
-                    {
-                        pass.reserve(node, req.size);
+                        .await;
+                    if matches!(placed, Ok(true)) {
                         self.landed(v, node);
                         return Ok(Some(node));
                     }
+                    // The copy counted a placement that did not happen.
+                    self.inventory.invalidate().await;
+                    placed?;
                     // Another placer took the room, or the VM was placed or
                     // deleted meanwhile: look again.
                     self.scheduler.lost_race.fetch_add(1, Relaxed);
-                    pass.nodes = None;
                     let current = self.store.vm_fetch(v.id).await?;
                     if current.node_id.is_some() || current.deleted_at.is_some() {
                         return Ok(current.node_id);
@@ -192,10 +292,10 @@ impl App {
     }
 
     /// Places every VM that waits for a node; returns how many landed. The
-    /// inventory is read once per pass (and again after a lost race); the
-    /// VMs are decided on it in memory, a batch at a time, and each batch
-    /// is committed in one transaction. A VM whose placement lost a race
-    /// is placed again on its own, on a fresh inventory.
+    /// VMs are decided on the shared inventory in memory, a batch at a
+    /// time, and each batch is committed in one transaction. A VM whose
+    /// placement lost a race is placed again on its own, on a fresh
+    /// inventory.
     pub async fn place_pending(&self) -> AppResult<usize> {
         let mut placed = 0;
         let mut pass = Pass::default();
@@ -204,10 +304,8 @@ impl App {
             let mut batch: Vec<(&vm::Model, PlaceItem)> = Vec::with_capacity(chunk.len());
             for v in chunk {
                 let (req, policy) = self.request_for(v, &mut pass).await?;
-                match self.decide(&req, policy, &mut pass).await? {
+                match self.decide(&req, policy).await? {
                     Decision::Place { node, limit } => {
-                        // Counted now, so the next decision sees it.
-                        pass.reserve(node, req.size);
                         if let Some(g) = &v.placement_group {
                             pass.groups
                                 .entry((v.project_id, g.clone()))
@@ -226,7 +324,13 @@ impl App {
                 }
             }
             let items: Vec<PlaceItem> = batch.iter().map(|(_, i)| *i).collect();
-            let landed = self.store.vm_place_many(&items).await?;
+            let landed = match self.store.vm_place_many(&items).await {
+                Ok(l) => l,
+                Err(e) => {
+                    self.inventory.invalidate().await;
+                    return Err(e.into());
+                }
+            };
             let mut lost = Vec::new();
             for ((v, item), ok) in batch.into_iter().zip(landed) {
                 if ok {
@@ -240,8 +344,8 @@ impl App {
                 self.scheduler
                     .lost_race
                     .fetch_add(lost.len() as u64, Relaxed);
-                // The inventory counted placements that did not happen.
-                pass.nodes = None;
+                // The copy counted placements that did not happen.
+                self.inventory.invalidate().await;
                 for v in lost {
                     if self.place_in(v, &mut pass).await?.is_some() {
                         placed += 1;
@@ -270,25 +374,9 @@ pub fn to_size(r: Resources) -> Size {
     }
 }
 
-/// What one placement pass reads once and keeps up to date.
+/// What one placement pass keeps beside the shared inventory.
 #[derive(Default)]
 struct Pass {
-    nodes: Option<Vec<NodeInventory<Uuid>>>,
     /// Nodes chosen in this pass for each (project, anti-affinity group).
-    groups: std::collections::HashMap<(Uuid, String), Vec<Uuid>>,
-}
-
-impl Pass {
-    /// Counts a placement in the pass's copy of the node's reservation.
-    fn reserve(&mut self, node: Uuid, size: Resources) {
-        if let Some(n) = self
-            .nodes
-            .as_mut()
-            .and_then(|ns| ns.iter_mut().find(|n| n.id == node))
-        {
-            n.reserved.vcpus += size.vcpus;
-            n.reserved.memory_mib += size.memory_mib;
-            n.reserved.disk_gib += size.disk_gib;
-        }
-    }
+    groups: HashMap<(Uuid, String), Vec<Uuid>>,
 }

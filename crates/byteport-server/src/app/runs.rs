@@ -446,7 +446,7 @@ impl App {
     /// A node to run on: connected here, online, with the most free memory.
     async fn run_node(&self) -> AppResult<Uuid> {
         let here = self.hub.connected();
-        let nodes = self.store.node_list().await?;
+        let nodes = self.store.node_inventory().await?;
         nodes
             .into_iter()
             .filter(|n| here.contains(&n.id) && n.status == "online")

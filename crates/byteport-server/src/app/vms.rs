@@ -430,6 +430,9 @@ impl App {
         };
         let _ = self.vm_changes.send(v.id);
         if let Some(node) = v.node_id {
+            // Its node's room changed (taken for a start, given back by
+            // a delete): the next placement reads it.
+            self.inventory.invalidate().await;
             self.hub.poke(node);
         }
         Ok(v)
