@@ -3027,11 +3027,16 @@ async fn an_unchanged_heartbeat_gets_the_same_answer_and_sees_a_users_change() {
         }
         let (_, again) = node.report(&s, &running).await;
         assert_eq!(again, first, "the same reports, the same answer");
-        // Also when the answer is served again from what was kept.
+        // Also when the answer is served again from what was kept: then
+        // the heartbeat is its node's write and one narrow read.
         for _ in 0..2 {
+            let before = s.app.store.statements();
             let (st, more) = node.report(&s, &running).await;
+            let ran = s.app.store.statements() - before;
             assert_eq!(st, StatusCode::OK);
             assert_eq!(more, first, "an unchanged node's answer changed");
+            eprintln!("a steady heartbeat ran {ran} statements");
+            assert!(ran <= 2, "{b:?}: a steady heartbeat ran {ran} statements");
         }
         let images: Vec<&str> = again["vms"]
             .as_array()
@@ -3040,6 +3045,32 @@ async fn an_unchanged_heartbeat_gets_the_same_answer_and_sees_a_users_change() {
             .map(|v| v["image"]["name"].as_str().unwrap())
             .collect();
         assert_eq!(images, ["tiny", "other"], "{again}");
+
+        // Another replica changes a VM: nothing in this process is told,
+        // the store alone has it. The next answer carries it.
+        let row = s.app.store.vm_fetch(ids[1].parse().unwrap()).await.unwrap();
+        let moved = s
+            .app
+            .store
+            .vm_update_desired(row.id, row.desired_generation, "stopped", "stopping", false)
+            .await
+            .unwrap();
+        let (_, seen) = node.report(&s, &running).await;
+        assert_eq!(seen["vms"][1]["desired_state"], "stopped", "{b:?}: {seen}");
+        s.app
+            .store
+            .vm_update_desired(
+                moved.id,
+                moved.desired_generation,
+                "running",
+                "running",
+                false,
+            )
+            .await
+            .unwrap();
+        let (_, back) = node.report(&s, &running).await;
+        assert_eq!(back["vms"][1]["desired_state"], "running", "{back}");
+        let first = back;
 
         // A stop by the user: the next heartbeat, with nothing new to
         // report, carries it.

@@ -24,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(M0011Platforms),
             Box::new(M0012UnavailableEngines),
             Box::new(M0013ListIndexes),
+            Box::new(M0014NodeVersions),
         ]
     }
 }
@@ -780,6 +781,29 @@ impl MigrationTrait for M0013ListIndexes {
         ] {
             db.execute_unprepared(sql).await?;
         }
+        Ok(())
+    }
+}
+
+/// A node's VMs by id with their change times, for a steady heartbeat's
+/// one narrow read ([`crate::DataStore::vm_versions_for_node`]).
+struct M0014NodeVersions;
+
+impl MigrationName for M0014NodeVersions {
+    fn name(&self) -> &str {
+        "m0014_node_versions"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0014NodeVersions {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.get_connection()
+            .execute_unprepared(
+                "CREATE INDEX IF NOT EXISTS vms_node_versions ON vms (node_id, id, updated_at) \
+                 WHERE state <> 'deleted'",
+            )
+            .await?;
         Ok(())
     }
 }

@@ -10,7 +10,7 @@ use byteport_store::{Observation, Release, join_token, node};
 use byteport_types::api::{
     BootMode, Capacity, CloudInit, DesiredVm, Egress, Engine, EngineUnavailable, Execution,
     Heartbeat, HeartbeatResponse, JoinToken, JoinTokenCreate, Node, NodeImage, NodeRegister,
-    NodeRegistered, OrphanAdopt, OrphanVm, Platform, Vm,
+    NodeRegistered, OrphanAdopt, OrphanVm, Platform, Vm, VmReport,
 };
 use byteport_types::node_proto::{FromNode, ToNode};
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmState};
@@ -391,9 +391,16 @@ impl App {
             }),
         };
         self.inventory.check_node(node_id.0, said).await;
+        // A steady node: its VMs' versions say the same as when its last
+        // answer was made, and no report is news. One narrow read then
+        // serves the whole heartbeat.
+        let versions = self.store.vm_versions_for_node(node_id.0).await?;
+        if let Some(vms) = self.answers.steady(node_id.0, &versions, &hb.vms) {
+            return Ok(HeartbeatResponse { vms });
+        }
         // One read of what the node holds serves every report and, when
-        // no report changed anything, the answer too: a steady heartbeat
-        // costs a bounded number of statements whatever its VMs.
+        // no report changed anything, the answer too: a heartbeat costs a
+        // bounded number of statements whatever its VMs.
         let held = self.store.vm_list_for_node(node_id.0).await?;
         let mut changed = false;
         let by_id: HashMap<Uuid, &byteport_store::vm::Model> =
@@ -403,20 +410,15 @@ impl App {
             let Some(&v) = by_id.get(&r.id.0) else {
                 continue;
             };
-            let mut current: VmState = v.state.parse().map_err(AppError::internal)?;
-            // The guest powered itself off (see below).
-            let powered_off = r.state == ObservedState::Stopped
-                && v.desired_state == DesiredState::Running.to_string()
-                && r.desired_generation as i64 >= v.desired_generation
-                && r.reason.is_some();
-            if current != VmState::Unknown
-                && !powered_off
-                && r.generation as i64 <= v.observed_generation
-            {
+            let seen = Seen::of(v);
+            if !seen.news(&r) {
                 // Nothing newer than what is stored: the write below would
                 // change no row, so it is not sent.
                 continue;
             }
+            let mut current: VmState = v.state.parse().map_err(AppError::internal)?;
+            // The guest powered itself off (see below).
+            let powered_off = seen.powered_off(&r);
             changed = true;
             if current == VmState::Unknown {
                 // The node is back: its report counts even if not newer.
@@ -512,11 +514,16 @@ impl App {
         // a moment ago is the answer (kept up to ANSWER_TTL, which bounds
         // how late an image's or network's change reaches the node).
         let key = answer_key(&rows);
+        let versions: Vec<_> = rows.iter().map(|v| (v.id, v.updated_at)).collect();
+        let seen = rows.iter().map(|v| (v.id, Seen::of(v))).collect();
         if let Some(vms) = self.answers.get(node_id.0, key) {
+            self.answers
+                .put(node_id.0, key, versions, seen, vms.clone(), false);
             return Ok(HeartbeatResponse { vms });
         }
         let vms = self.desired_vms(rows).await?;
-        self.answers.put(node_id.0, key, vms.clone());
+        self.answers
+            .put(node_id.0, key, versions, seen, vms.clone(), true);
         Ok(HeartbeatResponse { vms })
     }
 
@@ -780,6 +787,8 @@ impl App {
         ctx.target("node", n.id, None);
         self.store.node_remove(n.id).await?;
         self.inventory.invalidate().await;
+        // Its credential stops working here at once.
+        self.token_cache_clear();
         Ok(())
     }
 }
@@ -950,28 +959,111 @@ impl App {
 const ANSWER_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The last answer to each node's heartbeat on this replica, with the
-/// fingerprint of the rows it was made from.
+/// fingerprint of the rows it was made from, their versions, and what a
+/// report is compared with.
 #[derive(Default)]
 pub(crate) struct Answers {
     map: std::sync::Mutex<HashMap<Uuid, Answer>>,
 }
 
-/// (the rows' fingerprint, when it was made, the answer)
-type Answer = (u64, std::time::Instant, Vec<DesiredVm>);
+struct Answer {
+    /// The rows' fingerprint ([`answer_key`]).
+    key: u64,
+    /// When the answer was made from the images and networks.
+    made: std::time::Instant,
+    vms: Vec<DesiredVm>,
+    /// The rows' (id, updated_at), in id order.
+    versions: Vec<(Uuid, chrono::DateTime<Utc>)>,
+    seen: HashMap<Uuid, Seen>,
+}
+
+/// What a VM's report is compared with, from its row.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    unknown: bool,
+    desired_running: bool,
+    desired_generation: i64,
+    observed_generation: i64,
+}
+
+impl Seen {
+    fn of(v: &byteport_store::vm::Model) -> Seen {
+        Seen {
+            unknown: v.state == VmState::Unknown.to_string(),
+            desired_running: v.desired_state == DesiredState::Running.to_string(),
+            desired_generation: v.desired_generation,
+            observed_generation: v.observed_generation,
+        }
+    }
+
+    /// The guest powered itself off: stopped, with a reason, while meant
+    /// to run, after the node saw the latest desired state.
+    fn powered_off(&self, r: &VmReport) -> bool {
+        r.state == ObservedState::Stopped
+            && self.desired_running
+            && r.desired_generation as i64 >= self.desired_generation
+            && r.reason.is_some()
+    }
+
+    /// Whether the report says anything the row does not.
+    fn news(&self, r: &VmReport) -> bool {
+        self.unknown || self.powered_off(r) || r.generation as i64 > self.observed_generation
+    }
+}
 
 impl Answers {
     fn get(&self, node: Uuid, key: u64) -> Option<Vec<DesiredVm>> {
         let map = self.map.lock().ok()?;
-        let (k, at, vms) = map.get(&node)?;
-        (*k == key && at.elapsed() < ANSWER_TTL).then(|| vms.clone())
+        let a = map.get(&node)?;
+        (a.key == key && a.made.elapsed() < ANSWER_TTL).then(|| a.vms.clone())
     }
 
-    fn put(&self, node: Uuid, key: u64, vms: Vec<DesiredVm>) {
+    /// The answer, when the node's VMs are at `versions` as when it was
+    /// made, it is fresh, and no report is news.
+    fn steady(
+        &self,
+        node: Uuid,
+        versions: &[(Uuid, chrono::DateTime<Utc>)],
+        reports: &[VmReport],
+    ) -> Option<Vec<DesiredVm>> {
+        let map = self.map.lock().ok()?;
+        let a = map.get(&node)?;
+        let quiet = a.versions == versions
+            && a.made.elapsed() < ANSWER_TTL
+            && reports
+                .iter()
+                .all(|r| a.seen.get(&r.id.0).is_none_or(|s| !s.news(r)));
+        quiet.then(|| a.vms.clone())
+    }
+
+    /// Keeps an answer; `made` when it was made now (not reused).
+    fn put(
+        &self,
+        node: Uuid,
+        key: u64,
+        versions: Vec<(Uuid, chrono::DateTime<Utc>)>,
+        seen: HashMap<Uuid, Seen>,
+        vms: Vec<DesiredVm>,
+        made: bool,
+    ) {
         if let Ok(mut map) = self.map.lock() {
             if map.len() > 100_000 {
                 map.clear();
             }
-            map.insert(node, (key, std::time::Instant::now(), vms));
+            let made = match map.get(&node) {
+                Some(a) if !made => a.made,
+                _ => std::time::Instant::now(),
+            };
+            map.insert(
+                node,
+                Answer {
+                    key,
+                    made,
+                    vms,
+                    versions,
+                    seen,
+                },
+            );
         }
     }
 }
