@@ -108,9 +108,6 @@ pub struct NodeBeat {
     pub unavailable_engines: Option<String>,
 }
 
-/// COUNT and the three SUMs (NULL when no rows) of a usage query.
-type UsageSums = (i64, Option<i64>, Option<i64>, Option<i64>);
-
 /// What a project's live VMs hold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsageRow {
@@ -403,8 +400,10 @@ impl DataStore {
         }
         let _w = self.serialize().await;
         let tx = self.begin_write().await?;
-        lock_project(&tx, project_id).await?;
+        // Read and locked in one statement (`FOR UPDATE` on PostgreSQL;
+        // SQLite's transaction holds the one write lock already).
         let p = project::Entity::find_by_id(project_id)
+            .lock_exclusive()
             .one(&tx)
             .await?
             .ok_or(StoreError::NotFound)?;
@@ -453,23 +452,19 @@ impl DataStore {
         }
         let mut made = Vec::with_capacity(vms.len());
         for (v, labels) in vms {
-            let taken = vm::Entity::find()
-                .filter(vm::Column::ProjectId.eq(v.project_id))
-                .filter(vm::Column::Name.eq(v.name.clone()))
-                .filter(vm::Column::DeletedAt.is_null())
-                .count(&tx)
-                .await?;
-            if taken > 0 {
-                return Err(StoreError::Conflict(format!(
-                    "a VM named {} already exists in project {}",
-                    v.name, p.name
-                )));
-            }
+            // A live VM's name is unique in its project (an index says
+            // so): a taken name fails the insert, and nothing is written.
+            let name = v.name.clone();
             let v = v
                 .into_active_model()
                 .insert(&tx)
                 .await
-                .map_err(unique_conflict("VM"))?;
+                .map_err(|e| match e.sql_err() {
+                    Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => StoreError::Conflict(
+                        format!("a VM named {name} already exists in project {}", p.name),
+                    ),
+                    _ => StoreError::Db(e),
+                })?;
             for (k, val) in labels {
                 vm_label::Model {
                     vm_id: v.id,

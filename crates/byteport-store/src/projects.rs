@@ -112,39 +112,43 @@ impl DataStore {
         Ok(())
     }
 
-    /// What the project's live VMs hold.
+    /// What the project's live VMs hold, and its running runs: one
+    /// statement.
     pub async fn project_usage<C: ConnectionTrait>(&self, c_: &C, id: Uuid) -> Result<UsageRow> {
-        let row: Option<UsageSums> = vm::Entity::find()
-            .select_only()
-            .column_as(vm::Column::Id.count(), "n")
-            // PostgreSQL sums BIGINT into NUMERIC; cast back on both.
-            .column_as(Expr::cust("CAST(SUM(vcpus) AS BIGINT)"), "c")
-            .column_as(Expr::cust("CAST(SUM(memory_mib) AS BIGINT)"), "m")
-            .column_as(Expr::cust("CAST(SUM(disk_gib) AS BIGINT)"), "d")
-            .filter(vm::Column::ProjectId.eq(id))
-            .filter(vm::Column::DeletedAt.is_null())
-            .into_tuple()
-            .one(c_)
-            .await?;
-        let (n, c, m, d) = row.unwrap_or_default();
-        // A run holds its vCPUs and memory while it runs.
-        let runs: Option<(i64, Option<i64>, Option<i64>)> = run::Entity::find()
-            .select_only()
-            .column_as(run::Column::Id.count(), "n")
-            .column_as(Expr::cust("CAST(SUM(vcpus) AS BIGINT)"), "c")
-            .column_as(Expr::cust("CAST(SUM(memory_mib) AS BIGINT)"), "m")
-            .filter(run::Column::ProjectId.eq(id))
-            .filter(run::Column::State.eq("running"))
-            .into_tuple()
-            .one(c_)
-            .await?;
-        let (rn, rc, rm) = runs.unwrap_or_default();
+        let backend = c_.get_database_backend();
+        let at = |i: usize| match backend {
+            sea_orm::DbBackend::Postgres => format!("${i}"),
+            _ => "?".to_owned(),
+        };
+        // PostgreSQL sums BIGINT into NUMERIC; cast back on both.
+        let sql = format!(
+            "SELECT v.n AS vn, v.c AS vc, v.m AS vm, v.d AS vd, r.n AS rn, r.c AS rc, r.m AS rm FROM \
+             (SELECT COUNT(id) AS n, CAST(SUM(vcpus) AS BIGINT) AS c, \
+              CAST(SUM(memory_mib) AS BIGINT) AS m, CAST(SUM(disk_gib) AS BIGINT) AS d \
+              FROM vms WHERE project_id = {} AND deleted_at IS NULL) AS v, \
+             (SELECT COUNT(id) AS n, CAST(SUM(vcpus) AS BIGINT) AS c, \
+              CAST(SUM(memory_mib) AS BIGINT) AS m \
+              FROM runs WHERE project_id = {} AND state = 'running') AS r",
+            at(1),
+            at(2)
+        );
+        let row = c_
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                backend,
+                sql,
+                [id.into(), id.into()],
+            ))
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let get =
+            |col: &str| -> Result<i64> { Ok(row.try_get::<Option<i64>>("", col)?.unwrap_or(0)) };
         Ok(UsageRow {
-            vms: n,
-            vcpus: c.unwrap_or(0) + rc.unwrap_or(0),
-            memory_mib: m.unwrap_or(0) + rm.unwrap_or(0),
-            disk_gib: d.unwrap_or(0),
-            runs: rn,
+            vms: get("vn")?,
+            // A run holds its vCPUs and memory while it runs.
+            vcpus: get("vc")? + get("rc")?,
+            memory_mib: get("vm")? + get("rm")?,
+            disk_gib: get("vd")?,
+            runs: get("rn")?,
         })
     }
 

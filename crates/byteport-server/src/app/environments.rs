@@ -227,7 +227,7 @@ impl App {
         let made = self.store.vms_insert(Some(env), vms).await?;
         ctx.target("environment", env_id, Some(ProjectId(project.id)));
         for v in made {
-            self.vm_created(v).await?;
+            self.vm_created(v, true).await?;
         }
         self.env_view(&self.store.env_fetch(env_id).await?, &project.name)
             .await

@@ -145,6 +145,21 @@ impl App {
         self.place_in(v, &mut pass).await
     }
 
+    /// Why a VM not yet written would fit nowhere now, on the shared
+    /// inventory (`None`: it would fit), so that a create writes it with
+    /// its reason at once instead of writing the reason after it.
+    pub(crate) async fn fits_nowhere(&self, v: &vm::Model) -> AppResult<Option<String>> {
+        let mut pass = Pass::default();
+        let (req, policy) = self.request_for(v, &mut pass).await?;
+        Ok(match self.decide_on_copy(&req, policy, false).await? {
+            Decision::NoFit(why) => {
+                self.scheduler.no_fit.fetch_add(1, Relaxed);
+                Some(why)
+            }
+            Decision::Place { .. } => None,
+        })
+    }
+
     /// What the scheduler is asked for `v`, and under which policy.
     async fn request_for(
         &self,
@@ -188,6 +203,16 @@ impl App {
     /// once, so the next decision sees it; one that does not commit must
     /// [`Inventory::invalidate`] it.
     async fn decide(&self, req: &Request<Uuid>, policy: Policy) -> AppResult<Decision<Uuid>> {
+        self.decide_on_copy(req, policy, true).await
+    }
+
+    /// [`App::decide`]; a placement is counted in the copy only if `count`.
+    async fn decide_on_copy(
+        &self,
+        req: &Request<Uuid>,
+        policy: Policy,
+        count: bool,
+    ) -> AppResult<Decision<Uuid>> {
         let mut copy = self.inventory.copy.lock().await;
         let mut fresh = false;
         loop {
@@ -217,7 +242,7 @@ impl App {
             };
             let d = byteport_scheduler::place(&c.nodes, req, policy, self.settings.overcommit);
             match &d {
-                Decision::Place { node, .. } => {
+                Decision::Place { node, .. } if count => {
                     if let Some(n) = c.index.get(node).map(|&i| &mut c.nodes[i]) {
                         n.reserved.vcpus += req.size.vcpus;
                         n.reserved.memory_mib += req.size.memory_mib;
@@ -229,7 +254,7 @@ impl App {
                     *copy = None;
                     continue;
                 }
-                Decision::NoFit(_) => {}
+                Decision::Place { .. } | Decision::NoFit(_) => {}
             }
             return Ok(d);
         }

@@ -152,17 +152,27 @@ impl App {
                     format!("there is no image named {}", req.image),
                 )
             })?;
-        let (model, labels) = self.vm_model(project.id, &image, req, None).await?;
+        let (mut model, labels) = self.vm_model(project.id, &image, req, None).await?;
+        // A VM that fits nowhere is written pending with the reason.
+        let no_fit = self.fits_nowhere(&model).await?;
+        let place = no_fit.is_none();
+        if no_fit.is_some() {
+            model.state_reason = no_fit;
+        }
         let v = self.store.vm_insert(model, &labels).await?;
         ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
-        let v = self.vm_created(v).await?;
+        let v = self.vm_created(v, place).await?;
         vm_view(&v, &project.name)
     }
 
     /// Tells watchers about a new VM and places it now if a node has room
-    /// (the background loop retries otherwise).
-    pub(crate) async fn vm_created(&self, v: vm::Model) -> AppResult<vm::Model> {
+    /// (the background loop retries otherwise), if `place` (not when it
+    /// was written with the reason it fits nowhere).
+    pub(crate) async fn vm_created(&self, v: vm::Model, place: bool) -> AppResult<vm::Model> {
         let _ = self.vm_changes.send(v.id);
+        if !place {
+            return Ok(v);
+        }
         if let Err(e) = self.place_vm(&v).await {
             tracing::warn!(vm = %v.id, error = %e, "placement failed; will retry");
             return Ok(v);
