@@ -126,6 +126,134 @@ pub enum Decision<Id> {
     NoFit(String),
 }
 
+/// What one node is to one request.
+enum Judged<'a> {
+    /// Offline, cordoned, or not of the request's architecture or region.
+    Out,
+    /// It lacks the engine; the reason it gave, if any.
+    NoEngine(Option<&'a str>),
+    /// It holds a VM of the request's anti-affinity group.
+    Avoided,
+    /// Eligible, but with only this much free.
+    Full(Resources),
+    /// Eligible, with room: its score, whether it runs the architecture
+    /// natively, its limit and what is free.
+    Fits(f64, bool, Resources, Resources),
+}
+
+fn judge<'a, Id: PartialEq>(
+    n: &'a NodeInventory<Id>,
+    req: &Request<Id>,
+    policy: Policy,
+    over: Overcommit,
+) -> Judged<'a> {
+    if !n.online || n.cordoned {
+        return Judged::Out;
+    }
+    let Some(native) = n.runs(&req.arch) else {
+        return Judged::Out;
+    };
+    if !n.engines.contains(&req.engine) {
+        let why = n
+            .unavailable
+            .iter()
+            .find(|(e, _)| *e == req.engine)
+            .map(|(_, r)| r.as_str());
+        return Judged::NoEngine(why);
+    }
+    if req.region.as_ref().is_some_and(|r| *r != n.region) {
+        return Judged::Out;
+    }
+    if req.avoid.contains(&n.id) {
+        return Judged::Avoided;
+    }
+    let limit = over.limit(n.capacity);
+    let free = Resources {
+        vcpus: limit.vcpus - n.reserved.vcpus,
+        memory_mib: limit.memory_mib - n.reserved.memory_mib,
+        disk_gib: limit.disk_gib - n.reserved.disk_gib,
+    };
+    if free.vcpus < req.size.vcpus
+        || free.memory_mib < req.size.memory_mib
+        || free.disk_gib < req.size.disk_gib
+    {
+        return Judged::Full(free);
+    }
+    let share = (free.memory_mib - req.size.memory_mib) as f64 / limit.memory_mib.max(1) as f64;
+    // The share is within [-1, 1]: native comes first whatever it is.
+    let score = match policy {
+        Policy::Spread => share,
+        Policy::Pack => -share,
+    } + if native { 4.0 } else { 0.0 };
+    Judged::Fits(score, native, limit, free)
+}
+
+/// Fleets larger than this are sampled by [`place_sampled`].
+pub const SAMPLE_ABOVE: usize = 64;
+/// Nodes with room that [`place_sampled`] compares.
+pub const SAMPLE: usize = 4;
+
+/// [`place`] for `Spread` on a large fleet, without looking at every
+/// node: nodes are visited in an order drawn from `seed` until
+/// [`SAMPLE`] with room are found (only natively running ones count when
+/// `natives` says some node runs the architecture natively), and the best
+/// of those is taken. The cost is flat in the fleet's size while room is
+/// common, and control-plane replicas deciding at once (each with its own
+/// seed) spread over different nodes instead of all picking the one
+/// emptiest. Small fleets, `Pack`, and a request that finds no room in
+/// the sample get [`place`] itself (with its reasons).
+pub fn place_sampled<Id: Clone + PartialEq>(
+    nodes: &[NodeInventory<Id>],
+    req: &Request<Id>,
+    policy: Policy,
+    over: Overcommit,
+    natives: bool,
+    seed: u64,
+) -> Decision<Id> {
+    let n = nodes.len();
+    if policy != Policy::Spread || n <= SAMPLE_ABOVE {
+        return place(nodes, req, policy, over);
+    }
+    // A walk start + j * stride (mod n), stride prime to n, visits every
+    // node once.
+    let start = (seed % n as u64) as usize;
+    let mut stride = ((seed >> 32) % n as u64) as usize | 1;
+    while gcd(stride, n) != 1 {
+        stride += 2;
+    }
+    let mut best: Option<(f64, &NodeInventory<Id>, Resources)> = None;
+    let mut found = 0;
+    for j in 0..n {
+        let node = &nodes[(start + j * stride) % n];
+        if let Judged::Fits(score, native, limit, _) = judge(node, req, policy, over) {
+            if natives && !native {
+                continue;
+            }
+            if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
+                best = Some((score, node, limit));
+            }
+            found += 1;
+            if found == SAMPLE {
+                break;
+            }
+        }
+    }
+    match best {
+        Some((_, node, limit)) => Decision::Place {
+            node: node.id.clone(),
+            limit,
+        },
+        None => place(nodes, req, policy, over),
+    }
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 /// Picks a node for `req`. Only nodes that run the request's architecture
 /// pass, and one that runs it natively beats every one that emulates it.
 /// Among the rest, `Spread` takes the one with the largest free memory
@@ -144,55 +272,31 @@ pub fn place<Id: Clone + PartialEq>(
     let mut largest_free = Resources::default();
     let mut largest_on = None;
     for n in nodes {
-        if !n.online || n.cordoned {
-            continue;
-        }
-        let Some(native) = n.runs(&req.arch) else {
-            continue;
-        };
-        if !n.engines.contains(&req.engine) {
-            lack_engine += 1;
-            if why_no_engine.is_none() {
-                why_no_engine = n
-                    .unavailable
-                    .iter()
-                    .find(|(e, _)| *e == req.engine)
-                    .map(|(_, r)| format!(" ({}: {r})", n.name));
+        let free = match judge(n, req, policy, over) {
+            Judged::Out => continue,
+            Judged::NoEngine(why) => {
+                lack_engine += 1;
+                if why_no_engine.is_none() {
+                    why_no_engine = why.map(|r| format!(" ({}: {r})", n.name));
+                }
+                continue;
             }
-            continue;
-        }
-        if req.region.as_ref().is_some_and(|r| *r != n.region) {
-            continue;
-        }
-        if req.avoid.contains(&n.id) {
-            avoided += 1;
-            continue;
-        }
-        eligible += 1;
-        let limit = over.limit(n.capacity);
-        let free = Resources {
-            vcpus: limit.vcpus - n.reserved.vcpus,
-            memory_mib: limit.memory_mib - n.reserved.memory_mib,
-            disk_gib: limit.disk_gib - n.reserved.disk_gib,
+            Judged::Avoided => {
+                avoided += 1;
+                continue;
+            }
+            Judged::Full(free) => free,
+            Judged::Fits(score, _, limit, free) => {
+                if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
+                    best = Some((score, n, limit));
+                }
+                free
+            }
         };
+        eligible += 1;
         if free.memory_mib > largest_free.memory_mib || largest_on.is_none() {
             largest_free = free;
             largest_on = Some(n.name.as_str());
-        }
-        if free.vcpus < req.size.vcpus
-            || free.memory_mib < req.size.memory_mib
-            || free.disk_gib < req.size.disk_gib
-        {
-            continue;
-        }
-        let share = (free.memory_mib - req.size.memory_mib) as f64 / limit.memory_mib.max(1) as f64;
-        // The share is within [-1, 1]: native comes first whatever it is.
-        let score = match policy {
-            Policy::Spread => share,
-            Policy::Pack => -share,
-        } + if native { 4.0 } else { 0.0 };
-        if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
-            best = Some((score, n, limit));
         }
     }
     match best {
@@ -404,5 +508,54 @@ mod tests {
         n.reserved.vcpus = 15;
         let d = place(&[n], &req(512), Policy::Spread, Overcommit::default());
         assert!(matches!(d, Decision::Place { node: 1, limit } if limit.vcpus == 16));
+    }
+
+    #[test]
+    fn a_sampled_spread_stays_within_limits_prefers_natives_and_spreads_across_seeds() {
+        let o = Overcommit::default();
+        // 1,000 nodes, only every tenth with room; one native arm64 node.
+        let mut nodes: Vec<_> = (0..1000)
+            .map(|i| node(i, 4096, if i % 10 == 0 { 0 } else { 4000 }))
+            .collect();
+        nodes[999].platforms.push(Platform::native("arm64"));
+        let mut chosen_by_seed = std::collections::HashSet::new();
+        for seed in 0..200u64 {
+            let seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            match place_sampled(&nodes, &req(512), Policy::Spread, o, true, seed) {
+                Decision::Place { node, .. } => {
+                    assert_eq!(node % 10, 0, "node-{node} has no room");
+                    chosen_by_seed.insert(node);
+                }
+                d => panic!("{d:?}"),
+            }
+        }
+        // Different seeds, different nodes: replicas do not herd.
+        assert!(chosen_by_seed.len() > 20, "{chosen_by_seed:?}");
+        // arm64 runs natively on one node only and is emulated on the
+        // ones with room. While the native one is full, an emulating one
+        // is taken (as the full scan does); once it has room, it wins.
+        for n in nodes.iter_mut().step_by(10) {
+            n.platforms.push(Platform::emulated("arm64"));
+        }
+        let mut arm = req(512);
+        arm.arch = "arm64".into();
+        let d = place_sampled(&nodes, &arm, Policy::Spread, o, true, 7);
+        assert!(
+            chosen(d).is_some_and(|n| n % 10 == 0),
+            "an emulating node with room"
+        );
+        nodes[999].reserved.memory_mib = 0;
+        assert_eq!(
+            chosen(place_sampled(&nodes, &arm, Policy::Spread, o, true, 7)),
+            Some(999)
+        );
+        // Nowhere with room: the same reason as the full scan gives.
+        for n in &mut nodes {
+            n.reserved.memory_mib = 4000;
+        }
+        assert_eq!(
+            place_sampled(&nodes, &req(512), Policy::Spread, o, true, 3),
+            place(&nodes, &req(512), Policy::Spread, o)
+        );
     }
 }

@@ -48,6 +48,8 @@ pub struct Inventory {
 struct Copy {
     nodes: Vec<NodeInventory<Uuid>>,
     index: HashMap<Uuid, usize>,
+    /// Architectures some node runs natively.
+    native: std::collections::HashSet<String>,
     read_at: Instant,
 }
 
@@ -230,9 +232,15 @@ impl App {
                     .collect();
                 self.inventory.reads.fetch_add(1, Relaxed);
                 let index = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+                let native = nodes
+                    .iter()
+                    .flat_map(|n| n.platforms.iter().filter(|p| p.native))
+                    .map(|p| p.arch.clone())
+                    .collect();
                 *copy = Some(Copy {
                     nodes,
                     index,
+                    native,
                     read_at,
                 });
                 fresh = true;
@@ -240,7 +248,15 @@ impl App {
             let Some(c) = copy.as_mut() else {
                 unreachable!("the inventory was just read")
             };
-            let d = byteport_scheduler::place(&c.nodes, req, policy, self.settings.overcommit);
+            // A large fleet is sampled, each decision with its own draw.
+            let d = byteport_scheduler::place_sampled(
+                &c.nodes,
+                req,
+                policy,
+                self.settings.overcommit,
+                c.native.contains(&req.arch),
+                rand::random(),
+            );
             match &d {
                 Decision::Place { node, .. } if count => {
                     if let Some(n) = c.index.get(node).map(|&i| &mut c.nodes[i]) {
