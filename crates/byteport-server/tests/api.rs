@@ -815,6 +815,17 @@ async fn a_list_entry_is_the_vm_field_for_field() {
             let (st, one) = s.call(GET, &format!("/v1/vms/{id}"), Some(&t), None).await;
             assert_eq!(st, StatusCode::OK, "{one}");
             assert_eq!(item, &one, "the list entry of {} differs", item["name"]);
+            // Both read the narrow row: it is the whole row but for what
+            // the API never shows.
+            let uuid = id.parse().unwrap();
+            let whole = s.app.store.vm_fetch(uuid).await.unwrap();
+            let narrow = s.app.store.vm_fetch_narrow(uuid).await.unwrap();
+            let expected = byteport_store::vm::Model {
+                user_data: whole.user_data.as_ref().map(|_| String::new()),
+                metadata_token_hash: None,
+                ..whole
+            };
+            assert_eq!(narrow, expected, "{b:?}");
         }
         // The figures asserted above are the VM's, not blanks.
         let full = items.iter().find(|v| v["name"] == "full").unwrap();

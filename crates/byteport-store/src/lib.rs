@@ -481,6 +481,15 @@ impl DataStore {
         Ok(made)
     }
 
+    /// A VM as the API shows it: [`DataStore::vm_list`]'s narrow row.
+    pub async fn vm_fetch_narrow(&self, id: Uuid) -> Result<vm::Model> {
+        vm_narrow()
+            .filter(vm::Column::Id.eq(id))
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
     pub async fn vm_fetch(&self, id: Uuid) -> Result<vm::Model> {
         vm::Entity::find_by_id(id)
             .one(&self.db)
@@ -494,21 +503,7 @@ impl DataStore {
     /// (`user_data` is `Some("")` when the VM has some, so the API can say
     /// so) and so does the metadata token's hash (`None`).
     pub async fn vm_list(&self, f: &VmFilter) -> Result<Vec<vm::Model>> {
-        use sea_orm::Iterable;
-        let mut q = vm::Entity::find().select_only();
-        for c in vm::Column::iter() {
-            if !matches!(c, vm::Column::UserData | vm::Column::MetadataTokenHash) {
-                q = q.column(c);
-            }
-        }
-        let mut q = q
-            .column_as(
-                Expr::cust("CASE WHEN user_data IS NULL THEN NULL ELSE '' END"),
-                "user_data",
-            )
-            .column_as(Expr::value(Option::<String>::None), "metadata_token_hash")
-            .order_by_asc(vm::Column::Id)
-            .limit(f.limit);
+        let mut q = vm_narrow().order_by_asc(vm::Column::Id).limit(f.limit);
         if let Some(ps) = &f.projects {
             q = q.filter(vm::Column::ProjectId.is_in(ps.iter().copied()));
         }
@@ -923,6 +918,23 @@ pub(crate) async fn lock_project<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<
         .exec(c)
         .await?;
     Ok(())
+}
+
+/// VM rows without what the API never shows: the user-data (`Some("")`
+/// when there is some) and the metadata token's hash (`None`).
+fn vm_narrow() -> sea_orm::Select<vm::Entity> {
+    use sea_orm::Iterable;
+    let mut q = vm::Entity::find().select_only();
+    for c in vm::Column::iter() {
+        if !matches!(c, vm::Column::UserData | vm::Column::MetadataTokenHash) {
+            q = q.column(c);
+        }
+    }
+    q.column_as(
+        Expr::cust("CASE WHEN user_data IS NULL THEN NULL ELSE '' END"),
+        "user_data",
+    )
+    .column_as(Expr::value(Option::<String>::None), "metadata_token_hash")
 }
 
 /// Takes a node's row lock for the rest of the transaction (a no-op

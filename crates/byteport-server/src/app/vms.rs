@@ -372,7 +372,13 @@ impl App {
     }
 
     pub async fn vm_show(&self, ctx: &Ctx, id: &str) -> AppResult<Vm> {
-        let v = self.vm_resolve(ctx, id, Role::Viewer).await?;
+        // The row the list reads: what the API shows, and no more.
+        let nf = || AppError::not_found("VM", id);
+        let vid: VmId = id.parse().map_err(|_| nf())?;
+        let v = self.store.vm_fetch_narrow(vid.0).await.map_err(|_| nf())?;
+        self.require(ctx, ProjectId(v.project_id), Role::Viewer, "VM", id)
+            .await?;
+        ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
         self.vm_view(&v).await
     }
 
