@@ -160,6 +160,8 @@ pub fn run(root: &Path, args: &[&str]) -> anyhow::Result<()> {
                     "--release",
                     "-p",
                     "xtask",
+                    "--features",
+                    "bench",
                     "--",
                     "bench",
                     "placement",
