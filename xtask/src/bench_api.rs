@@ -535,6 +535,27 @@ impl Conn {
     }
 }
 
+/// Logs `name` in (with the benchmark's password); its access token.
+async fn login(c: &mut Conn, host: &str, name: &str) -> anyhow::Result<String> {
+    let login = call(
+        c,
+        Req::json(
+            "POST",
+            host,
+            "/v1/auth/login",
+            None,
+            &serde_json::json!({"name": name, "password": PASSWORD}),
+        ),
+        200,
+        &format!("log {name} in"),
+    )
+    .await?;
+    Ok(login["access_token"]
+        .as_str()
+        .context("login: no access_token")?
+        .to_owned())
+}
+
 /// A setup call that must answer `want`; returns the JSON body.
 async fn call(c: &mut Conn, req: Req, want: u16, what: &str) -> anyhow::Result<serde_json::Value> {
     let (st, body) = c.send(&req.bytes).await.with_context(|| what.to_owned())?;
@@ -726,23 +747,7 @@ async fn bench_one(
         "bootstrap",
     )
     .await?;
-    let login = call(
-        &mut c,
-        Req::json(
-            "POST",
-            host,
-            "/v1/auth/login",
-            None,
-            &serde_json::json!({"name": "admin", "password": PASSWORD}),
-        ),
-        200,
-        "login",
-    )
-    .await?;
-    let jwt = login["access_token"]
-        .as_str()
-        .context("login: no access_token")?
-        .to_owned();
+    let jwt = login(&mut c, host, "admin").await?;
     let tok = call(
         &mut c,
         Req::json(
@@ -986,25 +991,7 @@ async fn stream_cost(
             "add the stream user",
         )
         .await?;
-        let login = call(
-            &mut c,
-            Req::json(
-                "POST",
-                host,
-                "/v1/auth/login",
-                None,
-                &serde_json::json!({"name": name, "password": PASSWORD}),
-            ),
-            200,
-            "log the stream user in",
-        )
-        .await?;
-        bearers.push(
-            login["access_token"]
-                .as_str()
-                .context("login: no access_token")?
-                .to_owned(),
-        );
+        bearers.push(login(&mut c, host, &name).await?);
     }
     eprintln!(
         "[{label}] event streams: statements/s with none open, then with {} open ({} s each)",

@@ -459,12 +459,9 @@ impl DataStore {
                 .into_active_model()
                 .insert(&tx)
                 .await
-                .map_err(|e| match e.sql_err() {
-                    Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => StoreError::Conflict(
-                        format!("a VM named {name} already exists in project {}", p.name),
-                    ),
-                    _ => StoreError::Db(e),
-                })?;
+                .map_err(on_unique(|| {
+                    format!("a VM named {name} already exists in project {}", p.name)
+                }))?;
             for (k, val) in labels {
                 vm_label::Model {
                     vm_id: v.id,
@@ -954,10 +951,13 @@ pub(crate) async fn lock_node<C: ConnectionTrait>(c: &C, id: Uuid) -> Result<()>
 /// Maps a unique-constraint violation (a race the pre-check lost) to a
 /// conflict naming the kind of resource.
 pub(crate) fn unique_conflict(kind: &'static str) -> impl Fn(DbErr) -> StoreError {
+    on_unique(move || format!("a {kind} with that name already exists"))
+}
+
+/// Maps a unique-constraint violation to a conflict saying `message`.
+pub(crate) fn on_unique(message: impl Fn() -> String) -> impl Fn(DbErr) -> StoreError {
     move |e| match e.sql_err() {
-        Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => {
-            StoreError::Conflict(format!("a {kind} with that name already exists"))
-        }
+        Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => StoreError::Conflict(message()),
         _ => StoreError::Db(e),
     }
 }

@@ -91,6 +91,16 @@ impl<K: std::hash::Hash + Eq, V: Clone> TtlCache<K, V> {
         }
     }
 
+    pub(crate) fn remove<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(key);
+        }
+    }
+
     pub(crate) fn clear_all(&self) {
         if let Ok(mut map) = self.map.lock() {
             map.clear();

@@ -788,7 +788,7 @@ impl App {
         self.store.node_remove(n.id).await?;
         self.inventory.invalidate().await;
         // Its credential stops working here at once.
-        self.token_cache_clear();
+        self.token_cache.remove(&n.credential_hash);
         Ok(())
     }
 }

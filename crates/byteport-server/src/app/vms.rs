@@ -122,9 +122,26 @@ impl App {
     /// A VM by id, if the caller has at least `need` in its project; 404
     /// for a VM the caller may not see, exactly as for one that never was.
     pub(crate) async fn vm_resolve(&self, ctx: &Ctx, id: &str, need: Role) -> AppResult<vm::Model> {
+        self.vm_resolve_row(ctx, id, need, false).await
+    }
+
+    /// [`App::vm_resolve`], reading the list's narrow row (what the API
+    /// shows) when `narrow`, the whole row otherwise.
+    async fn vm_resolve_row(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        need: Role,
+        narrow: bool,
+    ) -> AppResult<vm::Model> {
         let nf = || AppError::not_found("VM", id);
         let vid: VmId = id.parse().map_err(|_| nf())?;
-        let v = self.store.vm_fetch(vid.0).await.map_err(|_| nf())?;
+        let v = if narrow {
+            self.store.vm_fetch_narrow(vid.0).await
+        } else {
+            self.store.vm_fetch(vid.0).await
+        };
+        let v = v.map_err(|_| nf())?;
         self.require(ctx, ProjectId(v.project_id), need, "VM", id)
             .await?;
         ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
@@ -156,8 +173,8 @@ impl App {
         // A VM that fits nowhere is written pending with the reason.
         let no_fit = self.fits_nowhere(&model).await?;
         let place = no_fit.is_none();
-        if no_fit.is_some() {
-            model.state_reason = no_fit;
+        if let Some(why) = no_fit {
+            model.state_reason = Some(why);
         }
         let v = self.store.vm_insert(model, &labels).await?;
         ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
@@ -373,12 +390,7 @@ impl App {
 
     pub async fn vm_show(&self, ctx: &Ctx, id: &str) -> AppResult<Vm> {
         // The row the list reads: what the API shows, and no more.
-        let nf = || AppError::not_found("VM", id);
-        let vid: VmId = id.parse().map_err(|_| nf())?;
-        let v = self.store.vm_fetch_narrow(vid.0).await.map_err(|_| nf())?;
-        self.require(ctx, ProjectId(v.project_id), Role::Viewer, "VM", id)
-            .await?;
-        ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
+        let v = self.vm_resolve_row(ctx, id, Role::Viewer, true).await?;
         self.vm_view(&v).await
     }
 
