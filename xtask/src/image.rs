@@ -1565,6 +1565,105 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
         .collect())
 }
 
+/// The images the real-guest tests boot, in two lanes that build side by
+/// side. Within a lane the order matters: `tiny-aarch64` makes the
+/// cross-building chroot the other aarch64 images reuse, and `debian-12`
+/// and the runtimes share bookworm's debootstrap cache; across lanes no
+/// cache is shared.
+const TEST_IMAGE_LANES: [&[&str]; 2] = [
+    &["tiny-aarch64", "debian-12-aarch64", "debian-13-aarch64"],
+    &[
+        "tiny",
+        "debian-12",
+        "debian-13",
+        "run-shell",
+        "run-python",
+        "run-node",
+        "run-rust",
+    ],
+];
+
+/// Builds, in the background, each test image that `build/images` lacks:
+/// every build is this program's `image build NAME` with its output in
+/// `build/logs/image-NAME.log`, one line said per image, the log's tail
+/// when one fails. Join the handle before the tests run.
+pub fn build_test_images(root: &Path) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    let root = root.to_path_buf();
+    std::thread::spawn(move || {
+        let lanes: Vec<_> = TEST_IMAGE_LANES
+            .iter()
+            .map(|lane| {
+                let root = root.clone();
+                std::thread::spawn(move || -> anyhow::Result<()> {
+                    for name in lane.iter() {
+                        build_logged(&root, name)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut failed = Vec::new();
+        for lane in lanes {
+            match lane.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed.push(format!("{e:#}")),
+                Err(_) => failed.push("an image build panicked".to_owned()),
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failed.join("; "))
+        }
+    })
+}
+
+fn build_logged(root: &Path, name: &str) -> anyhow::Result<()> {
+    if root
+        .join("build/images")
+        .join(name)
+        .join("manifest.json")
+        .exists()
+    {
+        return Ok(());
+    }
+    let logs = root.join("build/logs");
+    fs::create_dir_all(&logs)?;
+    let log_path = logs.join(format!("image-{name}.log"));
+    let log = fs::File::create(&log_path)?;
+    let started = Instant::now();
+    eprintln!(
+        "building the {name} guest image (log: {})",
+        log_path.display()
+    );
+    let st = Command::new(std::env::current_exe()?)
+        .args(["image", "build", name])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("running the {name} image build"))?;
+    if st.success() {
+        eprintln!(
+            "the {name} guest image is built ({:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    let text = fs::read_to_string(&log_path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(40)..];
+    eprintln!("the {name} image build failed ({st}); the end of its log:");
+    for l in tail {
+        eprintln!("  | {l}");
+    }
+    bail!(
+        "building the {name} guest image failed: {}",
+        log_path.display()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -146,6 +146,9 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
     run(Command::new("cargo")
         .current_dir(&root)
         .args(["fmt", "--all", "--check"]))?;
+    // The real-guest tests boot these images (they fail, not skip, here):
+    // they build meanwhile, beside the lints and the console's checks.
+    let images = image::build_test_images(&root);
     run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "--workspace",
@@ -169,29 +172,17 @@ fn test(extra: &[&str]) -> anyhow::Result<()> {
     // The console: npm ci, generated client, svelte-check, Vitest, build.
     // Its browser test runs below with the other real-guest tests.
     web::test(&root).context("the web console")?;
-    // The real-guest tests boot these images; they fail, not skip, here.
-    for name in [
-        "tiny",
-        "tiny-aarch64",
-        "debian-12",
-        "debian-13",
-        "debian-12-aarch64",
-        "debian-13-aarch64",
-        "run-shell",
-        "run-python",
-        "run-node",
-        "run-rust",
-    ] {
-        if !root
-            .join("build/images")
-            .join(name)
-            .join("manifest.json")
-            .exists()
-        {
-            image::run(&root, &["build", name])
-                .with_context(|| format!("building the {name} guest image"))?;
-        }
-    }
+    // The test binaries, built while the images may still be building.
+    run(Command::new("cargo").current_dir(&root).args([
+        "nextest",
+        "run",
+        "--workspace",
+        "--no-run",
+    ]))?;
+    images
+        .join()
+        .map_err(|_| anyhow::anyhow!("the image builds' thread panicked"))?
+        .context("the guest images")?;
     let pg = pg::Postgres::start().context("starting PostgreSQL for the tests")?;
     eprintln!("PostgreSQL for the tests: {}", pg.url);
     let mut cmd = Command::new("cargo");

@@ -67,6 +67,10 @@ pub struct VmTask<D: Driver> {
     /// The guest agent connection, once ready (kept across guest resets).
     conn: Option<GuestConn>,
     pending_conn: Option<tokio::sync::oneshot::Receiver<GuestConn>>,
+    /// An adopted guest that had booted before the agent restarted: it
+    /// stays running (or paused) while its guest agent reconnects, rather
+    /// than going back to provisioning. A reset or a new start clears it.
+    booted_before_adoption: bool,
 }
 
 /// What the guest agent said: its version once ready, then how cloud-init
@@ -198,6 +202,7 @@ impl<D: Driver> VmTask<D> {
             guest_task: None,
             conn: None,
             pending_conn: None,
+            booted_before_adoption: false,
         };
         t.p.spec = spec;
         t
@@ -305,6 +310,10 @@ impl<D: Driver> VmTask<D> {
             if let Some(i) = self.shared.driver.adopt(&self.dir).await {
                 tracing::info!(vm = %self.id, pid = ?i.pid(), "re-adopted a running VM");
                 self.inst = Some(i);
+                self.booted_before_adoption = matches!(
+                    self.p.observed,
+                    ObservedState::Running | ObservedState::Paused
+                );
                 self.shared.net.adopt(self.id, &self.p.ports);
                 self.watch_guest();
             } else {
@@ -424,6 +433,7 @@ impl<D: Driver> VmTask<D> {
     }
 
     fn forget_guest(&mut self) {
+        self.booted_before_adoption = false;
         if let Some(t) = self.guest_task.take() {
             t.abort();
         }
@@ -554,6 +564,7 @@ impl<D: Driver> VmTask<D> {
                         return Next::Wait(Duration::from_secs(2));
                     }
                     self.p.applied = want_gen;
+                    self.booted_before_adoption = false;
                     self.watch_guest();
                     self.set(ObservedState::Provisioning, None);
                     return Next::Wait(Duration::from_secs(1));
@@ -577,7 +588,9 @@ impl<D: Driver> VmTask<D> {
                 } else {
                     run
                 };
-                let booted = !self.p.spec.image.has_agent || self.ready.borrow().is_some();
+                let booted = !self.p.spec.image.has_agent
+                    || self.booted_before_adoption
+                    || self.ready.borrow().is_some();
                 let observed = match run {
                     RunState::Paused if booted => ObservedState::Paused,
                     RunState::Running if booted => ObservedState::Running,
