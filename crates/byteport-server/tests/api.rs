@@ -767,6 +767,80 @@ async fn pagination_walks_every_vm_once() {
     }
 }
 
+/// The list and `GET /v1/vms/{id}` answer from views kept per change: a
+/// VM changed behind this replica's back (as another replica on the same
+/// database would, straight through the store) shows its change on the
+/// very next read, in the list, in a filtered list, and on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_changed_by_another_replica_shows_its_change_on_the_next_read() {
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        s.image("tiny").await;
+        let t = s.admin.clone();
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let (st, v) = create_vm(&s, &t, "default", &format!("seen-{i}")).await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+            ids.push(v["id"].as_str().unwrap().to_owned());
+        }
+        let read = |path: String| {
+            let s = &s;
+            let t = t.clone();
+            async move { s.call(GET, &path, Some(&t), None).await.1 }
+        };
+        // Read twice: the second read answers from the views.
+        for _ in 0..2 {
+            let l = read("/v1/vms".into()).await;
+            assert_eq!(l["items"].as_array().unwrap().len(), 3, "{l}");
+            assert_eq!(
+                read(format!("/v1/vms/{}", ids[1])).await["state"],
+                "pending"
+            );
+        }
+        let id = uuid::Uuid::parse_str(&ids[1]).unwrap();
+        s.app
+            .store
+            .vm_set_pending_reason(id, "changed elsewhere")
+            .await
+            .expect("a change through the store");
+        let l = read("/v1/vms".into()).await;
+        let entry = l["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["id"] == json!(ids[1]))
+            .cloned()
+            .expect("listed");
+        assert_eq!(entry["state_reason"], "changed elsewhere", "{l}");
+        let one = read(format!("/v1/vms/{}", ids[1])).await;
+        assert_eq!(one, entry, "the list and the VM agree");
+        let named = read("/v1/vms?state=pending&name=seen-1".into()).await;
+        assert_eq!(named["items"].as_array().unwrap().len(), 1, "{named}");
+        assert_eq!(named["items"][0], entry);
+        // The others are as they were.
+        for other in [&ids[0], &ids[2]] {
+            let v = read(format!("/v1/vms/{other}")).await;
+            assert_ne!(v["state_reason"], "changed elsewhere", "{v}");
+        }
+        // A page walk with the cursor still sees every VM once.
+        let first = read("/v1/vms?limit=2".into()).await;
+        let cursor = first["next_cursor"].as_str().expect("a second page");
+        let second = read(format!("/v1/vms?limit=2&cursor={cursor}")).await;
+        let mut walked: Vec<String> = first["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(second["items"].as_array().unwrap())
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect();
+        walked.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(walked, want);
+        assert!(second["next_cursor"].is_null(), "{second}");
+    }
+}
+
 /// What the list says of a VM is what `GET /v1/vms/{id}` says, field for
 /// field, whatever the VM holds: pending or placed, with labels, keys,
 /// user-data, ports, an engine, in an environment or not.
@@ -1665,6 +1739,114 @@ async fn the_metadata_service_gives_each_vm_its_own_documents_only() {
             .get_text(&doc(&n1, a_id, "meta-data"), &cred1, &[(hdr, &ta)])
             .await;
         assert_eq!(st, StatusCode::NOT_FOUND);
+    }
+}
+
+/// A batch commits in a few statements whatever its size, and each of its
+/// placements is still guarded on its own: one past its node's limit, one
+/// of a VM deleted meanwhile and a second one of the same VM land nothing,
+/// the others land, and each node reserves exactly what landed on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_placement_batch_lands_what_fits_and_reserves_only_that() {
+    use byteport_store::{PlaceItem, Size};
+    for b in backends() {
+        let s = TestServer::start(b).await;
+        let t = s.admin.clone();
+        s.image("tiny").await;
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let body = json!({"name": format!("b{i}"), "image": "tiny", "vcpus": 1,
+                "memory_mib": 1024, "disk_gib": 10});
+            let (st, v) = s.call(POST, "/v1/vms", Some(&t), Some(body)).await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+            ids.push(uuid::Uuid::parse_str(v["id"].as_str().unwrap()).unwrap());
+        }
+        let (n1, _) = sim_node(&s, "node-1", 2048).await;
+        let (n2, _) = sim_node(&s, "node-2", 2048).await;
+        let (n1, n2) = (
+            uuid::Uuid::parse_str(&n1).unwrap(),
+            uuid::Uuid::parse_str(&n2).unwrap(),
+        );
+        let (st, _) = s
+            .call(
+                Method::DELETE,
+                &format!("/v1/vms/{}", ids[3]),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert!(st.is_success(), "{st}");
+        let size = Size {
+            vcpus: 1,
+            memory_mib: 1024,
+            disk_gib: 10,
+        };
+        let limit = Size {
+            vcpus: 2,
+            memory_mib: 2048,
+            disk_gib: 100,
+        };
+        let item = |vm: usize, node| PlaceItem {
+            vm_id: ids[vm],
+            node_id: node,
+            size,
+            limit,
+        };
+        let landed = s
+            .app
+            .store
+            .vm_place_many(&[
+                item(0, n1),
+                item(1, n1),
+                // node-1 is full by now.
+                item(2, n1),
+                // Deleted.
+                item(3, n2),
+                item(4, n2),
+                // Placed just above.
+                item(4, n1),
+            ])
+            .await
+            .expect("the batch");
+        assert_eq!(landed, [true, true, false, false, true, false]);
+        let vm = |i: usize| {
+            let id = ids[i];
+            let s = &s;
+            let t = t.clone();
+            async move {
+                s.call(GET, &format!("/v1/vms/{id}"), Some(&t), None)
+                    .await
+                    .1
+            }
+        };
+        for (i, node) in [(0, Some(n1)), (1, Some(n1)), (2, None), (4, Some(n2))] {
+            let v = vm(i).await;
+            assert_eq!(
+                v["node_id"].as_str(),
+                node.map(|n| n.to_string()).as_deref(),
+                "{v}"
+            );
+            let want = if node.is_some() {
+                "provisioning"
+            } else {
+                "pending"
+            };
+            assert_eq!(v["state"], want, "{v}");
+        }
+        assert_eq!(vm(3).await["state"], "deleted");
+        let (_, nodes) = s.call(GET, "/v1/nodes", Some(&t), None).await;
+        for n in nodes.as_array().unwrap() {
+            let want = if n["id"] == json!(n1.to_string()) {
+                2048
+            } else {
+                1024
+            };
+            assert_eq!(n["reserved"]["memory_mib"], want, "{n}");
+            assert_eq!(n["reserved"]["vcpus"], want / 1024, "{n}");
+        }
+        // What is left places as before.
+        assert_eq!(s.app.place_pending().await.unwrap(), 1);
+        assert_eq!(vm(2).await["node_id"], json!(n2.to_string()));
     }
 }
 

@@ -96,6 +96,7 @@ impl DataStore {
         vm::Entity::update_many()
             .col_expr(vm::Column::GuestPorts, Expr::value(guest_ports))
             .col_expr(vm::Column::Egress, Expr::value(egress))
+            .col_expr(vm::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
             .filter(vm::Column::Id.is_in(ids.iter().copied()))
             .filter(vm::Column::DeletedAt.is_null())
             .exec(&self.db)

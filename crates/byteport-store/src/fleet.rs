@@ -6,6 +6,7 @@ use crate::{DataStore, Release, Result, StoreError, image, node, vm};
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use std::collections::{BTreeMap, HashSet};
 use uuid::Uuid;
 
 /// A VM's size, as reserved on a node.
@@ -24,6 +25,19 @@ pub struct PlaceItem {
     pub node_id: Uuid,
     pub size: Size,
     pub limit: Size,
+}
+
+/// Rows per multi-row statement: far below either database's limit on
+/// bound parameters.
+const CHUNK: usize = 500;
+
+/// The `n`th bound parameter (from 1), typed on PostgreSQL (a `VALUES`
+/// list gives its parameters no type of its own); SQLite takes `$n` too.
+fn param(backend: sea_orm::DbBackend, n: usize, ty: &str) -> String {
+    match backend {
+        sea_orm::DbBackend::Postgres => format!("CAST(${n} AS {ty})"),
+        _ => format!("${n}"),
+    }
 }
 
 impl DataStore {
@@ -65,42 +79,157 @@ impl DataStore {
     /// Commits many placements in one transaction (one commit, which is
     /// most of a placement's cost), each guarded as in [`DataStore::vm_place`]:
     /// one that lost its race changes nothing and is `false` in the answer,
-    /// the others land. Node rows are updated in node-id order, so that
-    /// concurrent batches on PostgreSQL take their row locks in one order
-    /// and cannot deadlock.
+    /// the others land. A batch costs the same few statements whatever its
+    /// size: its nodes and its VMs are read and locked (`FOR UPDATE` on
+    /// PostgreSQL, in id order, so concurrent batches cannot deadlock;
+    /// SQLite's transaction holds the one write lock already), the fits
+    /// are decided on those rows, then one multi-row `UPDATE ... FROM`
+    /// places the VMs and one adds each node's share to its reservation.
     pub async fn vm_place_many(&self, items: &[PlaceItem]) -> Result<Vec<bool>> {
         let mut landed = vec![false; items.len()];
         if items.is_empty() {
             return Ok(landed);
         }
-        let mut order: Vec<usize> = (0..items.len()).collect();
-        order.sort_by_key(|&i| items[i].node_id);
         let _w = self.serialize().await;
         let tx = self.begin_write().await?;
-        for i in order {
-            let it = items[i];
-            if !shift_reserved(&tx, it.node_id, it.size, Some(it.limit), true).await? {
-                continue;
+        let mut node_ids: Vec<Uuid> = items.iter().map(|i| i.node_id).collect();
+        node_ids.sort();
+        node_ids.dedup();
+        let mut vm_ids: Vec<Uuid> = items.iter().map(|i| i.vm_id).collect();
+        vm_ids.sort();
+        vm_ids.dedup();
+        let mut nodes: BTreeMap<Uuid, Size> = BTreeMap::new();
+        for ids in node_ids.chunks(CHUNK) {
+            let rows: Vec<(Uuid, i64, i64, i64)> = node::Entity::find()
+                .select_only()
+                .column(node::Column::Id)
+                .column(node::Column::ReservedVcpus)
+                .column(node::Column::ReservedMemoryMib)
+                .column(node::Column::ReservedDiskGib)
+                .filter(node::Column::Id.is_in(ids.iter().copied()))
+                .filter(node::Column::Status.eq("online"))
+                .order_by_asc(node::Column::Id)
+                .lock_exclusive()
+                .into_tuple()
+                .all(&tx)
+                .await?;
+            for (id, vcpus, memory_mib, disk_gib) in rows {
+                nodes.insert(
+                    id,
+                    Size {
+                        vcpus,
+                        memory_mib,
+                        disk_gib,
+                    },
+                );
             }
-            let v = vm::Entity::update_many()
-                .col_expr(vm::Column::NodeId, Expr::value(Some(it.node_id)))
-                .col_expr(vm::Column::Reserved, Expr::value(true))
-                .col_expr(vm::Column::ComputeHeld, Expr::value(true))
-                .col_expr(vm::Column::State, Expr::value("provisioning"))
-                .col_expr(vm::Column::StateReason, Expr::value(Option::<String>::None))
-                .col_expr(vm::Column::UpdatedAt, Expr::value(Utc::now()))
-                .filter(vm::Column::Id.eq(it.vm_id))
+        }
+        // The VMs that still wait: unplaced, live, wanted running.
+        let mut waiting: HashSet<Uuid> = HashSet::new();
+        for ids in vm_ids.chunks(CHUNK) {
+            let rows: Vec<Uuid> = vm::Entity::find()
+                .select_only()
+                .column(vm::Column::Id)
+                .filter(vm::Column::Id.is_in(ids.iter().copied()))
                 .filter(vm::Column::NodeId.is_null())
                 .filter(vm::Column::DeletedAt.is_null())
                 .filter(vm::Column::DesiredState.eq("running"))
-                .exec(&tx)
+                .order_by_asc(vm::Column::Id)
+                .lock_exclusive()
+                .into_tuple()
+                .all(&tx)
                 .await?;
-            if v.rows_affected == 1 {
-                landed[i] = true;
-            } else {
-                // Placed or deleted meanwhile: give the room back.
-                shift_reserved(&tx, it.node_id, it.size.negated(), None, false).await?;
+            waiting.extend(rows);
+        }
+        // Each node's VMs in the order given, each within its own limit
+        // on what the node holds with the ones before it.
+        let mut added: BTreeMap<Uuid, Size> = BTreeMap::new();
+        let mut places: Vec<(Uuid, Uuid)> = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            let Some(held) = nodes.get_mut(&it.node_id) else {
+                continue;
+            };
+            if !waiting.remove(&it.vm_id) {
+                continue;
             }
+            let after = held.plus(it.size);
+            if after.vcpus > it.limit.vcpus
+                || after.memory_mib > it.limit.memory_mib
+                || after.disk_gib > it.limit.disk_gib
+            {
+                // Still waiting: a later item may name it with another node.
+                waiting.insert(it.vm_id);
+                continue;
+            }
+            *held = after;
+            let a = added.entry(it.node_id).or_insert(Size::ZERO);
+            *a = a.plus(it.size);
+            places.push((it.vm_id, it.node_id));
+            landed[i] = true;
+        }
+        let backend = tx.get_database_backend();
+        let now = Utc::now();
+        for chunk in places.chunks(CHUNK) {
+            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 2 + 1);
+            values.push(now.into());
+            let rows: Vec<String> = chunk
+                .iter()
+                .map(|&(vm, node)| {
+                    values.push(vm.into());
+                    values.push(node.into());
+                    let n = values.len();
+                    format!(
+                        "({}, {})",
+                        param(backend, n - 1, "UUID"),
+                        param(backend, n, "UUID")
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "WITH p(vm, node) AS (VALUES {}) \
+                 UPDATE vms SET node_id = p.node, reserved = TRUE, compute_held = TRUE, \
+                 state = 'provisioning', state_reason = NULL, updated_at = {} \
+                 FROM p WHERE vms.id = p.vm",
+                rows.join(", "),
+                param(backend, 1, "TIMESTAMPTZ"),
+            );
+            tx.execute_raw(sea_orm::Statement::from_sql_and_values(
+                backend, sql, values,
+            ))
+            .await?;
+        }
+        let added: Vec<(Uuid, Size)> = added.into_iter().collect();
+        for chunk in added.chunks(CHUNK) {
+            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 4);
+            let rows: Vec<String> = chunk
+                .iter()
+                .map(|&(node, s)| {
+                    values.push(node.into());
+                    values.push(s.vcpus.into());
+                    values.push(s.memory_mib.into());
+                    values.push(s.disk_gib.into());
+                    let n = values.len();
+                    format!(
+                        "({}, {}, {}, {})",
+                        param(backend, n - 3, "UUID"),
+                        param(backend, n - 2, "BIGINT"),
+                        param(backend, n - 1, "BIGINT"),
+                        param(backend, n, "BIGINT")
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "WITH a(node, c, m, d) AS (VALUES {}) \
+                 UPDATE nodes SET reserved_vcpus = reserved_vcpus + a.c, \
+                 reserved_memory_mib = reserved_memory_mib + a.m, \
+                 reserved_disk_gib = reserved_disk_gib + a.d \
+                 FROM a WHERE nodes.id = a.node",
+                rows.join(", "),
+            );
+            tx.execute_raw(sea_orm::Statement::from_sql_and_values(
+                backend, sql, values,
+            ))
+            .await?;
         }
         tx.commit().await?;
         Ok(landed)
@@ -113,6 +242,7 @@ impl DataStore {
                 vm::Column::StateReason,
                 Expr::value(Some(reason.to_owned())),
             )
+            .col_expr(vm::Column::UpdatedAt, Expr::value(Utc::now()))
             .filter(vm::Column::Id.eq(vm_id))
             .filter(vm::Column::NodeId.is_null())
             .filter(vm::Column::State.eq("pending"))
@@ -424,6 +554,20 @@ async fn shift_reserved<C: ConnectionTrait>(
 }
 
 impl Size {
+    const ZERO: Size = Size {
+        vcpus: 0,
+        memory_mib: 0,
+        disk_gib: 0,
+    };
+
+    fn plus(self, o: Size) -> Size {
+        Size {
+            vcpus: self.vcpus + o.vcpus,
+            memory_mib: self.memory_mib + o.memory_mib,
+            disk_gib: self.disk_gib + o.disk_gib,
+        }
+    }
+
     fn negated(self) -> Size {
         Size {
             vcpus: -self.vcpus,

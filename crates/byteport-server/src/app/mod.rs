@@ -20,6 +20,7 @@ pub mod runs;
 pub mod secrets;
 pub mod signup;
 pub mod users;
+pub mod vm_views;
 pub mod vms;
 
 use crate::error::{AppError, AppResult};
@@ -115,6 +116,8 @@ pub struct App {
     pub(crate) access: Arc<access::AccessCache>,
     /// The last answer to each node's heartbeat.
     pub(crate) answers: Arc<nodes::Answers>,
+    /// Each VM as the API shows it, as of its last change (see [`vm_views`]).
+    pub(crate) views: Arc<vm_views::VmViews>,
 }
 
 /// Who is asking.
@@ -244,6 +247,7 @@ impl App {
             event_streams: Arc::default(),
             event_feed: Arc::default(),
             access: Arc::default(),
+            views: Arc::default(),
             answers: Arc::default(),
         };
         catalog::seed_flavors(&app).await?;

@@ -3,6 +3,7 @@
 
 use super::catalog::check_size;
 use super::projects::DEFAULT_PROJECT;
+use super::vm_views::VmJson;
 use super::{App, Ctx, to_u32, to_u64};
 use crate::error::{AppError, AppResult};
 use byteport_store::{VmFilter, vm};
@@ -13,7 +14,7 @@ use byteport_types::api::{
 use byteport_types::vm_state::{self, DesiredState, ObservedState, VmAction, VmState};
 use byteport_types::{Name, NodeId, ProjectId, VmId};
 use chrono::Utc;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -122,26 +123,9 @@ impl App {
     /// A VM by id, if the caller has at least `need` in its project; 404
     /// for a VM the caller may not see, exactly as for one that never was.
     pub(crate) async fn vm_resolve(&self, ctx: &Ctx, id: &str, need: Role) -> AppResult<vm::Model> {
-        self.vm_resolve_row(ctx, id, need, false).await
-    }
-
-    /// [`App::vm_resolve`], reading the list's narrow row (what the API
-    /// shows) when `narrow`, the whole row otherwise.
-    async fn vm_resolve_row(
-        &self,
-        ctx: &Ctx,
-        id: &str,
-        need: Role,
-        narrow: bool,
-    ) -> AppResult<vm::Model> {
         let nf = || AppError::not_found("VM", id);
         let vid: VmId = id.parse().map_err(|_| nf())?;
-        let v = if narrow {
-            self.store.vm_fetch_narrow(vid.0).await
-        } else {
-            self.store.vm_fetch(vid.0).await
-        };
-        let v = v.map_err(|_| nf())?;
+        let v = self.store.vm_fetch(vid.0).await.map_err(|_| nf())?;
         self.require(ctx, ProjectId(v.project_id), need, "VM", id)
             .await?;
         ctx.target("vm", v.id, Some(ProjectId(v.project_id)));
@@ -325,7 +309,7 @@ impl App {
         Ok((model, req.labels.into_iter().collect()))
     }
 
-    pub async fn vm_list(&self, ctx: &Ctx, q: VmListQuery) -> AppResult<Page<Vm>> {
+    pub async fn vm_list(&self, ctx: &Ctx, q: VmListQuery) -> AppResult<Page<VmJson>> {
         ctx.user()?;
         let limit = q.limit.unwrap_or(100);
         if !(1..=MAX_PAGE).contains(&limit) {
@@ -356,9 +340,9 @@ impl App {
             Some(key) => Some(vec![self.project_resolve(ctx, key, Role::Viewer).await?.id]),
             None => self.visible_project_ids(ctx).await?,
         };
-        let rows = self
+        let mut page = self
             .store
-            .vm_list(&VmFilter {
+            .vm_list_versions(&VmFilter {
                 projects,
                 state: q.state.map(|s| s.to_string()),
                 label,
@@ -367,31 +351,72 @@ impl App {
                 limit: u64::from(limit) + 1,
             })
             .await?;
-        let more = rows.len() > limit as usize;
-        // The names of the page's projects, each once.
-        let mut names: BTreeMap<Uuid, String> = BTreeMap::new();
-        for v in rows.iter().take(limit as usize) {
-            if let std::collections::btree_map::Entry::Vacant(e) = names.entry(v.project_id) {
-                e.insert(self.project_name(ProjectId(v.project_id)).await?);
+        let more = page.len() > limit as usize;
+        page.truncate(limit as usize);
+        // Each VM from its view at this change, if kept; the others read
+        // in one query and kept for next time.
+        let mut items: Vec<Option<VmJson>> = page
+            .iter()
+            .map(|(id, at)| at.and_then(|at| self.views.get(*id, at)))
+            .collect();
+        let missing: Vec<Uuid> = page
+            .iter()
+            .zip(&items)
+            .filter(|(_, v)| v.is_none())
+            .map(|((id, _), _)| *id)
+            .collect();
+        if !missing.is_empty() {
+            let rows = self.store.vm_fetch_narrow_many(&missing).await?;
+            let slot: HashMap<Uuid, usize> = page
+                .iter()
+                .enumerate()
+                .map(|(i, (id, _))| (*id, i))
+                .collect();
+            for v in &rows {
+                let view = self.vm_json(v).await?;
+                if let Some(&i) = slot.get(&v.id) {
+                    items[i] = Some(view);
+                }
             }
         }
-        let items = rows
-            .iter()
-            .take(limit as usize)
-            .map(|v| vm_view(v, &names[&v.project_id]))
-            .collect::<AppResult<Vec<_>>>()?;
         let next_cursor = if more {
-            items.last().map(|v| v.id.to_string())
+            page.last().map(|(id, _)| id.to_string())
         } else {
             None
         };
-        Ok(Page { items, next_cursor })
+        // A VM purged between the two reads is left out.
+        Ok(Page {
+            items: items.into_iter().flatten().collect(),
+            next_cursor,
+        })
     }
 
-    pub async fn vm_show(&self, ctx: &Ctx, id: &str) -> AppResult<Vm> {
-        // The row the list reads: what the API shows, and no more.
-        let v = self.vm_resolve_row(ctx, id, Role::Viewer, true).await?;
-        self.vm_view(&v).await
+    /// A VM's view as JSON, from the views kept or made (and kept) now.
+    pub(crate) async fn vm_json(&self, v: &vm::Model) -> AppResult<VmJson> {
+        if let Some(j) = self.views.get(v.id, v.updated_at) {
+            return Ok(j);
+        }
+        let view = VmJson::new(&self.vm_view(v).await?).map_err(AppError::internal)?;
+        self.views.put(v.id, v.updated_at, view.clone());
+        Ok(view)
+    }
+
+    /// A VM as the list shows it. Its project and change time come first
+    /// (two columns): the caller's role is checked on the one, and the
+    /// view kept at the other answers; only a VM changed since it was last
+    /// shown is read whole (the list's narrow row) and made JSON again.
+    pub async fn vm_show(&self, ctx: &Ctx, id: &str) -> AppResult<VmJson> {
+        let nf = || AppError::not_found("VM", id);
+        let vid: VmId = id.parse().map_err(|_| nf())?;
+        let (project, at) = self.store.vm_version(vid.0).await.map_err(|_| nf())?;
+        self.require(ctx, ProjectId(project), Role::Viewer, "VM", id)
+            .await?;
+        ctx.target("vm", vid.0, Some(ProjectId(project)));
+        if let Some(j) = self.views.get(vid.0, at) {
+            return Ok(j);
+        }
+        let v = self.store.vm_fetch_narrow(vid.0).await.map_err(|_| nf())?;
+        self.vm_json(&v).await
     }
 
     /// Applies a lifecycle action. A forbidden one is a 409 naming the state

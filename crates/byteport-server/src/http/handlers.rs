@@ -2,6 +2,7 @@
 
 use super::extract::{ApiJson, ApiQuery};
 use crate::app::auth::{Issued, SESSION_COOKIE};
+use crate::app::vm_views::VmJson;
 use crate::app::{App, Ctx};
 use crate::error::{AppError, AppResult};
 use axum::Json;
@@ -473,7 +474,7 @@ pub async fn vm_list(
     State(app): State<App>,
     ctx: Ctx,
     ApiQuery(q): ApiQuery<VmListQuery>,
-) -> Resp<Page<Vm>> {
+) -> Resp<Page<VmJson>> {
     Ok(Json(app.vm_list(&ctx, q).await?))
 }
 
@@ -488,7 +489,7 @@ pub async fn vm_state_counts(State(app): State<App>, ctx: Ctx) -> Resp<Vec<VmSta
 /// Show a VM.
 #[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path)),
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
-pub async fn vm_show(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> Resp<Vm> {
+pub async fn vm_show(State(app): State<App>, ctx: Ctx, Path(id): Path<String>) -> Resp<VmJson> {
     Ok(Json(app.vm_show(&ctx, &id).await?))
 }
 
