@@ -212,13 +212,14 @@ impl DataStore {
         let Some(text) = text else {
             return Ok(Vec::new());
         };
-        let pairs: Vec<(String, serde_json::Value)> = serde_json::from_str(&text)
+        // Ids and times hold nothing to unescape: borrowed, not copied.
+        let pairs: Vec<(&str, Option<&str>)> = serde_json::from_str(&text)
             .map_err(|e| StoreError::Db(DbErr::Custom(format!("a page of VM ids: {e}"))))?;
         let mut page = Vec::with_capacity(pairs.len());
         for (id, at) in pairs {
-            let id = Uuid::parse_str(&id)
+            let id = Uuid::parse_str(id)
                 .map_err(|e| StoreError::Db(DbErr::Custom(format!("a VM id {id}: {e}"))))?;
-            page.push((id, at.as_str().and_then(parse_time)));
+            page.push((id, at.and_then(parse_time)));
         }
         // Aggregates keep no order of their own.
         page.sort_by_key(|(id, _)| *id);

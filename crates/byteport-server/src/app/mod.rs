@@ -79,8 +79,20 @@ impl Default for Settings {
 }
 
 /// The control plane: the store, secrets, and in-process notifications.
+/// Cheap to clone (every request's handler gets one): one shared
+/// [`AppState`], reached through `Deref`.
 #[derive(Clone)]
-pub struct App {
+pub struct App(Arc<AppState>);
+
+impl std::ops::Deref for App {
+    type Target = AppState;
+    fn deref(&self) -> &AppState {
+        &self.0
+    }
+}
+
+/// What an [`App`] holds.
+pub struct AppState {
     pub store: DataStore,
     pub settings: Arc<Settings>,
     pub(crate) keys: Arc<auth::Keys>,
@@ -226,7 +238,7 @@ impl App {
         let keys = auth::Keys::new(&secrets.jwt_secret);
         let metadata_key = metadata::TokenKey::new(&secrets.metadata_secret);
         let (vm_changes, _) = broadcast::channel(1024);
-        let app = App {
+        let app = App(Arc::new(AppState {
             store,
             settings: Arc::new(settings),
             keys: Arc::new(keys),
@@ -249,7 +261,7 @@ impl App {
             access: Arc::default(),
             views: Arc::default(),
             answers: Arc::default(),
-        };
+        }));
         catalog::seed_flavors(&app).await?;
         projects::seed_default(&app).await?;
         Ok(app)

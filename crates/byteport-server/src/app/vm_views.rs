@@ -53,6 +53,21 @@ impl VmViews {
             .map(|(_, v)| v.clone())
     }
 
+    /// [`VmViews::get`] for each of a page's VMs, under one lock.
+    pub fn get_many(&self, page: &[(Uuid, Option<Stamp>)]) -> Vec<Option<VmJson>> {
+        let Ok(map) = self.map.lock() else {
+            return vec![None; page.len()];
+        };
+        page.iter()
+            .map(|(id, at)| {
+                let at = (*at)?;
+                map.get(id)
+                    .filter(|(seen, _)| *seen == at)
+                    .map(|(_, v)| v.clone())
+            })
+            .collect()
+    }
+
     /// Keeps the view of VM `id` as of its change at `at`, unless a later
     /// one is kept already.
     pub fn put(&self, id: Uuid, at: Stamp, view: VmJson) {
@@ -98,6 +113,11 @@ mod tests {
         v.put(id, t0, view(r#"{"state":"pending"}"#));
         assert_eq!(v.get(id, t1).unwrap().0.get(), r#"{"state":"running"}"#);
         assert!(v.get(id, t0).is_none());
+        let many = v.get_many(&[(id, Some(t1)), (id, Some(t0)), (id, None)]);
+        assert_eq!(
+            many.iter().map(Option::is_some).collect::<Vec<_>>(),
+            [true, false, false]
+        );
         assert_eq!(
             serde_json::to_string(&vec![v.get(id, t1).unwrap()]).unwrap(),
             r#"[{"state":"running"}]"#

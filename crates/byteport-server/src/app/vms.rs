@@ -355,10 +355,7 @@ impl App {
         page.truncate(limit as usize);
         // Each VM from its view at this change, if kept; the others read
         // in one query and kept for next time.
-        let mut items: Vec<Option<VmJson>> = page
-            .iter()
-            .map(|(id, at)| at.and_then(|at| self.views.get(*id, at)))
-            .collect();
+        let mut items = self.views.get_many(&page);
         let missing: Vec<Uuid> = page
             .iter()
             .zip(&items)
