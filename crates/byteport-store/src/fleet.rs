@@ -40,6 +40,29 @@ fn param(backend: sea_orm::DbBackend, n: usize, ty: &str) -> String {
     }
 }
 
+/// The rows of a `VALUES` list, each a tuple of (value, PostgreSQL type):
+/// the values are appended to `values` and numbered after those already
+/// there.
+fn values_list<const N: usize>(
+    backend: sea_orm::DbBackend,
+    values: &mut Vec<sea_orm::Value>,
+    rows: impl Iterator<Item = [(sea_orm::Value, &'static str); N]>,
+) -> String {
+    let rows: Vec<String> = rows
+        .map(|row| {
+            let cells: Vec<String> = row
+                .into_iter()
+                .map(|(v, ty)| {
+                    values.push(v);
+                    param(backend, values.len(), ty)
+                })
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect();
+    rows.join(", ")
+}
+
 impl DataStore {
     /// VMs that want to run and have no node yet, oldest first.
     pub async fn vm_list_unplaced(&self, limit: u64) -> Result<Vec<vm::Model>> {
@@ -181,27 +204,19 @@ impl DataStore {
         let backend = tx.get_database_backend();
         let now = Utc::now();
         for chunk in places.chunks(CHUNK) {
-            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 2 + 1);
-            values.push(now.into());
-            let rows: Vec<String> = chunk
-                .iter()
-                .map(|&(vm, node)| {
-                    values.push(vm.into());
-                    values.push(node.into());
-                    let n = values.len();
-                    format!(
-                        "({}, {})",
-                        param(backend, n - 1, "UUID"),
-                        param(backend, n, "UUID")
-                    )
-                })
-                .collect();
+            let mut values: Vec<sea_orm::Value> = vec![now.into()];
+            let rows = values_list(
+                backend,
+                &mut values,
+                chunk
+                    .iter()
+                    .map(|&(vm, node)| [(vm.into(), "UUID"), (node.into(), "UUID")]),
+            );
             let sql = format!(
-                "WITH p(vm, node) AS (VALUES {}) \
+                "WITH p(vm, node) AS (VALUES {rows}) \
                  UPDATE vms SET node_id = p.node, reserved = TRUE, compute_held = TRUE, \
                  state = 'provisioning', state_reason = NULL, updated_at = {} \
                  FROM p WHERE vms.id = p.vm",
-                rows.join(", "),
                 param(backend, 1, "TIMESTAMPTZ"),
             );
             tx.execute_raw(sea_orm::Statement::from_sql_and_values(
@@ -211,31 +226,25 @@ impl DataStore {
         }
         let added: Vec<(Uuid, Size)> = added.into_iter().collect();
         for chunk in added.chunks(CHUNK) {
-            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 4);
-            let rows: Vec<String> = chunk
-                .iter()
-                .map(|&(node, s)| {
-                    values.push(node.into());
-                    values.push(s.vcpus.into());
-                    values.push(s.memory_mib.into());
-                    values.push(s.disk_gib.into());
-                    let n = values.len();
-                    format!(
-                        "({}, {}, {}, {})",
-                        param(backend, n - 3, "UUID"),
-                        param(backend, n - 2, "BIGINT"),
-                        param(backend, n - 1, "BIGINT"),
-                        param(backend, n, "BIGINT")
-                    )
-                })
-                .collect();
+            let mut values: Vec<sea_orm::Value> = Vec::new();
+            let rows = values_list(
+                backend,
+                &mut values,
+                chunk.iter().map(|&(node, s)| {
+                    [
+                        (node.into(), "UUID"),
+                        (s.vcpus.into(), "BIGINT"),
+                        (s.memory_mib.into(), "BIGINT"),
+                        (s.disk_gib.into(), "BIGINT"),
+                    ]
+                }),
+            );
             let sql = format!(
-                "WITH a(node, c, m, d) AS (VALUES {}) \
+                "WITH a(node, c, m, d) AS (VALUES {rows}) \
                  UPDATE nodes SET reserved_vcpus = reserved_vcpus + a.c, \
                  reserved_memory_mib = reserved_memory_mib + a.m, \
                  reserved_disk_gib = reserved_disk_gib + a.d \
-                 FROM a WHERE nodes.id = a.node",
-                rows.join(", "),
+                 FROM a WHERE nodes.id = a.node"
             );
             tx.execute_raw(sea_orm::Statement::from_sql_and_values(
                 backend, sql, values,

@@ -48,9 +48,7 @@ impl VmViews {
     /// The view of VM `id` as of its change at `at`, if kept.
     pub fn get(&self, id: Uuid, at: Stamp) -> Option<VmJson> {
         let map = self.map.lock().ok()?;
-        map.get(&id)
-            .filter(|(seen, _)| *seen == at)
-            .map(|(_, v)| v.clone())
+        current(&map, id, at)
     }
 
     /// [`VmViews::get`] for each of a page's VMs, under one lock.
@@ -59,12 +57,7 @@ impl VmViews {
             return vec![None; page.len()];
         };
         page.iter()
-            .map(|(id, at)| {
-                let at = (*at)?;
-                map.get(id)
-                    .filter(|(seen, _)| *seen == at)
-                    .map(|(_, v)| v.clone())
-            })
+            .map(|(id, at)| current(&map, *id, (*at)?))
             .collect()
     }
 
@@ -89,6 +82,13 @@ impl VmViews {
     fn len(&self) -> usize {
         self.map.lock().map_or(0, |m| m.len())
     }
+}
+
+/// The view of VM `id` kept at exactly `at`.
+fn current(map: &HashMap<Uuid, (Stamp, VmJson)>, id: Uuid, at: Stamp) -> Option<VmJson> {
+    map.get(&id)
+        .filter(|(seen, _)| *seen == at)
+        .map(|(_, v)| v.clone())
 }
 
 #[cfg(test)]

@@ -370,7 +370,7 @@ impl App {
                 .map(|(i, (id, _))| (*id, i))
                 .collect();
             for v in &rows {
-                let view = self.vm_json(v).await?;
+                let view = self.keep_vm_json(v).await?;
                 if let Some(&i) = slot.get(&v.id) {
                     items[i] = Some(view);
                 }
@@ -388,11 +388,9 @@ impl App {
         })
     }
 
-    /// A VM's view as JSON, from the views kept or made (and kept) now.
-    pub(crate) async fn vm_json(&self, v: &vm::Model) -> AppResult<VmJson> {
-        if let Some(j) = self.views.get(v.id, v.updated_at) {
-            return Ok(j);
-        }
+    /// Makes a VM's view as JSON from its row and keeps it; the callers
+    /// looked for a kept one first.
+    async fn keep_vm_json(&self, v: &vm::Model) -> AppResult<VmJson> {
         let view = VmJson::new(&self.vm_view(v).await?).map_err(AppError::internal)?;
         self.views.put(v.id, v.updated_at, view.clone());
         Ok(view)
@@ -413,7 +411,7 @@ impl App {
             return Ok(j);
         }
         let v = self.store.vm_fetch_narrow(vid.0).await.map_err(|_| nf())?;
-        self.vm_json(&v).await
+        self.keep_vm_json(&v).await
     }
 
     /// Applies a lifecycle action. A forbidden one is a 409 naming the state
